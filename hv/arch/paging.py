@@ -1,0 +1,91 @@
+"""x86-64 4-level paging: entry bits, levels and the #PF error code.
+
+Pure definitions, no behaviour. Entries are plain ints tested with these
+masks (the walker is a hot path); the IntFlag classes name the same bits for
+tests and reports. Rules cite the Intel SDM as "SDM Vol.3A §x.y".
+"""
+from __future__ import annotations
+
+from enum import IntEnum, IntFlag
+
+PAGE_SHIFT = 12
+PAGE_SIZE = 1 << PAGE_SHIFT
+ENTRIES_PER_TABLE = 512
+
+# hv's physical-address width (CPUID.80000008H:EAX[7:0]); bits from here to
+# 51 of an entry are reserved (SDM Vol.3A §4.5.4, Table 4-20).
+MAXPHYADDR = 46
+PHYS_MASK = (1 << MAXPHYADDR) - 1
+ADDR_MASK = PHYS_MASK & ~(PAGE_SIZE - 1)      # bits MAXPHYADDR-1:12
+RSVD_HIGH = ((1 << 52) - 1) & ~PHYS_MASK      # bits 51:MAXPHYADDR
+
+
+class PTE(IntFlag):
+    """Bits of a paging-structure entry (SDM Vol.3A §4.5.4, Tables 4-15..4-20)."""
+    P = 1 << 0      # present
+    RW = 1 << 1     # writable
+    US = 1 << 2     # user accessible
+    PWT = 1 << 3
+    PCD = 1 << 4
+    A = 1 << 5      # accessed
+    D = 1 << 6      # dirty (leaf only)
+    PS = 1 << 7     # page size: 1 GiB in a PDPTE, 2 MiB in a PDE
+    G = 1 << 8      # global (leaf only, with CR4.PGE)
+    NX = 1 << 63    # execute disable (with EFER.NXE)
+
+
+P, RW, US, A, D, PS, G, NX = (int(PTE.P), int(PTE.RW), int(PTE.US), int(PTE.A),
+                              int(PTE.D), int(PTE.PS), int(PTE.G), int(PTE.NX))
+
+
+class Level(IntEnum):
+    """Paging-structure levels, named as in the SDM; the value is the level number."""
+    PT = 1
+    PD = 2
+    PDPT = 3
+    PML4 = 4
+
+
+def level_shift(level: int) -> int:
+    """Bits of linear address translated below `level`: 12, 21, 30, 39."""
+    return PAGE_SHIFT + 9 * (level - 1)
+
+
+def table_index(vaddr: int, level: int) -> int:
+    """Index of `vaddr`'s entry in a table at `level` (SDM Vol.3A §4.5.4)."""
+    return (vaddr >> level_shift(level)) & 0x1FF
+
+
+# Leaf page sizes by the level that maps them.
+PAGE_SIZES = {1: 1 << 12, 2: 1 << 21, 3: 1 << 30}
+
+
+def is_canonical(vaddr: int) -> bool:
+    """48-bit canonical form: bits 63:47 all equal (SDM Vol.1 §3.3.7.1)."""
+    top = vaddr >> 47
+    return top == 0 or top == (1 << 17) - 1
+
+
+def reserved_mask(level: int, entry: int, nxe: bool) -> int:
+    """Bits of `entry` that must be zero at `level` (SDM Vol.3A §4.5.4, Table 4-20).
+
+    Bit 7 is reserved in a PML4E; in a 1 GiB or 2 MiB leaf the address bits
+    below the page size (except PAT, bit 12) are reserved.
+    """
+    mask = RSVD_HIGH
+    if not nxe:
+        mask |= NX
+    if level == 4:
+        mask |= PS
+    elif level in (2, 3) and entry & PS:
+        mask |= ((1 << level_shift(level)) - 1) & ~((1 << 13) - 1)
+    return mask
+
+
+class PFErr(IntFlag):
+    """The page-fault error code (SDM Vol.3A §4.7, Figure 4-12)."""
+    P = 1 << 0      # 0: not present; 1: protection violation
+    W = 1 << 1      # the access was a write
+    U = 1 << 2      # the access was in user mode (CPL 3)
+    RSVD = 1 << 3   # a reserved bit was set in some entry
+    I = 1 << 4      # the access was an instruction fetch (with NXE)

@@ -1,0 +1,119 @@
+"""x86-64 control registers, MSRs, exception vectors and descriptors.
+
+Pure definitions. Rules cite the Intel SDM as "SDM Vol.3A §x.y".
+"""
+from __future__ import annotations
+
+from enum import IntEnum, IntFlag
+
+
+class CR0(IntFlag):
+    """SDM Vol.3A §2.5."""
+    PE = 1 << 0
+    MP = 1 << 1
+    ET = 1 << 4
+    NE = 1 << 5
+    WP = 1 << 16    # supervisor writes honour read-only pages
+    AM = 1 << 18
+    PG = 1 << 31
+
+
+class CR4(IntFlag):
+    """SDM Vol.3A §2.5."""
+    PSE = 1 << 4
+    PAE = 1 << 5
+    PGE = 1 << 7    # global pages
+    OSFXSR = 1 << 9
+    OSXMMEXCPT = 1 << 10
+    PCIDE = 1 << 17
+    SMEP = 1 << 20
+    SMAP = 1 << 21
+
+
+class EFER(IntFlag):
+    """IA32_EFER, SDM Vol.3A §2.2.1."""
+    SCE = 1 << 0
+    LME = 1 << 8
+    LMA = 1 << 10
+    NXE = 1 << 11
+
+
+MSR_EFER = 0xC000_0080
+
+
+class Vector(IntEnum):
+    """Exception vectors, SDM Vol.3A §6.3.1, Table 6-1."""
+    DE = 0
+    DB = 1
+    NMI = 2
+    BP = 3
+    OF = 4
+    BR = 5
+    UD = 6
+    NM = 7
+    DF = 8
+    TS = 10
+    NP = 11
+    SS = 12
+    GP = 13
+    PF = 14
+    MF = 16
+    AC = 17
+    MC = 18
+    XM = 19
+
+
+# Exceptions that push an error code (SDM Vol.3A §6.13).
+HAS_ERROR_CODE = frozenset({Vector.DF, Vector.TS, Vector.NP, Vector.SS, Vector.GP,
+                            Vector.PF, Vector.AC})
+
+# Classes for double-fault detection (SDM Vol.3A §6.15, Table 6-4/6-5).
+CONTRIBUTORY = frozenset({Vector.DE, Vector.TS, Vector.NP, Vector.SS, Vector.GP})
+
+
+def causes_double_fault(first: int, second: int) -> bool:
+    """Whether `second`, raised while delivering `first`, becomes #DF (Table 6-5)."""
+    if first == Vector.PF:
+        return second == Vector.PF or second in CONTRIBUTORY
+    if first in CONTRIBUTORY:
+        return second in CONTRIBUTORY
+    return False
+
+
+class RFLAGS(IntFlag):
+    """SDM Vol.1 §3.4.3."""
+    CF = 1 << 0
+    FIXED = 1 << 1  # always 1
+    TF = 1 << 8
+    IF = 1 << 9
+    NT = 1 << 14
+    RF = 1 << 16
+    VM = 1 << 17
+
+
+# 64-bit IDT gate (SDM Vol.3A §6.14.1, Figure 6-8): 16 bytes.
+IDT_GATE_SIZE = 16
+GATE_INTERRUPT = 0xE
+GATE_TRAP = 0xF
+
+
+def decode_idt_gate(raw: bytes) -> tuple[int, int, int, int, bool, int]:
+    """(offset, selector, ist, type, present, dpl) of a 16-byte IDT gate."""
+    lo = int.from_bytes(raw[0:8], "little")
+    hi = int.from_bytes(raw[8:16], "little")
+    offset = (lo & 0xFFFF) | ((lo >> 32) & 0xFFFF_0000) | ((hi & 0xFFFF_FFFF) << 32)
+    selector = (lo >> 16) & 0xFFFF
+    ist = (lo >> 32) & 0x7
+    gate_type = (lo >> 40) & 0xF
+    dpl = (lo >> 45) & 0x3
+    present = bool((lo >> 47) & 1)
+    return offset, selector, ist, gate_type, present, dpl
+
+
+# Flat 64-bit GDT descriptors (SDM Vol.3A §3.4.5): code L=1 P=1 S=1 type=execute/read.
+GDT_CODE64 = 0x00AF_9A00_0000_FFFF
+GDT_DATA = 0x00CF_9200_0000_FFFF
+
+# 64-bit TSS fields (SDM Vol.3A §8.7, Figure 8-11).
+TSS_RSP0 = 0x04
+TSS_IST1 = 0x24

@@ -1,0 +1,219 @@
+"""The vCPU engine: the only module that touches Unicorn.
+
+One Engine per vCPU. It maps the VM's memory, installs hooks that call
+plain Python callables, reads and writes registers by name, runs the guest
+for a bounded number of instructions and reports how many it started.
+
+Two facts about Unicorn 2.1.4 shape this module (see DESIGN.md and the tests
+in tests/test_engine.py that pin each one):
+
+- unicorn#1883: CPUX86State.old_exception is never cleared, so the second
+  exception is reported as #DF and the third stops the guest silently.
+  `clear_exception()` resets it through a context save/patch/restore.
+- Unicorn does not say how many instructions `emu_start(count=N)` ran when
+  a hook stopped it early; its counter lives in `uc_struct.emu_counter`,
+  found once per process by `_counter_offset()`.
+- With Unicorn's own MMU a #PF's error code is only in CPUX86State.error_code.
+"""
+from __future__ import annotations
+
+import ctypes
+import struct
+from typing import Callable
+
+import unicorn as uc_mod
+from unicorn import unicorn_const as ucc
+from unicorn import x86_const as x86c
+
+from .errors import HvError
+
+# Offsets in a saved context (a CPUX86State copy) for unicorn 2.1.4.
+_CTX_SIZE = 5608
+_CTX_ERROR_CODE = 5424
+_CTX_OLD_EXCEPTION = 5536
+
+
+_REGS = {name: getattr(x86c, f"UC_X86_REG_{name.upper()}") for name in (
+    "rax rbx rcx rdx rsi rdi rbp rsp r8 r9 r10 r11 r12 r13 r14 r15 rip rflags "
+    "cs ds es fs gs ss cr0 cr2 cr3 cr4 fs_base gs_base").split()}
+# Sub-registers that instruction operands may name (capstone's names).
+for _w in ("eax ebx ecx edx esi edi ebp esp r8d r9d r10d r11d r12d r13d r14d r15d "
+           "ax bx cx dx si di bp sp al bl cl dl").split():
+    _REGS[_w] = getattr(x86c, f"UC_X86_REG_{_w.upper()}")
+
+UC_MEM_READ = ucc.UC_MEM_READ        # access codes of the TLB-fill callback
+_uclib = uc_mod.unicorn_py3.unicorn.uclib
+
+
+class EngineError(HvError):
+    """Unicorn stopped for a reason the VMM did not arrange."""
+
+
+def _counter_offset() -> int:
+    """Offset of `uc_struct.emu_counter`, found by running a known number of
+    instructions twice and looking for the counter and the limit side by side
+    (hook_count_cb counts the instruction it stops before)."""
+    global _COUNTER_OFFSET
+    if _COUNTER_OFFSET is None:
+        found = None
+        for count in (37, 101):
+            uc = uc_mod.Uc(ucc.UC_ARCH_X86, ucc.UC_MODE_64)
+            uc.mem_map(0x1000, 0x1000)
+            uc.mem_write(0x1000, b"\x90" * 0x1000)
+            uc.emu_start(0x1000, 0, count=count)
+            raw = ctypes.string_at(ctypes.cast(uc._uch, ctypes.c_void_p).value, 8192)
+            hits = {off for off in range(0, len(raw) - 16, 8)
+                    if struct.unpack_from("<QQ", raw, off) == (count + 1, count)}
+            found = hits if found is None else found & hits
+        if len(found) != 1:
+            raise HvError("this unicorn build is not supported: pin unicorn==2.1.4")
+        _COUNTER_OFFSET = found.pop()
+    return _COUNTER_OFFSET
+
+
+_COUNTER_OFFSET: int | None = None
+
+
+class Engine:
+    """One vCPU on Unicorn.
+
+    `python_mmu`: Unicorn's TLB is filled by the `on_fill` callback
+    (UC_TLB_VIRTUAL); otherwise QEMU's own MMU walks the guest tables (the
+    oracle).
+    """
+
+    def __init__(self, host_addr: int, size: int, python_mmu: bool = True):
+        self.uc = uc = uc_mod.Uc(ucc.UC_ARCH_X86, ucc.UC_MODE_64)
+        uc.mem_map_ptr(0, size, ucc.UC_PROT_ALL, host_addr)
+        self.python_mmu = python_mmu
+        if python_mmu:
+            uc.ctl_set_tlb_mode(ucc.UC_TLB_VIRTUAL)
+        # No `until` address: with an `until` Unicorn translates a block at
+        # until-1 when a hook stops it, a fetch the guest never made.
+        uc.ctl(ucc.UC_CTL_UC_USE_EXITS, ucc.UC_CTL_IO_WRITE, 1)
+        self._counter = ctypes.c_uint64.from_address(
+            ctypes.cast(uc._uch, ctypes.c_void_p).value + _counter_offset())
+        self.error: BaseException | None = None   # first exception raised in a hook
+        self._hooks = []                           # keep ctypes callbacks alive
+
+    # -- registers -----------------------------------------------------------
+    def reg(self, name: str) -> int:
+        return self.uc.reg_read(_REGS[name])
+
+    def set_reg(self, name: str, value: int) -> None:
+        self.uc.reg_write(_REGS[name], value)
+
+    def msr(self, index: int) -> int:
+        return self.uc.reg_read(x86c.UC_X86_REG_MSR, index)
+
+    def set_msr(self, index: int, value: int) -> None:
+        self.uc.reg_write(x86c.UC_X86_REG_MSR, (index, value))
+
+    def _table(self, reg: int) -> tuple[int, int, int]:
+        sel, base, limit, _flags = self.uc.reg_read(reg)
+        return base, limit, sel
+
+    def gdtr(self) -> tuple[int, int]:
+        return self._table(x86c.UC_X86_REG_GDTR)[:2]
+
+    def idtr(self) -> tuple[int, int]:
+        return self._table(x86c.UC_X86_REG_IDTR)[:2]
+
+    def tr_base(self) -> int:
+        return self._table(x86c.UC_X86_REG_TR)[0]
+
+    def set_gdtr(self, base: int, limit: int) -> None:
+        self.uc.reg_write(x86c.UC_X86_REG_GDTR, (0, base, limit, 0))
+
+    def cpl(self) -> int:
+        return self.uc.reg_read(x86c.UC_X86_REG_CS) & 3
+
+    # -- hooks (each callback's exceptions are kept, then re-raised by run) --
+    def _guard(self, fn: Callable, failed=None) -> Callable:
+        def guarded(*args):
+            try:
+                return fn(*args)
+            except BaseException as e:    # noqa: BLE001 - re-raised by run()
+                if self.error is None:
+                    self.error = e
+                self.uc.emu_stop()
+                return failed
+        return guarded
+
+    def _add(self, kind: int, fn: Callable, *args) -> int:
+        self._hooks.append(fn)
+        return self.uc.hook_add(kind, fn, None, *args)
+
+    def on_fill(self, fill: Callable[[int, int], tuple[int, int] | None]) -> None:
+        """fill(vaddr, access 0/1/2 = read/write/fetch) -> (paddr, perms) or None (fault)."""
+        def cb(uc, vaddr, access, entry, _data):
+            result = fill(vaddr, access - UC_MEM_READ)
+            if result is None:
+                return False
+            entry.paddr, entry.perms = result
+            return True
+        self._add(ucc.UC_HOOK_TLB_FILL, self._guard(cb, False))
+
+    def on_out(self, out: Callable[[int, int, int], None]) -> None:
+        self._add(ucc.UC_HOOK_INSN, self._guard(lambda uc, port, size, value, _d: out(port, size, value)),
+                  1, 0, x86c.UC_X86_INS_OUT)
+
+    def on_in(self, in_: Callable[[int, int], int]) -> None:
+        self._add(ucc.UC_HOOK_INSN, self._guard(lambda uc, port, size, _d: in_(port, size), 0),
+                  1, 0, x86c.UC_X86_INS_IN)
+
+    def on_interrupt(self, intr: Callable[[int], None]) -> None:
+        self._add(ucc.UC_HOOK_INTR, self._guard(lambda uc, vector, _d: intr(vector)))
+
+    def on_invalid(self, invalid: Callable[[], bool]) -> None:
+        """invalid() -> True if handled (RIP already moved), False to fault."""
+        self._add(ucc.UC_HOOK_INSN_INVALID, self._guard(lambda uc, _d: invalid(), False))
+
+    def hook_code_at(self, address: int, fn: Callable[[int], None]) -> int:
+        """Call fn(address) before the instruction that starts at `address` runs."""
+        return self._add(ucc.UC_HOOK_CODE, self._guard(lambda uc, addr, size, _d: fn(addr)),
+                         address, address)
+
+    def unhook(self, handle: int) -> None:
+        self.uc.hook_del(handle)
+
+    # -- running -------------------------------------------------------------
+    def run(self, pc: int, count: int) -> int:
+        """Run from `pc` for at most `count` instructions; return how many
+        started (an instruction that faults counts; the limit's is not run)."""
+        self.error = None
+        try:
+            self.uc.emu_start(pc, 0, count=count)
+        except uc_mod.UcError as e:
+            if self.error is None and e.errno != ucc.UC_ERR_EXCEPTION:
+                self.error = EngineError(f"unicorn stopped: {e}")
+        ran = min(self._counter.value, count)
+        if self.error is not None:
+            raise self.error
+        return ran
+
+    def stop(self) -> None:
+        self.uc.emu_stop()
+
+    def flush_tlb(self) -> None:
+        """Drop every translation in Unicorn's TLB (legal inside the fill callback)."""
+        self.uc.ctl(ucc.UC_CTL_TLB_FLUSH, ucc.UC_CTL_IO_WRITE)
+
+    # -- unicorn#1883 and QEMU's exception state ------------------------------
+    def _context(self) -> tuple[object, int]:
+        ctx = self.uc.context_save()
+        if ctx.size != _CTX_SIZE:
+            raise HvError(f"this unicorn build is not supported (context size {ctx.size}): "
+                          "pin unicorn==2.1.4")
+        return ctx, ctypes.cast(ctx.context, ctypes.c_void_p).value
+
+    def clear_exception(self) -> None:
+        """Forget the exception QEMU thinks is in flight (unicorn#1883)."""
+        ctx, addr = self._context()
+        ctypes.c_int32.from_address(addr + _CTX_OLD_EXCEPTION).value = -1
+        self.uc.context_restore(ctx)
+
+    def pending_error_code(self) -> int:
+        """The error code QEMU computed for the exception it just raised."""
+        _ctx, addr = self._context()
+        return ctypes.c_int32.from_address(addr + _CTX_ERROR_CODE).value & 0xFFFF_FFFF

@@ -1,0 +1,63 @@
+"""Host physical memory: one anonymous mapping shared by a VM's engines.
+
+Pages are allocated by the host kernel when first touched, so a VM's
+resident size grows with the memory its guest uses, not with the RAM it is
+configured with.
+"""
+from __future__ import annotations
+
+import ctypes
+import mmap
+
+from .errors import HvError
+
+MiB = 1 << 20
+GiB = 1 << 30
+
+
+class PhysMem:
+    """`size` bytes of host physical memory, addressed from 0.
+
+    Invariant: every access checks its range; nothing outside [0, size) is
+    ever read or written on a guest's behalf.
+    """
+
+    def __init__(self, size: int):
+        if size <= 0 or size % (2 * MiB):
+            raise HvError(f"memory size must be a positive multiple of 2 MiB, not {size:#x}")
+        self.size = size
+        self._mm = mmap.mmap(-1, size)
+        self._q = memoryview(self._mm).cast("Q")
+        self.host_addr = ctypes.addressof(ctypes.c_char.from_buffer(self._mm))
+
+    def contains(self, addr: int, length: int = 1) -> bool:
+        return 0 <= addr and addr + length <= self.size
+
+    def read_u64(self, addr: int) -> int:
+        """An aligned 8-byte read (page-table entries are always aligned)."""
+        return self._q[addr >> 3]
+
+    def write_u64(self, addr: int, value: int) -> None:
+        self._q[addr >> 3] = value
+
+    def read(self, addr: int, length: int) -> bytes:
+        if not self.contains(addr, length):
+            raise HvError(f"physical read [{addr:#x}, +{length:#x}) outside memory")
+        return self._mm[addr:addr + length]
+
+    def write(self, addr: int, data: bytes) -> None:
+        if not self.contains(addr, len(data)):
+            raise HvError(f"physical write [{addr:#x}, +{len(data):#x}) outside memory")
+        self._mm[addr:addr + len(data)] = data
+
+
+def parse_size(text: str) -> int:
+    """'64M', '1G', '4096K', '0x4000000' -> bytes."""
+    t = text.strip().upper().removesuffix("IB").removesuffix("B")
+    scale = {"K": 1 << 10, "M": MiB, "G": GiB}.get(t[-1:], 1)
+    digits = t[:-1] if scale != 1 else t
+    try:
+        value = int(digits, 0)
+    except ValueError:
+        raise HvError(f"invalid size {text!r} (examples: 64M, 1G, 0x4000000)") from None
+    return value * scale

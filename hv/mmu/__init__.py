@@ -1,0 +1,9 @@
+"""MMU modes. Each provides fill/translate/peek and the paging-control
+events (write_cr, write_efer, invlpg); see native.py for the interface."""
+from __future__ import annotations
+
+MODES = ("native", "qemu")
+MODE_HELP = {
+    "native": "the guest on bare metal: hv's walker and TLB model, no MMU exits",
+    "qemu": "Unicorn's own MMU (QEMU's walker): the correctness oracle, nothing modelled",
+}

@@ -1,0 +1,138 @@
+"""`native`: the guest on bare metal. The "hardware" walks the guest's own
+tables (4 references for a 4 KiB page, 3 for 2 MiB, 2 for 1 GiB).
+
+The interface of this class is what every MMU mode provides; `shadow` and
+`ept` change what a miss walks and which events are VM exits.
+"""
+from __future__ import annotations
+
+from ..arch.paging import PAGE_SIZE
+from ..arch.vmx import ExitReason
+from ..arch.x86 import CR0, CR4, EFER
+from ..stats import Stats
+from .tlb import TLB
+from .walker import FETCH, WRITE, GuestEscape, Translation, Walker
+
+# Rights granted to Unicorn's TLB (UC_PROT_*).
+PROT_R, PROT_W, PROT_X = 1, 2, 4
+
+
+class NativeMMU:
+    name = "native"
+    # Events that are VM exits in this mode. On bare metal nothing in the MMU
+    # traps; the platform's devices, HLT and hypercalls are exits everywhere,
+    # so every mode's table lists them alike.
+    intercepts = frozenset({ExitReason.IO_INSTRUCTION, ExitReason.HLT, ExitReason.VMCALL,
+                            ExitReason.TRIPLE_FAULT})
+
+    def __init__(self, mem, ram: int, stats: Stats, tlb: TLB, asid: int = 0):
+        self.mem, self.ram, self.stats, self.tlb, self.asid = mem, ram, stats, tlb, asid
+        self.counters = stats.counters
+        self.walker = Walker(mem, stats, ram)
+        self._peeker = self.peek_walker(mem, ram)
+        self.cr0 = self.cr3 = self.cr4 = self.efer = 0
+
+    # -- the hardware's view of the paging controls ------------------------
+    def load_state(self, cr0: int, cr3: int, cr4: int, efer: int) -> None:
+        self.cr0, self.cr3, self.cr4, self.efer = cr0, cr3, cr4, efer
+        self._wp = bool(cr0 & CR0.WP)
+        self._nxe = bool(efer & EFER.NXE)
+
+    def write_cr(self, cr: int, value: int) -> None:
+        """MOV to CR0/CR3/CR4 and the TLB invalidation it implies (SDM Vol.3A §4.10.4.1)."""
+        if cr == 3:
+            self.counters["cr3_loads"] += 1
+            self.cr3 = value
+            self._flush(self.tlb.flush_nonglobal(self.asid))
+        elif cr == 0:
+            changed = (self.cr0 ^ value) & (CR0.PG | CR0.WP)
+            self.load_state(value, self.cr3, self.cr4, self.efer)
+            if changed:
+                self._flush(self.tlb.flush_asid(self.asid))
+        elif cr == 4:
+            changed = (self.cr4 ^ value) & (CR4.PGE | CR4.PAE | CR4.PSE | CR4.PCIDE | CR4.SMEP)
+            self.cr4 = value
+            if changed:
+                self._flush(self.tlb.flush_asid(self.asid))
+
+    def write_efer(self, value: int) -> None:
+        changed = (self.efer ^ value) & EFER.NXE
+        self.load_state(self.cr0, self.cr3, self.cr4, value)
+        if changed:
+            self._flush(self.tlb.flush_asid(self.asid))
+
+    def invlpg(self, vaddr: int) -> None:
+        self.counters["invlpg"] += 1
+        self.tlb.invlpg(self.asid, vaddr)
+
+    def _flush(self, dropped: int) -> None:
+        self.counters["tlb_flush"] += 1
+
+    # -- translation -------------------------------------------------------
+    def lookup(self, vaddr: int, access: int, user: bool) -> Translation:
+        """The TLB, then on a miss a walk. Raises PageFault or GuestEscape."""
+        counters = self.counters
+        tr = self.tlb.lookup(self.asid, vaddr)
+        if tr is not None and self._allows(tr, access, user):
+            counters["tlb.hits"] += 1
+            return tr
+        counters["tlb.misses"] += 1
+        tr = self.walker.walk(self.cr3, vaddr, access, user, self._wp, self._nxe)
+        if self.tlb.insert(self.asid, tr):
+            counters["tlb.evictions"] += 1
+        return tr
+
+    def _allows(self, tr: Translation, access: int, user: bool) -> bool:
+        """Whether a cached entry serves this access without a walk. A write
+        through an entry that is not yet dirty walks again to set D."""
+        if user and not tr.user:
+            return False
+        if access == WRITE:
+            return tr.dirty and (tr.writable or not (user or self._wp))
+        if access == FETCH:
+            return not tr.nx
+        return True
+
+    def fill(self, vaddr: int, access: int, user: bool) -> tuple[int, int]:
+        """Unicorn's TLB missed: (physical address, rights to cache)."""
+        self.counters["tlb.fills"] += 1
+        tr = self.lookup(vaddr, access, user)
+        paddr = tr.paddr(vaddr) & ~(PAGE_SIZE - 1)
+        if paddr >= self.ram:
+            raise GuestEscape(f"{vaddr:#x} maps guest-physical {paddr:#x}, outside guest "
+                              f"memory [0, {self.ram:#x})")
+        # Grant only what the model has checked: W once the page is dirty (so
+        # the first write is seen), X only to fetches (so code is scanned).
+        if access == FETCH:
+            return paddr, PROT_R | PROT_X
+        writable = tr.dirty and (tr.writable or not (user or self._wp))
+        return paddr, PROT_R | (PROT_W if writable else 0)
+
+    def translate(self, vaddr: int, access: int, user: bool = False) -> int:
+        """A linear access the "hardware" makes itself (IDT reads, exception
+        frames): counted like any other access. Raises PageFault."""
+        paddr = self.lookup(vaddr, access, user).paddr(vaddr)
+        if paddr >= self.ram:
+            raise GuestEscape(f"{vaddr:#x} maps guest-physical {paddr:#x}, outside guest "
+                              f"memory [0, {self.ram:#x})")
+        return paddr
+
+    @staticmethod
+    def peek_walker(mem, ram: int) -> Walker:
+        """A walker that changes nothing and counts nowhere."""
+        return Walker(_ReadOnly(mem), Stats(), ram)
+
+    def peek(self, vaddr: int) -> int | None:
+        """Where `vaddr` points now, with no side effect and nothing counted
+        (for the VMM's own inspection: code scanning, crash reports)."""
+        return self._peeker.peek(self.cr3, vaddr, self._nxe)
+
+
+class _ReadOnly:
+    """Guest memory seen by the peeking walker: A/D updates are dropped."""
+
+    def __init__(self, mem):
+        self.read_u64 = mem.read_u64
+
+    def write_u64(self, addr: int, value: int) -> None:
+        pass

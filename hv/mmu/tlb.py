@@ -1,0 +1,112 @@
+"""The TLB model: the source of truth for cached translations.
+
+A set-associative TLB tagged by address-space id (ASID/VPID), holding 4 KiB,
+2 MiB and 1 GiB translations, with LRU replacement in each set.
+
+Why one level and not an L1/L2 pair: Unicorn's own TLB sits in front of the
+model and absorbs every hit it can, invisibly; the model only sees accesses
+that miss there. What it can count exactly is what costs a page walk: a
+translation that is in no level of the TLB. So it models the last level
+(default 1536 entries, 12 ways: Skylake's STLB) and counts hits, misses and
+walks there.
+
+Invariant: Unicorn's TLB never holds a translation the model does not. Every
+operation that drops entries bumps `generation`; an engine whose last-seen
+generation differs flushes Unicorn's TLB before it runs again.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+
+from .walker import Translation
+
+SHIFTS = (12, 21, 30)
+
+
+class TLB:
+    def __init__(self, entries: int = 1536, ways: int = 12):
+        if entries <= 0 or ways <= 0 or entries % ways:
+            raise ValueError(f"TLB of {entries} entries cannot have {ways} ways")
+        self.entries, self.ways = entries, ways
+        self.nsets = entries // ways
+        # One LRU-ordered dict per set: (asid, shift, vpn) -> Translation.
+        self._sets = [OrderedDict() for _ in range(self.nsets)]
+        self._where: dict[tuple[int, int, int], OrderedDict] = {}
+        self._by_shift = {s: 0 for s in SHIFTS}   # entries held per page size
+        self.generation = 0
+
+    def __len__(self):
+        return len(self._where)
+
+    def _set_of(self, shift: int, vpn: int) -> OrderedDict:
+        return self._sets[(vpn ^ (shift << 4)) % self.nsets]
+
+    def lookup(self, asid: int, vaddr: int) -> Translation | None:
+        for shift in SHIFTS:
+            if self._by_shift[shift]:
+                key = (asid, shift, vaddr >> shift)
+                s = self._where.get(key)
+                if s is not None:
+                    s.move_to_end(key)
+                    return s[key]
+        return None
+
+    def insert(self, asid: int, tr: Translation) -> bool:
+        """Cache `tr`; True if that evicted another entry."""
+        key = (asid, tr.shift, tr.vbase >> tr.shift)
+        s = self._set_of(tr.shift, key[2])
+        evicted = False
+        old = s.get(key)
+        if old is not None:
+            # A re-walk of a cached page (e.g. its first write, to set D).
+            # Unicorn may keep the old entry's other 4 KiB pieces: that is
+            # harmless only if the new translation maps the same frame with
+            # no fewer rights.
+            same = (old.pbase == tr.pbase and old.nx == tr.nx and old.user == tr.user
+                    and old.writable <= tr.writable)
+            if same:
+                s[key] = tr
+                s.move_to_end(key)
+                return False
+            self._drop(key)
+        elif len(s) >= self.ways:
+            self._drop(next(iter(s)))
+            evicted = True
+        s[key] = tr
+        self._where[key] = s
+        self._by_shift[tr.shift] += 1
+        return evicted
+
+    def _drop(self, key) -> None:
+        del self._where.pop(key)[key]
+        self._by_shift[key[1]] -= 1
+        self.generation += 1
+
+    def _drop_where(self, pred) -> int:
+        doomed = [k for k, s in self._where.items() if pred(k, s[k])]
+        for k in doomed:
+            self._drop(k)
+        return len(doomed)
+
+    # Invalidation, named after the architecture (SDM Vol.3A §4.10.4).
+    def flush_all(self) -> int:
+        """Every entry of every ASID, global ones too (INVEPT all-context)."""
+        return self._drop_where(lambda k, tr: True)
+
+    def flush_asid(self, asid: int) -> int:
+        """Every entry of one ASID, global ones too (INVVPID single-context, CR4.PGE toggle)."""
+        return self._drop_where(lambda k, tr: k[0] == asid)
+
+    def flush_nonglobal(self, asid: int) -> int:
+        """Non-global entries of one ASID (MOV to CR3)."""
+        return self._drop_where(lambda k, tr: k[0] == asid and not tr.global_)
+
+    def invlpg(self, asid: int, vaddr: int) -> int:
+        """The entries of one ASID that translate `vaddr`, global or not (INVLPG)."""
+        n = 0
+        for shift in SHIFTS:
+            key = (asid, shift, vaddr >> shift)
+            if key in self._where:
+                self._drop(key)
+                n += 1
+        return n

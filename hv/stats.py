@@ -1,0 +1,41 @@
+"""Counters, with KVM's names where KVM has one.
+
+One Stats per vCPU. Everything is a plain integer counter keyed by name, so
+snapshots (marks) and differences between them are dict operations, and the
+JSON output is the same dicts sorted.
+"""
+from __future__ import annotations
+
+from collections import Counter
+
+from .arch.vmx import ExitReason
+
+# Counters every report shows, even when zero, in this order.
+COUNTER_NAMES = (
+    "insns", "exits", "io_exits", "halt_exits", "hypercalls", "insn_emulation",
+    "pf_guest", "exceptions", "tlb_flush", "invlpg", "cr3_loads",
+)
+TLB_NAMES = ("fills", "hits", "misses", "walks", "walk_refs", "ad_writes", "evictions")
+
+
+class Stats:
+    """Counters of one vCPU.
+
+    `counters`: name -> count; TLB model counters are prefixed "tlb.".
+    `exits`: exit reason -> count. `walk_hist`: references per walk -> walks.
+    `refs_by_tag`: (dimension, level) of a walk reference -> count.
+    """
+
+    def __init__(self):
+        self.counters: Counter[str] = Counter()
+        self.exits: Counter[ExitReason] = Counter()
+        self.walk_hist: Counter[int] = Counter()
+        self.refs_by_tag: Counter[tuple[str, int]] = Counter()
+
+    def snapshot(self) -> dict[str, int]:
+        """Every counter as one flat dict: the form marks record."""
+        snap = {name: self.counters.get(name, 0) for name in COUNTER_NAMES}
+        snap.update({f"tlb.{name}": self.counters.get(f"tlb.{name}", 0) for name in TLB_NAMES})
+        snap.update((k, v) for k, v in self.counters.items() if k not in snap)
+        snap.update((f"exit.{r.name}", n) for r, n in self.exits.items())
+        return dict(sorted(snap.items()))

@@ -1,0 +1,315 @@
+"""A virtual CPU: the engine's hooks turned into exits, exception delivery
+through the guest's IDT, and the run loop of one time slice.
+
+Invariant: after every slice in which QEMU raised an exception, its
+in-flight exception state is cleared (unicorn#1883), so each guest fault is
+seen as itself, never as #DF.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from . import asm
+from .arch.paging import PAGE_SIZE
+from .arch.vmx import ExitReason, cr_access_qualification
+from .arch.x86 import (GATE_INTERRUPT, GATE_TRAP, HAS_ERROR_CODE, IDT_GATE_SIZE, MSR_EFER,
+                       RFLAGS, TSS_IST1, TSS_RSP0, Vector, causes_double_fault, decode_idt_gate)
+from .engine import Engine
+from .exits import Exit, dispatch, io_qualification, PORT_CONSOLE_LSR
+from .intercept import MAX_INSN, candidate_starts, decode
+from .mmu.walker import FETCH, READ, WRITE, PageFault
+from .stats import Stats
+
+VMCALL = b"\x0f\x01\xc1"
+HLT = 0xF4
+
+
+class _DeliveryFault(Exception):
+    """Delivering an exception raised another one (SDM Vol.3A §6.15)."""
+
+    def __init__(self, vector: int, error_code: int = 0, cr2: int = 0):
+        self.vector, self.error_code, self.cr2 = vector, error_code, cr2
+
+
+@dataclass
+class _CodePage:
+    """A virtual code page whose intercepted instructions are hooked."""
+    frame: int
+    data: bytes
+    hooks: list[int] = field(default_factory=list)
+
+
+class VCpu:
+    def __init__(self, vm, index: int):
+        self.vm, self.index = vm, index
+        self.stats = Stats()
+        self.engine = Engine(vm.mem.host_addr, vm.mem.size, python_mmu=vm.mmu_mode != "qemu")
+        self.mmu = vm.make_mmu(self)
+        self.halted = False
+        self._pending: PageFault | None = None    # raised by a fill, delivered after the slice
+        self._stop = False                        # a handler asked the slice to end
+        self._faulted = False                     # QEMU raised an exception this slice
+        self._tlb_generation = -1
+        self._code: dict[int, _CodePage] = {}     # virtual page -> scan
+        self._code_frames: dict[int, bool] = {}   # frame -> some alias may hold W
+        self._decoded: dict[int, object] = {}
+        e = self.engine
+        if e.python_mmu:
+            e.on_fill(self._fill)
+        e.on_out(self._out)
+        e.on_in(self._in)
+        e.on_interrupt(self._interrupt)
+        e.on_invalid(self._invalid)
+
+    # -- hooks -------------------------------------------------------------
+    def _fill(self, vaddr: int, access: int):
+        user = self.engine.cpl() == 3
+        try:
+            paddr, perms = self.mmu.fill(vaddr, access, user)
+        except PageFault as pf:
+            self._pending = pf
+            return None
+        frame = paddr
+        if access == FETCH:
+            self._scan(vaddr & ~(PAGE_SIZE - 1), frame)
+        elif frame in self._code_frames:
+            if access == WRITE:
+                # Revoke X from every alias before the code may change.
+                self.engine.flush_tlb()
+                self._code_frames[frame] = True
+            else:
+                perms &= ~2
+        if self.mmu.tlb.generation != self._tlb_generation:
+            self.engine.flush_tlb()
+            self._tlb_generation = self.mmu.tlb.generation
+        return paddr, perms
+
+    def _scan(self, vpage: int, frame: int) -> None:
+        """Hook the intercepted instructions of a code page (see hv/intercept.py).
+
+        Invariant: while some alias may fetch from a code frame, none may
+        write it; a write first flushes Unicorn's TLB, and the next fetch
+        finds the page changed and scans it again.
+        """
+        if self._code_frames.get(frame, True):
+            self.engine.flush_tlb()     # a new code frame, or one an alias may write
+            self._code_frames[frame] = False
+        nxt = self.mmu.peek(vpage + PAGE_SIZE)
+        data = self.vm.mem.read(frame, PAGE_SIZE)
+        if nxt is not None:
+            data += self.vm.mem.read(nxt, MAX_INSN)
+        page = self._code.get(vpage)
+        if page is not None and page.frame == frame and page.data == data:
+            return
+        if page is not None:
+            for h in page.hooks:
+                self.engine.unhook(h)
+        starts = candidate_starts(data, PAGE_SIZE)
+        for off in starts:
+            self._decoded.pop(vpage + off, None)
+        self._code[vpage] = _CodePage(frame, data, [
+            self.engine.hook_code_at(vpage + off, self._intercept) for off in starts])
+
+    def _intercept(self, rip: int) -> None:
+        """Before a MOV to CR, INVLPG or WRMSR runs: tell the MMU."""
+        ins = self._decoded.get(rip)
+        if ins is None:
+            ins = self._decoded[rip] = decode(self.read_code(rip), rip) or False
+        if not ins or self.engine.cpl() != 0:
+            return      # not one of ours, or about to #GP
+        e = self.engine
+        if ins.kind == "mov_cr":
+            ex = Exit(ExitReason.CR_ACCESS, cr_access_qualification(ins.cr, 0), rip, ins.size,
+                      value=e.reg(ins.reg))
+        elif ins.kind == "invlpg":
+            ex = Exit(ExitReason.INVLPG, self._effective_address(ins, rip), rip, ins.size)
+        else:
+            ecx = e.reg("rcx") & 0xFFFF_FFFF
+            if ecx != MSR_EFER:
+                return
+            value = (e.reg("rdx") & 0xFFFF_FFFF) << 32 | (e.reg("rax") & 0xFFFF_FFFF)
+            ex = Exit(ExitReason.MSR_WRITE, ecx, rip, ins.size, value=value)
+        dispatch(self, ex)
+
+    def _effective_address(self, ins, rip: int) -> int:
+        e = self.engine
+        ea = ins.disp
+        if ins.base == "rip":
+            ea += rip + ins.size
+        elif ins.base:
+            ea += e.reg(ins.base)
+        if ins.index:
+            ea += e.reg(ins.index) * ins.scale
+        if ins.segment in ("fs", "gs"):
+            ea += e.reg(f"{ins.segment}_base")
+        return ea & (2**64 - 1)
+
+    def _out(self, port: int, size: int, value: int) -> None:
+        rip = self.engine.reg("rip")
+        dispatch(self, Exit(ExitReason.IO_INSTRUCTION, io_qualification(port, size, False), rip,
+                            value=value))
+        if self.vm.ended:
+            self.request_stop()
+
+    def _in(self, port: int, size: int) -> int:
+        dispatch(self, Exit(ExitReason.IO_INSTRUCTION, io_qualification(port, size, True),
+                            self.engine.reg("rip")))
+        if port == PORT_CONSOLE_LSR:
+            return 0x60     # transmitter holding register and shift register empty
+        return (1 << (8 * size)) - 1    # no device: the bus floats high
+
+    def _interrupt(self, vector: int) -> None:
+        """QEMU raised an exception (or ran INT n); RIP is the return address."""
+        self._faulted = True
+        e = self.engine
+        err = e.pending_error_code() if vector in HAS_ERROR_CODE else None
+        cr2 = e.reg("cr2") if vector == Vector.PF else 0
+        dispatch(self, Exit(ExitReason.EXCEPTION_NMI, cr2, e.reg("rip"), value=vector,
+                            error_code=err))
+        self.request_stop()
+
+    def _invalid(self) -> bool:
+        rip = self.engine.reg("rip")
+        if self.read_code(rip, 3) == VMCALL:
+            dispatch(self, Exit(ExitReason.VMCALL, 0, rip, 3))
+            if self.vm.ended:
+                self.request_stop()
+        else:
+            self._faulted = True
+            dispatch(self, Exit(ExitReason.EXCEPTION_NMI, 0, rip, value=Vector.UD))
+            self.request_stop()
+        return True
+
+    # -- state ---------------------------------------------------------------
+    def request_stop(self) -> None:
+        self._stop = True
+        self.engine.stop()
+
+    def halt(self) -> None:
+        self.halted = True
+        self.request_stop()
+
+    def read_code(self, vaddr: int, length: int = MAX_INSN) -> bytes:
+        """Up to `length` bytes at `vaddr`, as far as they are mapped (no side effects)."""
+        out = b""
+        while len(out) < length:
+            paddr = self.mmu.peek(vaddr + len(out))
+            if paddr is None:
+                break
+            n = min(length - len(out), PAGE_SIZE - (paddr & (PAGE_SIZE - 1)))
+            out += self.vm.mem.read(paddr, n)
+        return out
+
+    # -- one slice -----------------------------------------------------------
+    def run(self, budget: int) -> int:
+        """Run until an exit ends the slice or `budget` instructions started."""
+        self._stop = self._faulted = False
+        self._pending = None
+        e = self.engine
+        if e.python_mmu and self.mmu.tlb.generation != self._tlb_generation:
+            e.flush_tlb()
+            self._tlb_generation = self.mmu.tlb.generation
+        ran = e.run(e.reg("rip"), budget)
+        self.stats.counters["insns"] += ran
+        if self._pending is not None:
+            pf, self._pending = self._pending, None
+            self._faulted = True
+            dispatch(self, Exit(ExitReason.EXCEPTION_NMI, pf.vaddr, e.reg("rip"),
+                                value=Vector.PF, error_code=pf.error_code))
+        elif not self._stop and ran < budget:
+            # emu_start returned by itself: the guest ran HLT (Unicorn ends
+            # emulation there silently).
+            rip = e.reg("rip")
+            if self.read_code(rip - 1, 1) != bytes([HLT]):
+                raise RuntimeError(f"unicorn stopped at {rip:#x} for no known reason")
+            dispatch(self, Exit(ExitReason.HLT, 0, rip - 1, 1))
+        if self._faulted:
+            e.clear_exception()
+        return ran
+
+    # -- exception delivery (SDM Vol.3A §6.14: 64-bit mode) -------------------
+    def deliver(self, vector: int, error_code: int | None, rip: int, cr2: int = 0) -> None:
+        """Deliver an exception through the guest IDT, as the CPU would,
+        resolving faults during delivery into #DF and #DF into a triple fault."""
+        c = self.stats.counters
+        while True:
+            if vector == Vector.PF:
+                c["pf_guest"] += 1
+                self.engine.set_reg("cr2", cr2)
+            else:
+                c["exceptions"] += 1
+            try:
+                self._push_frame(vector, error_code, rip)
+                return
+            except _DeliveryFault as second:
+                if vector == Vector.DF:
+                    dispatch(self, Exit(ExitReason.TRIPLE_FAULT, 0, rip))
+                    self.request_stop()
+                    return
+                if causes_double_fault(vector, second.vector):
+                    vector, error_code, cr2 = Vector.DF, 0, 0
+                else:
+                    vector, error_code, cr2 = second.vector, second.error_code, second.cr2
+
+    def _linear(self, vaddr: int, access: int) -> int:
+        try:
+            return self.mmu.translate(vaddr, access, False)
+        except PageFault as pf:
+            raise _DeliveryFault(Vector.PF, pf.error_code, pf.vaddr) from None
+
+    def _read_linear(self, vaddr: int, length: int) -> bytes:
+        out = b""
+        while len(out) < length:
+            paddr = self._linear(vaddr + len(out), READ)
+            n = min(length - len(out), PAGE_SIZE - (paddr & (PAGE_SIZE - 1)))
+            out += self.vm.mem.read(paddr, n)
+        return out
+
+    def _push_frame(self, vector: int, error_code: int | None, rip: int) -> None:
+        e = self.engine
+        ext = 1     # error codes of delivery faults: EXT bit, IDT bit (SDM §6.13)
+        idt_base, idt_limit = e.idtr()
+        if vector * IDT_GATE_SIZE + IDT_GATE_SIZE - 1 > idt_limit:
+            raise _DeliveryFault(Vector.GP, vector * 8 + 2 + ext)
+        offset, selector, ist, gtype, present, _dpl = decode_idt_gate(
+            self._read_linear(idt_base + vector * IDT_GATE_SIZE, IDT_GATE_SIZE))
+        if gtype not in (GATE_INTERRUPT, GATE_TRAP) or selector & ~3 == 0:
+            raise _DeliveryFault(Vector.GP, vector * 8 + 2 + ext)
+        if not present:
+            raise _DeliveryFault(Vector.NP, vector * 8 + 2 + ext)
+        old_cpl = e.cpl()
+        new_cpl = self._code_dpl(selector)
+        rsp = e.reg("rsp")
+        if ist:
+            rsp = int.from_bytes(self._read_linear(e.tr_base() + TSS_IST1 + 8 * (ist - 1), 8), "little")
+        elif new_cpl < old_cpl:
+            rsp = int.from_bytes(self._read_linear(e.tr_base() + TSS_RSP0 + 8 * new_cpl, 8), "little")
+        rsp &= ~0xF
+        frame = [e.reg("ss"), e.reg("rsp"), e.reg("rflags"), e.reg("cs"), rip]
+        if error_code is not None and vector in HAS_ERROR_CODE:
+            frame.append(error_code)
+        for value in frame:
+            rsp = (rsp - 8) & (2**64 - 1)
+            self.vm.mem.write(self._linear(rsp, WRITE), (value & (2**64 - 1)).to_bytes(8, "little"))
+        flags = e.reg("rflags") & ~(RFLAGS.TF | RFLAGS.NT | RFLAGS.RF | RFLAGS.VM)
+        if gtype == GATE_INTERRUPT:
+            flags &= ~RFLAGS.IF
+        e.set_reg("rflags", flags)
+        e.set_reg("cs", (selector & ~3) | new_cpl)
+        if new_cpl != old_cpl:
+            e.set_reg("ss", new_cpl)      # a NULL selector with RPL = CPL
+        e.set_reg("rsp", rsp)
+        e.set_reg("rip", offset)
+
+    def _code_dpl(self, selector: int) -> int:
+        gdt_base, gdt_limit = self.engine.gdtr()
+        if (selector | 7) > gdt_limit:
+            raise _DeliveryFault(Vector.GP, selector & ~3)
+        desc = int.from_bytes(self._read_linear(gdt_base + (selector & ~7), 8), "little")
+        if not desc >> 47 & 1:
+            raise _DeliveryFault(Vector.NP, selector & ~3)
+        return desc >> 45 & 3
+
+    def describe_fault(self, ex: Exit) -> str:
+        code = self.read_code(ex.rip)
+        return f"triple fault at rip={ex.rip:#x}: {asm.describe_insn(code, ex.rip)}"

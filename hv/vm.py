@@ -1,0 +1,159 @@
+"""A VM: guest memory, the boot state of the boot ABI, its vCPUs, and the
+deterministic round-robin loop that runs them.
+
+Boot ABI (README.md, "Guest boot ABI"): the image is loaded at GPA
+0x100000 and entered at its first byte in 64-bit mode at CPL 0 with
+interrupts off; CR3 points at an identity map of all RAM built below
+0x100000; a GDT with a flat code segment at 0x08 and data at 0x10; each
+vCPU has a 16 KiB stack below 0xA0000; rdi = vCPU index, rsi = vCPU count.
+"""
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+from .arch.paging import P, PS, RW
+from .arch.x86 import CR0, CR4, EFER, GDT_CODE64, GDT_DATA, MSR_EFER, RFLAGS
+from .errors import HvError
+from .memory import GiB, MiB, PhysMem
+from .mmu import MODES
+from .mmu.native import NativeMMU
+from .mmu.qemu import QemuMMU
+from .mmu.tlb import TLB
+from .mmu.walker import GuestEscape
+from .stats import Stats
+from .vcpu import VCpu
+
+LOAD_ADDR = 0x10_0000
+GDT_ADDR = 0x1000
+PML4_ADDR = 0x2000
+PDPT_ADDR = 0x3000
+PD_ADDR = 0x4000            # one page directory per GiB of RAM
+STACK_TOP = 0xA_0000
+STACK_SIZE = 0x4000
+MAX_VCPUS = 16
+MAX_RAM = 64 * GiB
+CODE_SEL, DATA_SEL = 0x08, 0x10
+
+BOOT_CR0 = CR0.PE | CR0.MP | CR0.ET | CR0.NE | CR0.WP | CR0.PG
+BOOT_CR4 = CR4.PAE | CR4.OSFXSR | CR4.OSXMMEXCPT
+BOOT_EFER = EFER.SCE | EFER.LME | EFER.LMA | EFER.NXE
+
+
+@dataclass(frozen=True)
+class Config:
+    mmu: str = "native"
+    ram: int = 64 * MiB
+    vcpus: int = 1
+    tlb_entries: int = 1536
+    tlb_ways: int = 12
+    max_insns: int = 500_000_000
+    quantum: int = 1_000_000
+
+    def check(self) -> None:
+        if self.mmu not in MODES:
+            raise HvError(f"unknown MMU mode {self.mmu!r} (choose from {', '.join(MODES)})")
+        if not 4 * MiB <= self.ram <= MAX_RAM or self.ram % (2 * MiB):
+            raise HvError(f"RAM must be a multiple of 2 MiB from 4 MiB to 64 GiB, not {self.ram:#x}")
+        if not 1 <= self.vcpus <= MAX_VCPUS:
+            raise HvError(f"a VM has 1 to {MAX_VCPUS} vCPUs, not {self.vcpus}")
+        if self.tlb_entries < 1 or self.tlb_ways < 1 or self.tlb_entries % self.tlb_ways:
+            raise HvError(f"a TLB of {self.tlb_entries} entries cannot have {self.tlb_ways} ways")
+        if self.max_insns < 1 or self.quantum < 1:
+            raise HvError("--max-insns and --quantum must be positive")
+
+
+class VM:
+    def __init__(self, image: bytes, config: Config = Config()):
+        config.check()
+        self.config = config
+        self.mmu_mode = config.mmu
+        if LOAD_ADDR + len(image) > config.ram:
+            raise HvError(f"a guest of {len(image)} bytes does not fit in {config.ram // MiB} MiB "
+                          f"of RAM at {LOAD_ADDR:#x}")
+        self.mem = PhysMem(config.ram)
+        self.mem.write(LOAD_ADDR, image)
+        self._build_boot_tables()
+        self.console = bytearray()
+        self.marks: dict[int, dict[str, int]] = {}
+        self.ended = False
+        self.reason = self.detail = ""
+        self.exit_code: int | None = None
+        self.vcpus = [VCpu(self, i) for i in range(config.vcpus)]
+        for cpu in self.vcpus:
+            self._boot(cpu)
+
+    def make_mmu(self, vcpu: VCpu):
+        if self.mmu_mode == "qemu":
+            return QemuMMU(vcpu.engine, self.mem, self.config.ram)
+        tlb = TLB(self.config.tlb_entries, self.config.tlb_ways)
+        return NativeMMU(self.mem, self.config.ram, vcpu.stats, tlb)
+
+    def _build_boot_tables(self) -> None:
+        m = self.mem
+        m.write(GDT_ADDR, struct.pack("<QQQ", 0, GDT_CODE64, GDT_DATA))
+        npd = -(-self.config.ram // GiB)
+        m.write_u64(PML4_ADDR, PDPT_ADDR | P | RW)
+        for i in range(npd):
+            m.write_u64(PDPT_ADDR + 8 * i, (PD_ADDR + i * 0x1000) | P | RW)
+        for page in range(self.config.ram >> 21):
+            m.write_u64(PD_ADDR + 8 * page, (page << 21) | P | RW | PS)
+
+    def _boot(self, cpu: VCpu) -> None:
+        e = cpu.engine
+        e.set_gdtr(GDT_ADDR, 3 * 8 - 1)
+        e.set_msr(MSR_EFER, BOOT_EFER)
+        e.set_reg("cr4", BOOT_CR4)
+        e.set_reg("cr3", PML4_ADDR)
+        e.set_reg("cr0", BOOT_CR0)
+        if isinstance(cpu.mmu, NativeMMU):
+            cpu.mmu.load_state(BOOT_CR0, PML4_ADDR, BOOT_CR4, BOOT_EFER)
+        e.set_reg("cs", CODE_SEL)
+        for seg in ("ss", "ds", "es"):
+            e.set_reg(seg, DATA_SEL)
+        e.set_reg("rflags", RFLAGS.FIXED)
+        e.set_reg("rsp", STACK_TOP - cpu.index * STACK_SIZE)
+        e.set_reg("rdi", cpu.index)
+        e.set_reg("rsi", self.config.vcpus)
+        e.set_reg("rip", LOAD_ADDR)
+
+    # -- events from vCPUs ---------------------------------------------------
+    def finish(self, reason: str, detail: str, exit_code: int | None = None) -> None:
+        if not self.ended:
+            self.ended, self.reason, self.detail, self.exit_code = True, reason, detail, exit_code
+
+    def mark(self, ident: int) -> None:
+        self.marks[ident] = self.totals().snapshot()
+
+    def totals(self) -> Stats:
+        """The counters of all vCPUs added up."""
+        total = Stats()
+        for cpu in self.vcpus:
+            total.counters.update(cpu.stats.counters)
+            total.exits.update(cpu.stats.exits)
+            total.walk_hist.update(cpu.stats.walk_hist)
+            total.refs_by_tag.update(cpu.stats.refs_by_tag)
+        return total
+
+    # -- the loop -------------------------------------------------------------
+    def run(self) -> None:
+        """Run the vCPUs round-robin, one quantum each, until the VM ends."""
+        budget = self.config.max_insns
+        try:
+            while not self.ended:
+                runnable = [cpu for cpu in self.vcpus if not cpu.halted]
+                if not runnable:
+                    self.finish("halted", "every vCPU ran HLT")
+                    break
+                for cpu in runnable:
+                    if self.ended or cpu.halted:
+                        continue
+                    if budget <= 0:
+                        self.finish("max_insns", f"the guest ran {self.config.max_insns} "
+                                    "instructions (--max-insns)")
+                        break
+                    # A slice that only delivers faults runs no instruction; it
+                    # still spends budget, so a fault loop ends too.
+                    budget -= max(1, cpu.run(min(self.config.quantum, budget)))
+        except GuestEscape as e:
+            self.finish("escape", str(e))
