@@ -70,8 +70,11 @@ def load_guest(guest: str | Path) -> tuple[str, bytes]:
 
 def run(guest: str | Path, mmu: str = "native", *, ram: int | str = "64M", vcpus: int = 1,
         tlb_entries: int = 1536, tlb_ways: int = 12, max_insns: int = 500_000_000,
-        quantum: int = 1_000_000, image: bytes | None = None) -> Result:
-    """Boot `guest` (path or bundled name; or `image` bytes) and run it to the end."""
+        quantum: int = 1_000_000, image: bytes | None = None, on_console=None) -> Result:
+    """Boot `guest` (path or bundled name; or `image` bytes) and run it to the end.
+
+    `on_console(byte)` sees the guest's console output as it is written.
+    """
     if image is None:
         name, image = load_guest(guest)
     else:
@@ -79,7 +82,7 @@ def run(guest: str | Path, mmu: str = "native", *, ram: int | str = "64M", vcpus
     config = Config(mmu=mmu, ram=parse_size(ram) if isinstance(ram, str) else ram, vcpus=vcpus,
                     tlb_entries=tlb_entries, tlb_ways=tlb_ways, max_insns=max_insns,
                     quantum=quantum)
-    vm = VM(image, config)
+    vm = VM(image, config, on_console)
     vm.run()
     return make_result(name, vm)
 

@@ -42,7 +42,8 @@ for _w in ("eax ebx ecx edx esi edi ebp esp r8d r9d r10d r11d r12d r13d r14d r15
     _REGS[_w] = getattr(x86c, f"UC_X86_REG_{_w.upper()}")
 
 UC_MEM_READ = ucc.UC_MEM_READ        # access codes of the TLB-fill callback
-_uclib = uc_mod.unicorn_py3.unicorn.uclib
+_UNMAPPED = frozenset({ucc.UC_ERR_READ_UNMAPPED, ucc.UC_ERR_WRITE_UNMAPPED,
+                       ucc.UC_ERR_FETCH_UNMAPPED})
 
 
 class EngineError(HvError):
@@ -94,6 +95,7 @@ class Engine:
         self._counter = ctypes.c_uint64.from_address(
             ctypes.cast(uc._uch, ctypes.c_void_p).value + _counter_offset())
         self.error: BaseException | None = None   # first exception raised in a hook
+        self._arranged = False      # the last unmapped access was one the VMM arranged
         self._hooks = []                           # keep ctypes callbacks alive
 
     # -- registers -----------------------------------------------------------
@@ -169,6 +171,14 @@ class Engine:
         """invalid() -> True if handled (RIP already moved), False to fault."""
         self._add(ucc.UC_HOOK_INSN_INVALID, self._guard(lambda uc, _d: invalid(), False))
 
+    def on_unmapped(self, unmapped: Callable[[int], bool]) -> None:
+        """unmapped(physical address) -> True if the VMM arranged this access
+        to reach unmapped memory (then run() does not treat it as an error)."""
+        def cb(uc, access, address, size, value, _d):
+            self._arranged = unmapped(address)
+            return False
+        self._add(ucc.UC_HOOK_MEM_UNMAPPED, self._guard(cb, False))
+
     def hook_code_at(self, address: int, fn: Callable[[int], None]) -> int:
         """Call fn(address) before the instruction that starts at `address` runs."""
         return self._add(ucc.UC_HOOK_CODE, self._guard(lambda uc, addr, size, _d: fn(addr)),
@@ -182,15 +192,21 @@ class Engine:
         """Run from `pc` for at most `count` instructions; return how many
         started (an instruction that faults counts; the limit's is not run)."""
         self.error = None
+        self._arranged = False
         try:
             self.uc.emu_start(pc, 0, count=count)
         except uc_mod.UcError as e:
-            if self.error is None and e.errno != ucc.UC_ERR_EXCEPTION:
-                self.error = EngineError(f"unicorn stopped: {e}")
+            expected = e.errno == ucc.UC_ERR_EXCEPTION or (e.errno in _UNMAPPED and self._arranged)
+            if self.error is None and not expected:
+                self.error = EngineError(f"unicorn stopped at rip={self.reg('rip'):#x}: {e}")
         ran = min(self._counter.value, count)
         if self.error is not None:
             raise self.error
         return ran
+
+    def started(self) -> int:
+        """Instructions started so far in the current run (call from a hook)."""
+        return self._counter.value
 
     def stop(self) -> None:
         self.uc.emu_stop()

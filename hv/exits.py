@@ -68,7 +68,7 @@ def _io(vcpu: "VCpu", ex: Exit) -> None:
     if is_in:
         return
     if port == PORT_CONSOLE:
-        vcpu.vm.console.append(ex.value & 0xFF)
+        vcpu.vm.console_write(ex.value & 0xFF)
     elif port == PORT_EXIT:
         vcpu.vm.finish("exit", f"the guest wrote {ex.value} to port {PORT_EXIT:#x}",
                        exit_code=ex.value)
@@ -85,7 +85,7 @@ def _vmcall(vcpu: "VCpu", ex: Exit) -> None:
     vcpu.stats.counters["hypercalls"] += 1
     nr = vcpu.engine.reg("rax")
     if nr == Hypercall.MARK:
-        vcpu.vm.mark(vcpu.engine.reg("rbx"))
+        vcpu.vm.mark(vcpu.engine.reg("rbx"), vcpu)
         result = 0
     else:
         result = HYPERCALL_ENOSYS

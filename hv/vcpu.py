@@ -21,6 +21,10 @@ from .mmu.walker import FETCH, READ, WRITE, PageFault
 from .stats import Stats
 
 VMCALL = b"\x0f\x01\xc1"
+# Physical addresses where nothing is mapped. A data access that faults is
+# sent here so that Unicorn reports its exact address (the fill callback
+# only sees the page): CR2 needs the byte.
+FAULT_WINDOW = 0x7FFF_0000_0000
 HLT = 0xF4
 
 
@@ -46,7 +50,7 @@ class VCpu:
         self.engine = Engine(vm.mem.host_addr, vm.mem.size, python_mmu=vm.mmu_mode != "qemu")
         self.mmu = vm.make_mmu(self)
         self.halted = False
-        self._pending: PageFault | None = None    # raised by a fill, delivered after the slice
+        self._pending: tuple[PageFault, int] | None = None   # a fill's fault and its access
         self._stop = False                        # a handler asked the slice to end
         self._faulted = False                     # QEMU raised an exception this slice
         self._tlb_generation = -1
@@ -60,6 +64,7 @@ class VCpu:
         e.on_in(self._in)
         e.on_interrupt(self._interrupt)
         e.on_invalid(self._invalid)
+        e.on_unmapped(self._unmapped)
 
     # -- hooks -------------------------------------------------------------
     def _fill(self, vaddr: int, access: int):
@@ -67,8 +72,8 @@ class VCpu:
         try:
             paddr, perms = self.mmu.fill(vaddr, access, user)
         except PageFault as pf:
-            self._pending = pf
-            return None
+            self._pending = (pf, access)
+            return None if access == FETCH else (FAULT_WINDOW, 7)
         frame = paddr
         if access == FETCH:
             self._scan(vaddr & ~(PAGE_SIZE - 1), frame)
@@ -83,6 +88,14 @@ class VCpu:
             self.engine.flush_tlb()
             self._tlb_generation = self.mmu.tlb.generation
         return paddr, perms
+
+    def _unmapped(self, paddr: int) -> bool:
+        """The faulting data access reached FAULT_WINDOW: now its exact address is known."""
+        if self._pending is None or paddr >> 12 != FAULT_WINDOW >> 12:
+            return False
+        pf, access = self._pending
+        pf.vaddr = (pf.vaddr & ~(PAGE_SIZE - 1)) | (paddr & (PAGE_SIZE - 1))
+        return True
 
     def _scan(self, vpage: int, frame: int) -> None:
         """Hook the intercepted instructions of a code page (see hv/intercept.py).
@@ -212,10 +225,15 @@ class VCpu:
         ran = e.run(e.reg("rip"), budget)
         self.stats.counters["insns"] += ran
         if self._pending is not None:
-            pf, self._pending = self._pending, None
+            (pf, access), self._pending = self._pending, None
             self._faulted = True
-            dispatch(self, Exit(ExitReason.EXCEPTION_NMI, pf.vaddr, e.reg("rip"),
-                                value=Vector.PF, error_code=pf.error_code))
+            e.flush_tlb()       # Unicorn cached the FAULT_WINDOW mapping
+            rip = e.reg("rip")
+            # A fetch fault's address: the target itself, or the start of the
+            # next page for an instruction that runs into it.
+            cr2 = max(rip, pf.vaddr) if access == FETCH else pf.vaddr
+            dispatch(self, Exit(ExitReason.EXCEPTION_NMI, cr2, rip, value=Vector.PF,
+                                error_code=pf.error_code))
         elif not self._stop and ran < budget:
             # emu_start returned by itself: the guest ran HLT (Unicorn ends
             # emulation there silently).

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from .arch.paging import P, PS, RW
 from .arch.x86 import CR0, CR4, EFER, GDT_CODE64, GDT_DATA, MSR_EFER, RFLAGS
+from .engine import EngineError
 from .errors import HvError
 from .memory import GiB, MiB, PhysMem
 from .mmu import MODES
@@ -64,7 +65,7 @@ class Config:
 
 
 class VM:
-    def __init__(self, image: bytes, config: Config = Config()):
+    def __init__(self, image: bytes, config: Config = Config(), on_console=None):
         config.check()
         self.config = config
         self.mmu_mode = config.mmu
@@ -75,6 +76,7 @@ class VM:
         self.mem.write(LOAD_ADDR, image)
         self._build_boot_tables()
         self.console = bytearray()
+        self.on_console = on_console    # called with each byte the guest prints
         self.marks: dict[int, dict[str, int]] = {}
         self.ended = False
         self.reason = self.detail = ""
@@ -122,8 +124,16 @@ class VM:
         if not self.ended:
             self.ended, self.reason, self.detail, self.exit_code = True, reason, detail, exit_code
 
-    def mark(self, ident: int) -> None:
-        self.marks[ident] = self.totals().snapshot()
+    def console_write(self, byte: int) -> None:
+        self.console.append(byte)
+        if self.on_console is not None:
+            self.on_console(byte)
+
+    def mark(self, ident: int, vcpu: VCpu) -> None:
+        """Hypercall MARK from `vcpu`, mid-slice: its instructions so far count."""
+        snap = self.totals().snapshot()
+        snap["insns"] += vcpu.engine.started()
+        self.marks[ident] = snap
 
     def totals(self) -> Stats:
         """The counters of all vCPUs added up."""
@@ -157,3 +167,7 @@ class VM:
                     budget -= max(1, cpu.run(min(self.config.quantum, budget)))
         except GuestEscape as e:
             self.finish("escape", str(e))
+        except EngineError as e:
+            # With Unicorn's own MMU (mode qemu) a guest mapping beyond its
+            # RAM ends here: Unicorn refuses the unmapped physical access.
+            self.finish("escape" if "UNMAPPED" in str(e) else "error", str(e))

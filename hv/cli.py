@@ -1,0 +1,153 @@
+"""The `hv` command line. Bad input: one clear line on stderr, exit status 2."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from . import api, asm
+from .errors import HvError
+from .memory import parse_size
+from .mmu import MODE_HELP, MODES
+from .paths import bundled_guests
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text.replace("_", ""), 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
+    return value
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except HvError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="hv", description="A toy x86-64 hypervisor that shows "
+                                "what MMU virtualization costs.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    r = sub.add_parser("run", help="boot a guest and report what its memory management cost")
+    r.add_argument("guest", help="a .s or .bin file, or the name of a bundled guest (hv guests)")
+    r.add_argument("--mmu", choices=MODES, default="native",
+                   help="; ".join(f"{m}: {h}" for m, h in MODE_HELP.items()))
+    r.add_argument("--ram", type=_size, default="64M", help="guest RAM, e.g. 64M, 1G (default 64M)")
+    r.add_argument("--vcpus", type=_positive, default=1, help="vCPUs sharing the VM (default 1)")
+    r.add_argument("--tlb-entries", type=_positive, default=1536,
+                   help="TLB model capacity (default 1536)")
+    r.add_argument("--tlb-ways", type=_positive, default=12,
+                   help="TLB model associativity (default 12)")
+    r.add_argument("--max-insns", type=_positive, default=500_000_000,
+                   help="stop a runaway guest after this many instructions (default 5e8)")
+    r.add_argument("--quantum", type=_positive, default=1_000_000,
+                   help="instructions per vCPU time slice (default 1e6)")
+    r.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+
+    sub.add_parser("guests", help="list the bundled sample guests")
+
+    a = sub.add_parser("asm", help="assemble a .s file into a flat binary")
+    a.add_argument("source")
+    a.add_argument("-o", "--output", required=True, help="the .bin file to write")
+    a.add_argument("--base", type=lambda t: int(t, 0), default=0x100000,
+                   help="load address (default 0x100000)")
+
+    d = sub.add_parser("disasm", help="disassemble a flat binary (or a .s file's output)")
+    d.add_argument("binary")
+    d.add_argument("--base", type=lambda t: int(t, 0), default=0x100000,
+                   help="load address (default 0x100000)")
+    return p
+
+
+def _cmd_run(args) -> int:
+    from rich.console import Console
+
+    streaming = not args.json
+    out = sys.stdout
+
+    def echo(byte: int) -> None:
+        out.write(chr(byte))
+        out.flush()
+
+    result = api.run(args.guest, mmu=args.mmu, ram=args.ram, vcpus=args.vcpus,
+                     tlb_entries=args.tlb_entries, tlb_ways=args.tlb_ways,
+                     max_insns=args.max_insns, quantum=args.quantum,
+                     on_console=echo if streaming else None)
+    if args.json:
+        json.dump(result.to_json(), out, indent=2)
+        out.write("\n")
+    else:
+        from .report import print_report
+        if result.console and not result.console.endswith("\n"):
+            out.write("\n")
+        print_report(result, Console())
+    return 0 if result.ok else 1
+
+
+def _first_comment(path: Path) -> str:
+    try:
+        for line in path.read_text().splitlines():
+            text = line.strip().lstrip(";#").strip()
+            if text:
+                return text
+    except (OSError, UnicodeDecodeError):
+        pass
+    return ""
+
+
+def _cmd_guests(args) -> int:
+    for name, path in bundled_guests().items():
+        print(f"{name:<12} {_first_comment(path) if path.suffix == '.s' else '(binary)'}")
+    return 0
+
+
+def _cmd_asm(args) -> int:
+    image = asm.assemble_file(args.source, base=args.base)
+    try:
+        Path(args.output).write_bytes(image.code)
+    except OSError as e:
+        raise HvError(f"cannot write {args.output}: {e.strerror}") from None
+    print(f"{args.output}: {len(image.code)} bytes at {args.base:#x}")
+    return 0
+
+
+def _cmd_disasm(args) -> int:
+    path = Path(args.binary)
+    if path.suffix == ".s":
+        code = asm.assemble_file(path, base=args.base).code
+    else:
+        try:
+            code = path.read_bytes()
+        except OSError as e:
+            raise HvError(f"cannot read {path}: {e.strerror}") from None
+    for line in asm.disassemble(code, args.base):
+        print(line)
+    return 0
+
+
+COMMANDS = {"run": _cmd_run, "guests": _cmd_guests, "asm": _cmd_asm, "disasm": _cmd_disasm}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except HvError as e:
+        print(f"hv: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("hv: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,104 @@
+"""Pins of the Unicorn behaviours hv's engine works around (DESIGN.md,
+"Measured facts"). If an upgrade changes one, these fail first."""
+import keystone
+import pytest
+
+from hv.engine import Engine
+from hv.memory import PhysMem
+
+_ks = keystone.Ks(keystone.KS_ARCH_X86, keystone.KS_MODE_64)
+BASE = 0x1000
+
+
+def engine(src: str, python_mmu: bool = False) -> Engine:
+    mem = PhysMem(2 << 20)
+    mem.write(BASE, bytes(_ks.asm(src, BASE)[0]))
+    e = Engine(mem.host_addr, mem.size, python_mmu=python_mmu)
+    e._mem = mem        # keep the memory alive as long as the engine
+    return e
+
+
+def test_unicorn_1883_and_the_workaround():
+    """unicorn#1883: the second exception is reported as #DF unless the
+    in-flight exception state is cleared after each one."""
+    src = "xor eax, eax\n" + "div eax\n" * 3 + "hlt"
+
+    def run_divs(clear: bool) -> list[int]:
+        e = engine(src)
+        seen = []
+
+        def intr(vector):
+            seen.append(vector)
+            e.set_reg("rip", e.reg("rip") + 2)     # skip the 2-byte div
+            e.stop()
+        e.on_interrupt(intr)
+        pc = BASE
+        for _ in range(3):
+            e.run(pc, 100)
+            if clear:
+                e.clear_exception()
+            pc = e.reg("rip")
+        return seen
+
+    assert run_divs(clear=False)[:2] == [0, 8]     # the bug, as Unicorn 2.1.4 has it
+    assert run_divs(clear=True) == [0, 0, 0]       # hv's workaround
+
+
+def test_instruction_counter_reports_instructions_started():
+    e = engine("nop\n" * 50)
+    assert e.run(BASE, 20) == 20                   # stopped by the limit
+    e = engine("nop\nnop\nhlt\nnop")
+    assert e.run(BASE, 100) == 3                   # HLT ends emu_start silently, counted
+    assert e.reg("rip") == BASE + 3
+
+
+def test_fill_failure_stops_at_the_faulting_instruction():
+    e = engine("nop\nmov rax, qword ptr [rbx]\nhlt", python_mmu=True)
+    e.set_reg("rbx", 0x5000)
+    fills = []
+
+    def fill(vaddr, access):
+        fills.append((vaddr, access))
+        if vaddr == 0x5000:
+            return None
+        return vaddr & ~0xFFF, 7
+    e.on_fill(fill)
+    e.run(BASE, 100)
+    assert e.reg("rip") == BASE + 1
+    assert fills == [(BASE, 2), (0x5000, 0)]       # fetch, then the read that failed
+
+
+def test_stop_from_a_hook_fetches_nothing_more():
+    """With an `until` address Unicorn translated a block at until-1 after
+    emu_stop; the engine runs without one (UC_CTL_UC_USE_EXITS)."""
+    e = engine("mov dx, 0x3f8\nout dx, al\nnop\nhlt", python_mmu=True)
+    fills = []
+    e.on_fill(lambda vaddr, access: (fills.append(vaddr), (vaddr & ~0xFFF, 7))[1])
+    e.on_out(lambda port, size, value: e.stop())
+    e.run(BASE, 100)
+    assert fills == [BASE]
+    assert e.reg("rip") == BASE + 5                # just after the OUT
+
+
+def test_hook_added_inside_the_fill_callback_fires():
+    e = engine("nop\nnop\nnop\nhlt", python_mmu=True)
+    hits = []
+
+    def fill(vaddr, access):
+        if access == 2 and not hits:
+            hits.append("added")
+            e.hook_code_at(BASE + 2, lambda addr: hits.append(addr))
+        return vaddr & ~0xFFF, 7
+    e.on_fill(fill)
+    e.run(BASE, 100)
+    assert hits == ["added", BASE + 2]
+
+
+def test_exception_in_a_callback_is_raised_by_run():
+    e = engine("nop\nhlt", python_mmu=True)
+
+    def fill(vaddr, access):
+        raise ZeroDivisionError("from the fill callback")
+    e.on_fill(fill)
+    with pytest.raises(ZeroDivisionError):
+        e.run(BASE, 10)

@@ -1,0 +1,84 @@
+"""The TLB model: lookup by page size, tags, LRU, and architectural flushes."""
+import pytest
+
+from hv.mmu.tlb import TLB
+from hv.mmu.walker import Translation
+
+
+def tr(va, pa, shift=12, global_=False, writable=True):
+    return Translation(va & ~((1 << shift) - 1), pa, shift, writable, False, False, global_, True)
+
+
+def test_hit_covers_the_whole_page_of_each_size():
+    t = TLB(64, 4)
+    t.insert(0, tr(0x40_0000, 0x20_0000, shift=21))
+    t.insert(0, tr(0x8000_0000, 0, shift=30))
+    t.insert(0, tr(0x1000, 0x5000))
+    assert t.lookup(0, 0x40_0000 + 0x1F_FFFF).pbase == 0x20_0000
+    assert t.lookup(0, 0x8000_0000 + 0x3FFF_FFFF).shift == 30
+    assert t.lookup(0, 0x1FFF).pbase == 0x5000
+    assert t.lookup(0, 0x2000) is None
+
+
+def test_entries_are_tagged_by_asid():
+    t = TLB(64, 4)
+    t.insert(1, tr(0x1000, 0x5000))
+    assert t.lookup(2, 0x1000) is None and t.lookup(1, 0x1000) is not None
+    assert t.flush_asid(2) == 0 and len(t) == 1
+    assert t.flush_asid(1) == 1 and len(t) == 0
+
+
+def test_lru_replacement_within_a_set():
+    t = TLB(4, 2)                       # 2 sets of 2 ways
+    nsets = t.nsets
+    a, b, c = (tr(i * nsets << 12, i << 12) for i in (1, 2, 3))   # all in one set
+    assert not t.insert(0, a) and not t.insert(0, b)
+    t.lookup(0, a.vbase)                # a is now most recent
+    assert t.insert(0, c)               # evicts b
+    assert t.lookup(0, b.vbase) is None
+    assert t.lookup(0, a.vbase) is not None and t.lookup(0, c.vbase) is not None
+
+
+def test_capacity_bounds_the_entries():
+    t = TLB(16, 4)
+    for i in range(100):
+        t.insert(0, tr(i << 12, i << 12))
+    assert len(t) == 16
+
+
+def test_flush_nonglobal_keeps_global_entries():
+    t = TLB(64, 4)
+    t.insert(0, tr(0x1000, 0x5000, global_=True))
+    t.insert(0, tr(0x2000, 0x6000))
+    assert t.flush_nonglobal(0) == 1
+    assert t.lookup(0, 0x1000) is not None and t.lookup(0, 0x2000) is None
+    assert t.flush_all() == 1 and len(t) == 0
+
+
+def test_invlpg_drops_every_size_covering_the_address_even_global():
+    t = TLB(64, 4)
+    t.insert(0, tr(0x20_0000, 0x40_0000, shift=21, global_=True))
+    t.insert(0, tr(0x20_1000, 0x9000))
+    t.insert(1, tr(0x20_1000, 0x9000))
+    assert t.invlpg(0, 0x20_1234) == 2
+    assert t.lookup(0, 0x20_1000) is None and t.lookup(1, 0x20_1000) is not None
+
+
+def test_generation_changes_whenever_an_entry_leaves():
+    t = TLB(64, 4)
+    g = t.generation
+    t.insert(0, tr(0x1000, 0x5000, writable=False))
+    assert t.generation == g                           # adding is harmless
+    t.insert(0, tr(0x1000, 0x5000, writable=True))     # same frame, more rights
+    assert t.generation == g
+    t.insert(0, tr(0x1000, 0x7000))                    # another frame: Unicorn must forget
+    assert t.generation > g
+    g = t.generation
+    t.invlpg(0, 0x1000)
+    assert t.generation > g
+
+
+@pytest.mark.parametrize("entries,ways", [(0, 1), (10, 3), (8, 0)])
+def test_bad_geometry_is_refused(entries, ways):
+    with pytest.raises(ValueError):
+        TLB(entries, ways)

@@ -1,0 +1,149 @@
+"""Boot ABI, exits, exception delivery and the MMU's exactness, on small
+inline guests, in every mode (qemu is the oracle)."""
+import json
+
+from conftest import IDT_LIB, run_src
+
+from hv.arch.paging import PFErr
+
+EXIT = "mov dx, 0xf4\nout dx, al\n"
+
+
+def test_console_exit_code_and_boot_registers(mode):
+    r = run_src("""
+        mov rax, rdi
+        add al, '0'
+        mov dx, 0x3f8
+        out dx, al
+        mov rax, rsi
+        add al, '0'
+        out dx, al
+        mov al, 7
+    """ + EXIT, mode)
+    assert (r.console, r.exit_code, r.reason) == ("01", 7, "exit")
+    assert r.exits["IO_INSTRUCTION"] == 3 and r.counters["io_exits"] == 3
+
+
+def test_page_fault_is_delivered_with_cr2_and_error_code(mode):
+    r = run_src("""
+        mov rcx, 14
+        lea rax, [rip + pf_handler]
+        call idt_setup
+        mov rbx, 0x0000700000000000
+        mov qword ptr [rbx + 8], 1       ; not present: #PF, W
+        mov al, 0xEE
+        jmp exit_al
+    pf_handler:
+        mov rax, cr2
+        mov rbx, 0x0000700000000008
+        cmp rax, rbx
+        jne bad
+        mov rax, [rsp]                   ; the error code
+        jmp exit_al
+    bad:
+        mov al, 0xEF
+        jmp exit_al
+    """ + IDT_LIB, mode)
+    assert r.exit_code == PFErr.W
+    assert r.counters["pf_guest"] == 1 and "EXCEPTION_NMI" not in r.exits
+
+
+def test_every_fault_is_delivered_as_itself(mode):
+    """unicorn#1883 at the level of a guest: three #DE in a row, each seen as #DE."""
+    r = run_src("""
+        mov rcx, 0
+        lea rax, [rip + de_handler]
+        call idt_setup
+        mov rcx, 8
+        lea rax, [rip + df_handler]
+        call idt_setup
+        xor r12, r12
+        xor ebx, ebx
+        div ebx
+        div ebx
+        div ebx
+        mov rax, r12
+        jmp exit_al
+    de_handler:
+        inc r12
+        add qword ptr [rsp], 2           ; skip the 2-byte div
+        iretq
+    df_handler:
+        mov al, 0xDF
+        jmp exit_al
+    """ + IDT_LIB, mode)
+    assert r.exit_code == 3 and r.counters["exceptions"] == 3
+
+
+def test_a_fault_without_an_idt_is_a_triple_fault_with_a_report(mode):
+    r = run_src("nop\nud2\n", mode)
+    assert r.reason == "triple_fault" and not r.ok
+    assert "rip=0x100001" in r.detail and "ud2" in r.detail
+    assert r.exits["TRIPLE_FAULT"] == 1
+
+
+def test_runaway_guest_stops_at_max_insns(mode):
+    r = run_src("spin: jmp spin\n", mode, max_insns=10_000)
+    assert r.reason == "max_insns" and r.counters["insns"] == 10_000
+
+
+def test_hlt_stops_every_vcpu(mode):
+    r = run_src("""
+        mov rax, rdi
+        add al, 'a'
+        mov dx, 0x3f8
+        out dx, al
+        hlt
+    """, mode, vcpus=3)
+    assert r.reason == "halted" and r.console == "abc"
+    assert r.exits["HLT"] == 3
+
+
+def test_marks_and_between(mode):
+    r = run_src("""
+        xor eax, eax
+        mov ebx, 1
+        vmcall
+        mov dx, 0x3f8
+        mov al, 'x'
+        out dx, al
+        out dx, al
+        xor eax, eax
+        mov ebx, 2
+        vmcall
+        mov eax, 99
+        vmcall
+        mov rbx, -1000
+        cmp rax, rbx
+        sete al
+    """ + EXIT, mode)
+    assert r.exit_code == 1                 # unknown hypercall: -1000
+    d = r.between(1, 2)
+    assert d["io_exits"] == 2 and d["hypercalls"] == 1 and d["insns"] == 7
+
+
+def test_the_same_run_gives_the_same_json():
+    src = """
+        mov rcx, 200
+        mov rbx, 0x1000000
+    touch:
+        mov qword ptr [rbx], rcx
+        add rbx, 0x1000
+        loop touch
+    """ + "xor eax, eax\n" + EXIT
+    a, b = (json.dumps(run_src(src).to_json(), sort_keys=True) for _ in range(2))
+    assert a == b
+
+
+def test_escape_beyond_guest_ram_stops_the_vm(mode):
+    # Point the boot map's 2 MiB page at 0x0 to GPA 4 GiB (outside 64 MiB RAM).
+    r = run_src("""
+        mov rbx, 0x4000
+        mov rax, 0x100000083
+        mov qword ptr [rbx + 8 * 20], rax   ; VA 0x2800000 -> GPA 0x100000000
+        mov rbx, 0x2800000
+        invlpg [rbx]
+        mov rax, qword ptr [rbx]
+    """ + EXIT, mode)
+    assert r.reason == "escape" and not r.ok
+    assert "0x100000000" in r.detail or "UNMAPPED" in r.detail
