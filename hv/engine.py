@@ -184,9 +184,6 @@ class Engine:
         return self._add(ucc.UC_HOOK_CODE, self._guard(lambda uc, addr, size, _d: fn(addr)),
                          address, address)
 
-    def unhook(self, handle: int) -> None:
-        self.uc.hook_del(handle)
-
     # -- running -------------------------------------------------------------
     def run(self, pc: int, count: int) -> int:
         """Run from `pc` for at most `count` instructions; return how many

@@ -40,7 +40,7 @@ class _CodePage:
     """A virtual code page whose intercepted instructions are hooked."""
     frame: int
     data: bytes
-    hooks: list[int] = field(default_factory=list)
+    hooked: set[int] = field(default_factory=set)     # offsets with a code hook
 
 
 class VCpu:
@@ -112,16 +112,20 @@ class VCpu:
         if nxt is not None:
             data += self.vm.mem.read(nxt, MAX_INSN)
         page = self._code.get(vpage)
-        if page is not None and page.frame == frame and page.data == data:
+        if page is None:
+            page = self._code[vpage] = _CodePage(frame, b"")
+        elif page.frame == frame and page.data == data:
             return
-        if page is not None:
-            for h in page.hooks:
-                self.engine.unhook(h)
-        starts = candidate_starts(data, PAGE_SIZE)
-        for off in starts:
+        page.frame, page.data = frame, data
+        for off in page.hooked:
             self._decoded.pop(vpage + off, None)
-        self._code[vpage] = _CodePage(frame, data, [
-            self.engine.hook_code_at(vpage + off, self._intercept) for off in starts])
+        # Hooks are only ever added: deleting one invalidates translated
+        # blocks, which re-enters the fill callback. A hook left on bytes
+        # that changed decodes them afresh and finds nothing to intercept.
+        for off in candidate_starts(data, PAGE_SIZE):
+            if off not in page.hooked:
+                page.hooked.add(off)
+                self.engine.hook_code_at(vpage + off, self._intercept)
 
     def _intercept(self, rip: int) -> None:
         """Before a MOV to CR, INVLPG or WRMSR runs: tell the MMU."""

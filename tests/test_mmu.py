@@ -1,0 +1,132 @@
+"""The native MMU is exact: the TLB model, not Unicorn's TLB, decides what a
+guest sees; every TLB-flush event reaches it, wherever the instruction is."""
+from conftest import run_src
+
+EXIT = "mov dx, 0xf4\nout dx, al\n"
+
+# Map VA 0x3000000 with a 4 KiB page table at 0x500000 (in the boot map's
+# PD entry 24), frame 0x600000.
+MAP_4K = """
+    mov rbx, 0x500000
+    mov rax, 0x600003
+    mov qword ptr [rbx], rax
+    mov rax, 0x500003
+    mov rcx, 0x4000
+    mov qword ptr [rcx + 24 * 8], rax
+    mov rcx, 0x3000000
+    mov rdx, 0x600000
+    mov qword ptr [rdx], 0x11
+    mov rdx, 0x601000
+    mov qword ptr [rdx], 0x22
+"""
+
+
+def test_a_stale_translation_stays_until_invlpg():
+    """Unicorn flushes its own TLB on a MOV to CR0; the model does not (no
+    PG/WP change), so the stale entry survives, as in a real TLB."""
+    r = run_src(MAP_4K + """
+        mov rax, qword ptr [rcx]        ; caches VA -> 0x600000
+        mov rax, 0x601003
+        mov qword ptr [rbx], rax        ; remap, no INVLPG
+        mov rax, cr0
+        mov cr0, rax
+        mov r8, qword ptr [rcx]         ; stale: 0x11
+        invlpg [rcx]
+        mov r9, qword ptr [rcx]         ; fresh: 0x22
+        mov rax, r8
+        shl rax, 8
+        or rax, r9
+        cmp rax, 0x1122
+        sete al
+    """ + EXIT)
+    assert r.exit_code == 1
+    assert r.counters["invlpg"] == 1 and r.counters["tlb_flush"] == 0
+
+
+def test_the_same_guest_sees_the_same_accessed_and_dirty_bits(mode):
+    """A/D in the guest's own PTE after a read, then after a write: the
+    oracle (QEMU's walker) and hv's walker must agree."""
+    r = run_src(MAP_4K + """
+        mov rax, qword ptr [rcx]
+        mov r8, qword ptr [rbx]         ; PTE after a read
+        mov qword ptr [rcx], rax
+        mov r9, qword ptr [rbx]         ; PTE after a write
+        and r8, 0x60
+        and r9, 0x60
+        shl r8, 1
+        or r8, r9
+        mov rax, r8
+    """ + EXIT, mode)
+    assert r.exit_code == (0x20 << 1) | 0x60
+
+
+def test_code_written_at_run_time_is_scanned_again():
+    """MOV to CR3 in code the guest writes, rewrites and runs again."""
+    r = run_src("""
+        mov rdi, 0x700000
+        mov dword ptr [rdi], 0xc3d8220f     ; mov cr3, rax; ret
+        mov rax, cr3
+        call rdi
+        mov dword ptr [rdi], 0xc3909090     ; nop; nop; nop; ret
+        call rdi
+        mov dword ptr [rdi], 0xc3d8220f
+        mov rax, cr3
+        call rdi
+        xor eax, eax
+    """ + EXIT)
+    assert r.counters["cr3_loads"] == 2
+
+
+def test_code_changed_through_an_alias_is_scanned_again():
+    r = run_src(MAP_4K + """
+        mov rax, 0x700003                   ; VA 0x3000000 aliases frame 0x700000
+        mov qword ptr [rbx], rax
+        invlpg [rcx]
+        mov rdi, 0x700000
+        mov dword ptr [rdi], 0xc3909090     ; nop; nop; nop; ret
+        call rdi
+        mov dword ptr [rcx], 0xc3d8220f     ; mov cr3, rax; ret, through the alias
+        mov rax, cr3
+        call rdi
+        xor eax, eax
+    """ + EXIT)
+    assert r.counters["cr3_loads"] == 1
+
+
+def test_an_intercepted_instruction_across_a_page_boundary():
+    r = run_src("""
+        mov rax, cr3
+        jmp there
+    .align 4096
+        .zero 4095
+    there:
+        mov cr3, rax                        ; 0f | 22 d8: starts on the last byte
+        xor eax, eax
+    """ + EXIT)
+    assert r.counters["cr3_loads"] == 1
+
+
+def test_cr3_load_flushes_non_global_entries_only():
+    r = run_src(MAP_4K + """
+        mov rax, 0x600103                   ; global
+        mov qword ptr [rbx], rax
+        mov rax, cr4
+        or rax, 0x80                        ; CR4.PGE
+        mov cr4, rax
+        mov rax, qword ptr [rcx]            ; cache the global entry
+        mov rax, 0x601103
+        mov qword ptr [rbx], rax            ; remap
+        mov rax, cr3
+        mov cr3, rax                        ; keeps global entries
+        mov r8, qword ptr [rcx]             ; stale 0x11
+        mov rax, cr4
+        and rax, ~0x80
+        mov cr4, rax                        ; PGE off: flushes everything
+        mov r9, qword ptr [rcx]             ; 0x22
+        shl r8, 8
+        or r8, r9
+        cmp r8, 0x1122
+        sete al
+    """ + EXIT)
+    assert r.exit_code == 1
+    assert r.counters["cr3_loads"] == 1 and r.counters["tlb_flush"] == 3
