@@ -30,10 +30,17 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        """Bad arguments: one line, status 2 (argparse would add the usage)."""
+        raise HvError(f"{message} (see hv {'-h' if self.prog == 'hv' else self.prog[3:] + ' -h'})")
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="hv", description="A toy x86-64 hypervisor that shows "
+    p = _Parser(prog="hv", description="A toy x86-64 hypervisor that shows "
                                 "what MMU virtualization costs.")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                           parser_class=_Parser)
 
     r = sub.add_parser("run", help="boot a guest and report what its memory management cost")
     r.add_argument("guest", help="a .s or .bin file, or the name of a bundled guest (hv guests)")
@@ -136,8 +143,8 @@ COMMANDS = {"run": _cmd_run, "guests": _cmd_guests, "asm": _cmd_asm, "disasm": _
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
     try:
+        args = _parser().parse_args(argv)
         return COMMANDS[args.command](args)
     except HvError as e:
         print(f"hv: error: {e}", file=sys.stderr)

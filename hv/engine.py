@@ -96,6 +96,7 @@ class Engine:
             ctypes.cast(uc._uch, ctypes.c_void_p).value + _counter_offset())
         self.error: BaseException | None = None   # first exception raised in a hook
         self._arranged = False      # the last unmapped access was one the VMM arranged
+        self._stopped_at: int | None = None     # the counter when a hook asked to stop
         self._hooks = []                           # keep ctypes callbacks alive
 
     # -- registers -----------------------------------------------------------
@@ -138,7 +139,7 @@ class Engine:
             except BaseException as e:    # noqa: BLE001 - re-raised by run()
                 if self.error is None:
                     self.error = e
-                self.uc.emu_stop()
+                self.stop()
                 return failed
         return guarded
 
@@ -190,13 +191,17 @@ class Engine:
         started (an instruction that faults counts; the limit's is not run)."""
         self.error = None
         self._arranged = False
+        self._stopped_at = None
         try:
             self.uc.emu_start(pc, 0, count=count)
         except uc_mod.UcError as e:
             expected = e.errno == ucc.UC_ERR_EXCEPTION or (e.errno in _UNMAPPED and self._arranged)
             if self.error is None and not expected:
                 self.error = EngineError(f"unicorn stopped at rip={self.reg('rip'):#x}: {e}")
-        ran = min(self._counter.value, count)
+        # A stop requested by a hook takes effect after Unicorn has counted
+        # the next instruction of the block, which never runs: count up to
+        # the request.
+        ran = min(self._counter.value if self._stopped_at is None else self._stopped_at, count)
         if self.error is not None:
             raise self.error
         return ran
@@ -206,6 +211,8 @@ class Engine:
         return self._counter.value
 
     def stop(self) -> None:
+        if self._stopped_at is None:
+            self._stopped_at = self._counter.value
         self.uc.emu_stop()
 
     def flush_tlb(self) -> None:

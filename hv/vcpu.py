@@ -17,7 +17,7 @@ from .arch.x86 import (GATE_INTERRUPT, GATE_TRAP, HAS_ERROR_CODE, IDT_GATE_SIZE,
 from .engine import Engine
 from .exits import Exit, dispatch, io_qualification, PORT_CONSOLE_LSR
 from .intercept import MAX_INSN, candidate_starts, decode
-from .mmu.walker import FETCH, READ, WRITE, PageFault
+from .mmu.walker import FETCH, READ, WRITE, Fault, PageFault
 from .stats import Stats
 
 VMCALL = b"\x0f\x01\xc1"
@@ -50,7 +50,7 @@ class VCpu:
         self.engine = Engine(vm.mem.host_addr, vm.mem.size, python_mmu=vm.mmu_mode != "qemu")
         self.mmu = vm.make_mmu(self)
         self.halted = False
-        self._pending: tuple[PageFault, int] | None = None   # a fill's fault and its access
+        self._pending: tuple[Fault, int] | None = None   # a fill's fault and its access
         self._stop = False                        # a handler asked the slice to end
         self._faulted = False                     # QEMU raised an exception this slice
         self._tlb_generation = -1
@@ -71,9 +71,11 @@ class VCpu:
         user = self.engine.cpl() == 3
         try:
             paddr, perms = self.mmu.fill(vaddr, access, user)
-        except PageFault as pf:
-            self._pending = (pf, access)
-            return None if access == FETCH else (FAULT_WINDOW, 7)
+        except Fault as fault:
+            self._pending = (fault, access)
+            if isinstance(fault, PageFault) and access != FETCH:
+                return FAULT_WINDOW, 7
+            return None
         frame = paddr
         if access == FETCH:
             self._scan(vaddr & ~(PAGE_SIZE - 1), frame)
@@ -229,15 +231,17 @@ class VCpu:
         ran = e.run(e.reg("rip"), budget)
         self.stats.counters["insns"] += ran
         if self._pending is not None:
-            (pf, access), self._pending = self._pending, None
+            (fault, access), self._pending = self._pending, None
             self._faulted = True
             e.flush_tlb()       # Unicorn cached the FAULT_WINDOW mapping
             rip = e.reg("rip")
-            # A fetch fault's address: the target itself, or the start of the
-            # next page for an instruction that runs into it.
-            cr2 = max(rip, pf.vaddr) if access == FETCH else pf.vaddr
-            dispatch(self, Exit(ExitReason.EXCEPTION_NMI, cr2, rip, value=Vector.PF,
-                                error_code=pf.error_code))
+            cr2 = 0
+            if isinstance(fault, PageFault):
+                # A fetch fault's address: the target itself, or the start of
+                # the next page for an instruction that runs into it.
+                cr2 = max(rip, fault.vaddr) if access == FETCH else fault.vaddr
+            dispatch(self, Exit(ExitReason.EXCEPTION_NMI, cr2, rip, value=fault.vector,
+                                error_code=fault.error_code))
         elif not self._stop and ran < budget:
             # emu_start returned by itself: the guest ran HLT (Unicorn ends
             # emulation there silently).
@@ -276,8 +280,8 @@ class VCpu:
     def _linear(self, vaddr: int, access: int) -> int:
         try:
             return self.mmu.translate(vaddr, access, False)
-        except PageFault as pf:
-            raise _DeliveryFault(Vector.PF, pf.error_code, pf.vaddr) from None
+        except Fault as f:
+            raise _DeliveryFault(f.vector, f.error_code, f.vaddr) from None
 
     def _read_linear(self, vaddr: int, length: int) -> bytes:
         out = b""

@@ -35,12 +35,27 @@ class Translation:
         return f"<{self.vbase:#x}->{self.pbase:#x} {1 << self.shift:#x} {flags}>"
 
 
-class PageFault(Exception):
-    """A walk that the architecture answers with #PF (vector 14)."""
+class Fault(Exception):
+    """A translation the architecture answers with an exception."""
+    vector = 0
 
     def __init__(self, vaddr: int, error_code: int):
-        super().__init__(f"#PF at {vaddr:#x}, error code {error_code:#x} ({PFErr(error_code)!r})")
+        super().__init__(f"vector {self.vector} at {vaddr:#x}, error code {error_code:#x}")
         self.vaddr, self.error_code = vaddr, error_code
+
+
+class PageFault(Fault):
+    """#PF, with the error code of SDM Vol.3A §4.7."""
+    vector = 14
+
+
+class NonCanonical(Fault):
+    """A non-canonical address is #GP(0), before any walk (SDM Vol.3A §6.15,
+    "Interrupt 13"); QEMU, the oracle, raises #GP for stack accesses too."""
+    vector = 13
+
+    def __init__(self, vaddr: int):
+        super().__init__(vaddr, 0)
 
 
 class GuestEscape(HvError):
@@ -74,16 +89,15 @@ class Walker:
     def walk(self, cr3: int, vaddr: int, access: int, user: bool, wp: bool, nxe: bool) -> Translation:
         """Translate `vaddr` for `access` at CPL 3 (`user`) or CPL 0..2.
 
-        Raises PageFault with the architectural error code (SDM Vol.3A §4.7).
+        Raises PageFault with the architectural error code (SDM Vol.3A §4.7),
+        or NonCanonical.
         """
+        if not is_canonical(vaddr):
+            raise NonCanonical(vaddr)
         counters = self._counters
         counters["tlb.walks"] += 1
         refs_before = sum_refs = counters["tlb.walk_refs"]
         try:
-            if not is_canonical(vaddr):
-                # A non-canonical address is #GP, not #PF; Unicorn raises it
-                # before asking the MMU, so this is only reached by a VMM peek.
-                raise PageFault(vaddr, 0)
             err = (PFErr.W if access == WRITE else 0) | (PFErr.U if user else 0)
             if access == FETCH and nxe:
                 err |= PFErr.I
@@ -129,7 +143,7 @@ class Walker:
         """The guest-physical address `vaddr` reads from now, or None."""
         try:
             paddr = self.walk(cr3, vaddr, READ, False, False, nxe).paddr(vaddr)
-        except (PageFault, GuestEscape):
+        except (Fault, GuestEscape):
             return None
         return paddr if paddr < self.limit else None
 

@@ -1,0 +1,991 @@
+"""Guest assembler: keystone Intel syntax in, a flat binary image out.
+
+keystone 0.9.2 cannot be trusted on its own (DESIGN.md, "Measured facts"):
+it reports no line numbers, silently ignores or mis-handles some directives,
+mangles expressions that contain symbols (``mov rax, sym + 8`` loses the
+``+ 8``), and silently mis-encodes some operands (``[0x300000]`` becomes
+``[rip + 0x300000]``, ``[rbx + rsp]`` becomes ``[rbx]``, ``pushf`` becomes a
+16-bit push). So hv uses keystone only to encode one instruction at a time:
+
+* hv reads the sources itself: ``.include``, comments, labels, directives and
+  data, so every byte is tied to its file and line;
+* it evaluates every expression itself and hands keystone each instruction
+  rewritten with plain numbers, in forms keystone is known to encode right;
+* it decodes keystone's bytes with capstone and checks that every operand
+  means what the source says; anything else is an AsmError at that line.
+
+Layout takes several passes: an instruction's size can depend on a label
+value (short or near jump), so passes repeat until every forward reference
+was given the value the label ends up with.
+
+Symbols hold numbers, as keystone treats them: ``mov rax, label`` loads the
+address (``offset label`` is accepted too); GNU as would load from memory
+there, so write ``[label]`` for a memory operand.
+"""
+from __future__ import annotations
+
+import functools
+import operator
+import re
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from capstone import CS_ARCH_X86, CS_MODE_64, Cs
+from capstone import x86 as csx86
+from keystone import (
+    KS_ARCH_X86,
+    KS_ERR_ASM_FIXUP_INVALID,
+    KS_ERR_ASM_INVALIDOPERAND,
+    KS_ERR_ASM_MISSINGFEATURE,
+    KS_ERR_ASM_MNEMONICFAIL,
+    KS_MODE_64,
+    Ks,
+    KsError,
+)
+
+from hv.errors import AsmError
+from hv.paths import asm_lib_dir
+
+DEFAULT_BASE = 0x100000
+_MAX_PASSES = 16
+
+
+# --- public API ---------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Image:
+    """An assembled guest: its bytes and where each came from."""
+    code: bytes                 # flat binary, loaded at `base`
+    base: int
+    symbols: dict[str, int]     # label -> absolute address
+    source_map: tuple           # (address, file, line, statement), sorted by address
+
+
+def assemble_file(path, base=DEFAULT_BASE, include_dirs=None) -> Image:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise AsmError(f"cannot read source: {e.strerror}", str(path)) from None
+    return assemble_source(text, str(path), base, include_dirs)
+
+
+def assemble_source(text: str, name="<inline>", base=DEFAULT_BASE, include_dirs=None) -> Image:
+    """Assemble `text`; `name` is the file name errors and the source map use.
+
+    `.include "f"` looks in the including file's folder first (none for an
+    inline `<name>`), then in `include_dirs` (default: the asm/ library).
+    """
+    search = [Path(d) for d in include_dirs] if include_dirs is not None else [asm_lib_dir()]
+    chain = () if name.startswith("<") else (Path(name).resolve(),)
+    statements = [st for src in _read(text, name, search, chain) for st in _parse_line(src)]
+    final = _layout(statements, base)
+    for insn, address, code, operands in final.checks:
+        insn.verify(address, code, operands)
+    return Image(bytes(final.code), base, final.labels, tuple(final.source_map))
+
+
+def disassemble(code: bytes, base=DEFAULT_BASE) -> list[str]:
+    """One line per instruction; bytes capstone cannot decode become `.byte`."""
+    lines, offset = [], 0
+    while offset < len(code):
+        for address, size, mnemonic, op_str in _cs().disasm_lite(code[offset:], base + offset):
+            lines.append(_listing(address, code[offset:offset + size], f"{mnemonic} {op_str}"))
+            offset += size
+        if offset < len(code):
+            lines.append(_listing(base + offset, code[offset:offset + 1], f".byte {code[offset]:#04x}"))
+            offset += 1
+    return lines
+
+
+def describe_insn(code: bytes, address: int) -> str:
+    """The instruction `code` starts with, as text, for crash reports."""
+    for _, _, mnemonic, op_str in _cs().disasm_lite(code, address, 1):
+        return f"{mnemonic} {op_str}".strip()
+    return f"(bytes {code[:15].hex(' ')})" if code else "(no bytes)"
+
+
+def _listing(address: int, data: bytes, text: str) -> str:
+    return f"{address:#x}:  {data.hex(' '):<20}   {text.strip()}"
+
+
+# --- engines, built once (creating them costs far more than using them) ------
+
+@functools.cache
+def _ks() -> Ks:
+    return Ks(KS_ARCH_X86, KS_MODE_64)
+
+
+@functools.cache
+def _cs() -> Cs:
+    cs = Cs(CS_ARCH_X86, CS_MODE_64)
+    cs.detail = True
+    return cs
+
+
+@functools.cache
+def _registers() -> frozenset[str]:
+    return frozenset(_cs().reg_name(r) for r in range(1, csx86.X86_REG_ENDING))
+
+
+# --- reading sources ----------------------------------------------------------
+
+class _Bad(Exception):
+    """A problem with the statement being handled; its caller adds file:line."""
+
+
+class _Ambiguous(_Bad):
+    """An expression GNU as and keystone would read differently."""
+
+
+@dataclass(frozen=True)
+class _Source:
+    file: str
+    line: int
+    text: str       # the statement as written, comment and labels removed
+
+    def error(self, message: str) -> AsmError:
+        return AsmError(message, self.file, self.line, self.text)
+
+
+_INCLUDE_RE = re.compile(r"\.include\b\s*(.*)", re.I)
+
+
+def _read(text, name, search, chain):
+    """Yield every non-empty line of a source, includes expanded in place."""
+    folder = None if name.startswith("<") else Path(name).parent
+    for number, line in enumerate(text.splitlines(), 1):
+        code = _strip_comment(line).strip()
+        if not code:
+            continue
+        src = _Source(name, number, code)
+        include = _INCLUDE_RE.fullmatch(code)
+        if include:
+            yield from _include(src, include[1], folder, search, chain)
+        else:
+            yield src
+
+
+def _include(src, argument, folder, search, chain):
+    quoted = re.fullmatch(r'"([^"]+)"', argument.strip())
+    if not quoted:
+        raise src.error(".include needs a quoted file name")
+    dirs = ([folder] if folder else []) + search
+    path = next((d / quoted[1] for d in dirs if (d / quoted[1]).is_file()), None)
+    if path is None:
+        looked = ", ".join(str(d) for d in dirs)
+        raise src.error(f'include file "{quoted[1]}" not found (looked in {looked})')
+    key = path.resolve()
+    if key in chain:
+        raise src.error("include cycle: " + " -> ".join(p.name for p in (*chain, key)))
+    yield from _read(path.read_text(), str(path), search, (*chain, key))
+
+
+def _outside_quotes(text: str):
+    """(index, char) of every character not inside "strings" or 'c' characters."""
+    quote, escaped = None, False
+    for i, c in enumerate(text):
+        if quote:
+            if escaped:
+                escaped = False
+            elif c == "\\":
+                escaped = True
+            elif c == quote:
+                quote = None
+        elif c in "\"'":
+            quote = c
+        else:
+            yield i, c
+
+
+def _strip_comment(line: str) -> str:
+    """Cut a `;` or `#` comment (GNU as would read `;` as a statement separator)."""
+    for i, c in _outside_quotes(line):
+        if c in ";#":
+            return line[:i]
+    return line
+
+
+def _split_args(text: str) -> list[str]:
+    """Split at top-level commas (not inside quotes, brackets or parentheses)."""
+    parts, depth, start = [], 0, 0
+    for i, c in _outside_quotes(text):
+        if c in "([":
+            depth += 1
+        elif c in ")]":
+            depth -= 1
+        elif c == "," and depth == 0:
+            parts.append(text[start:i].strip())
+            start = i + 1
+    return parts + [text[start:].strip()]
+
+
+_ESCAPES = {"n": 10, "t": 9, "r": 13, "b": 8, "f": 12, "v": 11, "a": 7, "\\": 92, '"': 34, "'": 39}
+_ESCAPE_RE = re.compile(r"\\(?:x([0-9a-fA-F]+)|([0-7]{1,3})|(.))")
+
+
+def _unescape(body: str) -> bytes:
+    """GNU as string escapes: \\n \\t ..., \\ooo octal, \\x<hex digits> (low byte)."""
+    out, pos = bytearray(), 0
+    for m in _ESCAPE_RE.finditer(body):
+        out += body[pos:m.start()].encode()
+        hexa, octal, char = m.groups()
+        if char is not None and char not in _ESCAPES:
+            raise _Bad(f"unknown escape '\\{char}'")
+        out.append(int(hexa, 16) & 0xFF if hexa else int(octal, 8) & 0xFF if octal else _ESCAPES[char])
+        pos = m.end()
+    return bytes(out + body[pos:].encode())
+
+
+def _string(text: str) -> bytes:
+    m = re.fullmatch(r'"((?:[^"\\]|\\.)*)"', text)
+    if not m:
+        raise _Bad("expected a quoted string")
+    return _unescape(m[1])
+
+
+# --- expressions --------------------------------------------------------------
+# An expression is parsed once into a tree of tuples and evaluated in every
+# pass. Evaluation gives (value, reloc): reloc counts labels (+1 each, -1 if
+# subtracted), so `[rip + label]` (reloc 1) is relative to the next
+# instruction while `[rip + end - start]` (reloc 0) is a plain displacement,
+# as in GNU as. reloc is None where an operator other than + - touched a label.
+
+_TOKEN_RE = re.compile(r"""\s*(?:
+      (?P<num>0[xX][0-9a-fA-F]+|0[bB][01]+|[0-9][0-9a-fA-F]*[hH]|[0-9]+)
+    | '(?P<chr>\\.|[^\\'])'
+    | (?P<name>[A-Za-z_.$][\w.$]*)
+    | (?P<op><<|>>|[-+*/%&|^~()])
+    )\s*""", re.X)
+
+# GNU as and keystone (C) rank operators differently: `1<<3+1` is 9 in GNU as
+# and 16 in keystone. An expression must mean the same under both.
+_GAS_PRECEDENCE = {"*": 3, "/": 3, "%": 3, "<<": 3, ">>": 3, "|": 2, "&": 2, "^": 2, "+": 1, "-": 1}
+_C_PRECEDENCE = {"*": 5, "/": 5, "%": 5, "+": 4, "-": 4, "<<": 3, ">>": 3, "&": 2, "^": 1, "|": 0}
+
+
+def _number(text: str) -> int:
+    t = text.lower()
+    try:
+        if t.endswith("h") and not t.startswith("0x"):
+            return int(t[:-1], 16)
+        if t.startswith(("0x", "0b")):
+            return int(t, 0)
+        # A leading 0 means octal, in GNU as and in keystone alike.
+        return int(t, 8) if len(t) > 1 and t[0] == "0" else int(t)
+    except ValueError:
+        raise _Bad(f"invalid number '{text}'") from None
+
+
+def _tokenize(text: str, registers=False) -> list[tuple[str, object]]:
+    """("num", int), ("name", str), ("op", str); ("reg", name) only if `registers`."""
+    tokens, pos = [], 0
+    while pos < len(text):
+        m = _TOKEN_RE.match(text, pos)
+        if not m or m.end() == pos:
+            raise _Bad("invalid expression")
+        if m["num"]:
+            tokens.append(("num", _number(m["num"])))
+        elif m["chr"]:
+            tokens.append(("num", _unescape(m["chr"])[0]))
+        elif m["name"]:
+            if m["name"].lower() not in _registers():
+                tokens.append(("name", m["name"]))
+            elif registers:
+                tokens.append(("reg", m["name"].lower()))
+            else:
+                raise _Bad("register in an expression")
+        else:
+            tokens.append(("op", m["op"]))
+        pos = m.end()
+    return tokens
+
+
+class _Parser:
+    """Precedence climbing over tokens with one of the two precedence tables."""
+
+    def __init__(self, tokens, precedence):
+        self.tokens, self.precedence, self.pos = tokens, precedence, 0
+
+    def parse(self):
+        node = self.binary(0)
+        if self.pos != len(self.tokens):
+            raise _Bad("invalid expression")
+        return node
+
+    def take(self):
+        token = self.tokens[self.pos] if self.pos < len(self.tokens) else (None, None)
+        self.pos += 1
+        return token
+
+    def binary(self, level):
+        left = self.unary()
+        while self.pos < len(self.tokens):
+            kind, op = self.tokens[self.pos]
+            rank = self.precedence.get(op) if kind == "op" else None
+            if rank is None or rank < level:
+                break
+            self.pos += 1
+            left = (op, left, self.binary(rank + 1))
+        return left
+
+    def unary(self):
+        kind, value = self.take()
+        if kind == "num":
+            return ("num", value)
+        if kind == "name":
+            return ("sym", value)
+        if value == "(":
+            node = self.binary(0)
+            if self.take() != ("op", ")"):
+                raise _Bad("invalid expression")
+            return node
+        if value in ("-", "~"):
+            return (value + "u", self.unary())
+        if value == "+":
+            return self.unary()
+        raise _Bad("invalid expression")
+
+
+def _parse_expr(tokens):
+    if not tokens:
+        raise _Bad("missing value")
+    tree = _Parser(tokens, _GAS_PRECEDENCE).parse()
+    if tree != _Parser(tokens, _C_PRECEDENCE).parse():
+        raise _Ambiguous("operator precedence differs between GNU as and keystone here; add parentheses")
+    return tree
+
+
+def _divide(a, b):
+    if b == 0:
+        raise _Bad("division by zero")
+    q = abs(a) // abs(b)
+    return q if (a < 0) == (b < 0) else -q     # truncate toward zero, as GNU as
+
+
+def _shift(op):
+    def shift(a, b):
+        if not 0 <= b < 64:
+            raise _Bad(f"shift count {b} out of range")
+        return op(a, b)
+    return shift
+
+
+_ARITHMETIC = {
+    "*": operator.mul, "/": _divide, "%": lambda a, b: a - b * _divide(a, b),
+    "<<": _shift(operator.lshift), ">>": _shift(operator.rshift),
+    "&": operator.and_, "|": operator.or_, "^": operator.xor,
+}
+
+
+def _evaluate(node, lookup) -> tuple[int, int | None]:
+    kind = node[0]
+    if kind == "num":
+        return node[1], 0
+    if kind == "sym":
+        return lookup(node[1])
+    if kind in ("-u", "~u"):
+        value, reloc = _evaluate(node[1], lookup)
+        if kind == "~u":
+            return ~value, 0 if reloc == 0 else None
+        return -value, None if reloc is None else -reloc
+    (a, ra), (b, rb) = _evaluate(node[1], lookup), _evaluate(node[2], lookup)
+    if kind in ("+", "-"):
+        sign = 1 if kind == "+" else -1
+        return a + sign * b, None if None in (ra, rb) else ra + sign * rb
+    return _ARITHMETIC[kind](a, b), 0 if ra == rb == 0 else None
+
+
+# --- operands -----------------------------------------------------------------
+
+_SIZES = {"byte": 1, "word": 2, "dword": 4, "fword": 6, "qword": 8, "tbyte": 10,
+          "xmmword": 16, "ymmword": 32, "zmmword": 64}
+_MEM_RE = re.compile(r"(?:(?P<size>\w+)\s+ptr\s+)?(?:(?P<seg>[cdefgs]s)\s*:\s*)?\[(?P<inner>[^\[\]]*)\]", re.I)
+_NO_INDEX = ("riz", "eiz")      # "no index register" pseudo-registers
+
+
+def _signed64(value: int) -> int:
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+def _fits32(value: int) -> bool:
+    return -(1 << 31) <= _signed64(value) < 1 << 31
+
+
+def _same_number(value: int, decoded: int, size: int) -> bool:
+    """Is `decoded` (capstone, `size` bytes) the source's `value`, not a truncation?"""
+    bits = 8 * (size or 8)
+    return -(1 << bits - 1) <= value < 1 << bits and (value - decoded) % (1 << bits) == 0
+
+
+@dataclass(frozen=True)
+class _Reg:
+    name: str
+    relative = False
+
+    def resolve(self, _pass):
+        return self
+
+    def render(self, _mnemonic):
+        return self.name
+
+    def matches(self, op, ins):
+        return op.type == csx86.X86_OP_REG and ins.reg_name(op.reg) == self.name
+
+
+@dataclass(frozen=True)
+class _Imm:
+    value: int
+    relative = False
+
+    def render(self, _mnemonic):
+        return hex(self.value)
+
+    def matches(self, op, _ins):
+        return op.type == csx86.X86_OP_IMM and _same_number(self.value, op.imm, op.size)
+
+
+@dataclass(frozen=True)
+class _ImmExpr:
+    expr: tuple
+
+    def resolve(self, p):
+        return _Imm(p.value(self.expr))
+
+
+@dataclass(frozen=True)
+class _Mem:
+    size: str | None
+    seg: str | None
+    base: str | None
+    index: str | None
+    scale: int
+    disp: int
+    relative: bool = False      # rip-based and disp is the target address
+
+    def render(self, mnemonic):
+        base, index = self.base, self.index
+        if index in ("rsp", "esp") and self.scale == 1:
+            base, index = index, base       # keystone turns [rbx + rsp] into [rbx]
+        parts = [base] if base else []
+        if index:
+            parts.append(f"{index}*{self.scale}")
+        disp = _signed64(self.disp)
+        if not parts and _fits32(disp) and mnemonic != "movabs":
+            parts.append("riz*1")           # keystone encodes [X] as [rip + X]; [riz*1 + X] right
+        inner = " + ".join(parts)
+        if disp or not parts or base == "rip":
+            inner = f"{inner} {'-' if disp < 0 else '+'} {abs(disp):#x}" if parts else f"{disp:#x}"
+        size = f"{self.size} ptr " if self.size else ""
+        seg = f"{self.seg}:" if self.seg else ""
+        return f"{size}{seg}[{inner}]"
+
+    def matches(self, op, ins):
+        if op.type != csx86.X86_OP_MEM:
+            return False
+        mem = op.mem
+        base = ins.reg_name(mem.base) if mem.base else None
+        index = ins.reg_name(mem.index) if mem.index else None
+        index = None if index in _NO_INDEX else index
+        if self.size and _SIZES[self.size] != op.size:
+            return False
+        if (ins.reg_name(mem.segment) if mem.segment else None) != self.seg:
+            return False
+        if (self.disp - mem.disp) % (1 << 64):
+            return False
+        if self.index and self.scale != 1:
+            return (base, index, mem.scale) == (self.base, self.index, self.scale)
+        # With scale 1, base and index may trade places.
+        return sorted(filter(None, (base, index))) == sorted(filter(None, (self.base, self.index))) \
+            and (index is None or mem.scale == 1)
+
+    @property
+    def absolute(self):
+        return self.base is None and self.index is None
+
+
+@dataclass(frozen=True)
+class _MemExpr:
+    size: str | None
+    seg: str | None
+    base: str | None
+    index: str | None
+    scale: int
+    disp: tuple | None
+
+    def resolve(self, p):
+        value, reloc = _evaluate(self.disp, p.lookup) if self.disp else (0, 0)
+        p.check_range(value)
+        if self.base == "rip" and reloc not in (0, 1):
+            raise _Bad("invalid rip-relative displacement")
+        return _Mem(self.size, self.seg, self.base, self.index, self.scale, value,
+                    self.base == "rip" and reloc == 1)
+
+
+def _parse_operand(text: str):
+    try:
+        return _operand(text.strip())
+    except _Ambiguous:
+        raise
+    except _Bad:
+        raise _Bad("invalid operand") from None
+
+
+def _operand(text: str):
+    low = text.lower()
+    if low in _registers():
+        return _Reg(low)
+    if "[" in text or "]" in text:
+        m = _MEM_RE.fullmatch(text)
+        if not m or (m["size"] and m["size"].lower() not in _SIZES):
+            raise _Bad("invalid operand")
+        return _memory(m["size"] and m["size"].lower(), m["seg"] and m["seg"].lower(), m["inner"])
+    offset = re.fullmatch(r"offset\s+(.*)", text, re.I)
+    return _ImmExpr(_parse_expr(_tokenize(offset[1] if offset else text)))
+
+
+def _memory(size, seg, inner):
+    """[base + index*scale + disp], terms in any order, disp an expression."""
+    tokens = _tokenize(inner, registers=True)
+    # Terms split at + and -, as GNU as reads them; keystone must read them alike.
+    _parse_expr([("num", 0) if kind == "reg" else (kind, v) for kind, v in tokens])
+    base = index = None
+    scale, disp = 1, []
+    for sign, term in _terms(tokens):
+        reg, term_scale = _register_term(term)
+        if reg is None:
+            disp += [("op", sign), ("op", "(")] + term + [("op", ")")]
+        elif sign != "+":
+            raise _Bad("invalid operand")
+        elif reg in _NO_INDEX:
+            continue                        # "no index": nothing to add
+        elif term_scale is None and base is None:
+            base = reg
+        elif index is None:
+            index, scale = reg, term_scale or 1
+        else:
+            raise _Bad("invalid operand")
+    if scale not in (1, 2, 4, 8) or (base == "rip" and index) or index == "rip":
+        raise _Bad("invalid operand")
+    return _MemExpr(size, seg, base, index, scale, _parse_expr(disp) if disp else None)
+
+
+def _terms(tokens):
+    """Split at top-level + and - into (sign, tokens) terms."""
+    terms, current, sign, depth = [], [], "+", 0
+    for token in tokens:
+        after_operand = current and (current[-1][0] != "op" or current[-1] == ("op", ")"))
+        if token in (("op", "+"), ("op", "-")) and depth == 0 and after_operand:
+            terms.append((sign, current))
+            sign, current = token[1], []
+            continue
+        depth += {("op", "("): 1, ("op", ")"): -1}.get(token, 0)
+        current.append(token)
+    if not current:
+        raise _Bad("invalid operand")
+    return terms + [(sign, current)]
+
+
+def _register_term(term):
+    """(register, scale or None) for `reg`, `reg*n`, `n*reg`; (None, None) for disp terms."""
+    kinds = [kind for kind, _ in term]
+    if "reg" not in kinds:
+        return None, None
+    if kinds == ["reg"]:
+        return term[0][1], None
+    if kinds == ["reg", "op", "num"] and term[1][1] == "*":
+        return term[0][1], term[2][1]
+    if kinds == ["num", "op", "reg"] and term[1][1] == "*":
+        return term[2][1], term[0][1]
+    raise _Bad("invalid operand")
+
+
+# --- statements -----------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _Statement:
+    """A parsed statement; emit(pass) defines symbols and returns its bytes."""
+    src: _Source
+
+
+@dataclass(frozen=True)
+class _Label(_Statement):
+    name: str
+
+    def emit(self, p):
+        p.define(self.name, p.address, 1)
+        p.labels[self.name] = p.address
+        return b""
+
+
+@dataclass(frozen=True)
+class _Assign(_Statement):
+    name: str
+    expr: tuple
+
+    def emit(self, p):
+        value, reloc = _evaluate(self.expr, p.lookup)
+        p.check_range(value)
+        p.define(self.name, value, reloc)
+        return b""
+
+
+@dataclass(frozen=True)
+class _Data(_Statement):
+    size: int
+    exprs: tuple
+
+    def emit(self, p):
+        return b"".join(_pack(p.value(e), self.size) for e in self.exprs)
+
+
+@dataclass(frozen=True)
+class _Bytes(_Statement):
+    data: bytes
+
+    def emit(self, p):
+        return self.data
+
+
+@dataclass(frozen=True)
+class _Align(_Statement):
+    boundary: tuple
+    fill: tuple | None
+    power_of_two: bool          # .p2align n aligns to 2**n
+
+    def emit(self, p):
+        n = p.value(self.boundary)
+        if self.power_of_two:
+            if not 0 <= n < 32:
+                raise _Bad("alignment out of range")
+            n = 1 << n
+        if n <= 0 or n & (n - 1):
+            raise _Bad("alignment must be a power of two")
+        # Padding is executable: nop unless a fill byte is given.
+        fill = p.value(self.fill) if self.fill else 0x90
+        return _pack(fill, 1) * (-p.address % n)
+
+
+@dataclass(frozen=True)
+class _Fill(_Statement):
+    count: tuple
+    size: tuple | None
+    fill: tuple | None
+
+    def emit(self, p):
+        count = p.value(self.count)
+        size = p.value(self.size) if self.size else 1
+        fill = p.value(self.fill) if self.fill else 0
+        if count < 0 or size not in (1, 2, 4, 8):
+            raise _Bad("count must be >= 0 and size 1, 2, 4 or 8")
+        if size == 8 and not 0 <= fill < 1 << 32:
+            raise _Bad("GNU as fills only the low 4 bytes of 8; use .quad")
+        return _pack(fill, size) * count
+
+
+def _pack(value: int, size: int) -> bytes:
+    bits = 8 * size
+    if not -(1 << bits - 1) <= value < 1 << bits:
+        raise _Bad(f"value {value:#x} does not fit in {size} byte(s)")
+    return (value % (1 << bits)).to_bytes(size, "little")
+
+
+# Mnemonics that capstone spells differently for the same instruction.
+_CONDITIONS = {"z": "e", "nz": "ne", "c": "b", "nae": "b", "nc": "ae", "nb": "ae", "na": "be",
+               "nbe": "a", "nge": "l", "nl": "ge", "ng": "le", "nle": "g", "pe": "p", "po": "np"}
+_SYNONYMS = {"sal": "shl", "movabs": "mov", "fwait": "wait", "icebp": "int1",
+             "loopz": "loope", "loopnz": "loopne"}
+# GNU as mnemonics keystone gets wrong or lacks:
+# source -> (what keystone is given, what capstone calls the result).
+_RESPELL = {
+    "pushf": ("pushfq", "pushfq"),      # keystone: 66 9c, a 16-bit push
+    "popf": ("popfq", "popfq"),         # keystone: 66 9d
+    "lret": ("retf", "retf"),
+    "lretq": ("retfq", "retfq"),
+    "xlat": ("xlatb", "xlatb"),
+    "sysretq": ("sysret", "sysretq"),   # keystone spells the 64-bit forms without q
+    "sysexitq": ("sysexit", "sysexitq"),
+}
+# Operand size unclear in 64-bit mode (GNU as warns or refuses; keystone
+# guesses: iret -> 66 cf, a 16-bit frame).
+_AMBIGUOUS = {"iret": "iretq (64-bit frame) or iretd", "sysret": "sysretq", "sysexit": "sysexitq"}
+_PREFIXES = {"lock": "lock", "rep": "rep", "repe": "rep", "repz": "rep", "repne": "repne", "repnz": "repne"}
+_SHIFTS = {"shl", "shr", "sar", "rol", "ror", "rcl", "rcr"}
+_BRANCHES = {"call", "loop", "loope", "loopz", "loopne", "loopnz", "xbegin"}     # and j*
+_KS_ERRORS = {
+    KS_ERR_ASM_MNEMONICFAIL: "unknown mnemonic",
+    KS_ERR_ASM_INVALIDOPERAND: "invalid operand",
+    KS_ERR_ASM_MISSINGFEATURE: "instruction not available in 64-bit mode",
+    KS_ERR_ASM_FIXUP_INVALID: "target out of range",
+}
+
+
+def _canonical(mnemonic: str) -> str:
+    for head in ("cmov", "set", "j"):
+        if mnemonic.startswith(head) and mnemonic[len(head):] in _CONDITIONS:
+            return head + _CONDITIONS[mnemonic[len(head):]]
+    return _SYNONYMS.get(mnemonic, mnemonic)
+
+
+@dataclass(frozen=True)
+class _Insn(_Statement):
+    prefixes: tuple
+    mnemonic: str
+    operands: tuple
+
+    def emit(self, p):
+        ops = [op.resolve(p) for op in self.operands]
+        size = None
+        if any(op.relative for op in ops):
+            # [rip + label]: the displacement counts from the next instruction,
+            # so learn this one's size first (rip displacements are always 32-bit).
+            size = len(self._encode([replace(op, disp=0, relative=False) if op.relative else op
+                                     for op in ops], p))
+            after = p.address + size
+            ops = [replace(op, disp=op.disp - after, relative=False) if op.relative else op for op in ops]
+        code = self._encode(ops, p)
+        if size not in (None, len(code)):
+            raise _Bad("instruction size depends on its own displacement")
+        p.checks.append((self, p.address, code, ops))
+        return code
+
+    def _encode(self, ops, p) -> bytes:
+        name = _RESPELL.get(self.mnemonic, (self.mnemonic,))[0]
+        text = " ".join((*self.prefixes, name))
+        if ops:
+            text += " " + ", ".join(op.render(self.mnemonic) for op in ops)
+        # Only relative branches encode differently at another address (rip
+        # displacements are already numbers here); a wrong guess would still
+        # be caught by verify(), which decodes at the final address.
+        branch = self.mnemonic in _BRANCHES or self.mnemonic.startswith("j")
+        key = (text, p.address if branch else None)
+        if key not in p.cache:
+            try:
+                p.cache[key] = _ks().asm(text, p.address, as_bytes=True)[0] or b""
+            except KsError as e:
+                raise _Bad(_KS_ERRORS.get(e.errno, f"keystone cannot assemble this ({e})")) from None
+        return p.cache[key]
+
+    def verify(self, address, code, ops):
+        """Raise unless capstone reads `code` as exactly this statement."""
+        found = list(_cs().disasm(code, address))
+        if len(found) != 1 or found[0].size != len(code):
+            raise self.src.error(f"keystone produced {code.hex(' ') or 'nothing'}, not one instruction")
+        ins = found[0]
+        if not self._same(ins, ops):
+            raise self.src.error(self._mismatch(ins, ops))
+
+    def _same(self, ins, ops) -> bool:
+        *prefixes, name = ins.mnemonic.split()
+        expected = _RESPELL.get(self.mnemonic, (None, self.mnemonic))[1]
+        if [_PREFIXES.get(w, w) for w in prefixes] != [_PREFIXES[w] for w in self.prefixes] \
+                or _canonical(name) != _canonical(expected):
+            return False
+        decoded = list(ins.operands)
+        if not ops:
+            # Implicit operands (stosq: [rdi], rax) are never immediates.
+            return all(d.type != csx86.X86_OP_IMM for d in decoded)
+        if _canonical(name) in _SHIFTS and len(decoded) == len(ops) + 1 \
+                and decoded[-1].type == csx86.X86_OP_IMM and decoded[-1].imm == 1:
+            decoded.pop()       # `shl rax` is `shl rax, 1`
+        orders = [decoded, decoded[::-1]] if _canonical(name) == "xchg" else [decoded]
+        return any(len(order) == len(ops) and all(o.matches(d, ins) for o, d in zip(ops, order))
+                   for order in orders)
+
+    def _mismatch(self, ins, ops) -> str:
+        for op in ops:
+            if isinstance(op, _Mem) and op.absolute and not _fits32(op.disp):
+                return (f"absolute address {op.disp:#x} does not fit in a sign-extended 32-bit "
+                        "displacement (only movabs with al/ax/eax/rax takes a 64-bit address)")
+        return f"keystone mis-encodes this as '{f'{ins.mnemonic} {ins.op_str}'.strip()}'"
+
+
+# --- parsing statements -----------------------------------------------------------
+
+_NAME = r"[A-Za-z_.$][\w.$]*"
+_LABEL_RE = re.compile(rf"({_NAME})\s*:\s*")
+_ASSIGN_RE = re.compile(rf"({_NAME})\s*=(?!=)\s*(.*)")
+_DIRECTIVE_RE = re.compile(r"(\.[A-Za-z_][\w.]*)\s*(.*)")
+_MNEMONIC_RE = re.compile(r"([A-Za-z][A-Za-z0-9]*)(?:\s+(.*))?")
+
+_DATA_SIZES = {".byte": 1, ".word": 2, ".short": 2, ".hword": 2, ".value": 2,
+               ".long": 4, ".int": 4, ".quad": 8}
+_STRINGS = {".ascii": b"", ".asciz": b"\0", ".string": b"\0"}
+_NO_OPS = {".text", ".code64", ".global", ".globl"}
+_SECTION = "is not supported: a guest image is one flat section (keystone silently ignores it)"
+_REJECTED = {
+    ".section": _SECTION, ".data": _SECTION, ".bss": _SECTION, ".rodata": _SECTION,
+    ".pushsection": _SECTION, ".popsection": _SECTION, ".previous": _SECTION,
+    ".incbin": "is not supported (keystone silently ignores it); put the bytes in with .byte",
+    ".org": "is not supported; use .skip or .fill, or .align, to place data",
+    ".include": "must be alone on its line",
+}
+
+
+def _parse_line(src: _Source) -> list[_Statement]:
+    """Labels first (any number), then at most one statement."""
+    text, out = src.text, []
+    while m := _LABEL_RE.match(text):
+        out.append(_Label(replace(src, text=f"{m[1]}:"), _symbol_name(src, m[1])))
+        text = text[m.end():]
+    if text:
+        src = replace(src, text=text)
+        try:
+            out.append(_parse_statement(src))
+        except _Bad as e:
+            raise src.error(str(e)) from None
+    return out
+
+
+def _symbol_name(src, name):
+    if name.lower() in _registers():
+        raise src.error(f"'{name}' is a register name")
+    return name
+
+
+def _parse_statement(src: _Source) -> _Statement:
+    text = src.text
+    if text.startswith("."):
+        m = _DIRECTIVE_RE.fullmatch(text)
+        if not m:
+            raise _Bad("invalid directive")
+        return _parse_directive(src, m[1].lower(), m[2])
+    if m := _ASSIGN_RE.fullmatch(text):
+        return _Assign(src, _symbol_name(src, m[1]), _parse_expr(_tokenize(m[2])))
+    return _parse_insn(src, text)
+
+
+def _parse_directive(src, name, rest):
+    args = _split_args(rest) if rest else []
+    if name in _DATA_SIZES:
+        return _Data(src, _DATA_SIZES[name], tuple(_parse_expr(_tokenize(a)) for a in _need(args, 1)))
+    if name in _STRINGS:
+        return _Bytes(src, b"".join(_string(a) + _STRINGS[name] for a in _need(args, 1)))
+    if name in (".align", ".balign", ".p2align"):
+        exprs = [_parse_expr(_tokenize(a)) for a in _need(args, 1, 2)]
+        return _Align(src, exprs[0], exprs[1] if len(exprs) > 1 else None, name == ".p2align")
+    if name in (".fill", ".zero", ".skip", ".space"):
+        return _parse_fill(src, name, [_parse_expr(_tokenize(a)) for a in args])
+    if name in (".equ", ".set"):
+        symbol, value = _need(args, 2, 2)
+        if not re.fullmatch(_NAME, symbol):
+            raise _Bad("invalid symbol name")
+        return _Assign(src, _symbol_name(src, symbol), _parse_expr(_tokenize(value)))
+    if name in _NO_OPS or (name == ".intel_syntax" and rest.strip() in ("", "noprefix")):
+        return _Bytes(src, b"")
+    if name in _REJECTED:
+        raise _Bad(f"'{name}' {_REJECTED[name]}")
+    raise _Bad(f"unsupported directive '{name}'")
+
+
+def _parse_fill(src, name, exprs):
+    """.fill count[, size[, value]], .skip/.space count[, value], .zero count."""
+    if name == ".fill":
+        count, size, fill = (_need(exprs, 1, 3) + [None, None])[:3]
+        return _Fill(src, count, size, fill)
+    count, fill = (_need(exprs, 1, 1 if name == ".zero" else 2) + [None])[:2]
+    return _Fill(src, count, None, fill)
+
+
+def _need(args, least, most=None):
+    if not least <= len(args) <= (most or len(args)) or "" in args:
+        raise _Bad("wrong number of arguments")
+    return list(args)
+
+
+def _parse_insn(src, text):
+    prefixes = []
+    m = _MNEMONIC_RE.fullmatch(text)
+    while m and m[1].lower() in _PREFIXES and m[2]:
+        prefixes.append(m[1].lower())
+        m = _MNEMONIC_RE.fullmatch(m[2])
+    if not m:
+        raise _Bad("unknown mnemonic")
+    mnemonic = m[1].lower()
+    if mnemonic in _PREFIXES:
+        raise _Bad("a prefix needs its instruction on the same line")
+    if mnemonic in _AMBIGUOUS:
+        raise _Bad(f"ambiguous operand size; write {_AMBIGUOUS[mnemonic]}")
+    operands = tuple(_parse_operand(t) for t in _split_args(m[2])) if m[2] else ()
+    return _Insn(src, tuple(prefixes), mnemonic, operands)
+
+
+# --- layout ---------------------------------------------------------------------
+
+class _Pass:
+    """One pass over the program, guessing forward references from the last one."""
+
+    def __init__(self, base, before: _Pass | None, defined, cache):
+        self.address = base
+        self.before = before        # the pass before, if any
+        self.defined = defined      # every name the program defines
+        self.cache = cache          # (text, address or None) -> bytes, kept across passes
+        self.symbols = {}           # name -> (value, reloc) defined so far in this pass
+        self.addresses = []         # statement index -> its address in this pass
+        self.labels = {}
+        self.guesses = {}           # forward references: name -> {(value, reloc) used}
+        self.code = bytearray()
+        self.source_map = []
+        self.checks = []            # (insn, address, bytes, operands) to verify at the end
+
+    def run(self, statements):
+        for st in statements:
+            self.addresses.append(self.address)
+            try:
+                data = st.emit(self)
+            except _Bad as e:
+                raise st.src.error(str(e)) from None
+            if data:
+                self.source_map.append((self.address, st.src.file, st.src.line, st.src.text))
+                self.code += data
+                self.address += len(data)
+
+    def converged(self) -> bool:
+        """Was every forward reference given the value its symbol then got?"""
+        return all(used == {self.symbols[name]} for name, used in self.guesses.items())
+
+    def lookup(self, name):
+        if name in (".", "$"):
+            return self.address, 1
+        if name in self.symbols:
+            return self.symbols[name]
+        if name not in self.defined:
+            raise _Bad(f"undefined symbol '{name}'")
+        # Not defined yet in this pass. At first guess "right here", so forward
+        # jumps start short and only grow; later, the last pass's value moved
+        # by as much as this pass has grown so far (addresses only; reloc 1).
+        if self.before is None:
+            guess = (self.address, 1)
+        else:
+            value, reloc = self.before.symbols[name]
+            drift = self.address - self.before.addresses[len(self.addresses) - 1]
+            guess = (value + drift, reloc) if reloc == 1 else (value, reloc)
+        self.guesses.setdefault(name, set()).add(guess)
+        return guess
+
+    def define(self, name, value, reloc):
+        if name in self.symbols:
+            raise _Bad(f"symbol '{name}' is already defined")
+        self.symbols[name] = (value, reloc)
+
+    def value(self, expr) -> int:
+        value, _ = _evaluate(expr, self.lookup)
+        self.check_range(value)
+        return value
+
+    @staticmethod
+    def check_range(value):
+        if not -(1 << 63) <= value < 1 << 64:
+            raise _Bad(f"value {value:#x} does not fit in 64 bits")
+
+
+def _layout(statements, base) -> _Pass:
+    defined = {st.name for st in statements if isinstance(st, (_Label, _Assign))}
+    p, cache = None, {}
+    for _ in range(_MAX_PASSES):
+        p = _Pass(base, p, defined, cache)
+        p.run(statements)
+        if p.converged():
+            return p
+    src = statements[0].src
+    raise AsmError(f"instruction sizes do not settle after {_MAX_PASSES} passes", src.file)

@@ -1,0 +1,395 @@
+"""hv.asm: keystone with its output checked, GNU as as the oracle."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from capstone import CS_ARCH_X86, CS_MODE_64, Cs
+
+import hv.asm
+from hv.asm import Image, assemble_file, assemble_source, describe_insn, disassemble
+from hv.errors import AsmError, HvError
+
+BASE = 0x100000
+FIXTURES = Path(__file__).parent / "asm_fixtures"
+HAVE_BINUTILS = all(shutil.which(tool) for tool in ("as", "ld", "objcopy"))
+needs_gnu_as = pytest.mark.skipif(
+    not HAVE_BINUTILS, reason="GNU binutils (as, ld, objcopy) not installed: they are the oracle")
+
+
+def gnu_as(tmp_path: Path, source: str, base: int = BASE) -> bytes:
+    """The flat binary GNU as + ld make of `source` (Intel syntax) at `base`."""
+    src, obj, elf, flat = (tmp_path / f"oracle.{ext}" for ext in ("s", "o", "elf", "bin"))
+    src.write_text(".intel_syntax noprefix\n" + source + "\n")
+    for cmd in (["as", "--64", "-o", obj, src],
+                ["ld", f"-Ttext={base:#x}", "-o", elf, obj],
+                ["objcopy", "-O", "binary", "-j", ".text", elf, flat]):
+        subprocess.run(cmd, check=True, capture_output=True)
+    return flat.read_bytes()
+
+
+def first_difference(image: Image, expected: bytes) -> str:
+    """The first statement whose bytes differ, for a readable failure."""
+    ends = [address - image.base for address, *_ in image.source_map[1:]] + [len(image.code)]
+    for (address, file, line, statement), end in zip(image.source_map, ends):
+        start = address - image.base
+        ours, theirs = image.code[start:end], expected[start:end]
+        if ours != theirs:
+            return f"{file}:{line}: {statement}: ours {ours.hex(' ')} / GNU as {theirs.hex(' ')}"
+    return f"lengths {len(image.code)} / {len(expected)}"
+
+
+def decoded(code: bytes, address: int = BASE) -> list[str]:
+    cs = Cs(CS_ARCH_X86, CS_MODE_64)
+    return [f"{i.mnemonic} {i.op_str}".strip() for i in cs.disasm(code, address)]
+
+
+def error_of(text: str, name: str = "t.s", **kwargs) -> str:
+    with pytest.raises(AsmError) as info:
+        assemble_source(text, name, **kwargs)
+    return str(info.value)
+
+
+# --- encodings, checked against GNU as -------------------------------------------
+
+@needs_gnu_as
+def test_kernel_corpus_matches_gnu_as(tmp_path):
+    source = (FIXTURES / "kernel.s").read_text()
+    image = assemble_source(source, "kernel.s")
+    expected = gnu_as(tmp_path, source)
+    assert image.code == expected, first_difference(image, expected)
+
+
+@needs_gnu_as
+@pytest.mark.parametrize("line", [
+    "mov rbx, [0x300000]",              # keystone alone: [rip + 0x300000]
+    "mov rax, [0x300000]",              # keystone alone: moffs (48 a1)
+    "mov [0x300008], r12",
+    "mov qword ptr [0x300010], 5",
+    "mov rax, qword ptr fs:[0x28]",
+    "invlpg [0x300000]",
+    "jmp qword ptr [0x300000]",
+    "mov rax, [0xffffffff80001000]",    # sign-extended disp32
+    "mov rax, [rbx + rsp]",             # keystone alone: [rbx]
+    "mov rcx, [rbx*8 + 0x300000]",
+    "pushf",                            # keystone alone: 66 9c, a 16-bit push
+    "popf",
+    "xlat",
+    "movabs rax, [0x1122334455667788]",
+    "mov rax, [0x80000000]",            # only the accumulator reaches 64-bit addresses
+    "mov rax, 0xffffffff",
+    "and rax, -4096",
+    "shl rax",
+    "push -0x81",
+    "xchg rax, rbx",
+    # A constant is a plain displacement (GNU as agrees when a, b come first;
+    # for forward ones it makes `(b - a) - next_ip`, hv stays consistent).
+    "a: nop\nb: nop\nlea rax, [rip + (b - a)]",
+    "lea rax, [rip + b + 1]\nb: nop",               # an address: relative to next insn
+])
+def test_single_statements_match_gnu_as(tmp_path, line):
+    assert assemble_source(line).code == gnu_as(tmp_path, line)
+
+
+@needs_gnu_as
+def test_data_directives_match_gnu_as(tmp_path):
+    source = r"""
+here:
+    .byte 1, 0xff, -1, 'A', '\n', ';', '#'
+    .word 0xffff, -2
+    .short 3
+    .hword 4
+    .long 0xffffffff, here
+    .int -7 / 2, -7 % 2
+    .quad here + 8, 0x8000000000000000
+    .ascii "a;b#c", "tab\there\x41\101\"q\\"
+    .asciz "nul"
+    .string "s"
+    .balign 8, 0xcc
+    .p2align 4, 0
+    .zero 3
+    .skip 2, 0xaa
+    .space 2
+    .fill 3, 2, 0x1234
+    .fill 2, 8, 0x12345678
+SIZE = . - here
+.equ TWICE, SIZE * 2
+.set THRICE, SIZE * 3
+    .quad SIZE, TWICE, THRICE, (1 << 3) + 1, 1 | 6, 6 & 3, 5 ^ 1, ~0
+"""
+    image = assemble_source(source)
+    expected = gnu_as(tmp_path, source)
+    assert image.code == expected, first_difference(image, expected)
+
+
+@needs_gnu_as
+def test_jump_sizes_settle_like_gnu_as(tmp_path):
+    # Forward jumps start short and grow. Each `jz` below is just out of
+    # short range once the ones before it have grown (and just in range
+    # while they have not), so sizes must be re-estimated as code moves.
+    source = "\n".join([f"    jz end{i}" for i in range(30)]
+                       + ["    .fill 70, 1, 0x90"]
+                       + [f"end{i}:\n    jmp start{i}\nstart{i}:" for i in range(30)]
+                       + ["    jmp .", "back: nop", "    .fill 120, 1, 0x90", "    jnz back"])
+    image = assemble_source(source)
+    expected = gnu_as(tmp_path, source)
+    assert image.code == expected, first_difference(image, expected)
+    assert decoded(image.code[:6]) == [f"je {image.symbols['end0']:#x}"]      # near: 0f 84
+
+
+def test_jump_short_and_near():
+    image = assemble_source("top:\n jmp fwd\n jmp far\nfwd: .fill 200, 1, 0x90\nfar: jmp top")
+    assert image.code[:2] == bytes.fromhex("eb 05")                    # to fwd: short
+    assert image.code[2:7] == bytes.fromhex("e9 c8 00 00 00")          # over 200 bytes: near
+    assert decoded(image.code[207:], BASE + 207) == ["jmp 0x100000"]
+
+
+# --- keystone's mis-encodings -------------------------------------------------------
+
+def test_absolute_operand_is_encoded_with_sib_not_rip():
+    code = assemble_source("mov rbx, [0x300000]").code
+    assert code == bytes.fromhex("48 8b 1c 25 00 00 30 00")     # what GNU as emits
+    assert decoded(code) == ["mov rbx, qword ptr [0x300000]"]
+
+
+def test_riz_plus_x_is_the_absolute_address_not_rsp():
+    code = assemble_source("mov rax, [riz + 0x300000]").code
+    assert code == assemble_source("mov rax, [0x300000]").code
+    assert decoded(code) == ["mov rax, qword ptr [0x300000]"]
+
+
+def test_label_expressions_keep_their_offset():
+    # keystone alone drops the `+ 8` of `label + 8`.
+    image = assemble_source("mov rax, data + 8\nmov rbx, offset data - 1\ndata: .quad 0")
+    data = image.symbols["data"]
+    assert decoded(image.code[:14]) == [f"mov rax, {data + 8:#x}", f"mov rbx, {data - 1:#x}"]
+
+
+@pytest.mark.parametrize("line, produced", [
+    ("mov rax, [rbx + 0x80000000]", "mov rax, qword ptr [rbx - 0x80000000]"),
+    ("push 0xffff", "push -1"),
+    ("push 0x80000000", "push 0"),
+    ("mov eax, 0x1ffffffff", "mov eax, 0xffffffff"),
+    ("mov al, 0x1ff", "mov al, 0xff"),
+    ("mov rax, [rsp*2]", "mov rax, qword ptr [riz*2]"),
+    ("mov eax, [eip + 0x10]", "mov eax, dword ptr [rax + 0x10]"),
+    ("jmp 0x100000000", "jmp 0"),
+])
+def test_silent_mis_encodings_are_rejected(line, produced):
+    assert error_of(line) == f"t.s:1: keystone mis-encodes this as '{produced}': {line}"
+
+
+def test_absolute_address_beyond_disp32_is_rejected():
+    assert error_of("nop\nmov rbx, [0x80000000]") == (
+        "t.s:2: absolute address 0x80000000 does not fit in a sign-extended 32-bit "
+        "displacement (only movabs with al/ax/eax/rax takes a 64-bit address): mov rbx, [0x80000000]")
+
+
+@pytest.mark.parametrize("line, hint", [
+    ("iret", "iretq (64-bit frame) or iretd"),
+    ("sysret", "sysretq"),
+])
+def test_ambiguous_operand_size_is_rejected(line, hint):
+    assert error_of(line) == f"t.s:1: ambiguous operand size; write {hint}: {line}"
+
+
+def test_precedence_that_gnu_as_and_keystone_disagree_on_is_rejected():
+    message = "operator precedence differs between GNU as and keystone here; add parentheses"
+    assert error_of("mov eax, 1 << 3 + 1") == f"t.s:1: {message}: mov eax, 1 << 3 + 1"
+    assert error_of(".long 1 | 2 + 3") == f"t.s:1: {message}: .long 1 | 2 + 3"
+    assert assemble_source("mov eax, (1 << 3) + 1").code == bytes.fromhex("b8 09 00 00 00")
+
+
+# --- errors name file:line: message: statement ----------------------------------------
+
+@pytest.mark.parametrize("line, message", [
+    ("foo rax", "unknown mnemonic"),
+    ("mov rax, [rbx+", "invalid operand"),
+    ("mov rax, [rbx + rcx*3]", "invalid operand"),
+    ("mov rax, qword ptr x", "invalid operand"),
+    ("mov [rax], 1", "invalid operand"),
+    ("jmp nowhere", "undefined symbol 'nowhere'"),
+    ("mov rax, [rip + nowhere]", "undefined symbol 'nowhere'"),
+    (".section .data", "'.section' is not supported: a guest image is one flat section "
+                       "(keystone silently ignores it)"),
+    (".data", "'.data' is not supported: a guest image is one flat section "
+              "(keystone silently ignores it)"),
+    ('.incbin "missing.bin"', "'.incbin' is not supported (keystone silently ignores it); "
+                              "put the bytes in with .byte"),
+    (".org 0x10", "'.org' is not supported; use .skip or .fill, or .align, to place data"),
+    (".macro m", "unsupported directive '.macro'"),
+    (".code32", "unsupported directive '.code32'"),
+    (".byte 0x300", "value 0x300 does not fit in 1 byte(s)"),
+    (".word 0x12345", "value 0x12345 does not fit in 2 byte(s)"),    # keystone: emits nothing
+    (".align 3", "alignment must be a power of two"),
+    ("rep", "a prefix needs its instruction on the same line"),
+    ("push eax", "instruction not available in 64-bit mode"),
+])
+def test_error_names_file_line_and_statement(tmp_path, line, message):
+    path = tmp_path / "guest.s"
+    path.write_text(f"start:\n    nop   ; fine\n    {line}   # the bad one\n    hlt\n")
+    with pytest.raises(AsmError) as info:
+        assemble_file(path)
+    assert str(info.value) == f"{path}:3: {message}: {line}"
+    assert (info.value.file, info.value.line) == (str(path), 3)
+
+
+def test_incbin_of_an_existing_file_is_rejected_too(tmp_path):
+    (tmp_path / "blob.bin").write_bytes(b"\x01\x02")
+    path = tmp_path / "guest.s"
+    path.write_text('.incbin "blob.bin"\n')
+    with pytest.raises(AsmError, match=r"guest\.s:1: '\.incbin' is not supported"):
+        assemble_file(path)
+
+
+def test_error_inside_included_file_points_into_it(tmp_path):
+    (tmp_path / "lib.s").write_text("lib_entry:\n    ret\n    mov rax, [rbx+\n")
+    main = tmp_path / "main.s"
+    main.write_text('.include "lib.s"\n    hlt\n')
+    with pytest.raises(AsmError) as info:
+        assemble_file(main)
+    assert str(info.value) == f"{tmp_path / 'lib.s'}:3: invalid operand: mov rax, [rbx+"
+
+
+def test_duplicate_label_and_register_named_label():
+    assert error_of("x: nop\nx: nop") == "t.s:2: symbol 'x' is already defined: x:"
+    assert error_of("rax: nop") == "t.s:1: 'rax' is a register name: rax: nop"
+
+
+def test_asm_error_is_an_hv_error():
+    with pytest.raises(HvError):
+        assemble_source("foo")
+
+
+def test_missing_source_file(tmp_path):
+    with pytest.raises(AsmError, match="cannot read source"):
+        assemble_file(tmp_path / "absent.s")
+
+
+# --- includes -----------------------------------------------------------------------
+
+def test_include_relative_to_including_file_then_asm_lib(tmp_path, monkeypatch):
+    lib = tmp_path / "asmlib"
+    (tmp_path / "guests" / "sub").mkdir(parents=True)
+    lib.mkdir()
+    (lib / "serial.s").write_text("serial_out:\n    out dx, al\n    ret\n")
+    (lib / "both.s").write_text("    ud2\n")                         # shadowed by guests/both.s
+    (tmp_path / "guests" / "both.s").write_text("    int3\n")
+    (tmp_path / "guests" / "sub" / "inner.s").write_text('inner:\n    .include "leaf.s"\n')
+    (tmp_path / "guests" / "sub" / "leaf.s").write_text("    cpuid\n")     # nested, own folder
+    main = tmp_path / "guests" / "main.s"
+    main.write_text('.include "serial.s"\n.include "both.s"\n.include "sub/inner.s"\n    hlt\n')
+    monkeypatch.setattr(hv.asm, "asm_lib_dir", lambda: lib)
+
+    image = assemble_file(main)
+
+    assert decoded(image.code) == ["out dx, al", "ret", "int3", "cpuid", "hlt"]
+    assert image.symbols == {"serial_out": BASE, "inner": BASE + 3}
+    assert [(f, line) for _, f, line, _ in image.source_map] == [
+        (str(lib / "serial.s"), 2), (str(lib / "serial.s"), 3),
+        (str(main.parent / "both.s"), 1), (str(main.parent / "sub" / "leaf.s"), 1), (str(main), 4)]
+
+
+def test_include_dirs_replace_the_asm_lib(tmp_path):
+    extra = tmp_path / "extra"
+    extra.mkdir()
+    (extra / "x.s").write_text("    nop\n")
+    assert assemble_source('.include "x.s"', include_dirs=[extra]).code == b"\x90"
+    assert assemble_source('.include "x.s"', include_dirs=[str(extra)]).code == b"\x90"
+
+
+def test_include_cycle(tmp_path):
+    (tmp_path / "a.s").write_text('.include "b.s"\n')
+    (tmp_path / "b.s").write_text('    nop\n.include "a.s"\n')
+    with pytest.raises(AsmError) as info:
+        assemble_file(tmp_path / "a.s")
+    assert str(info.value) == f'{tmp_path / "b.s"}:2: include cycle: a.s -> b.s -> a.s: .include "a.s"'
+
+
+def test_missing_include(tmp_path):
+    main = tmp_path / "main.s"
+    main.write_text('    nop\n.include "nope.s"\n')
+    with pytest.raises(AsmError) as info:
+        assemble_file(main, include_dirs=[tmp_path / "lib"])
+    assert str(info.value) == (f'{main}:2: include file "nope.s" not found '
+                               f'(looked in {tmp_path}, {tmp_path / "lib"}): .include "nope.s"')
+
+
+def test_include_needs_quotes():
+    assert error_of(".include lib.s") == "t.s:1: .include needs a quoted file name: .include lib.s"
+
+
+# --- symbols, source map, comments ------------------------------------------------------
+
+def test_symbols_and_source_map():
+    image = assemble_source(
+        "start:  mov rax, 1      ; set\n"
+        "        jmp done        # skip\n"
+        "LIMIT = 4\n"
+        "table:  .quad start, LIMIT\n"
+        ".equ ONE, 1\n"
+        "done:   hlt\n", "k.s", base=0x200000)
+    assert image.base == 0x200000
+    assert image.symbols == {"start": 0x200000, "table": 0x200009, "done": 0x200019}
+    assert image.source_map == (
+        (0x200000, "k.s", 1, "mov rax, 1"),
+        (0x200007, "k.s", 2, "jmp done"),
+        (0x200009, "k.s", 4, ".quad start, LIMIT"),
+        (0x200019, "k.s", 6, "hlt"),
+    )
+    assert image.code[9:25] == (0x200000).to_bytes(8, "little") + (4).to_bytes(8, "little")
+
+
+def test_comment_characters_inside_strings_and_chars():
+    image = assemble_source(".ascii \"a;b#c\"   ; comment\nmov al, ';'  # comment\nmov bl, '#'")
+    assert image.code == b"a;b#c" + bytes.fromhex("b0 3b b3 23")
+
+
+def test_harmless_directives_are_accepted():
+    image = assemble_source(".intel_syntax noprefix\n.text\n.code64\n.globl f\n.global f\nf: ret")
+    assert image.code == b"\xc3" and image.symbols == {"f": BASE}
+
+
+def test_align_pads_with_nops_or_the_fill_byte():
+    assert assemble_source("ret\n.align 4").code == b"\xc3\x90\x90\x90"
+    assert assemble_source("ret\n.balign 4, 0").code == b"\xc3\0\0\0"
+    assert assemble_source("ret\n.p2align 3, 0xcc").code == b"\xc3" + b"\xcc" * 7
+
+
+# --- disassembly --------------------------------------------------------------------------
+
+def test_disassemble_tolerates_trailing_data():
+    image = assemble_source("mov rax, 1\nhlt\n.byte 0xff, 0xff, 0x48")
+    assert disassemble(image.code, image.base) == [
+        "0x100000:  48 c7 c0 01 00 00 00   mov rax, 1",
+        "0x100007:  f4                     hlt",
+        "0x100008:  ff                     .byte 0xff",
+        "0x100009:  ff                     .byte 0xff",
+        "0x10000a:  48                     .byte 0x48",
+    ]
+
+
+def test_describe_insn():
+    assert describe_insn(bytes.fromhex("48 8b 03 90"), 0x1000) == "mov rax, qword ptr [rbx]"
+    assert describe_insn(bytes.fromhex("f4"), 0x1000) == "hlt"
+    assert describe_insn(bytes.fromhex("ff ff"), 0x1000) == "(bytes ff ff)"
+    assert describe_insn(b"", 0x1000) == "(no bytes)"
+
+
+# --- speed ----------------------------------------------------------------------------------
+
+def test_a_few_thousand_lines_assemble_quickly():
+    lines = []
+    for b in range(200):
+        lines += [f"block{b}:", "    mov rax, cr3", "    invlpg [rax]", f"    mov rbx, [{0x300000 + 8 * b:#x}]",
+                  f"    lea rsi, [rip + data{b}]", f"    cmp rax, {b}", f"    jne block{(b + 7) % 200}",
+                  f"    call block{(b * 3) % 200}", "    lock cmpxchg [rdi], rcx",
+                  f"data{b}: .quad block{b}"]
+    source = "\n".join(lines)
+    assert source.count("\n") >= 1999
+    started = time.perf_counter()
+    assemble_source(source)
+    assert time.perf_counter() - started < 2.0

@@ -1,0 +1,85 @@
+"""The `hv` command: output, JSON, exit statuses, and one-line errors."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from hv.cli import main
+
+
+def hv(capsys, *args):
+    status = main(list(args))
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def test_run_prints_console_then_the_exit_table(capsys):
+    status, out, err = hv(capsys, "run", "hello")
+    assert status == 0 and err == ""
+    assert out.startswith("hello from hv")
+    assert "VM-EXIT" in out and "IO_INSTRUCTION" in out and "walk_refs" in out
+
+
+def test_run_json_is_one_object_with_the_documented_fields(capsys):
+    status, out, _ = hv(capsys, "run", "hello", "--json")
+    doc = json.loads(out)
+    assert status == 0
+    for key in ("guest", "mmu", "exit_code", "reason", "console", "exits", "counters", "tlb",
+                "marks"):
+        assert key in doc
+    for key in ("misses", "walks", "walk_refs", "walk_refs_hist"):
+        assert key in doc["tlb"]
+    assert doc["guest"] == "hello" and doc["mmu"] == "native" and doc["exit_code"] == 0
+
+
+def test_guests_lists_the_bundled_guests(capsys):
+    status, out, _ = hv(capsys, "guests")
+    names = [line.split()[0] for line in out.splitlines()]
+    assert status == 0 and {"hello", "pagetouch"} <= set(names)
+
+
+def test_a_failing_guest_gives_status_1(capsys, tmp_path):
+    src = tmp_path / "fail.s"
+    src.write_text("mov al, 3\nmov dx, 0xf4\nout dx, al\n")
+    status, out, _ = hv(capsys, "run", str(src))
+    assert status == 1 and "exit code 3" in out
+
+
+@pytest.mark.parametrize("args,message", [
+    (["run", "no-such-guest"], "no guest 'no-such-guest'"),
+    (["run", "hello", "--ram", "lots"], "invalid size"),
+    (["run", "hello", "--ram", "3M"], "multiple of 2 MiB"),
+    (["run", "hello", "--vcpus", "99"], "1 to 16 vCPUs"),
+    (["run", "hello", "--mmu", "magic"], "invalid choice"),
+    (["run", "hello", "--tlb-entries", "10", "--tlb-ways", "3"], "cannot have 3 ways"),
+    (["disasm", "/no/such/file.bin"], "cannot read"),
+])
+def test_bad_input_is_one_line_and_status_2(capsys, args, message):
+    status, out, err = hv(capsys, *args)
+    assert status == 2 and out == ""
+    assert err.startswith("hv: error: ") and err.count("\n") == 1
+    assert message in err
+
+
+def test_a_broken_source_names_file_and_line(capsys, tmp_path):
+    src = tmp_path / "broken.s"
+    src.write_text("nop\nmov rax, [rbx+\nhlt\n")
+    status, _, err = hv(capsys, "run", str(src))
+    assert status == 2 and f"{src}:2:" in err and "mov rax, [rbx+" in err
+
+
+def test_asm_then_disasm_round_trip(capsys, tmp_path):
+    src, out = tmp_path / "t.s", tmp_path / "t.bin"
+    src.write_text("mov rax, cr3\nmov cr3, rax\nhlt\n")
+    status, text, _ = hv(capsys, "asm", str(src), "-o", str(out))
+    assert status == 0 and out.read_bytes() == bytes.fromhex("0f20d80f22d8f4")
+    status, text, _ = hv(capsys, "disasm", str(out))
+    assert status == 0 and "mov cr3, rax" in text and "hlt" in text and "0x100003" in text
+
+
+def test_python_dash_m_and_a_missing_file_without_traceback(tmp_path):
+    p = subprocess.run([sys.executable, "-m", "hv", "run", str(tmp_path / "missing.s")],
+                       capture_output=True, text=True)
+    assert p.returncode == 2 and p.stdout == ""
+    assert p.stderr.startswith("hv: error: ") and "Traceback" not in p.stderr

@@ -1,0 +1,308 @@
+"""The bundled guests and the asm/ library they are built on.
+
+Every bundled guest runs in `native` and in `qemu` (the oracle): it must end
+by itself with exit code 0, print its result line, and do exactly the same
+architectural things in both modes; a native run must be deterministic. For
+pagetouch, the counters must show what the guest did, phase by phase (its
+hv marks, see guests/pagetouch.s).
+"""
+import functools
+
+import pytest
+
+import hv
+from hv.asm import assemble_source
+from hv.paths import bundled_guests
+
+MODES = ("native", "qemu")
+GUESTS = sorted(bundled_guests())
+
+# The line each bundled guest prints when all went well.
+RESULT_LINE = {
+    "hello": "hello from hv: vcpu 0 of 1",
+    "pagetouch": "pagetouch: ok (512 pages, 1808 checks)",
+}
+
+# What pagetouch does (guests/pagetouch.s): its constants, and its marks.
+PAGES = 512             # 4 KiB pages touched in phase 2
+SWITCHES = 8            # CR3 switches in phase 4
+SWITCH_PAGES = 32       # pages checked after each switch
+FAULTS = 2              # page faults taken on purpose in phase 5
+BUILD_A, TOUCH, TOUCHED, REMAPPED, SWITCHED, FAULTED = 1, 2, 3, 4, 5, 6
+
+
+@functools.cache
+def run(guest: str, mmu: str) -> hv.Result:
+    """One run per guest and mode, shared by the tests (runs are deterministic)."""
+    return hv.run(guest, mmu=mmu)
+
+
+# -- every bundled guest ---------------------------------------------------------
+
+def test_the_samples_are_bundled():
+    assert {"hello", "pagetouch"} <= set(GUESTS)
+
+
+@pytest.mark.parametrize("mmu", MODES)
+@pytest.mark.parametrize("guest", GUESTS)
+def test_guest_passes(guest, mmu):
+    assert guest in RESULT_LINE, f"add the result line of guest {guest!r} to RESULT_LINE"
+    r = run(guest, mmu)
+    assert (r.reason, r.exit_code) == ("exit", 0), f"{r.detail}\n{r.console}"
+    assert RESULT_LINE[guest] in r.console.splitlines()
+
+
+@pytest.mark.parametrize("guest", GUESTS)
+def test_guest_is_architecturally_the_same_in_both_modes(guest):
+    native, qemu = run(guest, "native"), run(guest, "qemu")
+    assert native.console == qemu.console
+    assert (native.reason, native.exit_code) == (qemu.reason, qemu.exit_code)
+    # Events the guest causes, whatever the MMU: exits (both modes intercept
+    # the same), exceptions delivered, and where it took its marks.
+    assert native.exits == qemu.exits
+    for name in ("pf_guest", "exceptions", "hypercalls", "io_exits"):
+        assert native.counters[name] == qemu.counters[name], name
+    assert sorted(native.marks) == sorted(qemu.marks)
+
+
+@pytest.mark.parametrize("guest", GUESTS)
+def test_native_run_is_deterministic(guest):
+    assert hv.run(guest, mmu="native").to_json() == run(guest, "native").to_json()
+
+
+# -- hello -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("mmu", MODES)
+def test_hello_greets_from_every_vcpu(mmu):
+    r = hv.run("hello", mmu=mmu, vcpus=3)
+    assert (r.reason, r.exit_code) == ("exit", 0)
+    assert r.console == "".join(f"hello from hv: vcpu {i} of 3\n" for i in range(3))
+
+
+# -- pagetouch ----------------------------------------------------------------------
+
+def test_pagetouch_prints_one_line_per_phase():
+    lines = run("pagetouch", "native").console.splitlines()
+    assert [line.split(":")[1].strip() for line in lines[1:6]] == [
+        f"phase {n}" for n in range(1, 6)]
+    assert not any("FAIL" in line for line in lines)
+
+
+def test_pagetouch_counters():
+    c = run("pagetouch", "native").counters
+    assert c["invlpg"] == 2                     # the remap, and pt_unmap_4k
+    assert c["cr3_loads"] == 1 + SWITCHES       # load A, then the switches
+    assert c["tlb_flush"] >= 1 + SWITCHES       # each MOV to CR3 flushes
+    assert c["pf_guest"] == FAULTS
+    assert c["exceptions"] == 0
+
+
+def test_pagetouch_touch_phase_walks_4_levels_per_page():
+    r = run("pagetouch", "native")
+    touch = r.between(TOUCH, TOUCHED)
+    assert touch["tlb.misses"] >= PAGES         # every page's first touch misses
+    assert touch["tlb.walks"] >= PAGES
+    # Code, stack and data sit in 2 MiB pages the TLB already holds: every
+    # walk of the phase is a 4-reference walk to a 4 KiB page.
+    assert touch["tlb.walk_refs"] == 4 * touch["tlb.walks"]
+    assert r.tlb["misses"] >= PAGES
+    assert r.tlb["walk_refs_hist"].get("4", 0) >= PAGES
+
+
+def test_pagetouch_phases_cost_what_they_do():
+    r = run("pagetouch", "native")
+    assert r.between(BUILD_A, TOUCH)["cr3_loads"] == 1
+    assert "cr3_loads" not in r.between(TOUCH, TOUCHED)
+    assert r.between(TOUCHED, REMAPPED)["invlpg"] == 1
+    switched = r.between(REMAPPED, SWITCHED)
+    assert switched["cr3_loads"] == SWITCHES
+    # A switch drops the other space's translations: its pages miss again.
+    assert switched["tlb.misses"] >= SWITCHES * SWITCH_PAGES
+    faulted = r.between(SWITCHED, FAULTED)
+    assert faulted["pf_guest"] == FAULTS
+    assert faulted["invlpg"] == 1
+    assert "cr3_loads" not in faulted
+
+
+def test_pagetouch_faults_are_the_oracles_too():
+    r = run("pagetouch", "qemu")
+    assert r.between(SWITCHED, FAULTED)["pf_guest"] == FAULTS
+    assert sorted(r.marks) == list(range(BUILD_A, FAULTED + 1))
+
+
+# -- the asm/ library ------------------------------------------------------------------
+
+def run_src(src: str, mmu: str) -> hv.Result:
+    return hv.run("test", mmu=mmu, image=assemble_source(src, name="<test>").code)
+
+
+@pytest.mark.parametrize("mmu", MODES)
+def test_serial_number_formats(mmu):
+    values = [0, 9, 10, 255, 4096, 2**63, 2**64 - 1]
+    body = "".join(f"""
+    mov rax, {v:#x}
+    call put_dec
+    mov al, ' '
+    call putc
+    mov rax, {v:#x}
+    call put_hex
+    call newline""" for v in values)
+    r = run_src(f"""
+    jmp main
+.include "serial.s"
+main:{body}
+    lea rsi, [rip + text]
+    call puts
+    mov al, 3
+    call exit
+text:
+    .asciz "done\\n"
+""", mmu)
+    assert (r.reason, r.exit_code) == ("exit", 3)
+    assert r.console == "".join(f"{v} {v:#x}\n" for v in values) + "done\n"
+
+
+@pytest.mark.parametrize("mmu", MODES)
+def test_panic_prints_and_exits_0xed(mmu):
+    r = run_src("""
+    jmp main
+.include "serial.s"
+main:
+    lea rsi, [rip + why]
+    call panic
+why:
+    .asciz "out of tea"
+""", mmu)
+    assert (r.exit_code, r.console) == (0xED, "panic: out of tea\n")
+
+
+LIB = """
+    jmp main
+.include "serial.s"
+.include "gdt.s"
+.include "idt.s"
+.include "paging.s"
+main:
+    call gdt_init
+    call idt_init
+"""
+
+
+@pytest.mark.parametrize("mmu", MODES)
+def test_default_handler_reports_an_unexpected_exception(mmu):
+    src = LIB + """
+boom:
+    ud2
+"""
+    rip = assemble_source(src, name="<test>").symbols["boom"]
+    r = run_src(src, mmu)
+    assert r.exit_code == 0xEE
+    assert r.console == f"unexpected exception 6 at rip={rip:#x} err=0x0 cr2=0x0\n"
+
+
+@pytest.mark.parametrize("mmu", MODES)
+def test_handler_sees_the_frame_and_resumes(mmu):
+    # A #GP from loading a selector past the GDT's limit (gdt.s has 5
+    # descriptor slots): the handler checks the frame, sets rax in it and
+    # resumes after the faulting instruction.
+    r = run_src(LIB + """
+    mov edi, 13
+    lea rsi, [rip + on_gp]
+    call idt_set_handler
+    mov eax, 0x28
+    mov r15, 0x1234
+boom:
+    mov ds, ax
+resume:
+    cmp rax, 77                 ; set by the handler
+    jne bad
+    cmp r15, 0x1234             ; every register restored
+    jne bad
+    mov al, 0
+    call exit
+bad:
+    mov al, 1
+    call exit
+on_gp:
+    cmp qword ptr [rdi + FRAME_VECTOR], 13
+    jne bad
+    cmp qword ptr [rdi + FRAME_ERROR], 0x28     ; the selector
+    jne bad
+    cmp qword ptr [rdi + FRAME_CS], 0x08
+    jne bad
+    lea rax, [rip + boom]
+    cmp qword ptr [rdi + FRAME_RIP], rax
+    jne bad
+    mov qword ptr [rdi + FRAME_RAX], 77
+    lea rax, [rip + resume]
+    mov qword ptr [rdi + FRAME_RIP], rax
+    xor r15d, r15d              ; handlers may clobber anything
+    ret
+""", mmu)
+    assert (r.reason, r.exit_code, r.counters["exceptions"]) == ("exit", 0, 1)
+
+
+@pytest.mark.parametrize("mmu", MODES)
+def test_non_canonical_access_is_gp(mmu):
+    r = run_src(LIB + """
+    mov rbx, 0x8000000000000000
+boom:
+    mov rax, qword ptr [rbx]
+""", mmu)
+    assert r.console.startswith("unexpected exception 13 at ")
+    assert (r.counters["exceptions"], r.counters["pf_guest"]) == (1, 0)
+
+
+@pytest.mark.parametrize("mmu", MODES)
+def test_double_fault_runs_on_ist1(mmu):
+    # A #PF whose frame cannot be pushed (RSP points at unmapped memory)
+    # becomes #DF, delivered on the TSS's IST1 stack to the default handler.
+    r = run_src(LIB + """
+    mov rsp, 0x40000000
+    mov rax, qword ptr [rsp]
+""", mmu)
+    assert r.exit_code == 0xEE
+    assert r.console.startswith("unexpected exception 8 at rip=")
+
+
+@pytest.mark.parametrize("mmu", MODES)
+def test_page_table_helpers(mmu):
+    # Map, look up and unmap in the boot tables' address space (CR3 = 0x2000).
+    r = run_src(LIB + """
+    mov rdi, cr3
+    mov rsi, 0x40001000
+    mov edx, 0x900000
+    mov ecx, PTE_P | PTE_RW
+    call pt_map_4k
+    mov r12, rax                        ; the PTE
+    mov qword ptr [rsi], 42             ; through the new mapping ...
+    mov eax, 0x900000
+    cmp qword ptr [rax], 42             ; ... into the frame
+    jne bad
+    call pt_lookup
+    cmp rax, r12
+    jne bad
+    cmp edx, 1
+    jne bad
+    mov rsi, 0x200000                   ; a 2 MiB page of the boot map
+    call pt_lookup
+    cmp edx, 2
+    jne bad
+    test qword ptr [rax], PTE_PS
+    jz bad
+    mov rsi, 0x40001000
+    call pt_unmap_4k
+    mov rdx, 0x900000 | PTE_P | PTE_RW | PTE_A | PTE_D
+    cmp rax, rdx
+    jne bad
+    mov rsi, 0x7000000000               ; no table maps it
+    call pt_lookup
+    test rax, rax
+    jnz bad
+    mov al, 0
+    call exit
+bad:
+    mov al, 1
+    call exit
+""", mmu)
+    assert (r.reason, r.exit_code, r.console) == ("exit", 0, "")
