@@ -42,6 +42,7 @@ for _w in ("eax ebx ecx edx esi edi ebp esp r8d r9d r10d r11d r12d r13d r14d r15
     _REGS[_w] = getattr(x86c, f"UC_X86_REG_{_w.upper()}")
 
 UC_MEM_READ = ucc.UC_MEM_READ        # access codes of the TLB-fill callback
+_uclib = uc_mod.unicorn_py3.unicorn.uclib
 _UNMAPPED = frozenset({ucc.UC_ERR_READ_UNMAPPED, ucc.UC_ERR_WRITE_UNMAPPED,
                        ucc.UC_ERR_FETCH_UNMAPPED})
 
@@ -98,6 +99,11 @@ class Engine:
         self._arranged = False      # the last unmapped access was one the VMM arranged
         self._stopped_at: int | None = None     # the counter when a hook asked to stop
         self._hooks = []                           # keep ctypes callbacks alive
+        # CPL is read on every TLB fill: a direct call costs a quarter of
+        # the binding's reg_read.
+        self._cs = ctypes.c_uint64()
+        self._cs_ref = ctypes.byref(self._cs)
+        self._handle = uc._uch
 
     # -- registers -----------------------------------------------------------
     def reg(self, name: str) -> int:
@@ -129,7 +135,8 @@ class Engine:
         self.uc.reg_write(x86c.UC_X86_REG_GDTR, (0, base, limit, 0))
 
     def cpl(self) -> int:
-        return self.uc.reg_read(x86c.UC_X86_REG_CS) & 3
+        _uclib.uc_reg_read(self._handle, x86c.UC_X86_REG_CS, self._cs_ref)
+        return self._cs.value & 3
 
     # -- hooks (each callback's exceptions are kept, then re-raised by run) --
     def _guard(self, fn: Callable, failed=None) -> Callable:

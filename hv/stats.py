@@ -12,7 +12,7 @@ from .arch.vmx import ExitReason
 
 # Counters every report shows, even when zero, in this order.
 COUNTER_NAMES = (
-    "insns", "exits", "io_exits", "halt_exits", "hypercalls", "insn_emulation",
+    "insns", "exits", "io_exits", "halt_exits", "hypercalls",
     "pf_guest", "exceptions", "tlb_flush", "invlpg", "cr3_loads",
 )
 TLB_NAMES = ("fills", "hits", "misses", "walks", "walk_refs", "ad_writes", "evictions")

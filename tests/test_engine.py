@@ -102,3 +102,23 @@ def test_exception_in_a_callback_is_raised_by_run():
     e.on_fill(fill)
     with pytest.raises(ZeroDivisionError):
         e.run(BASE, 10)
+
+
+def test_fill_sees_the_page_and_the_unmapped_hook_the_byte():
+    """Why vcpu.FAULT_WINDOW exists: the fill callback gets only the page of
+    a data access; an access sent to unmapped memory reports its byte."""
+    e = engine("mov rax, qword ptr [rbx + 0x123]\nhlt", python_mmu=True)
+    e.set_reg("rbx", 0x5000)
+    fills, bytes_seen = [], []
+
+    def fill(vaddr, access):
+        fills.append(vaddr)
+        if vaddr == 0x5000:
+            return 0x7FFF_0000_0000, 7
+        return vaddr & ~0xFFF, 7
+    e.on_fill(fill)
+    e.on_unmapped(lambda paddr: bytes_seen.append(paddr) or True)
+    e.run(BASE, 10)
+    assert fills == [BASE, 0x5000]
+    assert bytes_seen == [0x7FFF_0000_0123] and e.reg("rip") == BASE
+
