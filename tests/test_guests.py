@@ -14,7 +14,8 @@ import hv
 from hv.asm import assemble_source
 from hv.paths import bundled_guests
 
-MODES = ("native", "qemu")
+from conftest import LIB, MODES, run_src
+
 GUESTS = sorted(bundled_guests())
 
 # The line each bundled guest prints when all went well.
@@ -132,9 +133,6 @@ def test_pagetouch_faults_are_the_oracles_too():
 
 # -- the asm/ library ------------------------------------------------------------------
 
-def run_src(src: str, mmu: str) -> hv.Result:
-    return hv.run("test", mmu=mmu, image=assemble_source(src, name="<test>").code)
-
 
 @pytest.mark.parametrize("mmu", MODES)
 def test_serial_number_formats(mmu):
@@ -176,16 +174,6 @@ why:
     assert (r.exit_code, r.console) == (0xED, "panic: out of tea\n")
 
 
-LIB = """
-    jmp main
-.include "serial.s"
-.include "gdt.s"
-.include "idt.s"
-.include "paging.s"
-main:
-    call gdt_init
-    call idt_init
-"""
 
 
 @pytest.mark.parametrize("mmu", MODES)

@@ -2,7 +2,7 @@
 inline guests, in every mode (qemu is the oracle)."""
 import json
 
-from conftest import IDT_LIB, run_src
+from conftest import LIB, run_src
 
 from hv.arch.paging import PFErr
 
@@ -25,53 +25,47 @@ def test_console_exit_code_and_boot_registers(mode):
 
 
 def test_page_fault_is_delivered_with_cr2_and_error_code(mode):
-    r = run_src("""
-        mov rcx, 14
-        lea rax, [rip + pf_handler]
-        call idt_setup
+    r = run_src(LIB + """
+        mov rdi, 14
+        lea rsi, [rip + pf_handler]
+        call idt_set_handler
         mov rbx, 0x0000700000000000
         mov qword ptr [rbx + 8], 1       ; not present: #PF, W
         mov al, 0xEE
-        jmp exit_al
+        call exit
     pf_handler:
         mov rax, cr2
         mov rbx, 0x0000700000000008
         cmp rax, rbx
         jne bad
-        mov rax, [rsp]                   ; the error code
-        jmp exit_al
+        mov rax, qword ptr [rdi + FRAME_ERROR]
+        call exit
     bad:
         mov al, 0xEF
-        jmp exit_al
-    """ + IDT_LIB, mode)
+        call exit
+    """, mode)
     assert r.exit_code == PFErr.W
     assert r.counters["pf_guest"] == 1 and "EXCEPTION_NMI" not in r.exits
 
 
 def test_every_fault_is_delivered_as_itself(mode):
     """unicorn#1883 at the level of a guest: three #DE in a row, each seen as #DE."""
-    r = run_src("""
-        mov rcx, 0
-        lea rax, [rip + de_handler]
-        call idt_setup
-        mov rcx, 8
-        lea rax, [rip + df_handler]
-        call idt_setup
+    r = run_src(LIB + """
+        mov rdi, 0
+        lea rsi, [rip + de_handler]
+        call idt_set_handler
         xor r12, r12
         xor ebx, ebx
         div ebx
         div ebx
         div ebx
         mov rax, r12
-        jmp exit_al
+        call exit
     de_handler:
-        inc r12
-        add qword ptr [rsp], 2           ; skip the 2-byte div
-        iretq
-    df_handler:
-        mov al, 0xDF
-        jmp exit_al
-    """ + IDT_LIB, mode)
+        inc qword ptr [rdi + FRAME_R12]
+        add qword ptr [rdi + FRAME_RIP], 2      ; skip the 2-byte div
+        ret
+    """, mode)
     assert r.exit_code == 3 and r.counters["exceptions"] == 3
 
 
