@@ -49,7 +49,9 @@ def handles(reason: ExitReason) -> Callable[[Handler], Handler]:
 
 
 def dispatch(vcpu: "VCpu", ex: Exit) -> None:
-    if ex.reason in vcpu.mmu.intercepts:
+    mmu = vcpu.mmu
+    if ex.reason in mmu.intercepts or (
+            ex.reason == ExitReason.EXCEPTION_NMI and ex.value in mmu.exception_bitmap):
         vcpu.stats.exits[ex.reason] += 1
         vcpu.stats.counters["exits"] += 1
     HANDLERS[ex.reason](vcpu, ex)
@@ -112,8 +114,13 @@ def _wrmsr(vcpu: "VCpu", ex: Exit) -> None:
 @handles(ExitReason.EXCEPTION_NMI)
 def _exception(vcpu: "VCpu", ex: Exit) -> None:
     # `value` is the vector; for #PF the qualification is the faulting
-    # linear address (SDM Vol.3C §28.2.1).
-    vcpu.deliver(ex.value, ex.error_code, ex.rip, cr2=ex.qualification)
+    # linear address (SDM Vol.3C §28.2.1). An intercepted vector is the
+    # MMU mode's to handle (shadow paging's hidden faults); any other is
+    # delivered to the guest as the CPU would.
+    if ex.value in vcpu.mmu.exception_bitmap:
+        vcpu.mmu.intercepted_exception(ex)
+    else:
+        vcpu.deliver(ex.value, ex.error_code, ex.rip, cr2=ex.qualification)
 
 
 @handles(ExitReason.TRIPLE_FAULT)

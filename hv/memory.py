@@ -51,6 +51,65 @@ class PhysMem:
         self._mm[addr:addr + len(data)] = data
 
 
+CHUNK = 2 * MiB     # guest memory is placed in host memory by 2 MiB chunks
+
+
+class GuestMemory:
+    """Guest-physical memory [0, ram), placed in host memory chunk by chunk.
+
+    `chunks[i]` is the host-physical base of guest chunk i. The identity
+    placement is bare metal (native, qemu); `scattered` puts the chunks in
+    reverse order above a VMM area, so that a mode that forgets to translate
+    a guest-physical address cannot pass by accident.
+
+    Invariant: hpa() answers None for every address outside [0, ram), and
+    every host address it gives lies in a guest chunk, never in the VMM area.
+    """
+
+    def __init__(self, host: PhysMem, ram: int, chunks: list[int]):
+        self.host, self.ram, self.chunks = host, ram, chunks
+        self._q = host._q
+
+    @classmethod
+    def identity(cls, ram: int) -> "GuestMemory":
+        return cls(PhysMem(ram), ram, [i * CHUNK for i in range(ram // CHUNK)])
+
+    @classmethod
+    def scattered(cls, ram: int, vmm_size: int) -> "GuestMemory":
+        n = ram // CHUNK
+        host = PhysMem(vmm_size + ram)
+        return cls(host, ram, [vmm_size + (n - 1 - i) * CHUNK for i in range(n)])
+
+    def hpa(self, gpa: int) -> int | None:
+        if not 0 <= gpa < self.ram:
+            return None
+        return self.chunks[gpa >> 21] | (gpa & (CHUNK - 1))
+
+    def read_u64(self, gpa: int) -> int:
+        """An aligned read; the caller has checked gpa < ram (the walker does)."""
+        return self._q[(self.chunks[gpa >> 21] | (gpa & (CHUNK - 1))) >> 3]
+
+    def write_u64(self, gpa: int, value: int) -> None:
+        self._q[(self.chunks[gpa >> 21] | (gpa & (CHUNK - 1))) >> 3] = value
+
+    def _pieces(self, gpa: int, length: int):
+        if gpa < 0 or gpa + length > self.ram:
+            raise HvError(f"guest-physical [{gpa:#x}, +{length:#x}) outside RAM")
+        while length:
+            n = min(length, CHUNK - (gpa & (CHUNK - 1)))
+            yield self.hpa(gpa), n
+            gpa, length = gpa + n, length - n
+
+    def read(self, gpa: int, length: int) -> bytes:
+        return b"".join(self.host.read(h, n) for h, n in self._pieces(gpa, length))
+
+    def write(self, gpa: int, data: bytes) -> None:
+        done = 0
+        for h, n in self._pieces(gpa, len(data)):
+            self.host.write(h, data[done:done + n])
+            done += n
+
+
 def parse_size(text: str) -> int:
     """'64M', '1G', '4096K', '0x4000000' -> bytes."""
     t = text.strip().upper().removesuffix("IB").removesuffix("B")

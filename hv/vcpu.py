@@ -17,7 +17,7 @@ from .arch.x86 import (GATE_INTERRUPT, GATE_TRAP, HAS_ERROR_CODE, IDT_GATE_SIZE,
 from .engine import Engine
 from .exits import Exit, dispatch, io_qualification, PORT_CONSOLE_LSR
 from .intercept import MAX_INSN, candidate_starts, decode
-from .mmu.walker import FETCH, READ, WRITE, Fault, PageFault
+from .mmu.walker import FETCH, READ, WRITE, EmulateWrite, Fault, PageFault
 from .stats import Stats
 
 VMCALL = b"\x0f\x01\xc1"
@@ -76,6 +76,9 @@ class VCpu:
             if isinstance(fault, PageFault) and access != FETCH:
                 return FAULT_WINDOW, 7
             return None
+        except EmulateWrite as em:
+            self._pending = (em, access)
+            return None
         frame = paddr
         if access == FETCH:
             self._scan(vaddr & ~(PAGE_SIZE - 1), frame)
@@ -93,7 +96,8 @@ class VCpu:
 
     def _unmapped(self, paddr: int) -> bool:
         """The faulting data access reached FAULT_WINDOW: now its exact address is known."""
-        if self._pending is None or paddr >> 12 != FAULT_WINDOW >> 12:
+        if self._pending is None or paddr >> 12 != FAULT_WINDOW >> 12 or \
+                not isinstance(self._pending[0], PageFault):
             return False
         pf, access = self._pending
         pf.vaddr = (pf.vaddr & ~(PAGE_SIZE - 1)) | (paddr & (PAGE_SIZE - 1))
@@ -231,17 +235,21 @@ class VCpu:
         ran = e.run(e.reg("rip"), budget)
         self.stats.counters["insns"] += ran
         if self._pending is not None:
-            (fault, access), self._pending = self._pending, None
-            self._faulted = True
-            e.flush_tlb()       # Unicorn cached the FAULT_WINDOW mapping
-            rip = e.reg("rip")
-            cr2 = 0
-            if isinstance(fault, PageFault):
-                # A fetch fault's address: the target itself, or the start of
-                # the next page for an instruction that runs into it.
-                cr2 = max(rip, fault.vaddr) if access == FETCH else fault.vaddr
-            dispatch(self, Exit(ExitReason.EXCEPTION_NMI, cr2, rip, value=fault.vector,
-                                error_code=fault.error_code))
+            (event, access), self._pending = self._pending, None
+            e.flush_tlb()       # Unicorn may have cached the FAULT_WINDOW mapping
+            if isinstance(event, EmulateWrite):
+                self.mmu.emulate_write(self, event)
+            else:
+                self._faulted = True
+                rip = e.reg("rip")
+                cr2 = 0
+                if isinstance(event, PageFault):
+                    # A fetch fault's address: the target itself, or the start
+                    # of the next page for an instruction that runs into it.
+                    cr2 = max(rip, event.vaddr) if access == FETCH else event.vaddr
+                # Delivered by the CPU (native) or injected by the VMM after
+                # the exit it already counted (shadow): no exit of its own.
+                self.deliver(event.vector, event.error_code, rip, cr2)
         elif not self._stop and ran < budget:
             # emu_start returned by itself: the guest ran HLT (Unicorn ends
             # emulation there silently).

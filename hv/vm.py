@@ -16,10 +16,11 @@ from .arch.paging import P, PS, RW
 from .arch.x86 import CR0, CR4, EFER, GDT_CODE64, GDT_DATA, MSR_EFER, RFLAGS
 from .engine import EngineError
 from .errors import HvError
-from .memory import GiB, MiB, PhysMem
+from .memory import CHUNK, GiB, GuestMemory, MiB
 from .mmu import MODES
 from .mmu.native import NativeMMU
 from .mmu.qemu import QemuMMU
+from .mmu.shadow import ShadowCache, ShadowMMU
 from .mmu.tlb import TLB
 from .mmu.walker import GuestEscape
 from .stats import Stats
@@ -72,8 +73,16 @@ class VM:
         if LOAD_ADDR + len(image) > config.ram:
             raise HvError(f"a guest of {len(image)} bytes does not fit in {config.ram // MiB} MiB "
                           f"of RAM at {LOAD_ADDR:#x}")
-        self.mem = PhysMem(config.ram)
-        self.mem.write(LOAD_ADDR, image)
+        if config.mmu == "shadow":
+            vmm_size = max(8 * MiB, config.ram // 8 // CHUNK * CHUNK)
+            self.guest = GuestMemory.scattered(config.ram, vmm_size)
+            self.shadow = ShadowCache(self.guest, vmm_size)
+        else:
+            self.guest = GuestMemory.identity(config.ram)
+        # Host-physical memory: what the engines map and the VMM addresses
+        # with the host-physical addresses its MMU hands out.
+        self.mem = self.guest.host
+        self.guest.write(LOAD_ADDR, image)
         self._build_boot_tables()
         self.console = bytearray()
         self.on_console = on_console    # called with each byte the guest prints
@@ -89,10 +98,12 @@ class VM:
         if self.mmu_mode == "qemu":
             return QemuMMU(vcpu.engine, self.mem, self.config.ram)
         tlb = TLB(self.config.tlb_entries, self.config.tlb_ways)
+        if self.mmu_mode == "shadow":
+            return ShadowMMU(vcpu, self.shadow, vcpu.stats, tlb)
         return NativeMMU(self.mem, self.config.ram, vcpu.stats, tlb)
 
     def _build_boot_tables(self) -> None:
-        m = self.mem
+        m = self.guest
         m.write(GDT_ADDR, struct.pack("<QQQ", 0, GDT_CODE64, GDT_DATA))
         npd = -(-self.config.ram // GiB)
         m.write_u64(PML4_ADDR, PDPT_ADDR | P | RW)

@@ -2,8 +2,10 @@
 events (write_cr, write_efer, invlpg); see native.py for the interface."""
 from __future__ import annotations
 
-MODES = ("native", "qemu")
+MODES = ("native", "shadow", "qemu")
 MODE_HELP = {
     "native": "the guest on bare metal: hv's walker and TLB model, no MMU exits",
+    "shadow": "shadow paging: the VMM's shadow tables, exits on CR3 loads, INVLPG, "
+              "page-table writes and hidden page faults",
     "qemu": "Unicorn's own MMU (QEMU's walker): the correctness oracle, nothing modelled",
 }

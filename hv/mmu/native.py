@@ -24,18 +24,23 @@ class NativeMMU:
     # so every mode's table lists them alike.
     intercepts = frozenset({ExitReason.IO_INSTRUCTION, ExitReason.HLT, ExitReason.VMCALL,
                             ExitReason.TRIPLE_FAULT})
+    # Exception vectors that cause EXCEPTION_NMI exits (the VMCS exception
+    # bitmap, SDM Vol.3C §25.6.3). Others are delivered to the guest directly.
+    exception_bitmap: frozenset[int] = frozenset()
 
     def __init__(self, mem, ram: int, stats: Stats, tlb: TLB, asid: int = 0):
+        # Bare metal: guest-physical memory is host-physical, `mem` both.
         self.mem, self.ram, self.stats, self.tlb, self.asid = mem, ram, stats, tlb, asid
         self.counters = stats.counters
         self.walker = Walker(mem, stats, ram)
         self._peeker = self.peek_walker(mem, ram)
         self.cr0 = self.cr3 = self.cr4 = self.efer = 0
+        self._hw_wp = True      # CR0.WP as the hardware walker applies it
 
     # -- the hardware's view of the paging controls ------------------------
     def load_state(self, cr0: int, cr3: int, cr4: int, efer: int) -> None:
         self.cr0, self.cr3, self.cr4, self.efer = cr0, cr3, cr4, efer
-        self._wp = bool(cr0 & CR0.WP)
+        self._wp = self._hw_wp = bool(cr0 & CR0.WP)
         self._nxe = bool(efer & EFER.NXE)
 
     def write_cr(self, cr: int, value: int) -> None:
@@ -77,10 +82,22 @@ class NativeMMU:
             counters["tlb.hits"] += 1
             return tr
         counters["tlb.misses"] += 1
-        tr = self.walker.walk(self.cr3, vaddr, access, user, self._wp, self._nxe)
+        tr = self.hw_walk(vaddr, access, user)
         if self.tlb.insert(self.asid, tr):
             counters["tlb.evictions"] += 1
         return tr
+
+    def hw_walk(self, vaddr: int, access: int, user: bool) -> Translation:
+        """The hardware page walk of a TLB miss: here, of the guest's tables."""
+        return self.walker.walk(self.cr3, vaddr, access, user, self._wp, self._nxe)
+
+    def host_frame(self, tr: Translation, vaddr: int) -> int:
+        """The host-physical address of `vaddr` through `tr` (checked)."""
+        paddr = tr.paddr(vaddr)
+        if paddr >= self.ram:
+            raise GuestEscape(f"{vaddr:#x} maps guest-physical {paddr:#x}, outside guest "
+                              f"memory [0, {self.ram:#x})")
+        return paddr
 
     def _allows(self, tr: Translation, access: int, user: bool) -> bool:
         """Whether a cached entry serves this access without a walk. A write
@@ -88,7 +105,7 @@ class NativeMMU:
         if user and not tr.user:
             return False
         if access == WRITE:
-            return tr.dirty and (tr.writable or not (user or self._wp))
+            return tr.dirty and (tr.writable or not (user or self._hw_wp))
         if access == FETCH:
             return not tr.nx
         return True
@@ -97,25 +114,18 @@ class NativeMMU:
         """Unicorn's TLB missed: (physical address, rights to cache)."""
         self.counters["tlb.fills"] += 1
         tr = self.lookup(vaddr, access, user)
-        paddr = tr.paddr(vaddr) & ~(PAGE_SIZE - 1)
-        if paddr >= self.ram:
-            raise GuestEscape(f"{vaddr:#x} maps guest-physical {paddr:#x}, outside guest "
-                              f"memory [0, {self.ram:#x})")
+        paddr = self.host_frame(tr, vaddr) & ~(PAGE_SIZE - 1)
         # Grant only what the model has checked: W once the page is dirty (so
         # the first write is seen), X only to fetches (so code is scanned).
         if access == FETCH:
             return paddr, PROT_R | PROT_X
-        writable = tr.dirty and (tr.writable or not (user or self._wp))
+        writable = tr.dirty and (tr.writable or not (user or self._hw_wp))
         return paddr, PROT_R | (PROT_W if writable else 0)
 
     def translate(self, vaddr: int, access: int, user: bool = False) -> int:
         """A linear access the "hardware" makes itself (IDT reads, exception
         frames): counted like any other access. Raises PageFault."""
-        paddr = self.lookup(vaddr, access, user).paddr(vaddr)
-        if paddr >= self.ram:
-            raise GuestEscape(f"{vaddr:#x} maps guest-physical {paddr:#x}, outside guest "
-                              f"memory [0, {self.ram:#x})")
-        return paddr
+        return self.host_frame(self.lookup(vaddr, access, user), vaddr)
 
     @staticmethod
     def peek_walker(mem, ram: int) -> Walker:

@@ -17,6 +17,7 @@ from .walker import Walker
 class QemuMMU:
     name = "qemu"
     intercepts = NativeMMU.intercepts
+    exception_bitmap = NativeMMU.exception_bitmap
     tlb = None
 
     def __init__(self, engine, mem, ram: int):

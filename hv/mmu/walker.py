@@ -58,45 +58,68 @@ class NonCanonical(Fault):
         super().__init__(vaddr, 0)
 
 
+class EmulateWrite(Exception):
+    """The access is a guest write the VMM must emulate (a write to a
+    write-protected guest page table under shadow paging)."""
+
+    def __init__(self, vaddr: int, gfn: int):
+        super().__init__(f"emulate the write to {vaddr:#x} (guest frame {gfn:#x})")
+        self.vaddr, self.gfn = vaddr, gfn
+
+
 class GuestEscape(HvError):
     """A guest paging structure points outside the guest's memory."""
 
 
 class Walker:
-    """Walks x86-64 4-level tables in guest memory `mem` (guest-physical
-    addresses below `limit`) and counts every reference in `stats`."""
+    """Walks x86-64 4-level tables in `mem` (addresses below `limit`) and
+    counts every reference in `stats`.
 
-    def __init__(self, mem, stats, limit: int):
-        self.mem, self.stats, self.limit = mem, stats, limit
+    `dim` names the tables walked in reference tags: "guest" for the guest's
+    own tables, "shadow" for the VMM's shadow tables. A `hardware` walker is
+    the CPU's page walker (tlb.* counters, the histogram); otherwise it is
+    the VMM's software walk of guest tables (vmm.* counters).
+    """
+
+    def __init__(self, mem, stats, limit: int, dim: str = "guest", hardware: bool = True):
+        self.mem, self.stats, self.limit, self.dim = mem, stats, limit, dim
         self._counters = stats.counters
-        self._tags = stats.refs_by_tag
+        self._tags = stats.refs_by_tag if hardware else None
+        self._hist = stats.walk_hist if hardware else None
+        prefix = "tlb." if hardware else f"vmm.{dim}_"
+        self._walks, self._refs, self._ad = (f"{prefix}walks", f"{prefix}walk_refs",
+                                             f"{prefix}ad_writes")
 
     def read_entry(self, table_addr: int, level: int) -> int:
         """Read one paging-structure entry: the single counting point."""
         if table_addr + 8 > self.limit:
             raise GuestEscape(f"level-{level} paging structure at {table_addr:#x} is outside "
-                              f"guest memory [0, {self.limit:#x})")
-        self._tags[("guest", level)] += 1
+                              f"{self.dim} memory [0, {self.limit:#x})")
+        self._counters[self._refs] += 1
+        if self._tags is not None:
+            self._tags[(self.dim, level)] += 1
         return self.mem.read_u64(table_addr)
 
     def _set_bits(self, entry_addr: int, entry: int, bits: int) -> int:
         if entry & bits != bits:
             entry |= bits
             self.mem.write_u64(entry_addr, entry)
-            self._counters["tlb.ad_writes"] += 1
+            self._counters[self._ad] += 1
         return entry
 
-    def walk(self, cr3: int, vaddr: int, access: int, user: bool, wp: bool, nxe: bool) -> Translation:
+    def walk(self, cr3: int, vaddr: int, access: int, user: bool, wp: bool, nxe: bool,
+             path: list | None = None) -> Translation:
         """Translate `vaddr` for `access` at CPL 3 (`user`) or CPL 0..2.
 
         Raises PageFault with the architectural error code (SDM Vol.3A §4.7),
-        or NonCanonical.
+        or NonCanonical. `path`, if given, receives (level, entry address,
+        entry) for every entry read, the leaf last.
         """
         if not is_canonical(vaddr):
             raise NonCanonical(vaddr)
         counters = self._counters
-        counters["tlb.walks"] += 1
-        refs_before = sum_refs = counters["tlb.walk_refs"]
+        counters[self._walks] += 1
+        refs_before = counters[self._refs]
         try:
             err = (PFErr.W if access == WRITE else 0) | (PFErr.U if user else 0)
             if access == FETCH and nxe:
@@ -108,7 +131,6 @@ class Walker:
             while True:
                 entry_addr = table + ((vaddr >> level_shift(level)) & 0x1FF) * 8
                 entry = self.read_entry(entry_addr, level)
-                sum_refs += 1
                 if not entry & P:
                     raise PageFault(vaddr, err)
                 if entry & reserved_mask(level, entry, nxe):
@@ -118,7 +140,9 @@ class Walker:
                 nx |= bool(entry & NX) and nxe
                 if level == 1 or entry & PS:
                     break
-                self._set_bits(entry_addr, entry, A)
+                entry = self._set_bits(entry_addr, entry, A)
+                if path is not None:
+                    path.append((level, entry_addr, entry))
                 table = entry & ADDR_MASK
                 level -= 1
             # SDM Vol.3A §4.6: access rights of the whole walk.
@@ -128,16 +152,16 @@ class Walker:
                 raise PageFault(vaddr, err | PFErr.P)
             shift = level_shift(level)
             entry = self._set_bits(entry_addr, entry, A | (D if access == WRITE else 0))
+            if path is not None:
+                path.append((level, entry_addr, entry))
             # A large page may reach past the end of RAM; the MMU checks each
             # frame it hands out (see NativeMMU.fill).
             pbase = entry & ADDR_MASK & ~((1 << shift) - 1)
             return Translation(vaddr & ~((1 << shift) - 1), pbase, shift, writable, usable, nx,
                                bool(entry & G), bool(entry & D))
         finally:
-            refs = sum_refs - refs_before
-            counters["tlb.walk_refs"] = sum_refs
-            self.stats.walk_hist[refs] += 1
-
+            if self._hist is not None:
+                self._hist[counters[self._refs] - refs_before] += 1
 
     def peek(self, cr3: int, vaddr: int, nxe: bool) -> int | None:
         """The guest-physical address `vaddr` reads from now, or None."""

@@ -1,0 +1,359 @@
+"""`shadow`: software MMU virtualization, as VT-x did it before EPT (after
+KVM's shadow MMU, arch/x86/kvm/mmu/mmu.c and paging_tmpl.h).
+
+The hardware walks shadow page tables (guest-virtual -> host-physical, real
+4-level format, in the VMM's part of host memory) and never the guest's. The
+VMM builds them lazily on hidden page faults: a miss in the shadow tables
+that the guest's own tables resolve. Shadow pages are cached by guest frame
+and role (level, direct, accumulated access), KVM's `kvm_mmu_page`, so an
+address space the guest switches back to is found again.
+
+Invariants:
+- Every guest frame that a non-direct shadow page shadows (a live guest page
+  table) is mapped read-only by every shadow leaf that maps it: the reverse
+  map (`rmap`, guest frame -> leaf sptes) finds them all, through every
+  alias. So each guest write to a page table traps, and is emulated.
+- A shadow leaf is writable only if the guest's walk allows the write and
+  the guest's PTE is dirty: the first write traps and sets D in the guest.
+- Non-leaf sptes point only at shadow pages (the VMM area); leaf sptes only
+  at the VM's guest frames (GuestMemory.hpa). A guest table that points
+  outside its RAM stops the VM; tables that loop get one shadow page per
+  (frame, level), so the shadow tables never loop.
+- Whenever an spte is zapped or loses rights, the TLB of every vCPU of the
+  VM is flushed before it runs again (remote flushes are counted).
+"""
+from __future__ import annotations
+
+from ..arch.paging import (ADDR_MASK, D, ENTRIES_PER_TABLE, G, NX, P, PAGE_SIZE, PFErr, PS,
+                           RW, US, level_shift)
+from ..arch.vmx import ExitReason
+from ..arch.x86 import Vector
+from ..memory import GuestMemory
+from ..stats import Stats
+from .native import NativeMMU
+from .tlb import TLB
+from .walker import FETCH, READ, WRITE, EmulateWrite, GuestEscape, PageFault, Translation, Walker
+
+ACC_W, ACC_U, ACC_X = 1, 2, 4
+ACC_ALL = ACC_W | ACC_U | ACC_X
+FLOOD_LIMIT = 3         # emulated writes with no use in between (KVM's detect_write_flooding)
+RESERVE = 8             # free shadow frames kept for one fault's path
+
+
+def _acc(entry: int) -> int:
+    """The access an entry allows, as ACC_* bits."""
+    return (ACC_W if entry & RW else 0) | (ACC_U if entry & US else 0) | (0 if entry & NX else ACC_X)
+
+
+class ShadowPage:
+    """One shadow table page: the shadow of guest table `gfn` at `level`, or
+    (`direct`) a table for part of a guest large page starting at `gfn`."""
+    __slots__ = ("key", "gfn", "level", "direct", "access", "hpa", "parents")
+
+    def __init__(self, key, hpa: int):
+        self.key, self.hpa = key, hpa
+        self.gfn, self.level, self.direct, self.access = key
+        self.parents: dict[int, None] = {}      # sptes that point here
+
+
+class ShadowCache:
+    """The shadow MMU state of one VM, shared by its vCPUs."""
+
+    def __init__(self, guest: GuestMemory, vmm_size: int):
+        self.guest, self.host = guest, guest.host
+        self.pages: dict[tuple, ShadowPage] = {}
+        self.by_hpa: dict[int, ShadowPage] = {}
+        self.shadowed: dict[int, dict[tuple, ShadowPage]] = {}   # gfn -> non-direct pages
+        self.rmap: dict[int, dict[int, None]] = {}               # gfn -> leaf sptes
+        self.leaf_gfn: dict[int, int] = {}                       # leaf spte -> gfn
+        self.flood: dict[int, int] = {}                          # gfn -> emulated writes
+        self.free = list(range(vmm_size - PAGE_SIZE, -1, -PAGE_SIZE))
+        self.vcpus: list[ShadowMMU] = []
+
+    # -- shadow pages --------------------------------------------------------
+    def get_page(self, c, gfn: int, level: int, direct: bool, access: int) -> ShadowPage:
+        key = (gfn, level, direct, access)
+        sp = self.pages.get(key)
+        if sp is not None:
+            return sp
+        c["mmu_cache_miss"] += 1
+        hpa = self.free.pop()
+        self.host.write(hpa, bytes(PAGE_SIZE))
+        sp = self.pages[key] = self.by_hpa[hpa] = ShadowPage(key, hpa)
+        c[f"mmu_shadow_pages.L{level}"] += 1
+        if not direct:
+            first = gfn not in self.shadowed
+            self.shadowed.setdefault(gfn, {})[key] = sp
+            if first:
+                self.write_protect(c, gfn)
+        return sp
+
+    def ensure_free(self, c) -> None:
+        """Keep enough frames for one fault's path; recycle everything if not
+        (KVM zaps the oldest pages; hv starts over, which is rare and simple)."""
+        if len(self.free) < RESERVE:
+            c["mmu_recycled"] += 1
+            for sp in list(self.pages.values()):
+                self.zap_page(c, sp)
+            self.flush_all(c)
+
+    def link(self, parent: ShadowPage, index: int, child: ShadowPage) -> None:
+        spte_addr = parent.hpa + index * 8
+        if self.host.read_u64(spte_addr) & ADDR_MASK != child.hpa:
+            self.host.write_u64(spte_addr, child.hpa | P | RW | US)
+            child.parents[spte_addr] = None
+
+    def set_leaf(self, sp: ShadowPage, index: int, gfn: int, spte: int) -> None:
+        spte_addr = sp.hpa + index * 8
+        self._unmap_leaf(spte_addr)
+        self.host.write_u64(spte_addr, spte)
+        self.rmap.setdefault(gfn, {})[spte_addr] = None
+        self.leaf_gfn[spte_addr] = gfn
+
+    def _unmap_leaf(self, spte_addr: int) -> None:
+        gfn = self.leaf_gfn.pop(spte_addr, None)
+        if gfn is not None:
+            del self.rmap[gfn][spte_addr]
+
+    def zap_spte(self, c, spte_addr: int, level: int) -> bool:
+        """Clear one spte; True if it was present."""
+        spte = self.host.read_u64(spte_addr)
+        if not spte & P:
+            return False
+        if level > 1:
+            self.by_hpa[spte & ADDR_MASK].parents.pop(spte_addr, None)
+            c["mmu_pde_zapped"] += 1
+        else:
+            self._unmap_leaf(spte_addr)
+        self.host.write_u64(spte_addr, 0)
+        return True
+
+    def zap_page(self, c, sp: ShadowPage) -> None:
+        """Unlink a shadow page from its parents, clear it, free its frame."""
+        for spte_addr in sp.parents:
+            self.host.write_u64(spte_addr, 0)
+        for i in range(ENTRIES_PER_TABLE):
+            self.zap_spte(c, sp.hpa + i * 8, sp.level)
+        del self.pages[sp.key], self.by_hpa[sp.hpa]
+        if not sp.direct:
+            group = self.shadowed[sp.gfn]
+            del group[sp.key]
+            if not group:
+                del self.shadowed[sp.gfn]
+                self.flood.pop(sp.gfn, None)
+        self.free.append(sp.hpa)
+        c["mmu_shadow_zapped"] += 1
+        c[f"mmu_shadow_pages.L{sp.level}"] -= 1
+        for mmu in self.vcpus:
+            if mmu.root is sp:
+                mmu.root = None
+
+    # -- write protection ------------------------------------------------------
+    def write_protect(self, c, gfn: int) -> None:
+        """Make every leaf that maps `gfn` read-only (it became a page table)."""
+        changed = False
+        for spte_addr in self.rmap.get(gfn, ()):
+            spte = self.host.read_u64(spte_addr)
+            if spte & RW:
+                self.host.write_u64(spte_addr, spte & ~RW)
+                changed = True
+        if changed:
+            self.flush_all(c)
+
+    def pte_write(self, c, gfn: int, changed: list[int]) -> None:
+        """The guest wrote entries `changed` of its table `gfn`: zap the
+        sptes shadowing them (they are rebuilt on the next hidden fault)."""
+        zapped = False
+        for sp in list(self.shadowed.get(gfn, {}).values()):
+            for i in changed:
+                zapped |= self.zap_spte(c, sp.hpa + i * 8, sp.level)
+        n = self.flood[gfn] = self.flood.get(gfn, 0) + 1
+        if n >= FLOOD_LIMIT and gfn in self.shadowed:
+            # Written again and again, never used as a table in between:
+            # probably no page table any more. Stop shadowing it.
+            c["mmu_flooded"] += 1
+            for sp in list(self.shadowed[gfn].values()):
+                self.zap_page(c, sp)
+            zapped = True
+        if zapped:
+            self.flush_all(c)
+
+    def check(self) -> None:
+        """Assert the invariants at the top of this module (tests, --check)."""
+        guest_frames = {h >> 12 for h in self.guest.chunks}      # 2 MiB chunk bases
+        for sp in self.pages.values():
+            for i in range(ENTRIES_PER_TABLE):
+                spte_addr = sp.hpa + i * 8
+                spte = self.host.read_u64(spte_addr)
+                if not spte & P:
+                    continue
+                target = spte & ADDR_MASK
+                if sp.level > 1:
+                    child = self.by_hpa.get(target)
+                    assert child is not None and spte_addr in child.parents, \
+                        f"spte {spte_addr:#x} points at {target:#x}, no shadow page"
+                else:
+                    chunk = target & ~0x1F_FFFF
+                    assert chunk >> 12 in guest_frames, f"leaf {spte_addr:#x} maps {target:#x}"
+                    gfn = self.leaf_gfn[spte_addr]
+                    assert self.guest.hpa(gfn << 12) == target
+                    assert not (spte & RW and gfn in self.shadowed), \
+                        f"guest page table {gfn:#x} is writable through {spte_addr:#x}"
+
+    def flush_all(self, c) -> None:
+        """Flush the TLB of every vCPU of the VM (KVM's kvm_flush_remote_tlbs)."""
+        for mmu in self.vcpus:
+            mmu.tlb.flush_asid(mmu.asid)
+            mmu.counters["tlb_flush"] += 1
+            if mmu.counters is not c:
+                c["remote_tlb_flush"] += 1
+
+
+class ShadowMMU(NativeMMU):
+    name = "shadow"
+    intercepts = NativeMMU.intercepts | {ExitReason.CR_ACCESS, ExitReason.INVLPG}
+    exception_bitmap = frozenset({Vector.PF})
+
+    def __init__(self, vcpu, cache: ShadowCache, stats: Stats, tlb: TLB, asid: int = 0):
+        super().__init__(cache.guest, cache.guest.ram, stats, tlb, asid)
+        self.vcpu, self.cache, self.host = vcpu, cache, cache.host
+        # The VMM's software walks of guest tables, counted apart from the
+        # hardware's walks of the shadow tables.
+        self.walker = Walker(cache.guest, stats, cache.guest.ram, dim="guest", hardware=False)
+        self.hw = Walker(self.host, stats, self.host.size, dim="shadow")
+        self.root: ShadowPage | None = None
+        self.emulating: tuple[int, int] | None = None     # (virtual page, host frame)
+        cache.vcpus.append(self)
+
+    def load_state(self, cr0: int, cr3: int, cr4: int, efer: int) -> None:
+        super().load_state(cr0, cr3, cr4, efer)
+        self._hw_wp = True      # the VMM runs the guest with CR0.WP=1 in hardware
+        self.root = None
+
+    # -- the hardware walks the shadow tables ----------------------------------
+    def _root(self) -> ShadowPage:
+        if self.root is None:
+            self.cache.ensure_free(self.counters)
+            self.root = self.cache.get_page(self.counters, self.cr3 >> 12, 4, False, ACC_ALL)
+        return self.root
+
+    def hw_walk(self, vaddr: int, access: int, user: bool) -> Translation:
+        try:
+            return self.hw.walk(self._root().hpa, vaddr, access, user, True, True)
+        except PageFault as hw:
+            # A #PF in hardware: an EXCEPTION_NMI exit. The handler fixes the
+            # shadow tables (a hidden fault) or raises what the guest gets.
+            from ..exits import Exit, dispatch
+            dispatch(self.vcpu, Exit(ExitReason.EXCEPTION_NMI, vaddr, 0, value=Vector.PF,
+                                     error_code=hw.error_code))
+        return self.hw.walk(self._root().hpa, vaddr, access, user, True, True)
+
+    def host_frame(self, tr: Translation, vaddr: int) -> int:
+        return tr.paddr(vaddr)      # shadow leaves only map guest frames
+
+    def fill(self, vaddr: int, access: int, user: bool) -> tuple[int, int]:
+        em = self.emulating
+        if em is not None and access == WRITE and vaddr & ~(PAGE_SIZE - 1) == em[0]:
+            return em[1], 3     # the one write being emulated
+        return super().fill(vaddr, access, user)
+
+    def intercepted_exception(self, ex) -> None:
+        """#PF exit: fix a hidden fault, or raise the guest's own fault."""
+        err = ex.error_code
+        access = FETCH if err & PFErr.I else WRITE if err & PFErr.W else READ
+        self.fix(ex.qualification, access, bool(err & PFErr.U))
+
+    def fix(self, vaddr: int, access: int, user: bool) -> None:
+        c, cache = self.counters, self.cache
+        path: list = []
+        # The guest's own walk (it sets A/D in the guest's tables, as the
+        # hardware would have). A fault here is the guest's: raised as is.
+        self.walker.walk(self.cr3, vaddr, access, user, self._wp, self._nxe, path)
+        cache.ensure_free(c)
+        sp = self._root()
+        acc = ACC_ALL
+        for level, _addr, entry in path[:-1]:
+            acc &= _acc(entry)
+            gfn = (entry & ADDR_MASK) >> 12
+            child = cache.get_page(c, gfn, level - 1, False, acc)
+            cache.flood.pop(gfn, None)          # used as a table: not flooded
+            cache.link(sp, (vaddr >> level_shift(level)) & 0x1FF, child)
+            sp = child
+        leaf_level, _addr, leaf = path[-1]
+        acc &= _acc(leaf)
+        # A guest large page is shadowed by direct pages down to 4 KiB.
+        gfn = ((leaf & ADDR_MASK) >> 12) + ((vaddr >> 12) & ((1 << 9 * (leaf_level - 1)) - 1))
+        for level in range(leaf_level, 1, -1):
+            span = 1 << 9 * (level - 1)         # 4 KiB frames under one entry
+            base = gfn & ~(span - 1)
+            child = cache.get_page(c, base, level - 1, True, acc)
+            cache.link(sp, (vaddr >> level_shift(level)) & 0x1FF, child)
+            sp = child
+        hpa = cache.guest.hpa(gfn << 12)
+        if hpa is None:
+            raise GuestEscape(f"{vaddr:#x} maps guest-physical {gfn << 12:#x}, outside guest "
+                              f"memory [0, {cache.guest.ram:#x})")
+        if access == WRITE and gfn in cache.shadowed:
+            c["insn_emulation"] += 1
+            raise EmulateWrite(vaddr, gfn)
+        writable = acc & ACC_W and leaf & D and gfn not in cache.shadowed
+        spte = (hpa | P | (RW if writable else 0) | (US if acc & ACC_U else 0)
+                | (0 if acc & ACC_X else NX) | (leaf & G))
+        cache.set_leaf(sp, (vaddr >> 12) & 0x1FF, gfn, spte)
+        c["pf_fixed"] += 1
+
+    def emulate_write(self, vcpu, em: EmulateWrite) -> None:
+        """Run the faulting instruction once with the page writable, then
+        see which guest PTEs it changed (any writing instruction works)."""
+        c, cache = self.counters, self.cache
+        hpa = cache.guest.hpa(em.gfn << 12)
+        before = self.host.read(hpa, PAGE_SIZE)
+        self.emulating = (em.vaddr & ~(PAGE_SIZE - 1), hpa)
+        try:
+            vcpu.run(1)
+        finally:
+            self.emulating = None
+            vcpu.engine.flush_tlb()
+        after = self.host.read(hpa, PAGE_SIZE)
+        changed = [i for i in range(0, PAGE_SIZE, 8) if before[i:i + 8] != after[i:i + 8]]
+        c["mmu_pte_write"] += 1
+        cache.pte_write(c, em.gfn, [i // 8 for i in changed])
+
+    # -- intercepted paging events -------------------------------------------------
+    def write_cr(self, cr: int, value: int) -> None:
+        if cr == 3:
+            self.counters["cr3_loads"] += 1
+            self.cr3 = value
+            self.root = None                    # found again in the cache on use
+            self.cache.ensure_free(self.counters)
+            self._root()
+            self._flush(self.tlb.flush_nonglobal(self.asid))
+        else:
+            super().write_cr(cr, value)
+            self._hw_wp = True
+
+    def write_efer(self, value: int) -> None:
+        super().write_efer(value)
+        self._hw_wp = True
+
+    def invlpg(self, vaddr: int) -> None:
+        """Zap the leaf spte for `vaddr` (rebuilt from the guest's PTE on the
+        next hidden fault) and drop the TLB entry."""
+        self.counters["invlpg"] += 1
+        if self.root is not None:
+            table = self.root.hpa
+            for level in range(4, 0, -1):
+                spte_addr = table + ((vaddr >> level_shift(level)) & 0x1FF) * 8
+                spte = self.host.read_u64(spte_addr)
+                if not spte & P:
+                    break
+                if level == 1:
+                    self.cache.zap_spte(self.counters, spte_addr, 1)
+                    break
+                table = spte & ADDR_MASK
+        self.tlb.invlpg(self.asid, vaddr)
+
+    def peek(self, vaddr: int) -> int | None:
+        gpa = self._peeker.peek(self.cr3, vaddr, self._nxe)
+        return None if gpa is None else self.cache.guest.hpa(gpa)
+

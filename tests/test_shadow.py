@@ -1,0 +1,221 @@
+"""Shadow paging: exits counted exactly on purpose-built guests, write
+protection, flooding, and the shadow MMU's invariants."""
+import pytest
+
+import hv
+from hv.api import make_result
+from hv.vm import VM, Config
+
+from conftest import LIB, image
+
+EXIT = "xor eax, eax\nmov dx, 0xf4\nout dx, al\n"
+N = 10
+
+# VA 0x3000000 through a 4 KiB page table at 0x500000 (boot PD entry 24),
+# frames 0x600000 + i*4K; the PT is live once the guest has used it.
+# r14 = the PT, r15 = the VA (marks clobber rax and rbx).
+MAP_PT = """
+    mov r14, 0x500000
+    mov rax, 0x600003
+    mov qword ptr [r14], rax
+    mov rax, 0x500003
+    mov rcx, 0x4000
+    mov qword ptr [rcx + 24 * 8], rax
+    mov r15, 0x3000000
+    invlpg [r15]
+    mov rax, qword ptr [r15]            ; uses the PT: now it is shadowed
+"""
+
+
+def shadow_run(src: str, **kw) -> tuple[hv.Result, VM]:
+    vm = VM(image(src), Config(mmu="shadow", **kw))
+    vm.run()
+    vm.shadow.check()
+    return make_result("test", vm), vm
+
+
+def mark(n: int) -> str:
+    return f"xor eax, eax\nmov ebx, {n}\nvmcall\n"
+
+
+def test_guest_memory_is_scattered_in_host_memory():
+    _, vm = shadow_run(EXIT)
+    gpas = range(0, vm.guest.ram, 2 << 20)
+    assert all(vm.guest.hpa(g) != g for g in gpas)
+    assert len({vm.guest.hpa(g) for g in gpas}) == len(gpas)
+    assert vm.guest.hpa(vm.guest.ram) is None
+
+
+def test_each_cr3_load_is_one_cr_access_exit():
+    r, _ = shadow_run(mark(1) + f"""
+        mov rcx, {N}
+        mov rax, cr3
+    again:
+        mov cr3, rax
+        dec rcx
+        jnz again
+    """ + mark(2) + EXIT)
+    d = r.between(1, 2)
+    assert d["exit.CR_ACCESS"] == N and d["cr3_loads"] == N
+    assert "mmu_cache_miss" not in d        # the same address space, found again
+
+
+def test_each_invlpg_is_one_invlpg_exit():
+    r, _ = shadow_run(mark(1) + f"""
+        mov rcx, {N}
+        mov rbx, 0x1000000
+    again:
+        invlpg [rbx]
+        add rbx, 0x1000
+        dec rcx
+        jnz again
+    """ + mark(2) + EXIT)
+    d = r.between(1, 2)
+    assert d["exit.INVLPG"] == N and d["invlpg"] == N
+
+
+def test_each_write_to_a_live_pte_is_one_emulated_write():
+    """Remap, INVLPG, use: the table stays live, so no flooding."""
+    r, _ = shadow_run(MAP_PT + mark(1) + f"""
+        mov r8, {N}
+        mov rdx, 0x601003
+    again:
+        mov qword ptr [r14], rdx            ; a write to a live PTE: trapped
+        invlpg [r15]
+        mov rax, qword ptr [r15]            ; hidden fault: the table is used
+        add rdx, 0x1000
+        dec r8
+        jnz again
+    """ + mark(2) + EXIT)
+    d = r.between(1, 2)
+    assert d["mmu_pte_write"] == N and d["insn_emulation"] == N
+    assert d["pf_fixed"] == N and "mmu_flooded" not in d
+    assert d["exit.EXCEPTION_NMI"] == 2 * N and d["exit.INVLPG"] == N
+
+
+def test_writes_by_any_instruction_are_emulated():
+    r, _ = shadow_run(MAP_PT + mark(1) + """
+        mov rax, 0x601003
+        xchg qword ptr [r14], rax           ; not a mov
+        invlpg [r15]
+        mov rax, qword ptr [r15]
+        mov rax, 0x601003
+        mov rdx, 0x602003
+        lock cmpxchg qword ptr [r14], rdx
+        invlpg [r15]
+        mov r9, qword ptr [r15]             ; reads frame 0x602000
+        mov rax, 0x602000
+        cmp r9, qword ptr [rax]
+        jne bad
+    """ + mark(2) + EXIT + "bad:\nmov al, 1\nmov dx, 0xf4\nout dx, al\n")
+    assert r.exit_code == 0
+    assert r.between(1, 2)["mmu_pte_write"] == 2
+
+
+def test_a_page_that_stops_being_a_table_stops_costing_exits():
+    r, _ = shadow_run(MAP_PT + """
+        mov rcx, 0x4000
+        mov qword ptr [rcx + 24 * 8], 0     ; unlink the PT from the PD
+        invlpg [r15]
+    """ + mark(1) + f"""
+        mov r8, {N}
+    again:
+        mov qword ptr [r14 + 8 * r8], r8    ; the old PT is data now
+        dec r8
+        jnz again
+    """ + mark(2) + EXIT)
+    d = r.between(1, 2)
+    assert d["mmu_flooded"] == 1 and d["mmu_pte_write"] == 3
+    assert d["mmu_shadow_zapped"] >= 1
+    # after the third write the page is writable again: one hidden fault
+    assert d["exit.EXCEPTION_NMI"] == 4 and d["pf_fixed"] == 1
+
+
+def test_address_spaces_are_found_again():
+    """Switching back to an address space costs no new shadow pages."""
+    r, _ = shadow_run(mark(1) + f"""
+        mov r12, cr3
+        mov rdi, 0x700000                   ; a second PML4: a copy of the boot one
+        mov rsi, r12
+        mov rcx, 512
+        rep movsq
+        mov r13, 0x700000
+        mov cr3, r13
+        mov rax, qword ptr [0x1000000]
+        mov cr3, r12
+        mov rax, qword ptr [0x1000000]
+    """ + mark(2) + f"""
+        mov rcx, {N}
+    again:
+        mov cr3, r13
+        mov rax, qword ptr [0x1000000]
+        mov cr3, r12
+        mov rax, qword ptr [0x1000000]
+        dec rcx
+        jnz again
+    """ + mark(3) + EXIT)
+    assert r.between(1, 2)["mmu_cache_miss"] >= 1
+    d = r.between(2, 3)
+    assert "mmu_cache_miss" not in d and d["exit.CR_ACCESS"] == 2 * N
+
+
+def test_guest_page_fault_is_injected_and_demand_mapping_fixed():
+    """A #PF handler that maps N pages on demand: N injected guest faults,
+    N emulated PTE writes, N hidden faults fixed when the access retries."""
+    r, _ = shadow_run(LIB + MAP_PT + """
+        mov rdi, 14
+        lea rsi, [rip + pf_handler]
+        call idt_set_handler
+    """ + mark(1) + f"""
+        mov r12, 0x3001000
+        mov r13, {N}
+    touch:
+        mov qword ptr [r12], r13            ; not present: the handler maps it
+        add r12, 0x1000
+        dec r13
+        jnz touch
+    """ + mark(2) + """
+        xor eax, eax
+        call exit
+    pf_handler:
+        mov rax, cr2
+        sub rax, 0x3000000
+        shr rax, 12                          ; PTE index
+        mov rdx, rax
+        shl rdx, 12
+        add rdx, 0x600003                    ; frame 0x600000 + index*4K
+        mov qword ptr [0x500000 + rax * 8], rdx
+        ret
+    """)
+    assert r.exit_code == 0, r.console
+    d = r.between(1, 2)
+    assert d["pf_guest"] == N and d["mmu_pte_write"] == N
+    assert d["pf_fixed"] >= N
+    assert d["exit.EXCEPTION_NMI"] == d["pf_guest"] + d["mmu_pte_write"] + d["pf_fixed"]
+
+
+def test_recursive_page_table_mapping(mode):
+    """PML4[511] points at the PML4 itself: one frame, shadowed per level."""
+    from conftest import run_src
+    r = run_src("""
+        mov rbx, 0x2000
+        mov rax, 0x2003
+        mov qword ptr [rbx + 511 * 8], rax  ; the recursive slot
+        mov rax, 0xFFFFFFFFFFFFF000         ; the PML4 itself, via 4 recursive steps
+        mov rax, qword ptr [rax]            ; PML4[0]
+        and rax, ~0xFFF
+        cmp rax, 0x3000                      ; the boot PDPT
+        sete al
+        mov dx, 0xf4
+        out dx, al
+    """, mode)
+    assert r.exit_code == 1
+
+
+@pytest.mark.parametrize("guest", ["hello", "pagetouch"])
+def test_bundled_guests_keep_the_invariants(guest):
+    _name, img = hv.load_guest(guest)
+    vm = VM(img, Config(mmu="shadow"))
+    vm.run()
+    assert vm.exit_code == 0
+    vm.shadow.check()
