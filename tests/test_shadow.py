@@ -219,3 +219,17 @@ def test_bundled_guests_keep_the_invariants(guest):
     vm.run()
     assert vm.exit_code == 0
     vm.shadow.check()
+
+
+def test_guest_physical_addresses_never_reach_the_vmm_area():
+    """GPA 0 is a guest frame, not host frame 0 (where the shadow root lives)."""
+    r, vm = shadow_run("""
+        xor ebx, ebx
+        mov rax, 0x1122334455667788
+        mov qword ptr [rbx], rax
+    """ + EXIT)
+    assert r.exit_code == 0
+    root_hpa = vm.vcpus[0].mmu.root.hpa
+    assert root_hpa < vm.guest.chunks[-1]                   # in the VMM area
+    assert vm.guest.read(0, 8) == (0x1122334455667788).to_bytes(8, "little")
+    assert vm.mem.read(root_hpa, 8) != vm.guest.read(0, 8)
