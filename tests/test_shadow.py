@@ -233,3 +233,20 @@ def test_guest_physical_addresses_never_reach_the_vmm_area():
     assert root_hpa < vm.guest.chunks[-1]                   # in the VMM area
     assert vm.guest.read(0, 8) == (0x1122334455667788).to_bytes(8, "little")
     assert vm.mem.read(root_hpa, 8) != vm.guest.read(0, 8)
+
+
+def test_supervisor_write_to_a_read_only_page_with_cr0_wp_clear(mode):
+    from conftest import run_src
+    r = run_src(MAP_PT + """
+        mov rax, 0x600001                   ; read-only
+        mov qword ptr [r14], rax
+        invlpg [r15]
+        mov rax, cr0
+        and rax, ~0x10000                   ; CR0.WP = 0
+        mov cr0, rax
+        mov qword ptr [r15], 0x42           ; allowed at CPL 0
+        mov rax, qword ptr [r15]
+        mov dx, 0xf4
+        out dx, al
+    """, mode)
+    assert r.exit_code == 0x42

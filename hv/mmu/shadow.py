@@ -293,10 +293,12 @@ class ShadowMMU(NativeMMU):
         if hpa is None:
             raise GuestEscape(f"{vaddr:#x} maps guest-physical {gfn << 12:#x}, outside guest "
                               f"memory [0, {cache.guest.ram:#x})")
-        if access == WRITE and gfn in cache.shadowed:
+        writable = acc & ACC_W and leaf & D and gfn not in cache.shadowed
+        if access == WRITE and not writable:
+            # A write the guest allows but the shadow must not: to a guest
+            # page table, or to a read-only page with the guest's CR0.WP=0.
             c["insn_emulation"] += 1
             raise EmulateWrite(vaddr, gfn)
-        writable = acc & ACC_W and leaf & D and gfn not in cache.shadowed
         spte = (hpa | P | (RW if writable else 0) | (US if acc & ACC_U else 0)
                 | (0 if acc & ACC_X else NX) | (leaf & G))
         cache.set_leaf(sp, (vaddr >> 12) & 0x1FF, gfn, spte)
@@ -314,10 +316,11 @@ class ShadowMMU(NativeMMU):
         finally:
             self.emulating = None
             vcpu.engine.flush_tlb()
-        after = self.host.read(hpa, PAGE_SIZE)
-        changed = [i for i in range(0, PAGE_SIZE, 8) if before[i:i + 8] != after[i:i + 8]]
-        c["mmu_pte_write"] += 1
-        cache.pte_write(c, em.gfn, [i // 8 for i in changed])
+        if em.gfn in cache.shadowed:
+            after = self.host.read(hpa, PAGE_SIZE)
+            changed = [i // 8 for i in range(0, PAGE_SIZE, 8) if before[i:i + 8] != after[i:i + 8]]
+            c["mmu_pte_write"] += 1
+            cache.pte_write(c, em.gfn, changed)
 
     # -- intercepted paging events -------------------------------------------------
     def write_cr(self, cr: int, value: int) -> None:
