@@ -100,7 +100,7 @@ class VM:
         tlb = TLB(self.config.tlb_entries, self.config.tlb_ways)
         if self.mmu_mode == "shadow":
             return ShadowMMU(vcpu, self.shadow, vcpu.stats, tlb)
-        return NativeMMU(self.mem, self.config.ram, vcpu.stats, tlb)
+        return NativeMMU(self.guest, vcpu.stats, tlb)
 
     def _build_boot_tables(self) -> None:
         m = self.guest

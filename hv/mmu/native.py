@@ -9,6 +9,7 @@ from __future__ import annotations
 from ..arch.paging import PAGE_SIZE
 from ..arch.vmx import ExitReason
 from ..arch.x86 import CR0, CR4, EFER
+from ..memory import GuestMemory
 from ..stats import Stats
 from .tlb import TLB
 from .walker import FETCH, WRITE, GuestEscape, Translation, Walker
@@ -28,12 +29,14 @@ class NativeMMU:
     # bitmap, SDM Vol.3C §25.6.3). Others are delivered to the guest directly.
     exception_bitmap: frozenset[int] = frozenset()
 
-    def __init__(self, mem, ram: int, stats: Stats, tlb: TLB, asid: int = 0):
-        # Bare metal: guest-physical memory is host-physical, `mem` both.
-        self.mem, self.ram, self.stats, self.tlb, self.asid = mem, ram, stats, tlb, asid
+    def __init__(self, guest: GuestMemory, stats: Stats, tlb: TLB, asid: int = 0):
+        self.guest, self.mem, self.ram = guest, guest.host, guest.ram
+        self.stats, self.tlb, self.asid = stats, tlb, asid
         self.counters = stats.counters
-        self.walker = Walker(mem, stats, ram)
-        self._peeker = self.peek_walker(mem, ram)
+        # Bare metal: guest-physical is host-physical, so the walker reads
+        # host memory directly.
+        self.walker = Walker(self.mem, stats, self.ram)
+        self._peeker = self.peek_walker(guest, self.ram)
         self.cr0 = self.cr3 = self.cr4 = self.efer = 0
         self._hw_wp = True      # CR0.WP as the hardware walker applies it
 
@@ -135,7 +138,8 @@ class NativeMMU:
     def peek(self, vaddr: int) -> int | None:
         """Where `vaddr` points now, with no side effect and nothing counted
         (for the VMM's own inspection: code scanning, crash reports)."""
-        return self._peeker.peek(self.cr3, vaddr, self._nxe)
+        gpa = self._peeker.peek(self.cr3, vaddr, self._nxe)
+        return None if gpa is None else self.guest.hpa(gpa)
 
 
 class _ReadOnly:

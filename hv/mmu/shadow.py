@@ -215,7 +215,7 @@ class ShadowMMU(NativeMMU):
     exception_bitmap = frozenset({Vector.PF})
 
     def __init__(self, vcpu, cache: ShadowCache, stats: Stats, tlb: TLB, asid: int = 0):
-        super().__init__(cache.guest, cache.guest.ram, stats, tlb, asid)
+        super().__init__(cache.guest, stats, tlb, asid)
         self.vcpu, self.cache, self.host = vcpu, cache, cache.host
         # The VMM's software walks of guest tables, counted apart from the
         # hardware's walks of the shadow tables.
@@ -355,8 +355,3 @@ class ShadowMMU(NativeMMU):
                     break
                 table = spte & ADDR_MASK
         self.tlb.invlpg(self.asid, vaddr)
-
-    def peek(self, vaddr: int) -> int | None:
-        gpa = self._peeker.peek(self.cr3, vaddr, self._nxe)
-        return None if gpa is None else self.cache.guest.hpa(gpa)
-

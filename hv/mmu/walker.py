@@ -9,6 +9,8 @@ the access is allowed (SDM Vol.3A §4.8 allows either order).
 """
 from __future__ import annotations
 
+from ..arch import ept
+from ..arch.ept import EptQual
 from ..arch.paging import (A, ADDR_MASK, D, G, NX, P, PS, RW, US, PFErr, Level, is_canonical,
                            level_shift, reserved_mask)
 from ..errors import HvError
@@ -67,22 +69,46 @@ class EmulateWrite(Exception):
         self.vaddr, self.gfn = vaddr, gfn
 
 
+class EptViolation(Exception):
+    """An EPT walk found no entry, or one without the rights the access needs:
+    an EPT_VIOLATION exit (SDM Vol.3C §29.3.3.2)."""
+
+    def __init__(self, gpa: int, qualification: int):
+        super().__init__(f"EPT violation at guest-physical {gpa:#x} (qualification {qualification:#x})")
+        self.gpa, self.qualification = gpa, qualification
+
+
+class EptMisconfig(Exception):
+    """An EPT entry the processor refuses: an EPT_MISCONFIG exit."""
+
+    def __init__(self, gpa: int, level: int, entry: int):
+        super().__init__(f"EPT misconfiguration at guest-physical {gpa:#x}: level-{level} "
+                         f"entry {entry:#x}")
+        self.gpa, self.level, self.entry = gpa, level, entry
+
+
 class GuestEscape(HvError):
     """A guest paging structure points outside the guest's memory."""
 
 
 class Walker:
-    """Walks x86-64 4-level tables in `mem` (addresses below `limit`) and
-    counts every reference in `stats`.
+    """Walks 4-level tables in `mem` (addresses below `limit`) and counts
+    every reference in `stats`: x86-64 paging structures with `walk`, EPT
+    with `walk_ept`.
 
     `dim` names the tables walked in reference tags: "guest" for the guest's
-    own tables, "shadow" for the VMM's shadow tables. A `hardware` walker is
-    the CPU's page walker (tlb.* counters, the histogram); otherwise it is
-    the VMM's software walk of guest tables (vmm.* counters).
+    own tables, "shadow" for shadow tables, "ept" for EPT. A `hardware`
+    walker is the CPU's page walker (tlb.* counters); otherwise it is the
+    VMM's software walk of guest tables (vmm.* counters). `nested`, for a
+    two-dimensional walk, translates each guest-physical address the walk
+    uses (every table entry and the final page) through EPT:
+    nested(gpa, access, final) -> (host-physical address, page shift).
     """
 
-    def __init__(self, mem, stats, limit: int, dim: str = "guest", hardware: bool = True):
+    def __init__(self, mem, stats, limit: int, dim: str = "guest", hardware: bool = True,
+                 nested=None):
         self.mem, self.stats, self.limit, self.dim = mem, stats, limit, dim
+        self.nested = nested
         self._counters = stats.counters
         self._tags = stats.refs_by_tag if hardware else None
         self._hist = stats.walk_hist if hardware else None
@@ -90,15 +116,22 @@ class Walker:
         self._walks, self._refs, self._ad = (f"{prefix}walks", f"{prefix}walk_refs",
                                              f"{prefix}ad_writes")
 
-    def read_entry(self, table_addr: int, level: int) -> int:
-        """Read one paging-structure entry: the single counting point."""
-        if table_addr + 8 > self.limit:
-            raise GuestEscape(f"level-{level} paging structure at {table_addr:#x} is outside "
-                              f"{self.dim} memory [0, {self.limit:#x})")
+    def read_entry(self, addr: int, level: int) -> int:
+        """Read one paging-structure entry at host address `addr`: the
+        single counting point of every walk."""
         self._counters[self._refs] += 1
         if self._tags is not None:
             self._tags[(self.dim, level)] += 1
-        return self.mem.read_u64(table_addr)
+        return self.mem.read_u64(addr)
+
+    def _locate(self, table_addr: int, level: int) -> int:
+        """The host address of a paging-structure entry."""
+        if self.nested is not None:
+            return self.nested(table_addr, READ, False)[0]
+        if table_addr + 8 > self.limit:
+            raise GuestEscape(f"level-{level} paging structure at {table_addr:#x} is outside "
+                              f"{self.dim} memory [0, {self.limit:#x})")
+        return table_addr
 
     def _set_bits(self, entry_addr: int, entry: int, bits: int) -> int:
         if entry & bits != bits:
@@ -113,7 +146,8 @@ class Walker:
 
         Raises PageFault with the architectural error code (SDM Vol.3A §4.7),
         or NonCanonical. `path`, if given, receives (level, entry address,
-        entry) for every entry read, the leaf last.
+        entry) for every entry read, the leaf last. A nested walk returns the
+        host-physical translation, at the smaller of the two page sizes.
         """
         if not is_canonical(vaddr):
             raise NonCanonical(vaddr)
@@ -129,7 +163,7 @@ class Walker:
             nx = False
             level = 4
             while True:
-                entry_addr = table + ((vaddr >> level_shift(level)) & 0x1FF) * 8
+                entry_addr = self._locate(table + ((vaddr >> level_shift(level)) & 0x1FF) * 8, level)
                 entry = self.read_entry(entry_addr, level)
                 if not entry & P:
                     raise PageFault(vaddr, err)
@@ -155,13 +189,50 @@ class Walker:
             if path is not None:
                 path.append((level, entry_addr, entry))
             # A large page may reach past the end of RAM; the MMU checks each
-            # frame it hands out (see NativeMMU.fill).
-            pbase = entry & ADDR_MASK & ~((1 << shift) - 1)
-            return Translation(vaddr & ~((1 << shift) - 1), pbase, shift, writable, usable, nx,
-                               bool(entry & G), bool(entry & D))
+            # frame it hands out (see NativeMMU.host_frame).
+            paddr = (entry & ADDR_MASK & ~((1 << shift) - 1)) | (vaddr & ((1 << shift) - 1))
+            if self.nested is not None:
+                paddr, ept_shift = self.nested(paddr, access, True)
+                shift = min(shift, ept_shift)
+            return Translation(vaddr & ~((1 << shift) - 1), paddr & ~((1 << shift) - 1), shift,
+                               writable, usable, nx, bool(entry & G), bool(entry & D))
         finally:
             if self._hist is not None:
                 self._hist[counters[self._refs] - refs_before] += 1
+
+    def walk_ept(self, eptp: int, gpa: int, access: int, final: bool) -> tuple[int, int]:
+        """Translate guest-physical `gpa` through EPT: (host-physical address,
+        page shift). One step of a two-dimensional walk: its references are
+        counted, it is no walk of its own. Raises EptViolation, EptMisconfig.
+        """
+        need = (ept.R, ept.W, ept.X)[access]
+        table = eptp & ADDR_MASK
+        rights = ept.RWX
+        level = 4
+        while True:
+            entry_addr = table + ((gpa >> level_shift(level)) & 0x1FF) * 8
+            if entry_addr + 8 > self.limit:
+                raise GuestEscape(f"EPT table at {entry_addr:#x} is outside host memory")
+            entry = self.read_entry(entry_addr, level)
+            if not entry & ept.RWX:
+                rights = 0
+                break
+            if ept.misconfigured(level, entry):
+                raise EptMisconfig(gpa, level, entry)
+            rights &= entry
+            if level == 1 or entry & ept.LARGE:
+                break
+            self._set_bits(entry_addr, entry, ept.EA)
+            table = entry & ADDR_MASK
+            level -= 1
+        if not rights & need:
+            qual = ((EptQual.READ, EptQual.WRITE, EptQual.FETCH)[access]
+                    | (rights & ept.RWX) << 3 | EptQual.GLA_VALID
+                    | (EptQual.GLA_TRANSLATION if final else 0))
+            raise EptViolation(gpa, qual)
+        self._set_bits(entry_addr, entry, ept.EA | (ept.ED if access == WRITE else 0))
+        shift = level_shift(level)
+        return (entry & ADDR_MASK & ~((1 << shift) - 1)) | (gpa & ((1 << shift) - 1)), shift
 
     def peek(self, cr3: int, vaddr: int, nxe: bool) -> int | None:
         """The guest-physical address `vaddr` reads from now, or None."""
