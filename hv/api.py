@@ -1,7 +1,7 @@
 """The Python API: hv.run(guest, mmu=..., ...) -> Result."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from . import asm
@@ -68,20 +68,23 @@ def load_guest(guest: str | Path) -> tuple[str, bytes]:
         raise HvError(f"cannot read {path}: {e.strerror}") from None
 
 
-def run(guest: str | Path, mmu: str = "native", *, ram: int | str = "64M", vcpus: int = 1,
-        tlb_entries: int = 1536, tlb_ways: int = 12, max_insns: int = 500_000_000,
-        quantum: int = 1_000_000, image: bytes | None = None, on_console=None) -> Result:
+def run(guest: str | Path, mmu: str = "native", *, ram: int | str = "64M",
+        image: bytes | None = None, on_console=None, **options) -> Result:
     """Boot `guest` (path or bundled name; or `image` bytes) and run it to the end.
 
-    `on_console(byte)` sees the guest's console output as it is written.
+    `options` are the fields of hv.vm.Config (vcpus, tlb_entries, tlb_ways,
+    max_insns, quantum, ept_large_pages). `on_console(byte)` sees the guest's
+    console output as it is written.
     """
     if image is None:
         name, image = load_guest(guest)
     else:
         name = str(guest)
-    config = Config(mmu=mmu, ram=parse_size(ram) if isinstance(ram, str) else ram, vcpus=vcpus,
-                    tlb_entries=tlb_entries, tlb_ways=tlb_ways, max_insns=max_insns,
-                    quantum=quantum)
+    unknown = set(options) - {f.name for f in fields(Config)}
+    if unknown:
+        raise HvError(f"unknown option {', '.join(sorted(unknown))} (options: "
+                      f"{', '.join(f.name for f in fields(Config) if f.name != 'mmu')})")
+    config = Config(mmu=mmu, ram=parse_size(ram) if isinstance(ram, str) else ram, **options)
     vm = VM(image, config, on_console)
     vm.run()
     return make_result(name, vm)
@@ -93,8 +96,9 @@ def make_result(name: str, vm: VM) -> Result:
     counters = {k: v for k, v in snap.items() if not k.startswith(("tlb.", "exit."))}
     tlb = {n: snap[f"tlb.{n}"] for n in TLB_NAMES}
     tlb["walk_refs_hist"] = {str(k): v for k, v in sorted(total.walk_hist.items())}
-    tlb["walk_refs_by_level"] = {LEVEL_NAMES[lv]: n for (_dim, lv), n in
-                                 sorted(total.refs_by_tag.items(), key=lambda t: -t[0][1])}
+    # "guest.PML4", "ept.PT", ...: by dimension (whose tables), then level.
+    tlb["walk_refs_by_level"] = {f"{dim}.{LEVEL_NAMES[lv]}": n for (dim, lv), n in
+                                 sorted(total.refs_by_tag.items(), key=lambda t: (t[0][0], -t[0][1]))}
     if vm.mmu_mode == "qemu":
         tlb = {"modelled": False}
     c = vm.config
@@ -103,5 +107,4 @@ def make_result(name: str, vm: VM) -> Result:
         console=vm.console.decode("utf-8", "replace"),
         exits={r.name: n for r, n in sorted(total.exits.items())},
         counters=counters, tlb=tlb, marks=dict(vm.marks),
-        config={"ram": c.ram, "vcpus": c.vcpus, "tlb_entries": c.tlb_entries,
-                "tlb_ways": c.tlb_ways, "max_insns": c.max_insns, "quantum": c.quantum})
+        config={f.name: getattr(c, f.name) for f in fields(c)})

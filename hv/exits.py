@@ -123,6 +123,18 @@ def _exception(vcpu: "VCpu", ex: Exit) -> None:
         vcpu.deliver(ex.value, ex.error_code, ex.rip, cr2=ex.qualification)
 
 
+@handles(ExitReason.EPT_VIOLATION)
+def _ept_violation(vcpu: "VCpu", ex: Exit) -> None:
+    # `value` is the guest-physical address (its own VMCS field, SDM
+    # Vol.3C §28.2.1); the qualification says which access and why.
+    vcpu.mmu.ept_violation(ex.value)
+
+
+@handles(ExitReason.EPT_MISCONFIG)
+def _ept_misconfig(vcpu: "VCpu", ex: Exit) -> None:
+    vcpu.vm.finish("ept_misconfig", f"EPT misconfiguration for guest-physical {ex.value:#x}")
+
+
 @handles(ExitReason.TRIPLE_FAULT)
 def _triple_fault(vcpu: "VCpu", ex: Exit) -> None:
     vcpu.vm.finish("triple_fault", vcpu.describe_fault(ex))

@@ -75,10 +75,22 @@ class GuestMemory:
         return cls(PhysMem(ram), ram, [i * CHUNK for i in range(ram // CHUNK)])
 
     @classmethod
-    def scattered(cls, ram: int, vmm_size: int) -> "GuestMemory":
-        n = ram // CHUNK
-        host = PhysMem(vmm_size + ram)
-        return cls(host, ram, [vmm_size + (n - 1 - i) * CHUNK for i in range(n)])
+    def scattered(cls, ram: int, vmm_size: int, block: int = CHUNK) -> "GuestMemory":
+        """Guest RAM above a VMM area of `vmm_size` bytes, in blocks of
+        `block` bytes placed in reverse order (chunks in order inside a
+        block, so a block can be mapped by one large page)."""
+        per, n = block // CHUNK, ram // CHUNK
+        blocks = -(-n // per)
+        host = PhysMem(vmm_size + blocks * block)
+        return cls(host, ram, [vmm_size + (blocks - 1 - i // per) * block + (i % per) * CHUNK
+                               for i in range(n)])
+
+    def contiguous(self, gpa: int, size: int) -> bool:
+        """Whether [gpa, gpa+size) is one host-contiguous, size-aligned run."""
+        base = self.hpa(gpa)
+        if base is None or base % size or gpa + size > self.ram:
+            return False
+        return all(self.hpa(gpa + k) == base + k for k in range(0, size, CHUNK))
 
     def hpa(self, gpa: int) -> int | None:
         if not 0 <= gpa < self.ram:
@@ -108,6 +120,28 @@ class GuestMemory:
         for h, n in self._pieces(gpa, len(data)):
             self.host.write(h, data[done:done + n])
             done += n
+
+
+class VmmFrames:
+    """The VMM's own 4 KiB frames in host memory [0, size): shadow or EPT
+    tables. The guest reaches none of them (GuestMemory places RAM above)."""
+
+    def __init__(self, host: PhysMem, size: int):
+        self.host = host
+        self._free = list(range(size - 4096, -1, -4096))
+
+    def __len__(self) -> int:
+        return len(self._free)
+
+    def alloc(self) -> int:
+        if not self._free:
+            raise HvError("the VMM ran out of memory for its tables")
+        hpa = self._free.pop()
+        self.host.write(hpa, bytes(4096))
+        return hpa
+
+    def free(self, hpa: int) -> None:
+        self._free.append(hpa)
 
 
 def parse_size(text: str) -> int:

@@ -18,6 +18,7 @@ from .engine import EngineError
 from .errors import HvError
 from .memory import CHUNK, GiB, GuestMemory, MiB
 from .mmu import MODES
+from .mmu.ept import EptMMU, EptTables
 from .mmu.native import NativeMMU
 from .mmu.qemu import QemuMMU
 from .mmu.shadow import ShadowCache, ShadowMMU
@@ -51,6 +52,7 @@ class Config:
     tlb_ways: int = 12
     max_insns: int = 500_000_000
     quantum: int = 1_000_000
+    ept_large_pages: bool = False
 
     def check(self) -> None:
         if self.mmu not in MODES:
@@ -73,10 +75,18 @@ class VM:
         if LOAD_ADDR + len(image) > config.ram:
             raise HvError(f"a guest of {len(image)} bytes does not fit in {config.ram // MiB} MiB "
                           f"of RAM at {LOAD_ADDR:#x}")
+        vmm_size = max(8 * MiB, config.ram // 8 // CHUNK * CHUNK)
         if config.mmu == "shadow":
-            vmm_size = max(8 * MiB, config.ram // 8 // CHUNK * CHUNK)
             self.guest = GuestMemory.scattered(config.ram, vmm_size)
             self.shadow = ShadowCache(self.guest, vmm_size)
+        elif config.mmu == "ept":
+            # With large pages, RAM is placed by 1 GiB blocks above a 1 GiB
+            # VMM area (untouched pages cost no host memory), so EPT can map
+            # whole GiBs where the guest has them.
+            block = GiB if config.ept_large_pages else CHUNK
+            vmm_size = -(-vmm_size // block) * block
+            self.guest = GuestMemory.scattered(config.ram, vmm_size, block)
+            self.ept = EptTables(self.guest, vmm_size, config.ept_large_pages)
         else:
             self.guest = GuestMemory.identity(config.ram)
         # Host-physical memory: what the engines map and the VMM addresses
@@ -100,6 +110,8 @@ class VM:
         tlb = TLB(self.config.tlb_entries, self.config.tlb_ways)
         if self.mmu_mode == "shadow":
             return ShadowMMU(vcpu, self.shadow, vcpu.stats, tlb)
+        if self.mmu_mode == "ept":
+            return EptMMU(vcpu, self.ept, vcpu.stats, tlb)
         return NativeMMU(self.guest, vcpu.stats, tlb)
 
     def _build_boot_tables(self) -> None:

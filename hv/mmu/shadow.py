@@ -28,7 +28,7 @@ from ..arch.paging import (ADDR_MASK, D, ENTRIES_PER_TABLE, G, NX, P, PAGE_SIZE,
                            RW, US, level_shift)
 from ..arch.vmx import ExitReason
 from ..arch.x86 import Vector
-from ..memory import GuestMemory
+from ..memory import GuestMemory, VmmFrames
 from ..stats import Stats
 from .native import NativeMMU
 from .tlb import TLB
@@ -67,7 +67,7 @@ class ShadowCache:
         self.rmap: dict[int, dict[int, None]] = {}               # gfn -> leaf sptes
         self.leaf_gfn: dict[int, int] = {}                       # leaf spte -> gfn
         self.flood: dict[int, int] = {}                          # gfn -> emulated writes
-        self.free = list(range(vmm_size - PAGE_SIZE, -1, -PAGE_SIZE))
+        self.frames = VmmFrames(self.host, vmm_size)
         self.vcpus: list[ShadowMMU] = []
 
     # -- shadow pages --------------------------------------------------------
@@ -77,8 +77,7 @@ class ShadowCache:
         if sp is not None:
             return sp
         c["mmu_cache_miss"] += 1
-        hpa = self.free.pop()
-        self.host.write(hpa, bytes(PAGE_SIZE))
+        hpa = self.frames.alloc()
         sp = self.pages[key] = self.by_hpa[hpa] = ShadowPage(key, hpa)
         c[f"mmu_shadow_pages.L{level}"] += 1
         if not direct:
@@ -91,7 +90,7 @@ class ShadowCache:
     def ensure_free(self, c) -> None:
         """Keep enough frames for one fault's path; recycle everything if not
         (KVM zaps the oldest pages; hv starts over, which is rare and simple)."""
-        if len(self.free) < RESERVE:
+        if len(self.frames) < RESERVE:
             c["mmu_recycled"] += 1
             for sp in list(self.pages.values()):
                 self.zap_page(c, sp)
@@ -141,7 +140,7 @@ class ShadowCache:
             if not group:
                 del self.shadowed[sp.gfn]
                 self.flood.pop(sp.gfn, None)
-        self.free.append(sp.hpa)
+        self.frames.free(sp.hpa)
         c["mmu_shadow_zapped"] += 1
         c[f"mmu_shadow_pages.L{sp.level}"] -= 1
         for mmu in self.vcpus:

@@ -1,0 +1,159 @@
+"""EPT: the two-dimensional walk's arithmetic, EPT violations, and what is
+no longer an exit."""
+import pytest
+
+from hv.api import make_result
+from hv.arch import ept
+from hv.vm import VM, Config
+
+from conftest import LIB, image, run_src
+
+EXIT = "xor eax, eax\nmov dx, 0xf4\nout dx, al\n"
+
+
+def mark(n: int) -> str:
+    return f"xor eax, eax\nmov ebx, {n}\nvmcall\n"
+
+
+# Touch 16 pages through 4 KiB guest pages: a PT at 0x500000 maps VA
+# 0x3000000.. to frames 0x600000.. (boot PD entry 24). Marks 1-2 bracket a
+# pass whose pages are warm in EPT but not in the TLB.
+TOUCH_4K = """
+    mov rbx, 0x500000
+    mov rax, 0x600003
+    mov rcx, 16
+map:
+    mov qword ptr [rbx], rax
+    add rbx, 8
+    add rax, 0x1000
+    loop map
+    mov rax, 0x500003
+    mov qword ptr [0x4000 + 24 * 8], rax
+    mov r12, 0x3000000
+    mov rcx, 16
+first:
+    mov rax, qword ptr [r12 + rcx * 8 - 8]
+    mov rdx, rcx
+    shl rdx, 12
+    mov rax, qword ptr [r12 + rdx - 0x1000]
+    loop first
+    mov rax, cr3
+    mov cr3, rax                       ; empty the TLB; EPT stays warm
+""" + mark(1) + """
+    mov rcx, 16
+second:
+    mov rdx, rcx
+    shl rdx, 12
+    mov rax, qword ptr [r12 + rdx - 0x1000]
+    loop second
+""" + mark(2) + EXIT
+
+
+def ept_run(src, **kw):
+    vm = VM(image(src), Config(mmu="ept", **kw))
+    vm.run()
+    return make_result("test", vm), vm
+
+
+def refs_per_walk(r, a, b):
+    d = r.between(a, b)
+    return d["tlb.walk_refs"] / d["tlb.walks"], d
+
+
+def test_a_cold_4k_on_4k_miss_costs_24_references():
+    r, _ = ept_run(TOUCH_4K)
+    per_walk, d = refs_per_walk(r, 1, 2)
+    assert d["tlb.misses"] == 16 and per_walk == 24     # (4+1)*(4+1)-1
+    assert "exit.EPT_VIOLATION" not in d
+    assert r.tlb["walk_refs_hist"]["24"] >= 16
+
+
+def test_large_ept_pages_shorten_the_walk():
+    r, _ = ept_run(TOUCH_4K, ept_large_pages=True)
+    per_walk, _ = refs_per_walk(r, 1, 2)
+    assert per_walk == 19                                # (4+1)*(3+1)-1
+    assert r.counters["pages_2m"] >= 1 and "pages_4k" not in r.counters
+    r, _ = ept_run(TOUCH_4K, ept_large_pages=True, ram=2 << 30)
+    per_walk, _ = refs_per_walk(r, 1, 2)
+    assert per_walk == 14                                # (4+1)*(2+1)-1
+    assert r.counters["pages_1g"] == 1
+
+
+def test_2m_guest_pages_on_4k_ept():
+    r, _ = ept_run(mark(1) + """
+        mov rax, qword ptr [0x1000000]
+    """ + mark(2) + mark(3) + """
+        mov rax, cr3
+        mov cr3, rax
+        mov rax, qword ptr [0x1000000]
+    """ + mark(4) + EXIT)
+    per_walk, _ = refs_per_walk(r, 3, 4)
+    assert per_walk == 19                                # (3+1)*(4+1)-1
+
+
+def test_first_touch_of_each_frame_is_one_ept_violation():
+    r, vm = ept_run(mark(1) + """
+        mov rbx, 0x1000000
+        mov rcx, 32
+    touch:
+        mov qword ptr [rbx], rcx
+        add rbx, 0x1000
+        loop touch
+    """ + mark(2) + """
+        mov rbx, 0x1000000
+        mov rcx, 32
+    again:
+        mov rax, qword ptr [rbx]
+        add rbx, 0x1000
+        loop again
+    """ + mark(3) + EXIT)
+    assert r.between(1, 2)["exit.EPT_VIOLATION"] == 32
+    assert "exit.EPT_VIOLATION" not in r.between(2, 3)
+    assert r.between(1, 2)["pages_4k"] == 32
+
+
+def test_cr3_invlpg_and_guest_page_faults_are_no_exits():
+    r, _ = ept_run(LIB + """
+        mov rdi, 14
+        lea rsi, [rip + pf_handler]
+        call idt_set_handler
+    """ + mark(1) + """
+        mov rax, cr3
+        mov cr3, rax
+        invlpg [0x1000000]
+        mov rax, 0x700000000000
+        mov rax, qword ptr [rax]             ; #PF, handled by the guest
+    """ + mark(2) + """
+        xor eax, eax
+        call exit
+    pf_handler:
+        add qword ptr [rdi + FRAME_RIP], 3   ; skip the 3-byte load
+        ret
+    """)
+    d = r.between(1, 2)
+    assert d["cr3_loads"] == 1 and d["invlpg"] == 1 and d["pf_guest"] == 1
+    assert d["exits"] == d["exit.VMCALL"] + d.get("exit.EPT_VIOLATION", 0)
+
+
+def test_guest_physical_outside_ram_stops_the_vm():
+    r = run_src("""
+        mov rax, 0x100000083                 ; a 2 MiB page at GPA 4 GiB
+        mov qword ptr [0x4000 + 8 * 20], rax
+        mov rax, qword ptr [0x2800000]
+    """ + EXIT, "ept")
+    assert r.reason == "escape" and "0x100000000" in r.detail
+
+
+def test_a_malformed_ept_entry_is_an_ept_misconfig():
+    vm = VM(image("mov rax, qword ptr [0x1000000]\n" + EXIT), Config(mmu="ept"))
+    # Write without read in the EPT PML4 entry the guest will need.
+    vm.mem.write_u64(vm.ept.root, vm.ept.frames.alloc() | ept.W | ept.X)
+    vm.run()
+    r = make_result("test", vm)
+    assert r.reason == "ept_misconfig" and r.exits["EPT_MISCONFIG"] == 1
+
+
+@pytest.mark.parametrize("bad", [ept.W, ept.R | ept.LARGE | (2 << 3)])
+def test_misconfiguration_rules(bad):
+    assert ept.misconfigured(3, bad)
+    assert not ept.misconfigured(1, ept.RWX | ept.MT_WB)
