@@ -5,7 +5,10 @@
 ; The pool: page_alloc hands out zeroed 4 KiB pages, in order, from
 ; [PT_POOL_BASE, PT_POOL_END) = [0x400000, 0x800000) guest-physical (4 MiB,
 ; 1024 pages; clear of an image loaded at 0x100000 up to 3 MiB long).
-; pt_pool_init moves it. Nothing is ever freed. Tables are reached through
+; pt_pool_init moves it. A page given back with page_free goes on a free
+; list (LIFO, linked through the first qword of each free page), and
+; page_alloc takes from that list first; a guest that never frees gets its
+; pages in address order. Tables (and free pages) are reached through
 ; their physical addresses, so the pool must be identity-mapped in the
 ; address space that is current while the routines run (the boot tables map
 ; all RAM that way; a guest's own tables must keep the pool mapped).
@@ -20,9 +23,17 @@
 ; value; its low 12 bits are ignored), `va` a virtual address, `pa` a
 ; physical one, `flags` PTE_* bits (OR them: PTE_P | PTE_RW).
 ;
-;   page_alloc                                -> rax = a zeroed 4 KiB page;
+;   page_alloc                                -> rax = a zeroed 4 KiB page
+;                                                (the last one freed, if any);
 ;                                                panics when the pool is empty
+;   page_free        rdi = page               give a page back to the pool
+;                                                (it must come from the pool
+;                                                and be in use; not checked)
+;   page_avail                                -> rax = pages page_alloc can
+;                                                still hand out (free list
+;                                                and never used)
 ;   pt_pool_init     rdi = base, rsi = end    use [base, end) as the pool
+;                                                (and forget the free list)
 ;   pt_new_root                               -> rax = an empty PML4
 ;   pt_map_4k        rdi = root, rsi = va, rdx = pa, rcx = flags
 ;                                             -> rax = address of the PTE.
@@ -45,6 +56,13 @@
 ;                    rdx = that entry's level (1 = PTE, 2 = PDE of a 2 MiB
 ;                    page, 3 = PDPTE of a 1 GiB page). The entry itself may
 ;                    be non-present: test PTE_P in it.
+;   pt_free_tables   rdi = root               page_free every paging structure
+;                    reachable from root (page tables, directories, PDPTs)
+;                    and root itself; returns nothing (rax preserved). The
+;                    pages that leaves map are not freed (free them first,
+;                    e.g. from what pt_unmap_4k returns), nor is any TLB
+;                    entry invalidated: root must not be CR3, and no table
+;                    may be shared with another address space.
 
 ; Entry bits (SDM Vol.3A §4.5.4, Tables 4-15..4-20).
 PTE_P           = 1 << 0        ; present
@@ -69,12 +87,21 @@ PT_POOL_END     = 0x800000
 page_alloc:
     push rcx
     push rdi
+    mov rdi, qword ptr [rip + pt_free_head]
+    test rdi, rdi
+    jz .Lpage_alloc_fresh
+    mov rax, qword ptr [rdi]            ; the next free page
+    mov qword ptr [rip + pt_free_head], rax
+    dec qword ptr [rip + pt_free_count]
+    jmp .Lpage_alloc_zero
+.Lpage_alloc_fresh:
     mov rdi, qword ptr [rip + pt_pool_next]
     mov rax, rdi
     add rax, PAGE_SIZE
     cmp rax, qword ptr [rip + pt_pool_end]
     ja .Lpage_alloc_empty
     mov qword ptr [rip + pt_pool_next], rax
+.Lpage_alloc_zero:
     push rdi
     xor eax, eax
     mov ecx, PAGE_SIZE / 8
@@ -87,10 +114,30 @@ page_alloc:
     lea rsi, [rip + pt_msg_pool_empty]
     call panic
 
+; page_free: rdi = a page page_alloc handed out.
+page_free:
+    push rax
+    mov rax, qword ptr [rip + pt_free_head]
+    mov qword ptr [rdi], rax            ; link it in front of the list
+    mov qword ptr [rip + pt_free_head], rdi
+    inc qword ptr [rip + pt_free_count]
+    pop rax
+    ret
+
+; page_avail: -> rax = pages left: the free list and the untouched rest.
+page_avail:
+    mov rax, qword ptr [rip + pt_pool_end]
+    sub rax, qword ptr [rip + pt_pool_next]
+    shr rax, 12
+    add rax, qword ptr [rip + pt_free_count]
+    ret
+
 ; pt_pool_init: rdi = base, rsi = end (both page aligned).
 pt_pool_init:
     mov qword ptr [rip + pt_pool_next], rdi
     mov qword ptr [rip + pt_pool_end], rsi
+    mov qword ptr [rip + pt_free_head], 0
+    mov qword ptr [rip + pt_free_count], 0
     ret
 
 ; pt_new_root: -> rax = an empty PML4.
@@ -253,6 +300,52 @@ pt_unmap_4k:
     lea rsi, [rip + pt_msg_large]
     call panic
 
+; pt_free_tables: rdi = root.
+pt_free_tables:
+    push rsi
+    mov esi, 4
+    call pt_free_level
+    pop rsi
+    ret
+
+; pt_free_level: rdi = a table, rsi = its level (4 = PML4 ... 1 = page
+; table). Frees the tables its present non-leaf entries point to (one level
+; down, recursively), then the table itself. Preserves every register.
+pt_free_level:
+    push rax
+    push rcx
+    push rdx
+    push rdi
+    push rsi
+    cmp esi, 1
+    je .Lpt_free_self           ; a page table: its entries are leaves
+    mov rdx, rdi                ; the table
+    xor ecx, ecx                ; entry index
+.Lpt_free_entry:
+    mov rax, qword ptr [rdx + rcx*8]
+    test rax, PTE_P
+    jz .Lpt_free_next
+    test rax, PTE_PS
+    jnz .Lpt_free_next          ; a large page: a leaf
+    mov rdi, PTE_ADDR
+    and rdi, rax
+    dec esi
+    call pt_free_level
+    inc esi
+.Lpt_free_next:
+    inc ecx
+    cmp ecx, 512
+    jb .Lpt_free_entry
+    mov rdi, rdx
+.Lpt_free_self:
+    call page_free
+    pop rsi
+    pop rdi
+    pop rdx
+    pop rcx
+    pop rax
+    ret
+
 pt_msg_pool_empty:
     .asciz "paging: page-table pool exhausted"
 pt_msg_large:
@@ -266,4 +359,8 @@ pt_pool_next:
     .quad PT_POOL_BASE
 pt_pool_end:
     .quad PT_POOL_END
+pt_free_head:                   ; the last page freed (0: the list is empty)
+    .quad 0
+pt_free_count:                  ; pages on the free list
+    .quad 0
 .align 4096

@@ -6,6 +6,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .api import Result
+from .stats import TLB_NAMES
 
 
 def _exits_table(r: Result) -> Table:
@@ -34,7 +35,7 @@ def _tlb_table(r: Result) -> Table:
     t.add_column("figure")
     t.add_column("value", justify="right")
     tlb = r.tlb
-    for name in ("fills", "hits", "misses", "walks", "walk_refs", "ad_writes", "evictions"):
+    for name in TLB_NAMES:
         t.add_row(name, f"{tlb[name]:,}")
     if tlb["walks"]:
         t.add_row("refs per walk", f"{tlb['walk_refs'] / tlb['walks']:.2f}")

@@ -22,6 +22,8 @@ GUESTS = sorted(bundled_guests())
 RESULT_LINE = {
     "hello": "hello from hv: vcpu 0 of 1",
     "pagetouch": "pagetouch: ok (512 pages, 1808 checks)",
+    "forkwait": "forkwait: ok (40 forks, 640 pages copied)",
+    "pgfault": "pgfault: ok (256 pages, 256 faults)",
 }
 
 # What pagetouch does (guests/pagetouch.s): its constants, and its marks.
@@ -129,6 +131,114 @@ def test_pagetouch_faults_are_the_oracles_too():
     r = run("pagetouch", "qemu")
     assert r.between(SWITCHED, FAULTED)["pf_guest"] == FAULTS
     assert sorted(r.marks) == list(range(BUILD_A, FAULTED + 1))
+
+
+# -- forkwait ------------------------------------------------------------------------
+
+# What forkwait does (guests/forkwait.s): its constants, and its marks.
+FORKS = 40              # fork, run the child, wait, reap
+FORK_PAGES = 64         # the region: shared copy-on-write, unmapped at the reap
+COPIES = 16             # pages each child writes, so copies (one #PF each)
+FORKING, FIRST_REAPED, ALL_REAPED = 1, 2, 3
+
+
+def test_forkwait_prints_one_line_per_phase():
+    lines = run("forkwait", "native").console.splitlines()
+    assert [line.split(":")[1].strip() for line in lines] == [
+        "parent", "fork 1", f"forks 2-{FORKS}", f"ok ({FORKS} forks, {FORKS * COPIES} pages copied)"]
+    assert f"{FORK_PAGES} PTEs unmapped, 21 pages freed" in lines[1]    # 16 copies, 5 tables
+
+
+def test_forkwait_counters():
+    c = run("forkwait", "native").counters
+    # Load the parent's tables, then for each fork: to the child and back.
+    assert c["cr3_loads"] == 1 + 2 * FORKS
+    assert c["tlb_flush"] >= 2 * FORKS
+    # pt_unmap_4k's INVLPG for every region page of every child, and the #PF
+    # handler's after mapping each copy.
+    assert c["invlpg"] == FORKS * (FORK_PAGES + COPIES)
+    assert c["pf_guest"] == FORKS * COPIES
+    assert c["exceptions"] == 0
+
+
+def test_forkwait_every_fork_does_the_same():
+    r = run("forkwait", "native")
+    first, rest = r.between(FORKING, FIRST_REAPED), r.between(FIRST_REAPED, ALL_REAPED)
+    later = FORKS - 1
+    for phase, forks in ((first, 1), (rest, later)):
+        assert phase["cr3_loads"] == 2 * forks
+        assert phase["invlpg"] == forks * (FORK_PAGES + COPIES)
+        assert phase["pf_guest"] == forks * COPIES
+        assert "io_exits" not in phase                  # the console is quiet
+        # Each fork walks to every region page at least three times: the
+        # child after its CR3 load, the parent after the wait, and the parent
+        # after the reap's INVLPGs (its next round of writes).
+        assert 3 * FORK_PAGES * forks <= phase["tlb.walks"] <= 4 * FORK_PAGES * forks
+    # A later fork costs what the first did, without the first's cold misses.
+    assert rest["tlb.walks"] <= later * first["tlb.walks"]
+    assert rest["insns"] <= later * first["insns"]
+
+
+def test_forkwait_faults_are_the_oracles_too():
+    r = run("forkwait", "qemu")
+    assert r.between(FORKING, FIRST_REAPED)["pf_guest"] == COPIES
+    assert r.between(FIRST_REAPED, ALL_REAPED)["pf_guest"] == (FORKS - 1) * COPIES
+    assert sorted(r.marks) == [FORKING, FIRST_REAPED, ALL_REAPED]
+
+
+# -- pgfault -------------------------------------------------------------------------
+
+# What pgfault does (guests/pgfault.s): its region, and its marks.
+DEMAND_PAGES = 256      # unmapped until the #PF handler maps each on demand
+TOUCHING, WRITTEN, READ = 1, 2, 3
+
+
+def test_pgfault_prints_one_line_per_phase():
+    lines = run("pgfault", "native").console.splitlines()
+    assert [line.split(":")[1].strip() for line in lines] == [
+        "own GDT, TSS, IDT (#PF on IST1) and page tables, cr3=0x400000", "write pass",
+        "read pass", f"ok ({DEMAND_PAGES} pages, {DEMAND_PAGES} faults)"]
+
+
+def test_pgfault_counters():
+    c = run("pgfault", "native").counters
+    assert c["pf_guest"] == DEMAND_PAGES
+    assert c["cr3_loads"] == 2                  # its own tables, the read pass's reload
+    assert (c["invlpg"], c["exceptions"]) == (0, 0)
+
+
+def test_pgfault_write_pass_faults_once_per_page():
+    w = run("pgfault", "native").between(TOUCHING, WRITTEN)
+    assert w["pf_guest"] == DEMAND_PAGES
+    # Each page: the walk that faults, and the retried write's walk.
+    assert w["tlb.walks"] >= 2 * DEMAND_PAGES
+    assert "cr3_loads" not in w
+
+
+def test_pgfault_read_pass_walks_every_page_and_never_faults():
+    r = run("pgfault", "native")
+    read = r.between(WRITTEN, READ)
+    assert "pf_guest" not in read
+    assert read["cr3_loads"] == 1
+    # After the reload every page misses and is walked again, 4 references
+    # down to the PTE the handler wrote; code, stack and data are in 2 MiB
+    # pages (at most 3 references each).
+    assert read["tlb.misses"] >= DEMAND_PAGES
+    assert read["tlb.walks"] >= DEMAND_PAGES
+    assert 4 * DEMAND_PAGES <= read["tlb.walk_refs"] <= 4 * read["tlb.walks"]
+    # Over the run, 4-reference walks for each page's fault, retry and read,
+    # but for the first fault: no page directory maps the region yet, so that
+    # walk stops at the PDPT, after 2 references.
+    hist = r.tlb["walk_refs_hist"]
+    assert hist.get("2", 0) >= 1
+    assert hist.get("4", 0) >= 3 * DEMAND_PAGES - 1
+
+
+def test_pgfault_faults_are_the_oracles_too():
+    r = run("pgfault", "qemu")
+    assert r.between(TOUCHING, WRITTEN)["pf_guest"] == DEMAND_PAGES
+    assert "pf_guest" not in r.between(WRITTEN, READ)
+    assert sorted(r.marks) == [TOUCHING, WRITTEN, READ]
 
 
 # -- the asm/ library ------------------------------------------------------------------
@@ -287,6 +397,67 @@ def test_page_table_helpers(mmu):
     call pt_lookup
     test rax, rax
     jnz bad
+    mov al, 0
+    call exit
+bad:
+    mov al, 1
+    call exit
+""", mmu)
+    assert (r.reason, r.exit_code, r.console) == ("exit", 0, "")
+
+
+@pytest.mark.parametrize("mmu", MODES)
+def test_page_free_list_and_pt_free_tables(mmu):
+    # A pool of 8 pages: a freed page is handed out again (zeroed), and
+    # pt_free_tables gives back every table of an address space but not the
+    # pages its leaves map, nor a 2 MiB page.
+    r = run_src(LIB + """
+    mov edi, 0x900000
+    mov esi, 0x908000
+    call pt_pool_init
+    call page_avail
+    cmp rax, 8
+    jne bad
+    call page_alloc
+    mov r12, rax                        ; the first page, 0x900000
+    cmp r12, 0x900000
+    jne bad
+    mov qword ptr [r12 + 8], -1         ; dirty it, then give it back
+    mov rdi, r12
+    call page_free
+    call page_avail
+    cmp rax, 8
+    jne bad
+    call page_alloc                     ; the same page again, zeroed
+    cmp rax, r12
+    jne bad
+    cmp qword ptr [r12], 0              ; (the free list's link is gone too)
+    jne bad
+    cmp qword ptr [r12 + 8], 0
+    jne bad
+    call pt_new_root                    ; 0x901000
+    mov r13, rax
+    mov rdi, rax
+    mov rsi, 0x40001000
+    mov edx, 0x800000
+    mov ecx, PTE_P | PTE_RW
+    call pt_map_4k                      ; a PDPT, a PD and a PT
+    mov rsi, 0x40200000
+    mov edx, 0x600000
+    call pt_map_2m                      ; a 2 MiB leaf in the same PD
+    call page_avail
+    cmp rax, 3                          ; 8 - the page - 4 tables
+    jne bad
+    call pt_free_tables
+    call page_avail
+    cmp rax, 7                          ; the 4 tables are back
+    jne bad
+    call page_alloc                     ; the last one freed: the root
+    cmp rax, r13
+    jne bad
+    mov eax, 0x800000                   ; the leaf's page was not freed (no link)
+    cmp qword ptr [rax], 0
+    jne bad
     mov al, 0
     call exit
 bad:

@@ -28,15 +28,17 @@ def test_entries_are_tagged_by_asid():
     assert t.flush_asid(1) == 1 and len(t) == 0
 
 
-def test_lru_replacement_within_a_set():
+def test_fifo_replacement_within_a_set_ignores_hits():
+    """Hits must not change what is evicted: the model sees only the hits
+    Unicorn's TLB lets through, which depend on the host."""
     t = TLB(4, 2)                       # 2 sets of 2 ways
     nsets = t.nsets
     a, b, c = (tr(i * nsets << 12, i << 12) for i in (1, 2, 3))   # all in one set
     assert not t.insert(0, a) and not t.insert(0, b)
-    t.lookup(0, a.vbase)                # a is now most recent
-    assert t.insert(0, c)               # evicts b
-    assert t.lookup(0, b.vbase) is None
-    assert t.lookup(0, a.vbase) is not None and t.lookup(0, c.vbase) is not None
+    t.lookup(0, a.vbase)                # a hit: no effect on replacement
+    assert t.insert(0, c)               # evicts a, the oldest
+    assert t.lookup(0, a.vbase) is None
+    assert t.lookup(0, b.vbase) is not None and t.lookup(0, c.vbase) is not None
 
 
 def test_capacity_bounds_the_entries():

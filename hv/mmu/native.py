@@ -82,7 +82,6 @@ class NativeMMU:
         counters = self.counters
         tr = self.tlb.lookup(self.asid, vaddr)
         if tr is not None and self._allows(tr, access, user):
-            counters["tlb.hits"] += 1
             return tr
         counters["tlb.misses"] += 1
         tr = self.hw_walk(vaddr, access, user)
@@ -115,7 +114,6 @@ class NativeMMU:
 
     def fill(self, vaddr: int, access: int, user: bool) -> tuple[int, int]:
         """Unicorn's TLB missed: (physical address, rights to cache)."""
-        self.counters["tlb.fills"] += 1
         tr = self.lookup(vaddr, access, user)
         paddr = self.host_frame(tr, vaddr) & ~(PAGE_SIZE - 1)
         # Grant only what the model has checked: W once the page is dirty (so

@@ -1,7 +1,7 @@
 """The TLB model: the source of truth for cached translations.
 
 A set-associative TLB tagged by address-space id (ASID/VPID), holding 4 KiB,
-2 MiB and 1 GiB translations, with LRU replacement in each set.
+2 MiB and 1 GiB translations, with FIFO replacement in each set.
 
 Why one level and not an L1/L2 pair: Unicorn's own TLB sits in front of the
 model and absorbs every hit it can, invisibly; the model only sees accesses
@@ -9,6 +9,13 @@ that miss there. What it can count exactly is what costs a page walk: a
 translation that is in no level of the TLB. So it models the last level
 (default 1536 entries, 12 ways: Skylake's STLB) and counts hits, misses and
 walks there.
+
+Why FIFO and not LRU: a policy that learns from hits would learn from the
+hits Unicorn's TLB lets through, and how many those are depends on the host:
+QEMU shrinks its TLB when a 100 ms wall-clock window passes with little use
+(cputlb.c, tlb_mmu_resize_locked). FIFO changes state only on misses, and
+every miss reaches the model (Unicorn never holds what the model does not),
+so misses, walks and evictions are the same on every host and every run.
 
 Invariant: Unicorn's TLB never holds a translation the model does not. Every
 operation that drops entries bumps `generation`; an engine whose last-seen
@@ -47,7 +54,6 @@ class TLB:
                 key = (asid, shift, vaddr >> shift)
                 s = self._where.get(key)
                 if s is not None:
-                    s.move_to_end(key)
                     return s[key]
         return None
 
@@ -65,8 +71,7 @@ class TLB:
             same = (old.pbase == tr.pbase and old.nx == tr.nx and old.user == tr.user
                     and old.writable <= tr.writable)
             if same:
-                s[key] = tr
-                s.move_to_end(key)
+                s[key] = tr         # keeps its place in the FIFO
                 return False
             self._drop(key)
         elif len(s) >= self.ways:
