@@ -10,7 +10,8 @@ from .memory import parse_size
 from .mmu.walker import LEVEL_NAMES
 from .paths import bundled_guests
 from .stats import TLB_NAMES
-from .vm import VM, Config
+from .stats import Stats
+from .vm import VM, Config, Machine
 
 
 @dataclass
@@ -27,10 +28,15 @@ class Result:
     tlb: dict
     marks: dict[int, dict[str, int]] = field(default_factory=dict)
     config: dict = field(default_factory=dict)
+    vcpus: list[dict] = field(default_factory=list)     # per vCPU: exits, counters, tlb
+    vms: list[dict] = field(default_factory=list)       # with several VMs: each VM's result
 
     @property
     def ok(self) -> bool:
-        """The guest ended by itself: exit code 0, or every vCPU halted."""
+        """The guest ended by itself: exit code 0, or every vCPU halted (with
+        several VMs: every VM did)."""
+        if self.vms:
+            return all(Result(**vm).ok for vm in self.vms)
         return (self.reason == "exit" and self.exit_code == 0) or self.reason == "halted"
 
     def between(self, a: int, b: int) -> dict[str, int]:
@@ -45,6 +51,8 @@ class Result:
     def to_json(self) -> dict:
         d = dict(self.__dict__)
         d["marks"] = {str(k): v for k, v in sorted(self.marks.items())}
+        d["vms"] = [dict(vm, marks={str(k): v for k, v in sorted(vm["marks"].items())})
+                    for vm in self.vms]
         return d
 
 
@@ -68,30 +76,38 @@ def load_guest(guest: str | Path) -> tuple[str, bytes]:
         raise HvError(f"cannot read {path}: {e.strerror}") from None
 
 
-def run(guest: str | Path, mmu: str = "native", *, ram: int | str = "64M",
-        image: bytes | None = None, on_console=None, **options) -> Result:
-    """Boot `guest` (path or bundled name; or `image` bytes) and run it to the end.
+def run(guest: str | Path | list, mmu: str = "native", *, ram: int | str = "64M",
+        image: bytes | None = None, on_console=None, vms: int = 1, **options) -> Result:
+    """Boot `guest` (a path or bundled name, a list of them for one VM each,
+    or `image` bytes) and run it to the end.
 
+    `vms` runs that many VMs (the guests repeated) on one machine.
     `options` are the fields of hv.vm.Config (vcpus, tlb_entries, tlb_ways,
-    max_insns, quantum, ept_large_pages). `on_console(byte)` sees the guest's
-    console output as it is written.
+    max_insns, quantum, ept_large_pages, asid). `on_console(vm, byte)` sees
+    each byte a guest prints, as it is printed.
     """
-    if image is None:
-        name, image = load_guest(guest)
+    if image is not None:
+        guests = [(str(guest), image)]
     else:
-        name = str(guest)
+        guests = [load_guest(g) for g in (guest if isinstance(guest, list) else [guest])]
+    if vms < 1:
+        raise HvError(f"--vms must be positive, not {vms}")
     unknown = set(options) - {f.name for f in fields(Config)}
     if unknown:
         raise HvError(f"unknown option {', '.join(sorted(unknown))} (options: "
                       f"{', '.join(f.name for f in fields(Config) if f.name != 'mmu')})")
     config = Config(mmu=mmu, ram=parse_size(ram) if isinstance(ram, str) else ram, **options)
-    vm = VM(image, config, on_console)
-    vm.run()
-    return make_result(name, vm)
+    machine = Machine(config)
+    for i in range(max(vms, len(guests))):
+        name, img = guests[i % len(guests)]
+        echo = None if on_console is None else (lambda b, i=i: on_console(i, b))
+        VM(img, config, echo, machine=machine, name=name)
+    machine.run()
+    return machine_result(machine)
 
 
-def make_result(name: str, vm: VM) -> Result:
-    total = vm.totals()
+def _figures(total: Stats, mode: str) -> tuple[dict, dict, dict]:
+    """(exits, counters, tlb) of some counters, in the report's form."""
     snap = total.snapshot()
     counters = {k: v for k, v in snap.items() if not k.startswith(("tlb.", "exit."))}
     tlb = {n: snap[f"tlb.{n}"] for n in TLB_NAMES}
@@ -99,12 +115,38 @@ def make_result(name: str, vm: VM) -> Result:
     # "guest.PML4", "ept.PT", ...: by dimension (whose tables), then level.
     tlb["walk_refs_by_level"] = {f"{dim}.{LEVEL_NAMES[lv]}": n for (dim, lv), n in
                                  sorted(total.refs_by_tag.items(), key=lambda t: (t[0][0], -t[0][1]))}
-    if vm.mmu_mode == "qemu":
+    if mode == "qemu":
         tlb = {"modelled": False}
+    return {r.name: n for r, n in sorted(total.exits.items())}, counters, tlb
+
+
+def make_result(name: str, vm: VM) -> Result:
+    exits, counters, tlb = _figures(vm.totals(), vm.mmu_mode)
+    vcpus = []
+    for cpu in vm.vcpus:
+        e, c, t = _figures(cpu.stats, vm.mmu_mode)
+        vcpus.append({"index": cpu.index, "exits": e, "counters": c, "tlb": t})
     c = vm.config
     return Result(
         guest=name, mmu=vm.mmu_mode, exit_code=vm.exit_code, reason=vm.reason, detail=vm.detail,
-        console=vm.console.decode("utf-8", "replace"),
-        exits={r.name: n for r, n in sorted(total.exits.items())},
-        counters=counters, tlb=tlb, marks=dict(vm.marks),
-        config={f.name: getattr(c, f.name) for f in fields(c)})
+        console=vm.console.decode("utf-8", "replace"), exits=exits, counters=counters, tlb=tlb,
+        marks=dict(vm.marks), config={f.name: getattr(c, f.name) for f in fields(c)},
+        vcpus=vcpus)
+
+
+def machine_result(machine: Machine) -> Result:
+    """One VM: its result. Several: the machine's totals, the first VM that
+    did not end well (or VM 0) for the guest's own fields, and `vms`."""
+    results = [make_result(vm.name, vm) for vm in machine.vms]
+    if len(results) == 1:
+        return results[0]
+    total = Stats()
+    for vm in machine.vms:
+        total.add(vm.totals())
+    exits, counters, tlb = _figures(total, machine.config.mmu)
+    first = next((r for r in results if not r.ok), results[0])
+    return Result(
+        guest=",".join(r.guest for r in results), mmu=first.mmu, exit_code=first.exit_code,
+        reason=first.reason, detail=first.detail, console=first.console, exits=exits,
+        counters=counters, tlb=tlb, marks=first.marks, config=first.config,
+        vms=[{k: v for k, v in r.__dict__.items() if k != "vms"} for r in results])

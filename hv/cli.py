@@ -43,7 +43,13 @@ def _parser() -> argparse.ArgumentParser:
                            parser_class=_Parser)
 
     r = sub.add_parser("run", help="boot a guest and report what its memory management cost")
-    r.add_argument("guest", help="a .s or .bin file, or the name of a bundled guest (hv guests)")
+    r.add_argument("guest", nargs="+",
+                   help="a .s or .bin file, or the name of a bundled guest (hv guests); "
+                        "several: one VM each")
+    r.add_argument("--vms", type=_positive, default=1,
+                   help="run this many VMs (the guests repeated) on one machine (default 1)")
+    r.add_argument("--no-asid", dest="asid", action="store_false",
+                   help="no VPID tags: every VM entry and exit flushes the TLB (first VT-x)")
     r.add_argument("--mmu", choices=MODES, default="native",
                    help="; ".join(f"{m}: {h}" for m, h in MODE_HELP.items()))
     r.add_argument("--ram", type=_size, default="64M", help="guest RAM, e.g. 64M, 1G (default 64M)")
@@ -81,21 +87,27 @@ def _cmd_run(args) -> int:
     streaming = not args.json
     out = sys.stdout
 
-    def echo(byte: int) -> None:
+    several = len(args.guest) > 1 or args.vms > 1
+    at_line_start: dict[int, bool] = {}
+
+    def echo(vm: int, byte: int) -> None:
+        if several and at_line_start.get(vm, True):
+            out.write(f"[vm{vm}] ")
+        at_line_start[vm] = byte == 0x0A
         out.write(chr(byte))
         out.flush()
 
     result = api.run(args.guest, mmu=args.mmu, ram=args.ram, vcpus=args.vcpus,
                      tlb_entries=args.tlb_entries, tlb_ways=args.tlb_ways,
                      max_insns=args.max_insns, quantum=args.quantum,
-                     ept_large_pages=args.ept_large_pages,
+                     ept_large_pages=args.ept_large_pages, asid=args.asid, vms=args.vms,
                      on_console=echo if streaming else None)
     if args.json:
         json.dump(result.to_json(), out, indent=2)
         out.write("\n")
     else:
         from .report import print_report
-        if result.console and not result.console.endswith("\n"):
+        if not all(at_line_start.values()):
             out.write("\n")
         print_report(result, Console())
     return 0 if result.ok else 1

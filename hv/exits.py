@@ -50,11 +50,15 @@ def handles(reason: ExitReason) -> Callable[[Handler], Handler]:
 
 def dispatch(vcpu: "VCpu", ex: Exit) -> None:
     mmu = vcpu.mmu
-    if ex.reason in mmu.intercepts or (
-            ex.reason == ExitReason.EXCEPTION_NMI and ex.value in mmu.exception_bitmap):
+    is_exit = ex.reason in mmu.intercepts or (
+        ex.reason == ExitReason.EXCEPTION_NMI and ex.value in mmu.exception_bitmap)
+    if is_exit:
         vcpu.stats.exits[ex.reason] += 1
         vcpu.stats.counters["exits"] += 1
     HANDLERS[ex.reason](vcpu, ex)
+    if is_exit and not vcpu.vm.config.asid and mmu.tlb is not None:
+        vcpu.flush_tlb()        # first-generation VT-x: no VPID, exits flush
+    vcpu.sync_tlb()
 
 
 # Qualification of IO_INSTRUCTION (SDM Vol.3C Table 28-5): size-1 in bits

@@ -10,7 +10,8 @@ from .stats import TLB_NAMES
 
 
 def _exits_table(r: Result) -> Table:
-    t = Table(title=f"VM exits ({r.mmu})", title_justify="left", box=None, pad_edge=False)
+    vms = f", {len(r.vms)} VMs" if r.vms else ""
+    t = Table(title=f"VM exits ({r.mmu}{vms})", title_justify="left", box=None, pad_edge=False)
     t.add_column("VM-EXIT", justify="right")
     t.add_column("Samples", justify="right")
     t.add_column("Samples%", justify="right")
@@ -46,10 +47,26 @@ def _tlb_table(r: Result) -> Table:
     return t
 
 
+def _vms_table(r: Result) -> Table:
+    t = Table(title="VMs", title_justify="left", box=None, pad_edge=False)
+    for col in ("VM", "guest", "ended", "exit code", "exits", "TLB misses", "walk refs"):
+        t.add_column(col, justify="left" if col in ("guest", "ended") else "right")
+    for i, vm in enumerate(r.vms):
+        ok = Result(**vm).ok
+        t.add_row(str(i), vm["guest"], f"[{'green' if ok else 'red'}]{vm['reason']}[/]",
+                  "-" if vm["exit_code"] is None else str(vm["exit_code"]),
+                  f"{vm['counters']['exits']:,}", f"{vm['tlb'].get('misses', 0):,}",
+                  f"{vm['tlb'].get('walk_refs', 0):,}")
+    return t
+
+
 def print_report(r: Result, console: Console) -> None:
-    style = "green" if r.ok else "red"
-    code = "" if r.exit_code is None else f" with exit code {r.exit_code}"
-    console.print(f"[{style}]VM ended ({r.reason}){code}:[/] {r.detail}", highlight=False)
+    if r.vms:
+        console.print(_vms_table(r))
+    else:
+        style = "green" if r.ok else "red"
+        code = "" if r.exit_code is None else f" with exit code {r.exit_code}"
+        console.print(f"[{style}]VM ended ({r.reason}){code}:[/] {r.detail}", highlight=False)
     console.print()
     console.print(_exits_table(r))
     console.print()

@@ -34,6 +34,12 @@ class Stats:
         self.walk_hist: Counter[int] = Counter()
         self.refs_by_tag: Counter[tuple[str, int]] = Counter()
 
+    def add(self, other: "Stats") -> None:
+        self.counters.update(other.counters)
+        self.exits.update(other.exits)
+        self.walk_hist.update(other.walk_hist)
+        self.refs_by_tag.update(other.refs_by_tag)
+
     def snapshot(self) -> dict[str, int]:
         """Every counter as one flat dict: the form marks record."""
         snap = {name: self.counters.get(name, 0) for name in COUNTER_NAMES}

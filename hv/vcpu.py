@@ -89,9 +89,7 @@ class VCpu:
                 self._code_frames[frame] = True
             else:
                 perms &= ~2
-        if self.mmu.tlb.generation != self._tlb_generation:
-            self.engine.flush_tlb()
-            self._tlb_generation = self.mmu.tlb.generation
+        self.sync_tlb()
         return paddr, perms
 
     def _unmapped(self, paddr: int) -> bool:
@@ -204,6 +202,19 @@ class VCpu:
         return True
 
     # -- state ---------------------------------------------------------------
+    def flush_tlb(self) -> None:
+        """Flush this physical CPU's whole TLB (a VM entry or exit without VPIDs)."""
+        self.mmu.tlb.flush_all()
+        self.stats.counters["tlb_flush"] += 1
+        self.sync_tlb()
+
+    def sync_tlb(self) -> None:
+        """Keep the invariant: Unicorn's TLB holds nothing the model dropped."""
+        tlb = self.mmu.tlb
+        if tlb is not None and tlb.generation != self._tlb_generation:
+            self.engine.flush_tlb()
+            self._tlb_generation = tlb.generation
+
     def request_stop(self) -> None:
         self._stop = True
         self.engine.stop()
@@ -229,9 +240,7 @@ class VCpu:
         self._stop = self._faulted = False
         self._pending = None
         e = self.engine
-        if e.python_mmu and self.mmu.tlb.generation != self._tlb_generation:
-            e.flush_tlb()
-            self._tlb_generation = self.mmu.tlb.generation
+        self.sync_tlb()
         ran = e.run(e.reg("rip"), budget)
         self.stats.counters["insns"] += ran
         if self._pending is not None:

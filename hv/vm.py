@@ -53,6 +53,7 @@ class Config:
     max_insns: int = 500_000_000
     quantum: int = 1_000_000
     ept_large_pages: bool = False
+    asid: bool = True           # tag TLB entries by VM (VPID); False: flush at every entry/exit
 
     def check(self) -> None:
         if self.mmu not in MODES:
@@ -68,9 +69,15 @@ class Config:
 
 
 class VM:
-    def __init__(self, image: bytes, config: Config = Config(), on_console=None):
+    def __init__(self, image: bytes, config: Config = Config(), on_console=None,
+                 machine: "Machine | None" = None, name: str = "guest"):
         config.check()
-        self.config = config
+        self.config, self.name = config, name
+        self.machine = machine if machine is not None else Machine(config)
+        self.index = len(self.machine.vms)
+        self.machine.vms.append(self)
+        # The VPID: 0 is the host's; without tags every VM shares it.
+        self.asid = self.index + 1 if config.asid else 0
         self.mmu_mode = config.mmu
         if LOAD_ADDR + len(image) > config.ram:
             raise HvError(f"a guest of {len(image)} bytes does not fit in {config.ram // MiB} MiB "
@@ -100,6 +107,7 @@ class VM:
         self.ended = False
         self.reason = self.detail = ""
         self.exit_code: int | None = None
+        self.budget = config.max_insns      # instructions left (--max-insns)
         self.vcpus = [VCpu(self, i) for i in range(config.vcpus)]
         for cpu in self.vcpus:
             self._boot(cpu)
@@ -107,12 +115,12 @@ class VM:
     def make_mmu(self, vcpu: VCpu):
         if self.mmu_mode == "qemu":
             return QemuMMU(vcpu.engine, self.mem, self.config.ram)
-        tlb = TLB(self.config.tlb_entries, self.config.tlb_ways)
+        tlb = self.machine.tlbs[vcpu.index]     # the physical CPU's TLB
         if self.mmu_mode == "shadow":
-            return ShadowMMU(vcpu, self.shadow, vcpu.stats, tlb)
+            return ShadowMMU(vcpu, self.shadow, vcpu.stats, tlb, self.asid)
         if self.mmu_mode == "ept":
-            return EptMMU(vcpu, self.ept, vcpu.stats, tlb)
-        return NativeMMU(self.guest, vcpu.stats, tlb)
+            return EptMMU(vcpu, self.ept, vcpu.stats, tlb, self.asid)
+        return NativeMMU(self.guest, vcpu.stats, tlb, self.asid)
 
     def _build_boot_tables(self) -> None:
         m = self.guest
@@ -162,35 +170,56 @@ class VM:
         """The counters of all vCPUs added up."""
         total = Stats()
         for cpu in self.vcpus:
-            total.counters.update(cpu.stats.counters)
-            total.exits.update(cpu.stats.exits)
-            total.walk_hist.update(cpu.stats.walk_hist)
-            total.refs_by_tag.update(cpu.stats.refs_by_tag)
+            total.add(cpu.stats)
         return total
 
-    # -- the loop -------------------------------------------------------------
     def run(self) -> None:
-        """Run the vCPUs round-robin, one quantum each, until the VM ends."""
-        budget = self.config.max_insns
+        """Run this VM's machine until every VM on it has ended."""
+        self.machine.run()
+
+    def run_slice(self, cpu: VCpu) -> None:
+        """One quantum of `cpu`; the VM ends on a runaway, escape or error."""
+        if self.budget <= 0:
+            self.finish("max_insns", f"the guest ran {self.config.max_insns} instructions "
+                        "(--max-insns)")
+            return
         try:
-            while not self.ended:
-                runnable = [cpu for cpu in self.vcpus if not cpu.halted]
-                if not runnable:
-                    self.finish("halted", "every vCPU ran HLT")
-                    break
-                for cpu in runnable:
-                    if self.ended or cpu.halted:
-                        continue
-                    if budget <= 0:
-                        self.finish("max_insns", f"the guest ran {self.config.max_insns} "
-                                    "instructions (--max-insns)")
-                        break
-                    # A slice that only delivers faults runs no instruction; it
-                    # still spends budget, so a fault loop ends too.
-                    budget -= max(1, cpu.run(min(self.config.quantum, budget)))
+            # A slice that only delivers faults runs no instruction; it still
+            # spends budget, so a fault loop ends too.
+            self.budget -= max(1, cpu.run(min(self.config.quantum, self.budget)))
         except GuestEscape as e:
             self.finish("escape", str(e))
         except EngineError as e:
             # With Unicorn's own MMU (mode qemu) a guest mapping beyond its
             # RAM ends here: Unicorn refuses the unmapped physical access.
             self.finish("escape" if "UNMAPPED" in str(e) else "error", str(e))
+
+
+class Machine:
+    """The physical machine: physical CPU j runs vCPU j of every VM and has
+    one TLB model that those vCPUs share, tagged by VM (VPID) unless
+    `config.asid` is off. VMs and vCPUs run round-robin in instruction
+    quanta, deterministically."""
+
+    def __init__(self, config: Config):
+        config.check()
+        self.config = config
+        self.tlbs = [TLB(config.tlb_entries, config.tlb_ways) for _ in range(config.vcpus)]
+        self.vms: list[VM] = []
+
+    def run(self) -> None:
+        while True:
+            live = [vm for vm in self.vms if not vm.ended]
+            if not live:
+                return
+            for vm in live:
+                runnable = [cpu for cpu in vm.vcpus if not cpu.halted]
+                if not runnable:
+                    vm.finish("halted", "every vCPU ran HLT")
+                    continue
+                for cpu in runnable:
+                    if vm.ended or cpu.halted:
+                        continue
+                    if not self.config.asid and cpu.mmu.tlb is not None:
+                        cpu.flush_tlb()         # VM entry without a VPID
+                    vm.run_slice(cpu)
