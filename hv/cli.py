@@ -64,6 +64,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="instructions per vCPU time slice (default 1e6)")
     r.add_argument("--ept-large-pages", action="store_true",
                    help="ept: map guest memory with 2 MiB (and 1 GiB) EPT pages where it can")
+    r.add_argument("--pwc", action="store_true",
+                   help="page-walk caches and a nested TLB (fewer references per walk)")
     r.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
     sub.add_parser("guests", help="list the bundled sample guests")
@@ -100,7 +102,7 @@ def _cmd_run(args) -> int:
     result = api.run(args.guest, mmu=args.mmu, ram=args.ram, vcpus=args.vcpus,
                      tlb_entries=args.tlb_entries, tlb_ways=args.tlb_ways,
                      max_insns=args.max_insns, quantum=args.quantum,
-                     ept_large_pages=args.ept_large_pages, asid=args.asid, vms=args.vms,
+                     ept_large_pages=args.ept_large_pages, asid=args.asid, vms=args.vms, pwc=args.pwc,
                      on_console=echo if streaming else None)
     if args.json:
         json.dump(result.to_json(), out, indent=2)

@@ -22,6 +22,7 @@ from .mmu.ept import EptMMU, EptTables
 from .mmu.native import NativeMMU
 from .mmu.qemu import QemuMMU
 from .mmu.shadow import ShadowCache, ShadowMMU
+from .mmu.pwc import WalkCache
 from .mmu.tlb import TLB
 from .mmu.walker import GuestEscape
 from .stats import Stats
@@ -54,6 +55,7 @@ class Config:
     quantum: int = 1_000_000
     ept_large_pages: bool = False
     asid: bool = True           # tag TLB entries by VM (VPID); False: flush at every entry/exit
+    pwc: bool = False           # page-walk caches and a nested TLB (hv/mmu/pwc.py)
 
     def check(self) -> None:
         if self.mmu not in MODES:
@@ -205,6 +207,9 @@ class Machine:
         config.check()
         self.config = config
         self.tlbs = [TLB(config.tlb_entries, config.tlb_ways) for _ in range(config.vcpus)]
+        if config.pwc:
+            for tlb in self.tlbs:
+                tlb.walk_cache = WalkCache()
         self.vms: list[VM] = []
 
     def run(self) -> None:

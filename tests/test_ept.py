@@ -157,3 +157,18 @@ def test_a_malformed_ept_entry_is_an_ept_misconfig():
 def test_misconfiguration_rules(bad):
     assert ept.misconfigured(3, bad)
     assert not ept.misconfigured(1, ept.RWX | ept.MT_WB)
+
+
+def test_warm_page_walk_caches_cut_the_references():
+    plain, _ = ept_run(TOUCH_4K)
+    cached, _ = ept_run(TOUCH_4K, pwc=True)
+    per_plain, d_plain = refs_per_walk(plain, 1, 2)
+    per_cached, d = refs_per_walk(cached, 1, 2)
+    assert per_plain == 24 and per_cached < 6
+    assert d["tlb.misses"] == d_plain["tlb.misses"]      # the same misses, shorter walks
+    assert d["pwc.hits"] >= 15 and d["pwc.ntlb_hits"] >= 15
+
+
+def test_page_walk_caches_change_no_result(mode):
+    r = run_src(TOUCH_4K, mode, pwc=True)
+    assert r.ok

@@ -79,9 +79,21 @@ class EptMMU(NativeMMU):
         self.vcpu, self.ept = vcpu, tables
         self.ept_walker = Walker(self.mem, stats, self.mem.size, dim="ept")
         self.walker = Walker(self.mem, stats, self.mem.size, dim="guest", nested=self._nested)
+        self.use_walk_cache(self.walker)
 
     def _nested(self, gpa: int, access: int, final: bool) -> tuple[int, int]:
-        return self.ept_walker.walk_ept(self.ept.eptp, gpa, access, final)
+        """One EPT step of the two-dimensional walk, through the nested TLB
+        if there is one."""
+        ntlb = self.tlb.walk_cache
+        if ntlb is not None:
+            hit = ntlb.nested_lookup(self.asid, gpa)
+            if hit is not None:
+                self.counters["pwc.ntlb_hits"] += 1
+                return hit[0] | (gpa & 0xFFF), hit[1]
+        hpa, shift = self.ept_walker.walk_ept(self.ept.eptp, gpa, access, final)
+        if ntlb is not None:
+            ntlb.nested_insert(self.asid, gpa, hpa, shift)
+        return hpa, shift
 
     def hw_walk(self, vaddr: int, access: int, user: bool) -> Translation:
         """The two-dimensional walk; an EPT violation exits, the VMM maps the

@@ -36,9 +36,14 @@ class NativeMMU:
         # Bare metal: guest-physical is host-physical, so the walker reads
         # host memory directly.
         self.walker = Walker(self.mem, stats, self.ram)
+        self.use_walk_cache(self.walker)
         self._peeker = self.peek_walker(guest, self.ram)
         self.cr0 = self.cr3 = self.cr4 = self.efer = 0
         self._hw_wp = True      # CR0.WP as the hardware walker applies it
+
+    def use_walk_cache(self, walker: Walker) -> None:
+        """Give the hardware walker this CPU's page-walk caches (--pwc)."""
+        walker.pwc, walker.asid = self.tlb.walk_cache, self.asid
 
     # -- the hardware's view of the paging controls ------------------------
     def load_state(self, cr0: int, cr3: int, cr4: int, efer: int) -> None:

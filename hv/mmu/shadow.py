@@ -220,6 +220,7 @@ class ShadowMMU(NativeMMU):
         # hardware's walks of the shadow tables.
         self.walker = Walker(cache.guest, stats, cache.guest.ram, dim="guest", hardware=False)
         self.hw = Walker(self.host, stats, self.host.size, dim="shadow")
+        self.use_walk_cache(self.hw)
         self.root: ShadowPage | None = None
         self.emulating: tuple[int, int] | None = None     # (virtual page, host frame)
         cache.vcpus.append(self)

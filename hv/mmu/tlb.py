@@ -41,6 +41,7 @@ class TLB:
         self._where: dict[tuple[int, int, int], OrderedDict] = {}
         self._by_shift = {s: 0 for s in SHIFTS}   # entries held per page size
         self.generation = 0
+        self.walk_cache = None      # a pwc.WalkCache, invalidated with the TLB
 
     def __len__(self):
         return len(self._where)
@@ -96,18 +97,28 @@ class TLB:
     # Invalidation, named after the architecture (SDM Vol.3A §4.10.4).
     def flush_all(self) -> int:
         """Every entry of every ASID, global ones too (INVEPT all-context)."""
+        if self.walk_cache is not None:
+            self.walk_cache.flush_all()
         return self._drop_where(lambda k, tr: True)
 
     def flush_asid(self, asid: int) -> int:
         """Every entry of one ASID, global ones too (INVVPID single-context, CR4.PGE toggle)."""
+        self._flush_walk_cache(asid)
         return self._drop_where(lambda k, tr: k[0] == asid)
 
     def flush_nonglobal(self, asid: int) -> int:
         """Non-global entries of one ASID (MOV to CR3)."""
+        self._flush_walk_cache(asid)
         return self._drop_where(lambda k, tr: k[0] == asid and not tr.global_)
 
+    def _flush_walk_cache(self, asid: int) -> None:
+        if self.walk_cache is not None:
+            self.walk_cache.flush_asid(asid)
+
     def invlpg(self, asid: int, vaddr: int) -> int:
-        """The entries of one ASID that translate `vaddr`, global or not (INVLPG)."""
+        """The entries of one ASID that translate `vaddr`, global or not
+        (INVLPG, INVVPID individual-address)."""
+        self._flush_walk_cache(asid)
         n = 0
         for shift in SHIFTS:
             key = (asid, shift, vaddr >> shift)

@@ -109,6 +109,9 @@ class Walker:
                  nested=None):
         self.mem, self.stats, self.limit, self.dim = mem, stats, limit, dim
         self.nested = nested
+        # Paging-structure caches (pwc.WalkCache) of the CPU, and the ASID
+        # its entries are tagged with; set by the MMU with --pwc.
+        self.pwc, self.asid = None, 0
         self._counters = stats.counters
         self._tags = stats.refs_by_tag if hardware else None
         self._hist = stats.walk_hist if hardware else None
@@ -162,6 +165,13 @@ class Walker:
             writable = usable = True
             nx = False
             level = 4
+            pwc = self.pwc
+            if pwc is not None:
+                hit = pwc.lookup(self.asid, vaddr)
+                if hit is not None:
+                    counters["pwc.hits"] += 1
+                    level, table, writable, usable, nx = hit
+                    level -= 1
             while True:
                 entry_addr = self._locate(table + ((vaddr >> level_shift(level)) & 0x1FF) * 8, level)
                 entry = self.read_entry(entry_addr, level)
@@ -178,6 +188,8 @@ class Walker:
                 if path is not None:
                     path.append((level, entry_addr, entry))
                 table = entry & ADDR_MASK
+                if pwc is not None:
+                    pwc.insert(self.asid, level, vaddr, (table, writable, usable, nx))
                 level -= 1
             # SDM Vol.3A §4.6: access rights of the whole walk.
             denied = (user and not usable) or (access == FETCH and nx) or (
