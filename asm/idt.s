@@ -38,6 +38,13 @@
 ;   idt_init          builds the IDT (vectors 0-31, interrupt gates, DPL 0,
 ;                     #DF on IST1, every handler idt_default_handler) and
 ;                     loads it (lidt)
+;   idt_load          loads the IDT that idt_init built (lidt), on another
+;                     vCPU: the IDT and its handlers are shared, each vCPU
+;                     loads IDTR itself. Call it after idt_init has run
+;                     (on some vCPU). #DF still switches to IST1, which
+;                     needs a TSS loaded on this vCPU (gdt_init loads the
+;                     library's one TSS on one vCPU only): without one, a
+;                     #DF there is a triple fault.
 ;   idt_set_handler   rdi = vector (0-31), rsi = handler address
 ;   idt_set_ist       rdi = vector (0-31), rsi = IST index (1-7, 0 = none):
 ;                     the stack the CPU switches to for that vector (gdt.s
@@ -135,6 +142,11 @@ idt_init:
     pop rdx
     pop rcx
     pop rax
+    ret
+
+; idt_load: no arguments.
+idt_load:
+    lidt [rip + idt_ptr]
     ret
 
 ; idt_set_handler: rdi = vector, rsi = handler.

@@ -4,7 +4,9 @@ Every bundled guest runs in `native` and in `qemu` (the oracle): it must end
 by itself with exit code 0, print its result line, and do exactly the same
 architectural things in both modes; a native run must be deterministic. For
 pagetouch, the counters must show what the guest did, phase by phase (its
-hv marks, see guests/pagetouch.s).
+hv marks, see guests/pagetouch.s); for tlbstress, hugepages, compute and smp,
+what the TLB model makes of a working set beyond its reach, one within it,
+almost no memory traffic, and shootdowns on several vCPUs.
 """
 import functools
 
@@ -24,6 +26,10 @@ RESULT_LINE = {
     "pagetouch": "pagetouch: ok (512 pages, 1808 checks)",
     "forkwait": "forkwait: ok (40 forks, 640 pages copied)",
     "pgfault": "pgfault: ok (256 pages, 256 faults)",
+    "tlbstress": "tlbstress: ok (4096 pages of 4 KiB, 5 passes, 20480 checks)",
+    "hugepages": "hugepages: ok (4096 pages in 8 pages of 2 MiB, 5 passes, 20480 checks)",
+    "compute": "compute: ok (524288 iterations, checksum 0x21bd79c2def47bf2)",
+    "smp": "smp: ok (1 vcpus, 8 rounds)",
 }
 
 # What pagetouch does (guests/pagetouch.s): its constants, and its marks.
@@ -239,6 +245,161 @@ def test_pgfault_faults_are_the_oracles_too():
     assert r.between(TOUCHING, WRITTEN)["pf_guest"] == DEMAND_PAGES
     assert "pf_guest" not in r.between(WRITTEN, READ)
     assert sorted(r.marks) == [TOUCHING, WRITTEN, READ]
+
+
+# -- tlbstress and hugepages ----------------------------------------------------------
+
+# What they do (guests/tlbstress.s, guests/hugepages.s, asm/wset.s): one
+# working set, the same passes; 4 KiB pages in one, 2 MiB pages in the other.
+WS_PAGES = 4096         # 4 KiB pages in the working set (16 MiB)
+WS_LARGE = 8            # the 2 MiB pages hugepages maps it with
+WS_PASSES = 5           # pass 0 (cold), then the steady passes
+TLB_ENTRIES = 1536      # hv's default TLB model
+COLD, WARM, STEADY_DONE = 1, 2, 3
+
+
+def test_tlbstress_working_set_exceeds_the_tlb():
+    assert WS_PAGES > TLB_ENTRIES
+
+
+def test_tlbstress_every_touch_misses_in_the_steady_state():
+    r = run("tlbstress", "native")
+    cold, steady = r.between(COLD, WARM), r.between(WARM, STEADY_DONE)
+    touched = (WS_PASSES - 1) * WS_PAGES        # pages touched in the steady passes
+    assert cold["tlb.misses"] >= WS_PAGES
+    # FIFO sets of 12 ways, each cycled through by 32 pages: a page is always
+    # gone by the time the next pass comes back to it.
+    assert steady["tlb.misses"] >= touched
+    assert steady["tlb.walks"] >= touched
+    assert steady["tlb.walk_refs"] >= 4 * touched  # 4 levels down to each PTE
+    assert steady["tlb.misses"] <= touched + 64  # and little else misses
+    assert r.tlb["walk_refs_hist"].get("4", 0) >= WS_PASSES * WS_PAGES
+    # A and D are set in the cold pass and never again.
+    assert "tlb.ad_writes" not in steady
+    assert "io_exits" not in steady             # the console is quiet
+    assert r.counters["pf_guest"] == r.counters["exceptions"] == 0
+
+
+def test_hugepages_hold_the_working_set_in_the_tlb():
+    r = run("hugepages", "native")
+    cold, steady = r.between(COLD, WARM), r.between(WARM, STEADY_DONE)
+    assert WS_LARGE <= cold["tlb.misses"] < 50
+    assert steady.get("tlb.misses", 0) < 50
+    # Every walk ends at a 2 MiB PDE: PML4E, PDPTE, PDE.
+    hist = r.tlb["walk_refs_hist"]
+    assert hist.get("3", 0) >= WS_LARGE
+    assert set(hist) == {"3"}
+    assert r.tlb["walk_refs"] == 3 * r.tlb["walks"]
+    assert "io_exits" not in steady
+
+
+def test_hugepages_and_tlbstress_do_the_same_work():
+    small, large = run("tlbstress", "native"), run("hugepages", "native")
+    steady = [r.between(WARM, STEADY_DONE) for r in (small, large)]
+    assert steady[0]["insns"] == steady[1]["insns"]
+    assert steady[0]["tlb.misses"] > 100 * max(1, steady[1].get("tlb.misses", 0))
+
+
+def test_hugepages_gain_nothing_where_the_tlb_caches_4k():
+    # Shadow paging shadows a guest 2 MiB page with 4 KiB entries, so the
+    # TLB caches 4 KiB pieces and the steady passes miss as with 4 KiB pages.
+    steady = run("hugepages", "shadow").between(WARM, STEADY_DONE)
+    assert steady["tlb.misses"] >= (WS_PASSES - 1) * WS_PAGES
+
+
+# -- compute -----------------------------------------------------------------------------
+
+COMPUTE_ITERATIONS = 1 << 19
+LOOP, LOOPED = 1, 2
+
+
+@pytest.mark.parametrize("mmu", ["native", "shadow", "ept"])
+def test_compute_costs_next_to_no_mmu_work(mmu):
+    r = run("compute", mmu)
+    loop = r.between(LOOP, LOOPED)
+    assert loop["insns"] >= 19 * COMPUTE_ITERATIONS     # about 10 million
+    assert r.tlb["misses"] < 100
+    assert loop.get("tlb.misses", 0) < 10       # the array's two pages, at most
+    assert loop.get("exits", 0) <= 10           # the mark; a few hidden faults
+    assert "io_exits" not in loop
+
+
+# -- smp ---------------------------------------------------------------------------------
+
+# What smp does (guests/smp.s): rounds of remap + shootdown, and its marks.
+SMP_ROUNDS = 8
+ROUNDS_START, ROUNDS_DONE = 1, 2
+
+
+@functools.cache
+def run_smp(mmu: str, vcpus: int, quantum: int | None = None) -> hv.Result:
+    options = {} if quantum is None else {"quantum": quantum}
+    return hv.run("smp", mmu=mmu, vcpus=vcpus, **options)
+
+
+def smp_ok(r: hv.Result, vcpus: int) -> None:
+    assert (r.reason, r.exit_code) == ("exit", 0), f"{r.detail}\n{r.console}"
+    assert r.console.splitlines()[-1] == f"smp: ok ({vcpus} vcpus, {SMP_ROUNDS} rounds)"
+
+
+@pytest.mark.parametrize("vcpus", [1, 4])
+def test_smp_passes(vcpus):
+    r = run_smp("native", vcpus)
+    smp_ok(r, vcpus)
+    assert not any("FAIL" in line for line in r.console.splitlines())
+
+
+@pytest.mark.parametrize("vcpus", [1, 4])
+def test_smp_every_vcpu_shoots_down_every_round(vcpus):
+    r = run_smp("native", vcpus)
+    c = r.counters
+    assert c["invlpg"] == vcpus * SMP_ROUNDS
+    assert c["cr3_loads"] == vcpus             # every vCPU loads vCPU 0's tables
+    # The others halt, vCPU 0 exits. (With slices this long the others reach
+    # their HLT before vCPU 0 sees their done flags; with tiny ones it may exit
+    # first.)
+    assert c["halt_exits"] == vcpus - 1
+    assert c["pf_guest"] == c["exceptions"] == 0
+    rounds = r.between(ROUNDS_START, ROUNDS_DONE)
+    assert rounds["invlpg"] == vcpus * SMP_ROUNDS
+    # Each INVLPG drops the shared page: the read after it misses and walks.
+    assert rounds["tlb.misses"] >= vcpus * SMP_ROUNDS
+    for cpu in r.vcpus:
+        assert cpu["counters"]["invlpg"] == SMP_ROUNDS
+        assert cpu["counters"]["cr3_loads"] == 1
+
+
+def test_smp_invlpg_grows_with_vcpus():
+    one, four = run_smp("native", 1), run_smp("native", 4)
+    assert four.counters["invlpg"] == 4 * one.counters["invlpg"]
+    assert four.tlb["misses"] > one.tlb["misses"]
+
+
+@pytest.mark.parametrize("mmu", MODES)
+def test_smp_four_vcpus_in_every_mode(mmu):
+    # A short quantum: the vCPUs wait for each other in every round, and a
+    # waiting vCPU spins away the rest of its slice.
+    r = run_smp(mmu, 4, 1000)
+    smp_ok(r, 4)
+    oracle = run_smp("qemu", 4, 1000)
+    assert r.console == oracle.console
+    for reason in ("IO_INSTRUCTION", "HLT", "VMCALL"):     # exits in every mode
+        assert r.exits[reason] == oracle.exits[reason], reason
+    if mmu == "shadow":
+        # Every vCPU's INVLPG is an exit; vCPU 0's PTE writes are emulated.
+        assert r.exits["INVLPG"] == 4 * SMP_ROUNDS
+
+
+@pytest.mark.parametrize("vcpus, quantum", [(2, 1), (3, 1), (3, 7), (5, 13), (8, 7), (8, 100)])
+def test_smp_is_correct_in_any_interleaving(vcpus, quantum):
+    # Tiny quanta switch vCPUs in the middle of the barrier, the IPI and the
+    # checks: the protocol needs no atomic instruction.
+    smp_ok(run_smp("native", vcpus, quantum), vcpus)
+
+
+def test_smp_with_vcpus_is_deterministic():
+    assert (hv.run("smp", mmu="native", vcpus=4, quantum=1000).to_json()
+            == run_smp("native", 4, 1000).to_json())
 
 
 # -- the asm/ library ------------------------------------------------------------------
@@ -464,4 +625,68 @@ bad:
     mov al, 1
     call exit
 """, mmu)
+    assert (r.reason, r.exit_code, r.console) == ("exit", 0, "")
+
+
+@pytest.mark.parametrize("mmu", MODES)
+@pytest.mark.parametrize("quantum", [1, 5, 1000])
+def test_barrier_holds_every_vcpu(mmu, quantum):
+    # 3 vCPUs, 20 barriers: after barrier p every vCPU has announced phase p,
+    # and none can be past phase p + 1 (it would have to pass barrier p + 1).
+    r = run_src("""
+    jmp main
+.include "serial.s"
+.include "sync.s"
+PHASES = 20
+main:
+    mov r12, rdi
+    mov r13, rsi
+    xor r14d, r14d                      ; the phase
+    lea rbx, [rip + phase]
+next:
+    inc r14
+    mov qword ptr [rbx + r12*8], r14
+    mov rdi, r12
+    mov rsi, r13
+    call smp_barrier
+    xor ecx, ecx
+look:
+    mov rax, qword ptr [rbx + rcx*8]
+    cmp rax, r14
+    jb bad
+    lea rdx, [r14 + 1]
+    cmp rax, rdx
+    ja bad
+    inc ecx
+    cmp rcx, r13
+    jb look
+    cmp r14, PHASES
+    jb next
+    lea rdx, [rip + done]
+    mov qword ptr [rdx + r12*8], 1
+    test r12, r12
+    jnz park
+    xor ecx, ecx
+wait:
+    lea rdi, [rdx + rcx*8]
+    mov esi, 1
+    call smp_wait
+    inc ecx
+    cmp rcx, r13
+    jb wait
+    mov al, 0
+    call exit
+bad:
+    mov al, 1
+    call exit
+park:
+    hlt
+    jmp park
+.align 4096
+phase:
+    .zero 8 * 16
+done:
+    .zero 8 * 16
+.align 4096
+""", mmu, vcpus=3, quantum=quantum)
     assert (r.reason, r.exit_code, r.console) == ("exit", 0, "")

@@ -1,0 +1,213 @@
+; tlbstress.s -- TLB reach with 4 KiB pages: a working set beyond the TLB.
+;
+; 16 MiB of 4 KiB pages, touched pass after pass.
+;
+; The guest builds its own address space (paging.s): [0, 32 MiB)
+; identity-mapped with 2 MiB pages (image, stacks, page-table pool, and the
+; working set's frames seen physically), and a working set of WS_PAGES =
+; 4096 pages of 4 KiB (16 MiB) at WS_VA, page p on frame WS_FRAMES + p * 4 KiB,
+; through 8 page tables. 4096 translations are more than hv's TLB model
+; holds (1536 entries, 12 ways: each of its 128 sets sees 32 of the pages,
+; in order, and replaces FIFO), so once the TLB is warm every touch of a
+; page misses and walks the 4 levels again.
+;
+; The passes are asm/wset.s's: pass 0 writes one qword in every page, each
+; later pass reads every page, checks the value and writes a new one to
+; every fourth page.
+;
+;   mark 1 -> 2  pass 0: the cold pass; one miss per page, each walk sets A
+;                and D in the page's PTE
+;   mark 2 -> 3  passes 1 .. PASSES-1, the steady state: still (at least)
+;                one miss and one 4-reference walk for every page touched
+;   after 3      every frame read through the identity map (values the last
+;                pass left), then the report
+;
+; The console is quiet between the marks. Then a line for the address space,
+; one for the passes and "tlbstress: ok (4096 pages of 4 KiB, 5 passes,
+; 20480 checks)" with exit code 0; if a value was wrong, a "FAIL" line for
+; each pass that saw one, a "FAILED" line and exit code 1. An unexpected
+; exception exits with 0xEE (idt.s). Needs 32 MiB of RAM. Only vCPU 0 runs
+; the test (the library has one TSS); any others halt.
+;
+; guests/hugepages.s is the same working set and passes on 2 MiB pages.
+
+    jmp main                    ; jump over the library
+
+.include "serial.s"
+.include "hv.s"
+.include "gdt.s"
+.include "idt.s"
+.include "paging.s"
+.include "wset.s"
+
+IDENT_END       = 0x2000000     ; [0, 32 MiB) identity-mapped with 2 MiB pages
+WS_VA           = 0x40000000    ; virtual: the working set
+WS_PAGES        = 4096          ; 16 MiB of 4 KiB pages
+WS_FRAMES       = 0x1000000     ; their frames: [16 MiB, 32 MiB)
+PASSES          = 5             ; pass 0 (cold), then 4 in the steady state
+CHECKS          = WS_PAGES * PASSES     ; reads checked: passes 1.., then the frames
+
+FLAGS_RW        = PTE_P | PTE_RW
+
+main:
+    test rdi, rdi               ; rdi = this vCPU's index
+    jnz park
+    call gdt_init
+    call idt_init
+
+    call pt_new_root
+    mov qword ptr [rip + root], rax
+    mov rdi, rax
+    xor esi, esi
+    mov edx, IDENT_END
+    mov ecx, FLAGS_RW
+    call pt_map_identity_2m
+    mov rsi, WS_VA              ; page p: WS_VA + p * 4 KiB -> WS_FRAMES + p * 4 KiB
+    mov edx, WS_FRAMES
+    mov r12d, WS_PAGES
+.Lmap:
+    call pt_map_4k
+    add rsi, PAGE_SIZE
+    add rdx, PAGE_SIZE
+    dec r12d
+    jnz .Lmap
+    mov cr3, rdi
+
+; -- the passes: the console is quiet from mark 1 to mark 3 -------------------
+    mov ebx, 1
+    call hv_mark
+    mov rdi, WS_VA
+    mov esi, WS_PAGES
+    xor edx, edx
+    call wset_pass              ; pass 0: the cold pass
+    mov qword ptr [rip + mismatches], rax
+    mov ebx, 2
+    call hv_mark
+    mov edx, 1
+.Lpass:
+    call wset_pass              ; pass k: read, check, write every fourth page
+    lea rcx, [rip + mismatches]
+    mov qword ptr [rcx + rdx*8], rax
+    inc edx
+    cmp edx, PASSES
+    jb .Lpass
+    mov ebx, 3
+    call hv_mark
+
+; -- the frames, through the identity map ---------------------------------------
+    mov edi, WS_FRAMES
+    call wset_check             ; rdx = PASSES: what the last pass left
+    mov qword ptr [rip + frame_mismatches], rax
+
+    lea rsi, [rip + msg_space]
+    call say
+    mov rax, qword ptr [rip + root]
+    call put_hex
+    lea rsi, [rip + msg_space_end]
+    call puts
+    lea rsi, [rip + msg_passes]
+    call say
+    mov rax, PASSES - 1
+    call put_dec
+    lea rsi, [rip + msg_passes_end]
+    call puts
+
+; -- the verdict ----------------------------------------------------------------
+    xor r12d, r12d              ; wrong values, all passes
+    xor ecx, ecx                ; pass
+.Lverdict_pass:
+    lea rdx, [rip + mismatches]
+    mov rax, qword ptr [rdx + rcx*8]
+    test rax, rax
+    jz .Lverdict_next
+    add r12, rax
+    lea rsi, [rip + msg_fail_pass]
+    call say
+    mov rax, rcx
+    call put_dec
+    lea rsi, [rip + msg_fail_pass_mid]
+    call puts
+    mov rax, qword ptr [rdx + rcx*8]
+    call put_dec
+    lea rsi, [rip + msg_fail_pass_end]
+    call puts
+.Lverdict_next:
+    inc ecx
+    cmp ecx, PASSES
+    jb .Lverdict_pass
+    mov rax, qword ptr [rip + frame_mismatches]
+    test rax, rax
+    jz .Lverdict_frames_ok
+    add r12, rax
+    lea rsi, [rip + msg_fail_frames]
+    call say
+    call put_dec
+    lea rsi, [rip + msg_fail_pass_end]
+    call puts
+.Lverdict_frames_ok:
+    test r12, r12
+    jnz .Lfailed
+    lea rsi, [rip + msg_ok]
+    call say
+    mov rax, WS_PAGES
+    call put_dec
+    lea rsi, [rip + msg_ok_pages]
+    call puts
+    mov rax, PASSES
+    call put_dec
+    lea rsi, [rip + msg_ok_passes]
+    call puts
+    mov rax, CHECKS
+    call put_dec
+    lea rsi, [rip + msg_checks_end]
+    call puts
+    mov al, 0
+    call exit
+.Lfailed:
+    lea rsi, [rip + msg_failed]
+    call say
+    mov rax, r12
+    call put_dec
+    lea rsi, [rip + msg_failed_mid]
+    call puts
+    mov rax, CHECKS
+    call put_dec
+    lea rsi, [rip + msg_checks_end]
+    call puts
+    mov al, 1
+    call exit
+
+park:                           ; vCPUs other than 0: stop here
+    hlt
+    jmp park
+
+; say: rsi = message; prints "tlbstress: " and the message.
+say:
+    push rsi
+    lea rsi, [rip + msg_prefix]
+    call puts
+    pop rsi
+    jmp puts
+
+msg_prefix:         .asciz "tlbstress: "
+msg_space:          .asciz "own page tables, cr3="
+msg_space_end:      .asciz ": 32 MiB identity-mapped with 2 MiB pages, 4096 pages of 4 KiB at 0x40000000 on frames 0x1000000-0x1ffffff\n"
+msg_passes:         .asciz "pass 0 wrote every page; passes 1-"
+msg_passes_end:     .asciz " read and checked every page and wrote every fourth; the frames hold what the last pass left\n"
+msg_ok:             .asciz "ok ("
+msg_ok_pages:       .asciz " pages of 4 KiB, "
+msg_ok_passes:      .asciz " passes, "
+msg_checks_end:     .asciz " checks)\n"
+msg_failed:         .asciz "FAILED ("
+msg_failed_mid:     .asciz " wrong values in "
+msg_fail_pass:      .asciz "FAIL pass "
+msg_fail_pass_mid:  .asciz ": "
+msg_fail_pass_end:  .asciz " pages held a wrong value\n"
+msg_fail_frames:    .asciz "FAIL frames read through the identity map: "
+
+; Data, in a page of its own (see asm/gdt.s).
+.align 4096
+root:               .quad 0     ; the PML4
+mismatches:         .zero 8 * PASSES    ; wrong values seen by each pass
+frame_mismatches:   .quad 0     ; wrong values seen through the identity map
+.align 4096
