@@ -66,6 +66,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="ept: map guest memory with 2 MiB (and 1 GiB) EPT pages where it can")
     r.add_argument("--pwc", action="store_true",
                    help="page-walk caches and a nested TLB (fewer references per walk)")
+    r.add_argument("--timeout", type=float, default=0,
+                   help="stop after this many wall-clock seconds (default: no limit)")
+    r.add_argument("--check", action="store_true",
+                   help="check the VMM's isolation invariants after every exit (slow)")
     r.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
     sub.add_parser("guests", help="list the bundled sample guests")
@@ -103,6 +107,7 @@ def _cmd_run(args) -> int:
                      tlb_entries=args.tlb_entries, tlb_ways=args.tlb_ways,
                      max_insns=args.max_insns, quantum=args.quantum,
                      ept_large_pages=args.ept_large_pages, asid=args.asid, vms=args.vms, pwc=args.pwc,
+                     timeout=args.timeout, check_invariants=args.check,
                      on_console=echo if streaming else None)
     if args.json:
         json.dump(result.to_json(), out, indent=2)
@@ -112,6 +117,8 @@ def _cmd_run(args) -> int:
         if not all(at_line_start.values()):
             out.write("\n")
         print_report(result, Console())
+    if result.reason == "interrupted":
+        return 130
     return 0 if result.ok else 1
 
 

@@ -18,3 +18,7 @@ class AsmError(HvError):
         if statement:
             text += f": {statement.strip()}"
         super().__init__(text)
+
+
+class InvariantError(HvError):
+    """A VMM invariant does not hold (found by --check): a bug in hv."""

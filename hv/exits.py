@@ -59,6 +59,8 @@ def dispatch(vcpu: "VCpu", ex: Exit) -> None:
     if is_exit and not vcpu.vm.config.asid and mmu.tlb is not None:
         vcpu.flush_tlb()        # first-generation VT-x: no VPID, exits flush
     vcpu.sync_tlb()
+    if vcpu.vm.config.check_invariants:
+        vcpu.vm.check_invariants()
 
 
 # Qualification of IO_INSTRUCTION (SDM Vol.3C Table 28-5): size-1 in bits

@@ -85,6 +85,12 @@ class GuestMemory:
         return cls(host, ram, [vmm_size + (blocks - 1 - i // per) * block + (i % per) * CHUNK
                                for i in range(n)])
 
+    def owns(self, hpa: int, size: int) -> bool:
+        """Whether host range [hpa, hpa+size) lies wholly in guest chunks."""
+        bases = set(self.chunks)
+        return all(((hpa + off) & ~(CHUNK - 1)) in bases for off in range(0, size, CHUNK)) \
+            and ((hpa + size - 1) & ~(CHUNK - 1)) in bases
+
     def contiguous(self, gpa: int, size: int) -> bool:
         """Whether [gpa, gpa+size) is one host-contiguous, size-aligned run."""
         base = self.hpa(gpa)

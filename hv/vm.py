@@ -10,12 +10,13 @@ vCPU has a 16 KiB stack below 0xA0000; rdi = vCPU index, rsi = vCPU count.
 from __future__ import annotations
 
 import struct
+import time
 from dataclasses import dataclass
 
 from .arch.paging import P, PS, RW
 from .arch.x86 import CR0, CR4, EFER, GDT_CODE64, GDT_DATA, MSR_EFER, RFLAGS
 from .engine import EngineError
-from .errors import HvError
+from .errors import HvError, InvariantError
 from .memory import CHUNK, GiB, GuestMemory, MiB
 from .mmu import MODES
 from .mmu.ept import EptMMU, EptTables
@@ -56,6 +57,8 @@ class Config:
     ept_large_pages: bool = False
     asid: bool = True           # tag TLB entries by VM (VPID); False: flush at every entry/exit
     pwc: bool = False           # page-walk caches and a nested TLB (hv/mmu/pwc.py)
+    check_invariants: bool = False  # check the VMM's invariants after every exit (--check)
+    timeout: float = 0          # wall-clock seconds before the run is stopped (0: none)
 
     def check(self) -> None:
         if self.mmu not in MODES:
@@ -68,6 +71,8 @@ class Config:
             raise HvError(f"a TLB of {self.tlb_entries} entries cannot have {self.tlb_ways} ways")
         if self.max_insns < 1 or self.quantum < 1:
             raise HvError("--max-insns and --quantum must be positive")
+        if self.timeout < 0:
+            raise HvError("--timeout must not be negative")
 
 
 class VM:
@@ -179,6 +184,22 @@ class VM:
         """Run this VM's machine until every VM on it has ended."""
         self.machine.run()
 
+    def check_invariants(self) -> None:
+        """Isolation (--check): every TLB entry of this VM maps its own guest
+        memory; its shadow or EPT tables keep their invariants. (Each VM has
+        its own host memory, which only its engines map, so no translation
+        of one VM can reach another's.) Raises InvariantError."""
+        for cpu in self.vcpus:
+            tlb = cpu.mmu.tlb
+            for tr in tlb.held(self.asid) if tlb is not None else ():
+                if not self.guest.owns(tr.pbase, 1 << tr.shift):
+                    raise InvariantError(f"a TLB entry maps {tr.vbase:#x} to host {tr.pbase:#x}, "
+                                         "outside the VM's memory")
+        if self.mmu_mode == "shadow":
+            self.shadow.check()
+        elif self.mmu_mode == "ept":
+            self.ept.check()
+
     def run_slice(self, cpu: VCpu) -> None:
         """One quantum of `cpu`; the VM ends on a runaway, escape or error."""
         if self.budget <= 0:
@@ -195,6 +216,8 @@ class VM:
             # With Unicorn's own MMU (mode qemu) a guest mapping beyond its
             # RAM ends here: Unicorn refuses the unmapped physical access.
             self.finish("escape" if "UNMAPPED" in str(e) else "error", str(e))
+        except InvariantError as e:
+            self.finish("invariant", f"hv bug: {e}")
 
 
 class Machine:
@@ -213,9 +236,26 @@ class Machine:
         self.vms: list[VM] = []
 
     def run(self) -> None:
+        """Run until every VM ended. Ctrl-C or --timeout end the VMs still
+        running, with what they counted so far."""
+        deadline = time.monotonic() + self.config.timeout if self.config.timeout else None
+        try:
+            self._schedule(deadline)
+        except KeyboardInterrupt:
+            self._stop_all("interrupted", "interrupted (Ctrl-C)")
+
+    def _stop_all(self, reason: str, detail: str) -> None:
+        for vm in self.vms:
+            vm.finish(reason, detail)
+
+    def _schedule(self, deadline: float | None) -> None:
         while True:
             live = [vm for vm in self.vms if not vm.ended]
             if not live:
+                return
+            if deadline is not None and time.monotonic() > deadline:
+                self._stop_all("timeout", f"still running after {self.config.timeout} s "
+                               "(--timeout)")
                 return
             for vm in live:
                 runnable = [cpu for cpu in vm.vcpus if not cpu.halted]

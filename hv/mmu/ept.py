@@ -19,7 +19,8 @@ Invariants:
 from __future__ import annotations
 
 from ..arch import ept
-from ..arch.paging import ADDR_MASK, level_shift
+from ..arch.paging import ADDR_MASK, PAGE_SIZE, level_shift
+from ..errors import InvariantError
 from ..arch.vmx import ExitReason
 from ..memory import CHUNK, GuestMemory, VmmFrames
 from ..stats import Stats
@@ -68,6 +69,30 @@ class EptTables:
         self.host.write_u64(addr, hpa | ept.RWX | ept.MT_WB | int(ept.EPTE.IPAT)
                             | (ept.LARGE if leaf_level > 1 else 0))
         c[("pages_4k", "pages_2m", "pages_1g")[leaf_level - 1]] += 1
+
+
+    def check(self) -> None:
+        """Every EPT leaf maps a guest frame to its own host frame; every EPT
+        table lies in the VMM area (below guest memory)."""
+        vmm_end = min(self.guest.chunks)
+
+        def visit(table: int, level: int, gpa: int) -> None:
+            if not table + PAGE_SIZE <= vmm_end:
+                raise InvariantError(f"EPT table {table:#x} outside the VMM area")
+            for i in range(512):
+                entry = self.host.read_u64(table + 8 * i)
+                if not entry & ept.RWX:
+                    continue
+                here = gpa | (i << level_shift(level))
+                if level == 1 or entry & ept.LARGE:
+                    size = 1 << level_shift(level)
+                    if (entry & ADDR_MASK & ~(size - 1)) != self.guest.hpa(here) or \
+                            not self.guest.owns(self.guest.hpa(here), size):
+                        raise InvariantError(f"EPT maps guest-physical {here:#x} to "
+                                             f"{entry & ADDR_MASK:#x}, not its own frame")
+                else:
+                    visit(entry & ADDR_MASK, level - 1, here)
+        visit(self.root, 4, 0)
 
 
 class EptMMU(NativeMMU):

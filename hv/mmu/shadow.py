@@ -28,6 +28,7 @@ from ..arch.paging import (ADDR_MASK, D, ENTRIES_PER_TABLE, G, NX, P, PAGE_SIZE,
                            RW, US, level_shift)
 from ..arch.vmx import ExitReason
 from ..arch.x86 import Vector
+from ..errors import InvariantError
 from ..memory import GuestMemory, VmmFrames
 from ..stats import Stats
 from .native import NativeMMU
@@ -179,7 +180,6 @@ class ShadowCache:
 
     def check(self) -> None:
         """Assert the invariants at the top of this module (tests, --check)."""
-        guest_frames = {h >> 12 for h in self.guest.chunks}      # 2 MiB chunk bases
         for sp in self.pages.values():
             for i in range(ENTRIES_PER_TABLE):
                 spte_addr = sp.hpa + i * 8
@@ -189,15 +189,18 @@ class ShadowCache:
                 target = spte & ADDR_MASK
                 if sp.level > 1:
                     child = self.by_hpa.get(target)
-                    assert child is not None and spte_addr in child.parents, \
-                        f"spte {spte_addr:#x} points at {target:#x}, no shadow page"
-                else:
-                    chunk = target & ~0x1F_FFFF
-                    assert chunk >> 12 in guest_frames, f"leaf {spte_addr:#x} maps {target:#x}"
-                    gfn = self.leaf_gfn[spte_addr]
-                    assert self.guest.hpa(gfn << 12) == target
-                    assert not (spte & RW and gfn in self.shadowed), \
-                        f"guest page table {gfn:#x} is writable through {spte_addr:#x}"
+                    if child is None or spte_addr not in child.parents:
+                        raise InvariantError(f"spte {spte_addr:#x} points at {target:#x}, "
+                                             "no shadow page")
+                    continue
+                gfn = self.leaf_gfn.get(spte_addr)
+                if gfn is None or self.guest.hpa(gfn << 12) != target or \
+                        not self.guest.owns(target, PAGE_SIZE):
+                    raise InvariantError(f"shadow leaf {spte_addr:#x} maps {target:#x}, "
+                                         "not the guest frame it shadows")
+                if spte & RW and gfn in self.shadowed:
+                    raise InvariantError(f"guest page table {gfn:#x} is writable through "
+                                         f"{spte_addr:#x}")
 
     def flush_all(self, c) -> None:
         """Flush the TLB of every vCPU of the VM (KVM's kvm_flush_remote_tlbs)."""

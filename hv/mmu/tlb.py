@@ -46,6 +46,10 @@ class TLB:
     def __len__(self):
         return len(self._where)
 
+    def held(self, asid: int):
+        """The translations held for `asid`."""
+        return [s[k] for k, s in self._where.items() if k[0] == asid]
+
     def _set_of(self, shift: int, vpn: int) -> OrderedDict:
         return self._sets[(vpn ^ (shift << 4)) % self.nsets]
 

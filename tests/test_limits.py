@@ -1,0 +1,95 @@
+"""Limits and the --check debug mode: runaway guests stop with a reason and
+their counters; the VMM's invariants are checked after every exit."""
+import json
+from collections import Counter
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+import hv
+from hv.api import make_result
+from hv.arch import ept
+from hv.vm import VM, Config
+
+from conftest import image
+
+SPIN = "spin: jmp spin\n"
+
+
+def test_timeout_stops_a_runaway_guest_with_its_counters():
+    t = time.monotonic()
+    r = hv.run("spin", image=image(SPIN), timeout=0.2)
+    assert r.reason == "timeout" and time.monotonic() - t < 5
+    assert r.counters["insns"] > 0
+
+
+def test_ctrl_c_still_prints_the_counters(tmp_path):
+    src = tmp_path / "spin.s"
+    src.write_text(SPIN)
+    p = subprocess.Popen([sys.executable, "-m", "hv", "run", str(src), "--json"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(1.5)
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=30)
+    doc = json.loads(out)
+    assert p.returncode == 130 and doc["reason"] == "interrupted"
+    assert doc["counters"]["insns"] > 0 and "Traceback" not in err
+
+
+# Page-table work with few exits of other kinds: a PT made live, remapped
+# with INVLPG, a second address space switched to and back.
+MMU_WORK = """
+    mov r14, 0x500000
+    mov rax, 0x600003
+    mov qword ptr [r14], rax
+    mov rax, 0x500003
+    mov qword ptr [0x4000 + 24 * 8], rax
+    mov r15, 0x3000000
+    mov rcx, 20
+again:
+    mov rax, qword ptr [r15]
+    mov rax, rcx
+    shl rax, 12
+    add rax, 0x600003
+    mov qword ptr [r14], rax
+    invlpg [r15]
+    loop again
+    mov r12, cr3
+    mov rdi, 0x700000
+    mov rsi, r12
+    mov rcx, 512
+    rep movsq
+    mov rax, 0x700000
+    mov cr3, rax
+    mov rax, qword ptr [r15]
+    mov cr3, r12
+    xor eax, eax
+    mov dx, 0xf4
+    out dx, al
+"""
+
+
+@pytest.mark.parametrize("mmu", ["native", "shadow", "ept"])
+@pytest.mark.parametrize("guest", ["hello", "mmu-work"])
+def test_runs_keep_every_invariant(guest, mmu):
+    img = image(MMU_WORK) if guest == "mmu-work" else None
+    r = hv.run(guest, mmu=mmu, image=img, check_invariants=True, vcpus=2)
+    assert r.ok, r.detail
+
+
+def test_check_finds_an_ept_entry_that_maps_a_foreign_frame():
+    vm = VM(image("mov rax, qword ptr [0x1000000]\nmov rax, qword ptr [0x1200000]\n"
+                  "xor eax, eax\nmov dx, 0xf4\nout dx, al\n"),
+            Config(mmu="ept", check_invariants=True))
+    # Map GPA 0x1200000 to the host frame of GPA 0 by hand: a VMM bug.
+    vm.ept.map(Counter(), 0x1200000)
+    table = vm.ept.root
+    for level in (4, 3, 2):
+        table = vm.mem.read_u64(table + ((0x1200000 >> (12 + 9 * (level - 1))) & 511) * 8) & ~0xFFF
+    vm.mem.write_u64(table, vm.guest.hpa(0) | ept.RWX | ept.MT_WB)
+    vm.run()
+    r = make_result("t", vm)
+    assert r.reason == "invariant" and "not its own frame" in r.detail
