@@ -14,7 +14,8 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(BIN)/hv run hello
-	$(BIN)/hv run pagetouch
+	$(BIN)/hv run forkwait --mmu shadow
+	$(BIN)/hv run forkwait --mmu ept
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
