@@ -31,6 +31,7 @@ shows each reason that differs.
 """
 from __future__ import annotations
 
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
@@ -39,7 +40,7 @@ from . import api
 from .api import Result
 from .arch.vmx import ExitReason
 from .asm import assemble_source
-from .errors import HvError
+from .errors import AsmError, HvError
 from .mmu import MODES
 from .paths import bundled_guests
 
@@ -51,8 +52,19 @@ _MODES_KEY = pytest.StashKey[tuple]()
 
 # --- the fixture -------------------------------------------------------------
 
+class RunResult(Result):
+    """hv.Result with a one-line repr, so that pytest's explanation of a
+    failed `assert r.exit_code == 0` does not print every counter."""
+
+    def __repr__(self) -> str:
+        return f"<hv.Result of {self.guest!r} in {self.mmu}: {self.detail}>"
+
+
 class HvFixture:
     """What the `hv` fixture gives a test: `run`, `assert_exits`, `mmu`."""
+
+    HvError = HvError           # so that a test can say pytest.raises(hv.AsmError)
+    AsmError = AsmError
 
     def __init__(self, mmu: str = DEFAULT_MODE):
         self.mmu = mmu          # this test's MMU mode: what run() uses by default
@@ -61,7 +73,7 @@ class HvFixture:
     def __repr__(self) -> str:
         return f"<hv fixture mmu={self.mmu!r}>"
 
-    def run(self, guest: str | Path, mmu: str | None = None, **options) -> Result:
+    def run(self, guest: str | Path, mmu: str | None = None, **options) -> RunResult:
         """Run `guest` (a path, a bundled guest's name, or inline source: see
         the module's doc) in `mmu`, by default this test's mode. `options`
         are hv.run's (ram, vcpus, vms, max_insns, ...)."""
@@ -70,12 +82,14 @@ class HvFixture:
         try:
             if is_source(guest):
                 image = assemble_source(guest, name=INLINE).code
-                return api.run(INLINE, mmu=mmu, image=image, **options)
-            return api.run(guest, mmu=mmu, **options)
+                result = api.run(INLINE, mmu=mmu, image=image, **options)
+            else:
+                result = api.run(guest, mmu=mmu, **options)
         except HvError as e:
             # hv's errors say what and where (file:line: statement); hv's
             # own frames below this point would only be noise.
             raise e.with_traceback(None) from None
+        return RunResult(**{f.name: getattr(result, f.name) for f in fields(Result) if f.init})
 
     def assert_exits(self, actual, expected: dict[str, int]) -> None:
         """Assert an exit table is `expected` ({reason: count}; a reason left
@@ -110,10 +124,16 @@ class ExitTable(dict):
 
     @classmethod
     def of(cls, table) -> ExitTable:
+        """From a Result, an exit table, or a between() difference."""
+        __tracebackhide__ = True
         if isinstance(table, Result):
             table = table.exits
-        if any(k.startswith("exit.") for k in table):       # a between() difference
+        elif any(k.startswith("exit.") or k == "exits" for k in table):  # counters
             table = {k[5:]: v for k, v in table.items() if k.startswith("exit.")}
+        unknown = sorted(set(table) - set(ExitReason.__members__))
+        if unknown:
+            raise ValueError(f"no exit reason {', '.join(unknown)} (reasons: "
+                             f"{', '.join(ExitReason.__members__)})")
         return cls((k, v) for k, v in table.items() if v)
 
     def __repr__(self) -> str:
@@ -148,7 +168,7 @@ def pytest_assertrepr_compare(config, op, left, right):
     reasons that differ instead of pytest's generic dict diff."""
     if op == "==" and is_exit_table(left) and is_exit_table(right) and (left or right):
         return (["actual exits == expected exits"]
-                + exits_diff(left, right, verbose=config.get_verbosity() > 0))
+                + exits_diff(left, right, verbose=config.getoption("verbose", 0) > 0))
     return None
 
 
