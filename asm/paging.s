@@ -48,6 +48,10 @@
 ;   pt_map_identity_2m  rdi = root, rsi = start, rdx = end, rcx = flags:
 ;                    pt_map_2m(root, a, a, flags) for a in [start, end)
 ;                    in 2 MiB steps; returns nothing (rax preserved)
+;   pt_new_identity_2m  rdx = end, rcx = flags -> rax = a new PML4 (from
+;                    pt_new_root) that maps [0, end) to itself with 2 MiB
+;                    pages (pt_map_identity_2m): the usual kernel map of a
+;                    guest's own address space
 ;   pt_unmap_4k      rdi = root, rsi = va -> rax = the old PTE (0 if there
 ;                    was none). Clears the PTE and runs INVLPG [va]. Panics
 ;                    if a large page covers va.
@@ -268,6 +272,18 @@ pt_map_identity_2m:
     pop r8
     pop rsi
     pop rax
+    ret
+
+; pt_new_identity_2m: rdx = end, rcx = flags -> rax = a new PML4.
+pt_new_identity_2m:
+    push rsi
+    push rdi
+    call pt_new_root
+    mov rdi, rax
+    xor esi, esi
+    call pt_map_identity_2m
+    pop rdi
+    pop rsi
     ret
 
 ; pt_lookup: rdi = root, rsi = va -> rax = entry address or 0, rdx = level.

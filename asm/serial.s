@@ -28,6 +28,16 @@
 ;   put_hex  rax = value                "0x" and the shortest lowercase hex
 ;                                       form: 0 -> "0x0", 255 -> "0xff"
 ;   put_dec  rax = value                unsigned decimal: 0 -> "0", 512 -> "512"
+;   putf     rsi = format, rdx, rcx, r8, r9 = its arguments
+;                                       writes the format (NUL-terminated),
+;                                       in which %d writes the next argument
+;                                       as put_dec does, %x as put_hex does,
+;                                       %s the NUL-terminated string it
+;                                       points to, and %% a "%". Arguments
+;                                       are taken in the order rdx, rcx, r8,
+;                                       r9 (System V's after rdi and rsi):
+;                                       at most four; a fifth conversion,
+;                                       or any other after "%", panics
 ;   exit     al  = exit code            ends the VM; never returns (if the
 ;                                       port write does not stop the vCPU,
 ;                                       it halts)
@@ -149,6 +159,71 @@ put_dec:
     pop rax
     ret
 
+; putf: rsi = format, rdx, rcx, r8, r9 = arguments.
+putf:
+    push rax
+    push rsi
+    push rdi
+    push r9                     ; the arguments, in order from [rsp] up
+    push r8
+    push rcx
+    push rdx
+    mov rdi, rsp                ; the next argument
+.Lputf_next:
+    mov al, byte ptr [rsi]
+    inc rsi
+    test al, al
+    jz .Lputf_done
+    cmp al, '%'
+    jne .Lputf_char
+    mov al, byte ptr [rsi]
+    inc rsi
+    cmp al, '%'
+    je .Lputf_char
+    lea rax, [rsp + 32]         ; past the fourth argument
+    cmp rdi, rax
+    jae .Lputf_too_many
+    mov al, byte ptr [rsi - 1]
+    cmp al, 'd'
+    je .Lputf_dec
+    cmp al, 'x'
+    je .Lputf_hex
+    cmp al, 's'
+    jne .Lputf_bad
+    push rsi
+    mov rsi, qword ptr [rdi]
+    call puts
+    pop rsi
+    jmp .Lputf_arg_done
+.Lputf_dec:
+    mov rax, qword ptr [rdi]
+    call put_dec
+    jmp .Lputf_arg_done
+.Lputf_hex:
+    mov rax, qword ptr [rdi]
+    call put_hex
+.Lputf_arg_done:
+    add rdi, 8
+    jmp .Lputf_next
+.Lputf_char:
+    call putc
+    jmp .Lputf_next
+.Lputf_done:
+    pop rdx
+    pop rcx
+    pop r8
+    pop r9
+    pop rdi
+    pop rsi
+    pop rax
+    ret
+.Lputf_too_many:
+    lea rsi, [rip + putf_msg_too_many]
+    call panic
+.Lputf_bad:
+    lea rsi, [rip + putf_msg_bad]
+    call panic
+
 ; exit: al = exit code. Never returns.
 exit:
     mov dx, EXIT_PORT
@@ -170,3 +245,7 @@ panic:
 
 panic_prefix:
     .asciz "panic: "
+putf_msg_too_many:
+    .asciz "putf: more than four arguments"
+putf_msg_bad:
+    .asciz "putf: a conversion other than %d, %x, %s or %%"

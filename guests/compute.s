@@ -35,6 +35,7 @@
 .include "gdt.s"
 .include "idt.s"
 .include "paging.s"
+.include "check.s"
 
 IDENT_END       = 0x1000000     ; [0, 16 MiB) identity-mapped with 2 MiB pages
 ARRAY_VA        = 0x40000000    ; virtual: the array, two 4 KiB pages
@@ -55,12 +56,10 @@ main:
     call gdt_init
     call idt_init
 
-    call pt_new_root
-    mov rdi, rax
-    xor esi, esi
     mov edx, IDENT_END
     mov ecx, FLAGS_RW
-    call pt_map_identity_2m
+    call pt_new_identity_2m
+    mov rdi, rax
     mov rsi, ARRAY_VA
     call page_alloc             ; zeroed
     mov rdx, rax
@@ -118,26 +117,16 @@ main:
     cmp rax, rdx
     jne .Lfailed
     lea rsi, [rip + msg_ok]
-    call say
-    mov rax, ITERATIONS
-    call put_dec
-    lea rsi, [rip + msg_ok_mid]
-    call puts
-    mov rax, rdx
-    call put_hex
-    lea rsi, [rip + msg_ok_end]
-    call puts
+    mov rcx, rdx
+    mov edx, ITERATIONS
+    call sayf
     mov al, 0
     call exit
 .Lfailed:
     lea rsi, [rip + msg_fail]
-    call say
-    call put_hex
-    lea rsi, [rip + msg_fail_mid]
-    call puts
-    mov rax, rdx
-    call put_hex
-    call newline
+    mov rcx, rdx
+    mov rdx, rax
+    call sayf
     lea rsi, [rip + msg_failed]
     call say
     mov al, 1
@@ -147,18 +136,7 @@ park:                           ; vCPUs other than 0: stop here
     hlt
     jmp park
 
-; say: rsi = message; prints "compute: " and the message.
-say:
-    push rsi
-    lea rsi, [rip + msg_prefix]
-    call puts
-    pop rsi
-    jmp puts
-
-msg_prefix:     .asciz "compute: "
-msg_ok:         .asciz "ok ("
-msg_ok_mid:     .asciz " iterations, checksum "
-msg_ok_end:     .asciz ")\n"
-msg_fail:       .asciz "FAIL checksum: got "
-msg_fail_mid:   .asciz ", expected "
+check_prefix:   .asciz "compute: "
+msg_ok:         .asciz "ok (%d iterations, checksum %x)\n"
+msg_fail:       .asciz "FAIL checksum: got %x, expected %x\n"
 msg_failed:     .asciz "FAILED\n"

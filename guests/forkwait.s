@@ -44,13 +44,13 @@
 ; and between(2, 3) is FORKS - 1 forks; the console is quiet in between
 ; (lines are printed after mark 3, unless a check fails).
 ;
-; Every check is counted. One line per phase (the parent, fork 1, the other
-; forks), then "forkwait: ok (40 forks, 640 pages copied)" and exit code 0;
-; if any check failed, a "FAIL" line for each (the first ten), a "FAILED"
-; line and exit code 1. An unexpected exception, e.g. a page fault the
-; handler does not expect, exits with 0xEE (idt.s); an exhausted pool with
-; 0xED (paging.s panics). Needs 16 MiB of RAM. Only vCPU 0 runs the test
-; (the library has one TSS); any others halt.
+; Every check is counted (asm/check.s). One line per phase (the parent,
+; fork 1, the other forks), then "forkwait: ok (40 forks, 640 pages
+; copied)" and exit code 0; if any check failed, a "FAIL" line for each (the
+; first ten), a "FAILED" line and exit code 1. An unexpected exception, e.g.
+; a page fault the handler does not expect, exits with 0xEE (idt.s); an
+; exhausted pool with 0xED (paging.s panics). Needs 16 MiB of RAM. Only
+; vCPU 0 runs the test (the library has one TSS); any others halt.
 
     jmp main                    ; jump over the library
 
@@ -59,6 +59,7 @@
 .include "gdt.s"
 .include "idt.s"
 .include "paging.s"
+.include "check.s"
 
 FORKS           = 40
 IDENT_END       = 0x1000000     ; [0, 16 MiB) identity-mapped with 2 MiB pages
@@ -82,7 +83,6 @@ TAG_P           = 0x5041524e00000000   ; P(k, i) = TAG_P + k * 2^16 + i
 TAG_C           = 0x4348494c00000000   ; C(k, i) = TAG_C + k * 2^16 + i
 CHILD_OFFSET    = 8             ; where the child writes
 LAST_QWORD      = PAGE_SIZE - 8
-MAX_REPORTED    = 10            ; FAIL lines printed at most
 
 PTE_COW         = 1 << 9        ; software bit (ignored by the CPU): shared, copy on write
 ; The entry bits a copied mapping keeps (not the address, A, D or PTE_COW).
@@ -106,13 +106,11 @@ main:
     call pt_pool_init
 
 ; -- the parent ------------------------------------------------------------------
-    call pt_new_root
-    mov qword ptr [rip + root_parent], rax
-    mov rdi, rax
-    xor esi, esi
     mov edx, IDENT_END
     mov ecx, FLAGS_RW
-    call pt_map_identity_2m
+    call pt_new_identity_2m
+    mov qword ptr [rip + root_parent], rax
+    mov rdi, rax
     xor ecx, ecx
 .Lparent_map:
     call page_va                ; rsi = the page's address
@@ -126,16 +124,11 @@ main:
     cmp ecx, PAGES
     jb .Lparent_map
     mov cr3, rdi
-    lea rsi, [rip + msg_parent]
-    call say
-    mov rax, rdi
-    call put_hex
-    lea rsi, [rip + msg_parent_mid]
-    call puts
     call page_avail
-    call put_dec
-    lea rsi, [rip + msg_parent_end]
-    call puts
+    lea rsi, [rip + msg_parent]
+    mov rdx, rdi
+    mov rcx, rax
+    call sayf
 
 ; -- the forks -----------------------------------------------------------------------
     mov ebx, 1
@@ -235,49 +228,25 @@ child_write:
 
 ; -- what happened -------------------------------------------------------------------
     lea rsi, [rip + msg_fork1]
-    call say
-    mov rax, qword ptr [rip + first_child]
-    call put_hex
-    lea rsi, [rip + msg_fork1_mid]
-    call puts
-    mov rax, qword ptr [rip + first_copies]
-    call put_dec
-    lea rsi, [rip + msg_fork1_copied]
-    call puts
-    mov rax, qword ptr [rip + first_unmapped]
-    call put_dec
-    lea rsi, [rip + msg_fork1_unmapped]
-    call puts
-    mov rax, qword ptr [rip + first_freed]
-    call put_dec
-    lea rsi, [rip + msg_fork1_end]
-    call puts
+    mov rdx, qword ptr [rip + first_child]
+    mov rcx, qword ptr [rip + first_copies]
+    mov r8, qword ptr [rip + first_unmapped]
+    mov r9, qword ptr [rip + first_freed]
+    call sayf
 
     lea rsi, [rip + msg_forks]
-    call say
-    mov rax, FORKS
-    call put_dec
-    lea rsi, [rip + msg_forks_copied]
-    call puts
-    mov rax, qword ptr [rip + copies]
-    sub rax, qword ptr [rip + first_copies]
-    call put_dec
-    lea rsi, [rip + msg_forks_unmapped]
-    call puts
-    mov rax, qword ptr [rip + unmapped]
-    sub rax, qword ptr [rip + first_unmapped]
-    call put_dec
-    lea rsi, [rip + msg_forks_freed]
-    call puts
-    mov rax, qword ptr [rip + freed]
-    sub rax, qword ptr [rip + first_freed]
-    call put_dec
-    lea rsi, [rip + msg_forks_end]
-    call puts
+    mov edx, FORKS
+    mov rcx, qword ptr [rip + copies]
+    sub rcx, qword ptr [rip + first_copies]
+    mov r8, qword ptr [rip + unmapped]
+    sub r8, qword ptr [rip + first_unmapped]
+    mov r9, qword ptr [rip + freed]
+    sub r9, qword ptr [rip + first_freed]
+    call sayf
     call page_avail
-    call put_dec
     lea rsi, [rip + msg_forks_pool]
-    call puts
+    mov rdx, rax
+    call putf
 
 ; -- the verdict ---------------------------------------------------------------------
     mov rax, qword ptr [rip + pf_count]     ; every fault was a copy on write
@@ -285,33 +254,10 @@ child_write:
     xor edi, edi
     lea rsi, [rip + msg_what_pf_count]
     call check
-    cmp qword ptr [rip + failures], 0
-    jne .Lfailed
     lea rsi, [rip + msg_ok]
-    call say
-    mov rax, FORKS
-    call put_dec
-    lea rsi, [rip + msg_ok_mid]
-    call puts
-    mov rax, qword ptr [rip + copies]
-    call put_dec
-    lea rsi, [rip + msg_ok_end]
-    call puts
-    mov al, 0
-    call exit
-.Lfailed:
-    lea rsi, [rip + msg_failed]
-    call say
-    mov rax, qword ptr [rip + failures]
-    call put_dec
-    lea rsi, [rip + msg_failed_mid]
-    call puts
-    mov rax, qword ptr [rip + checks]
-    call put_dec
-    lea rsi, [rip + msg_failed_end]
-    call puts
-    mov al, 1
-    call exit
+    mov edx, FORKS
+    mov rcx, qword ptr [rip + copies]
+    call check_verdict
 
 park:                           ; vCPUs other than 0: stop here
     hlt
@@ -561,76 +507,12 @@ pf_handler:
     mov rdi, rbx
     jmp idt_default_handler
 
-; say: rsi = message; prints "forkwait: " and the message.
-say:
-    push rsi
-    lea rsi, [rip + msg_prefix]
-    call puts
-    pop rsi
-    jmp puts
-
-; check: rax = actual, rdx = expected, rsi = what is checked, rdi = the
-; address involved. Counts the check; if rax != rdx, counts a failure and
-; prints "forkwait: FAIL <what> at <rdi>: got <rax>, expected <rdx>" (for
-; the first MAX_REPORTED failures). Preserves every register.
-check:
-    inc qword ptr [rip + checks]
-    cmp rax, rdx
-    jne .Lcheck_failed
-    ret
-.Lcheck_failed:
-    inc qword ptr [rip + failures]
-    cmp qword ptr [rip + failures], MAX_REPORTED
-    ja .Lcheck_done
-    push rsi
-    push rax
-    lea rsi, [rip + msg_fail]
-    call say
-    mov rsi, qword ptr [rsp + 8]
-    call puts
-    lea rsi, [rip + msg_fail_at]
-    call puts
-    mov rax, rdi
-    call put_hex
-    lea rsi, [rip + msg_fail_got]
-    call puts
-    mov rax, qword ptr [rsp]
-    call put_hex
-    lea rsi, [rip + msg_fail_expected]
-    call puts
-    mov rax, rdx
-    call put_hex
-    call newline
-    pop rax
-    pop rsi
-.Lcheck_done:
-    ret
-
-msg_prefix:             .asciz "forkwait: "
-msg_parent:             .asciz "parent: cr3="
-msg_parent_mid:         .asciz ": 16 MiB identity-mapped with 2 MiB pages, 64 4 KiB pages at 0x400a0000; pool of 128 pages, "
-msg_parent_end:         .asciz " free\n"
-msg_fork1:              .asciz "fork 1: child cr3="
-msg_fork1_mid:          .asciz ": kernel PDEs copied, 64 PTEs shared copy-on-write, "
-msg_fork1_copied:       .asciz " pages copied on write; parent unchanged; reaped: "
-msg_fork1_unmapped:     .asciz " PTEs unmapped, "
-msg_fork1_end:          .asciz " pages freed\n"
-msg_forks:              .asciz "forks 2-"
-msg_forks_copied:       .asciz ": "
-msg_forks_unmapped:     .asciz " pages copied on write, "
-msg_forks_freed:        .asciz " PTEs unmapped, "
-msg_forks_end:          .asciz " pages freed; pool back to "
-msg_forks_pool:         .asciz " free pages after every fork\n"
-msg_ok:                 .asciz "ok ("
-msg_ok_mid:             .asciz " forks, "
-msg_ok_end:             .asciz " pages copied)\n"
-msg_failed:             .asciz "FAILED ("
-msg_failed_mid:         .asciz " of "
-msg_failed_end:         .asciz " checks)\n"
-msg_fail:               .asciz "FAIL "
-msg_fail_at:            .asciz " at "
-msg_fail_got:           .asciz ": got "
-msg_fail_expected:      .asciz ", expected "
+check_prefix:           .asciz "forkwait: "
+msg_parent:             .asciz "parent: cr3=%x: 16 MiB identity-mapped with 2 MiB pages, 64 4 KiB pages at 0x400a0000; pool of 128 pages, %d free\n"
+msg_fork1:              .asciz "fork 1: child cr3=%x: kernel PDEs copied, 64 PTEs shared copy-on-write, %d pages copied on write; parent unchanged; reaped: %d PTEs unmapped, %d pages freed\n"
+msg_forks:              .asciz "forks 2-%d: %d pages copied on write, %d PTEs unmapped, %d pages freed; "
+msg_forks_pool:         .asciz "pool back to %d free pages after every fork\n"
+msg_ok:                 .asciz "ok (%d forks, %d pages copied)\n"
 msg_what_child_before:  .asciz "child's view before its writes"
 msg_what_child_after:   .asciz "child's view after its writes"
 msg_what_parent:        .asciz "parent's view after the child ran"
@@ -643,8 +525,6 @@ msg_not_2m:             .asciz "forkwait: the parent's kernel map is not 2 MiB p
 
 ; Data, in a page of its own (see asm/gdt.s).
 .align 4096
-checks:         .quad 0         ; checks made
-failures:       .quad 0         ; checks failed
 root_parent:    .quad 0         ; the parent's PML4
 root_child:     .quad 0         ; the current child's PML4
 pf_count:       .quad 0         ; page faults taken

@@ -43,6 +43,7 @@
 .include "gdt.s"
 .include "idt.s"
 .include "paging.s"
+.include "check.s"
 .include "wset.s"
 
 IDENT_END       = 0x2000000     ; [0, 32 MiB) identity-mapped with 2 MiB pages
@@ -61,13 +62,11 @@ main:
     call gdt_init
     call idt_init
 
-    call pt_new_root
-    mov qword ptr [rip + root], rax
-    mov rdi, rax
-    xor esi, esi
     mov edx, IDENT_END
     mov ecx, FLAGS_RW
-    call pt_map_identity_2m
+    call pt_new_identity_2m
+    mov qword ptr [rip + root], rax
+    mov rdi, rax
     mov rsi, WS_VA              ; 2 MiB page i: WS_VA + i * 2 MiB -> WS_FRAMES + i * 2 MiB
     mov edx, WS_FRAMES
     mov r12d, WS_LARGE
@@ -79,146 +78,33 @@ main:
     jnz .Lmap
     mov cr3, rdi
 
-; -- the passes: the console is quiet from mark 1 to mark 3 -------------------
-    mov ebx, 1
-    call hv_mark
+; -- the passes (asm/wset.s): the console is quiet from mark 1 to mark 3 ------
     mov rdi, WS_VA
     mov esi, WS_PAGES
-    xor edx, edx
-    call wset_pass              ; pass 0: the cold pass
-    mov qword ptr [rip + mismatches], rax
-    mov ebx, 2
-    call hv_mark
-    mov edx, 1
-.Lpass:
-    call wset_pass              ; pass k: read, check, write every fourth page
-    lea rcx, [rip + mismatches]
-    mov qword ptr [rcx + rdx*8], rax
-    inc edx
-    cmp edx, PASSES
-    jb .Lpass
-    mov ebx, 3
-    call hv_mark
+    mov edx, PASSES
+    mov ecx, WS_FRAMES
+    call wset_bench
 
-; -- the frames, through the identity map ---------------------------------------
-    mov edi, WS_FRAMES
-    call wset_check             ; rdx = PASSES: what the last pass left
-    mov qword ptr [rip + frame_mismatches], rax
-
+; -- the report -------------------------------------------------------------------
     lea rsi, [rip + msg_space]
-    call say
-    mov rax, qword ptr [rip + root]
-    call put_hex
-    lea rsi, [rip + msg_space_end]
-    call puts
-    lea rsi, [rip + msg_passes]
-    call say
-    mov rax, PASSES - 1
-    call put_dec
-    lea rsi, [rip + msg_passes_end]
-    call puts
-
-; -- the verdict ----------------------------------------------------------------
-    xor r12d, r12d              ; wrong values, all passes
-    xor ecx, ecx                ; pass
-.Lverdict_pass:
-    lea rdx, [rip + mismatches]
-    mov rax, qword ptr [rdx + rcx*8]
-    test rax, rax
-    jz .Lverdict_next
-    add r12, rax
-    lea rsi, [rip + msg_fail_pass]
-    call say
-    mov rax, rcx
-    call put_dec
-    lea rsi, [rip + msg_fail_pass_mid]
-    call puts
-    mov rax, qword ptr [rdx + rcx*8]
-    call put_dec
-    lea rsi, [rip + msg_fail_pass_end]
-    call puts
-.Lverdict_next:
-    inc ecx
-    cmp ecx, PASSES
-    jb .Lverdict_pass
-    mov rax, qword ptr [rip + frame_mismatches]
-    test rax, rax
-    jz .Lverdict_frames_ok
-    add r12, rax
-    lea rsi, [rip + msg_fail_frames]
-    call say
-    call put_dec
-    lea rsi, [rip + msg_fail_pass_end]
-    call puts
-.Lverdict_frames_ok:
-    test r12, r12
-    jnz .Lfailed
+    mov rdx, qword ptr [rip + root]
+    call sayf
     lea rsi, [rip + msg_ok]
-    call say
-    mov rax, WS_PAGES
-    call put_dec
-    lea rsi, [rip + msg_ok_pages]
-    call puts
-    mov rax, WS_LARGE
-    call put_dec
-    lea rsi, [rip + msg_ok_large]
-    call puts
-    mov rax, PASSES
-    call put_dec
-    lea rsi, [rip + msg_ok_passes]
-    call puts
-    mov rax, CHECKS
-    call put_dec
-    lea rsi, [rip + msg_checks_end]
-    call puts
-    mov al, 0
-    call exit
-.Lfailed:
-    lea rsi, [rip + msg_failed]
-    call say
-    mov rax, r12
-    call put_dec
-    lea rsi, [rip + msg_failed_mid]
-    call puts
-    mov rax, CHECKS
-    call put_dec
-    lea rsi, [rip + msg_checks_end]
-    call puts
-    mov al, 1
-    call exit
+    mov edx, WS_PAGES
+    mov ecx, WS_LARGE
+    mov r8d, PASSES
+    mov r9d, CHECKS
+    call wset_report            ; never returns
 
 park:                           ; vCPUs other than 0: stop here
     hlt
     jmp park
 
-; say: rsi = message; prints "hugepages: " and the message.
-say:
-    push rsi
-    lea rsi, [rip + msg_prefix]
-    call puts
-    pop rsi
-    jmp puts
-
-msg_prefix:         .asciz "hugepages: "
-msg_space:          .asciz "own page tables, cr3="
-msg_space_end:      .asciz ": 32 MiB identity-mapped with 2 MiB pages, 16 MiB at 0x40000000 in 8 pages of 2 MiB on frames 0x1000000-0x1ffffff\n"
-msg_passes:         .asciz "pass 0 wrote every page; passes 1-"
-msg_passes_end:     .asciz " read and checked every page and wrote every fourth; the frames hold what the last pass left\n"
-msg_ok:             .asciz "ok ("
-msg_ok_pages:       .asciz " pages in "
-msg_ok_large:       .asciz " pages of 2 MiB, "
-msg_ok_passes:      .asciz " passes, "
-msg_checks_end:     .asciz " checks)\n"
-msg_failed:         .asciz "FAILED ("
-msg_failed_mid:     .asciz " wrong values in "
-msg_fail_pass:      .asciz "FAIL pass "
-msg_fail_pass_mid:  .asciz ": "
-msg_fail_pass_end:  .asciz " pages held a wrong value\n"
-msg_fail_frames:    .asciz "FAIL frames read through the identity map: "
+check_prefix:       .asciz "hugepages: "
+msg_space:          .asciz "own page tables, cr3=%x: 32 MiB identity-mapped with 2 MiB pages, 16 MiB at 0x40000000 in 8 pages of 2 MiB on frames 0x1000000-0x1ffffff\n"
+msg_ok:             .asciz "ok (%d pages in %d pages of 2 MiB, %d passes, %d checks)\n"
 
 ; Data, in a page of its own (see asm/gdt.s).
 .align 4096
 root:               .quad 0     ; the PML4
-mismatches:         .zero 8 * PASSES    ; wrong values seen by each pass
-frame_mismatches:   .quad 0     ; wrong values seen through the identity map
 .align 4096

@@ -26,7 +26,7 @@
 ;                faulting RIP and that it runs on IST1, maps the page and
 ;                returns, and the access is retried
 ;
-; Every check is counted. One line per phase, then
+; Every check is counted (asm/check.s). One line per phase, then
 ; "pagetouch: ok (512 pages, <N> checks)" and exit code 0; if any check
 ; failed, a "FAIL" line for each (the first ten), a "FAILED" line and exit
 ; code 1. An unexpected exception exits with 0xEE (idt.s). Needs 16 MiB of RAM.
@@ -39,6 +39,7 @@
 .include "gdt.s"
 .include "idt.s"
 .include "paging.s"
+.include "check.s"
 
 ; Memory plan: guest-physical addresses unless "virtual".
 IDENT_END       = 0x1000000     ; A and B identity-map [0, 16 MiB) with 2 MiB pages
@@ -57,7 +58,6 @@ UNMAP_PAGE      = 100
 UNMAP_VA        = TOUCH_VA + UNMAP_PAGE * PAGE_SIZE
 UNMAP_FRAME     = FRAMES_A + UNMAP_PAGE * PAGE_SIZE
 PF_EXPECTED     = 2             ; page faults the guest takes on purpose
-MAX_REPORTED    = 10            ; FAIL lines printed at most
 
 ; Values: page i of A holds TAG_A + i at offset 0 and its complement at
 ; offset 0xff8; page i of B holds TAG_B + i at offset 0.
@@ -87,13 +87,11 @@ main:
 ; -- phase 1: address space A ------------------------------------------------
     mov ebx, 1
     call hv_mark
-    call pt_new_root
-    mov qword ptr [rip + root_a], rax
-    mov rdi, rax
-    xor esi, esi
     mov edx, IDENT_END
     mov ecx, FLAGS_RW
-    call pt_map_identity_2m
+    call pt_new_identity_2m
+    mov qword ptr [rip + root_a], rax
+    mov rdi, rax
     mov rsi, TOUCH_VA           ; page i: TOUCH_VA + i * 4 KiB -> FRAMES_A + i * 4 KiB
     mov edx, FRAMES_A
     mov r12d, TOUCH_PAGES
@@ -103,13 +101,10 @@ main:
     add rdx, PAGE_SIZE
     dec r12d
     jnz .Lmap_a
-    mov rax, qword ptr [rip + root_a]
-    mov cr3, rax
+    mov rdx, qword ptr [rip + root_a]
+    mov cr3, rdx
     lea rsi, [rip + msg_phase1]
-    call say
-    call put_hex
-    lea rsi, [rip + msg_phase1_end]
-    call puts
+    call sayf
 
 ; -- phase 2: touch every page -------------------------------------------------
     mov ebx, 2
@@ -193,13 +188,11 @@ main:
     call say
 
 ; -- phase 4: two address spaces -------------------------------------------------
-    call pt_new_root
-    mov qword ptr [rip + root_b], rax
-    mov rdi, rax
-    xor esi, esi
     mov edx, IDENT_END
     mov ecx, FLAGS_RW
-    call pt_map_identity_2m
+    call pt_new_identity_2m
+    mov qword ptr [rip + root_b], rax
+    mov rdi, rax
     mov rsi, TOUCH_VA
     mov edx, FRAMES_B
     mov r12d, B_PAGES
@@ -238,15 +231,9 @@ main:
     mov ebx, 5
     call hv_mark
     lea rsi, [rip + msg_phase4]
-    call say
-    mov rax, SWITCHES
-    call put_dec
-    lea rsi, [rip + msg_phase4_mid]
-    call puts
-    mov rax, qword ptr [rip + root_b]
-    call put_hex
-    lea rsi, [rip + msg_phase4_end]
-    call puts
+    mov edx, SWITCHES
+    mov rcx, qword ptr [rip + root_b]
+    call sayf
 
 ; -- phase 5: page faults, handled on demand -------------------------------------
     ; A read from FAULT_VA: no page table maps it (not present, read, CPL 0).
@@ -307,33 +294,10 @@ fault_write:
     call say
 
 ; -- the verdict -------------------------------------------------------------------
-    cmp qword ptr [rip + failures], 0
-    jne .Lfailed
     lea rsi, [rip + msg_ok]
-    call say
-    mov rax, TOUCH_PAGES
-    call put_dec
-    lea rsi, [rip + msg_ok_mid]
-    call puts
-    mov rax, qword ptr [rip + checks]
-    call put_dec
-    lea rsi, [rip + msg_ok_end]
-    call puts
-    mov al, 0
-    call exit
-.Lfailed:
-    lea rsi, [rip + msg_failed]
-    call say
-    mov rax, qword ptr [rip + failures]
-    call put_dec
-    lea rsi, [rip + msg_failed_mid]
-    call puts
-    mov rax, qword ptr [rip + checks]
-    call put_dec
-    lea rsi, [rip + msg_ok_end]
-    call puts
-    mov al, 1
-    call exit
+    mov edx, TOUCH_PAGES
+    mov rcx, qword ptr [rip + check_count]
+    call check_verdict
 
 park:                           ; vCPUs other than 0: stop here
     hlt
@@ -342,107 +306,33 @@ park:                           ; vCPUs other than 0: stop here
 ; pf_handler: rdi = the exception frame (idt.s). Checks the fault is the one
 ; main announced in pf_expect_*, then maps its page to pf_map_frame in the
 ; current address space and returns: iretq retries the access. Any other
-; #PF goes to idt_default_handler, which reports it and exits.
+; #PF goes to idt_default_handler (with the frame in rdi), which reports it
+; and exits.
 pf_handler:
-    mov rbx, rdi
     inc qword ptr [rip + pf_count]
     cmp qword ptr [rip + pf_count], PF_EXPECTED
-    ja .Lpf_unexpected
-    mov rdi, cr2
-    cmp rdi, qword ptr [rip + pf_expect_cr2]
-    jne .Lpf_unexpected
-    lea rsi, [rip + msg_what_pf_err]
-    mov rax, qword ptr [rbx + FRAME_ERROR]
+    ja idt_default_handler
+    mov rsi, cr2
+    cmp rsi, qword ptr [rip + pf_expect_cr2]
+    jne idt_default_handler
     mov rdx, qword ptr [rip + pf_expect_err]
-    call check
-    lea rsi, [rip + msg_what_pf_rip]
-    mov rax, qword ptr [rbx + FRAME_RIP]
-    mov rdx, qword ptr [rip + pf_expect_rip]
-    call check
-    lea rsi, [rip + msg_what_pf_stack]
-    lea rdx, [rip + gdt_ist1_stack]
-    mov rax, rsp
-    sub rax, rdx
-    cmp rax, GDT_IST1_STACK_SIZE
-    setb al
-    movzx eax, al               ; 1 if rsp is inside the IST1 stack
-    mov edx, 1
-    call check
-    mov rsi, rdi                ; map the page on demand
-    and rsi, -PAGE_SIZE
+    mov rcx, qword ptr [rip + pf_expect_rip]
+    call check_pf_frame         ; the error code, RIP and stack
+    and rsi, -PAGE_SIZE         ; map the page on demand
     mov rdi, cr3
     mov rdx, qword ptr [rip + pf_map_frame]
     mov ecx, FLAGS_RW
     call pt_map_4k
     ret
-.Lpf_unexpected:
-    mov rdi, rbx
-    jmp idt_default_handler
 
-; say: rsi = message; prints "pagetouch: " and the message.
-say:
-    push rsi
-    lea rsi, [rip + msg_prefix]
-    call puts
-    pop rsi
-    jmp puts
-
-; check: rax = actual, rdx = expected, rsi = what is checked, rdi = the
-; address involved. Counts the check; if rax != rdx, counts a failure and
-; prints "pagetouch: FAIL <what> at <rdi>: got <rax>, expected <rdx>" (for
-; the first MAX_REPORTED failures). Preserves every register.
-check:
-    inc qword ptr [rip + checks]
-    cmp rax, rdx
-    jne .Lcheck_failed
-    ret
-.Lcheck_failed:
-    inc qword ptr [rip + failures]
-    cmp qword ptr [rip + failures], MAX_REPORTED
-    ja .Lcheck_done
-    push rsi
-    push rax
-    lea rsi, [rip + msg_fail]
-    call say
-    mov rsi, qword ptr [rsp + 8]
-    call puts
-    lea rsi, [rip + msg_fail_at]
-    call puts
-    mov rax, rdi
-    call put_hex
-    lea rsi, [rip + msg_fail_got]
-    call puts
-    mov rax, qword ptr [rsp]
-    call put_hex
-    lea rsi, [rip + msg_fail_expected]
-    call puts
-    mov rax, rdx
-    call put_hex
-    call newline
-    pop rax
-    pop rsi
-.Lcheck_done:
-    ret
-
-msg_prefix:             .asciz "pagetouch: "
+check_prefix:           .asciz "pagetouch: "
 msg_setup:              .asciz "own GDT, TSS and IDT loaded; #PF handler on the IST1 stack\n"
-msg_phase1:             .asciz "phase 1: address space A, cr3="
-msg_phase1_end:         .asciz ": 16 MiB identity-mapped with 2 MiB pages, 512 4 KiB pages at 0x40000000\n"
+msg_phase1:             .asciz "phase 1: address space A, cr3=%x: 16 MiB identity-mapped with 2 MiB pages, 512 4 KiB pages at 0x40000000\n"
 msg_phase2:             .asciz "phase 2: wrote 512 pages at 0x40000000, read each back through its virtual and its physical address\n"
 msg_phase3:             .asciz "phase 3: remapped 0x401ff000 to frame 0xa20000 and ran invlpg: the new frame is read and written\n"
-msg_phase4:             .asciz "phase 4: "
-msg_phase4_mid:         .asciz " CR3 switches between A and B (cr3="
-msg_phase4_end:         .asciz "): the same 32 pages showed each space's data\n"
+msg_phase4:             .asciz "phase 4: %d CR3 switches between A and B (cr3=%x): the same 32 pages showed each space's data\n"
 msg_phase5:             .asciz "phase 5: 2 page faults (a read with no page table, a write to an unmapped page): cr2, error code, rip and IST1 checked, mapped on demand, retried\n"
-msg_ok:                 .asciz "ok ("
-msg_ok_mid:             .asciz " pages, "
-msg_ok_end:             .asciz " checks)\n"
-msg_failed:             .asciz "FAILED ("
-msg_failed_mid:         .asciz " of "
-msg_fail:               .asciz "FAIL "
-msg_fail_at:            .asciz " at "
-msg_fail_got:           .asciz ": got "
-msg_fail_expected:      .asciz ", expected "
+msg_ok:                 .asciz "ok (%d pages, %d checks)\n"
 msg_what_va:            .asciz "page data read through its virtual address"
 msg_what_frame:         .asciz "page data read through the identity map"
 msg_what_before_remap:  .asciz "page data before the remap"
@@ -452,14 +342,9 @@ msg_what_demand:        .asciz "data read after the demand-mapping #PF"
 msg_what_pf_count:      .asciz "number of page faults taken"
 msg_what_old_pte:       .asciz "PTE returned by pt_unmap_4k"
 msg_what_remapped:      .asciz "frame data after the write-fault retry"
-msg_what_pf_err:        .asciz "#PF error code"
-msg_what_pf_rip:        .asciz "#PF rip (the faulting instruction)"
-msg_what_pf_stack:      .asciz "#PF handler runs on the IST1 stack"
 
 ; Data, in a page of its own (see asm/gdt.s).
 .align 4096
-checks:         .quad 0         ; checks made
-failures:       .quad 0         ; checks failed
 root_a:         .quad 0         ; the PML4 of address space A
 root_b:         .quad 0         ; the PML4 of address space B
 pf_count:       .quad 0         ; page faults taken

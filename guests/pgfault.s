@@ -36,7 +36,7 @@
 ; pass and again after it, or between two region pages, would collide with
 ; one region page at 256 entries but with four at 64.
 ;
-; Every check is counted. One line per phase, then
+; Every check is counted (asm/check.s). One line per phase, then
 ; "pgfault: ok (256 pages, 256 faults)" and exit code 0; if any check failed,
 ; a "FAIL" line for each (the first ten), a "FAILED" line and exit code 1. An
 ; unexpected exception exits with 0xEE (idt.s). Needs 16 MiB of RAM. Only
@@ -49,6 +49,7 @@
 .include "gdt.s"
 .include "idt.s"
 .include "paging.s"
+.include "check.s"
 
 IDENT_END       = 0x1000000     ; [0, 16 MiB) identity-mapped with 2 MiB pages
 REGION_VA       = 0x40000000    ; virtual: the demand-paged region
@@ -58,7 +59,6 @@ TAG             = 0x5047464c54000000   ; V(i) = TAG + i
 SLOT_STRIDE     = 16            ; page i's value is at offset (i * 16) mod 4 KiB
 SLOT_MASK       = PAGE_SIZE - 8
 HALF_PAGE       = PAGE_SIZE / 2 ; the zero check reads at the slot's offset ^ 2 KiB
-MAX_REPORTED    = 10            ; FAIL lines printed at most
 
 FLAGS_RW        = PTE_P | PTE_RW
 PF_ERR_P        = 1 << 0        ; #PF error code: protection (0: not present)
@@ -75,20 +75,14 @@ main:
     mov esi, 1                  ; ... on the IST1 stack
     call idt_set_ist
 
-    call pt_new_root
-    mov qword ptr [rip + root], rax
-    mov rdi, rax
-    xor esi, esi
     mov edx, IDENT_END
     mov ecx, FLAGS_RW
-    call pt_map_identity_2m
-    mov cr3, rdi
+    call pt_new_identity_2m
+    mov qword ptr [rip + root], rax
+    mov cr3, rax
     lea rsi, [rip + msg_setup]
-    call say
-    mov rax, rdi
-    call put_hex
-    lea rsi, [rip + msg_setup_end]
-    call puts
+    mov rdx, rax
+    call sayf
 
 ; -- the write pass: one fault per page -------------------------------------------
     mov ebx, 1
@@ -157,50 +151,28 @@ read_pass:
 
 .align 4096
 read_done:
-    add qword ptr [rip + checks], r8
+    mov rax, r8                 ; the read pass's checks, all passed
+    xor edx, edx
+    call check_tally
     mov ebx, 3
     call hv_mark
     mov rax, qword ptr [rip + pf_count]
     mov edx, REGION_PAGES
     lea rsi, [rip + msg_what_pf_count]
     call check
-    lea rsi, [rip + msg_write]  ; the passes' lines, printed after mark 3 so
-    call say                    ; that the marks bracket nothing but the passes
-    mov rax, qword ptr [rip + pf_write_pass]
-    call put_dec
-    lea rsi, [rip + msg_write_end]
-    call puts
+    ; The passes' lines, printed after mark 3 so that the marks bracket
+    ; nothing but the passes.
+    lea rsi, [rip + msg_write]
+    mov rdx, qword ptr [rip + pf_write_pass]
+    call sayf
     lea rsi, [rip + msg_read]
     call say
 
 ; -- the verdict ---------------------------------------------------------------------------
-    cmp qword ptr [rip + failures], 0
-    jne .Lfailed
     lea rsi, [rip + msg_ok]
-    call say
-    mov rax, REGION_PAGES
-    call put_dec
-    lea rsi, [rip + msg_ok_mid]
-    call puts
-    mov rax, qword ptr [rip + pf_count]
-    call put_dec
-    lea rsi, [rip + msg_ok_end]
-    call puts
-    mov al, 0
-    call exit
-.Lfailed:
-    lea rsi, [rip + msg_failed]
-    call say
-    mov rax, qword ptr [rip + failures]
-    call put_dec
-    lea rsi, [rip + msg_failed_mid]
-    call puts
-    mov rax, qword ptr [rip + checks]
-    call put_dec
-    lea rsi, [rip + msg_failed_end]
-    call puts
-    mov al, 1
-    call exit
+    mov edx, REGION_PAGES
+    mov rcx, qword ptr [rip + pf_count]
+    call check_verdict
 
 park:                           ; vCPUs other than 0: stop here
     hlt
@@ -233,40 +205,25 @@ slot_of:
     ret
 
 ; pf_handler: rdi = the exception frame (idt.s). The demand pager: checks
-; the fault is the one main announced in pf_expect_* (else hands it to
-; idt_default_handler, which reports it and exits), maps a zeroed frame at
-; the faulting page in the current address space and returns.
+; the fault is the one main announced in pf_expect_* (else hands it, the
+; frame still in rdi, to idt_default_handler, which reports it and exits),
+; maps a zeroed frame at the faulting page in the current address space and
+; returns.
 pf_handler:
-    mov rbx, rdi
     inc qword ptr [rip + pf_count]
-    mov rdi, cr2
-    cmp rdi, qword ptr [rip + pf_expect_cr2]
-    jne .Lpf_unexpected         ; also: no fault is expected at all
+    mov rsi, cr2
+    cmp rsi, qword ptr [rip + pf_expect_cr2]
+    jne idt_default_handler     ; also: no fault is expected at all
     mov rax, REGION_VA          ; the demand-paged region only
-    cmp rdi, rax
-    jb .Lpf_unexpected
+    cmp rsi, rax
+    jb idt_default_handler
     mov rax, REGION_END
-    cmp rdi, rax
-    jae .Lpf_unexpected
-    lea rsi, [rip + msg_what_pf_err]
-    mov rax, qword ptr [rbx + FRAME_ERROR]
-    mov rdx, qword ptr [rip + pf_expect_err]
-    call check                  ; not present (P = 0), W as expected, CPL 0
-    lea rsi, [rip + msg_what_pf_rip]
-    mov rax, qword ptr [rbx + FRAME_RIP]
-    mov rdx, qword ptr [rip + pf_expect_rip]
-    call check
-    lea rsi, [rip + msg_what_pf_stack]
-    lea rdx, [rip + gdt_ist1_stack]
-    mov rax, rsp
-    sub rax, rdx
-    cmp rax, GDT_IST1_STACK_SIZE
-    setb al
-    movzx eax, al               ; 1 if rsp is inside the IST1 stack
-    mov edx, 1
-    call check
+    cmp rsi, rax
+    jae idt_default_handler
+    mov rdx, qword ptr [rip + pf_expect_err]    ; not present (P = 0), W as expected, CPL 0
+    mov rcx, qword ptr [rip + pf_expect_rip]
+    call check_pf_frame         ; the error code, RIP and stack
     call page_alloc             ; a zeroed frame
-    mov rsi, rdi
     and rsi, -PAGE_SIZE
     mov rdi, cr3
     mov rdx, rax
@@ -278,84 +235,20 @@ pf_handler:
     lea rsi, [rip + msg_what_pte]
     call check
     ret
-.Lpf_unexpected:
-    mov rdi, rbx
-    jmp idt_default_handler
 
-; say: rsi = message; prints "pgfault: " and the message.
-say:
-    push rsi
-    lea rsi, [rip + msg_prefix]
-    call puts
-    pop rsi
-    jmp puts
-
-; check: rax = actual, rdx = expected, rsi = what is checked, rdi = the
-; address involved. Counts the check; if rax != rdx, counts a failure and
-; prints "pgfault: FAIL <what> at <rdi>: got <rax>, expected <rdx>" (for
-; the first MAX_REPORTED failures). Preserves every register.
-check:
-    inc qword ptr [rip + checks]
-    cmp rax, rdx
-    jne .Lcheck_failed
-    ret
-.Lcheck_failed:
-    inc qword ptr [rip + failures]
-    cmp qword ptr [rip + failures], MAX_REPORTED
-    ja .Lcheck_done
-    push rsi
-    push rax
-    lea rsi, [rip + msg_fail]
-    call say
-    mov rsi, qword ptr [rsp + 8]
-    call puts
-    lea rsi, [rip + msg_fail_at]
-    call puts
-    mov rax, rdi
-    call put_hex
-    lea rsi, [rip + msg_fail_got]
-    call puts
-    mov rax, qword ptr [rsp]
-    call put_hex
-    lea rsi, [rip + msg_fail_expected]
-    call puts
-    mov rax, rdx
-    call put_hex
-    call newline
-    pop rax
-    pop rsi
-.Lcheck_done:
-    ret
-
-msg_prefix:             .asciz "pgfault: "
-msg_setup:              .asciz "own GDT, TSS, IDT (#PF on IST1) and page tables, cr3="
-msg_setup_end:          .asciz ": 16 MiB identity-mapped with 2 MiB pages, 256 4 KiB pages at 0x40000000 left unmapped\n"
-msg_write:              .asciz "write pass: wrote 256 pages, "
-msg_write_end:          .asciz " faults: not present, write; each mapped a zeroed frame on demand (PTE checked) and was retried\n"
+check_prefix:           .asciz "pgfault: "
+msg_setup:              .asciz "own GDT, TSS, IDT (#PF on IST1) and page tables, cr3=%x: 16 MiB identity-mapped with 2 MiB pages, 256 4 KiB pages at 0x40000000 left unmapped\n"
+msg_write:              .asciz "write pass: wrote 256 pages, %d faults: not present, write; each mapped a zeroed frame on demand (PTE checked) and was retried\n"
 msg_read:               .asciz "read pass: reloaded cr3, read 256 pages back (values and zeroed halves): no faults\n"
-msg_ok:                 .asciz "ok ("
-msg_ok_mid:             .asciz " pages, "
-msg_ok_end:             .asciz " faults)\n"
-msg_failed:             .asciz "FAILED ("
-msg_failed_mid:         .asciz " of "
-msg_failed_end:         .asciz " checks)\n"
-msg_fail:               .asciz "FAIL "
-msg_fail_at:            .asciz " at "
-msg_fail_got:           .asciz ": got "
-msg_fail_expected:      .asciz ", expected "
+msg_ok:                 .asciz "ok (%d pages, %d faults)\n"
 msg_what_fault_each:    .asciz "faults taken after touching a page (one per page)"
 msg_what_value:         .asciz "value read back in the read pass"
 msg_what_zero:          .asciz "untouched half of a demand-zeroed page"
 msg_what_pf_count:      .asciz "page faults after the read pass"
 msg_what_pte:           .asciz "PTE written by the demand pager"
-msg_what_pf_err:        .asciz "#PF error code"
-msg_what_pf_rip:        .asciz "#PF rip (the faulting instruction)"
-msg_what_pf_stack:      .asciz "#PF handler runs on the IST1 stack"
 
 ; Data, in a page of its own (see asm/gdt.s).
 .align 4096
-checks:         .quad 0         ; checks made
-failures:       .quad 0         ; checks failed
 root:           .quad 0         ; the PML4
 pf_count:       .quad 0         ; page faults taken
 pf_expect_cr2:  .quad -1        ; the fault main expects next: CR2, error code, RIP

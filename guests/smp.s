@@ -35,7 +35,8 @@
 ;                INVLPGs, each followed by a miss and walk of the shared page
 ;
 ; Checks are counted per vCPU (a failure is recorded, with what and where,
-; in the vCPU's own slot; vCPU 0 prints them). The console is quiet until
+; in the vCPU's own slot; vCPU 0 prints them and hands every vCPU's counts
+; to asm/check.s for the verdict). The console is quiet until
 ; vCPU 0 reports: a line for the set-up, one for the rounds and "smp: ok
 ; (<N> vcpus, 8 rounds)" with exit code 0; if a check failed, a "FAIL" line
 ; for each vCPU that saw one (its first), a "FAILED" line and exit code 1. An
@@ -55,6 +56,7 @@
 .include "gdt.s"
 .include "idt.s"
 .include "paging.s"
+.include "check.s"
 .include "sync.s"
 
 IDENT_END       = 0x1000000     ; [0, 16 MiB) identity-mapped with 2 MiB pages
@@ -103,13 +105,11 @@ main:
     ja .Ltoo_many
     call gdt_init
     call idt_init
-    call pt_new_root
-    mov qword ptr [rip + root], rax
-    mov rdi, rax
-    xor esi, esi
     mov edx, IDENT_END
     mov ecx, FLAGS_RW
-    call pt_map_identity_2m
+    call pt_new_identity_2m
+    mov qword ptr [rip + root], rax
+    mov rdi, rax
     mov rsi, SHARED_VA          ; the shared page, on frame 0 for now
     mov edx, SHARED_FRAMES
     call pt_map_4k
@@ -311,32 +311,21 @@ park:                           ; vCPUs other than 0: done
     jb .Lframes_vcpu
 
     lea rsi, [rip + msg_setup]
-    call say
-    mov rax, qword ptr [rip + root]
-    call put_hex
-    lea rsi, [rip + msg_setup_mid]
-    call puts
-    mov rax, r13
-    call put_dec
-    lea rsi, [rip + msg_setup_end]
-    call puts
-    lea rsi, [rip + msg_prefix]
-    call puts
-    mov rax, ROUNDS
-    call put_dec
-    lea rsi, [rip + msg_rounds_end]
-    call puts
+    mov rdx, qword ptr [rip + root]
+    mov rcx, r13
+    call sayf
+    lea rsi, [rip + msg_rounds]
+    mov edx, ROUNDS
+    call sayf
 
 ; -- the verdict: every vCPU's checks -----------------------------------------------------
-    xor r8d, r8d                ; checks
-    xor r9d, r9d                ; failures
     lea rbx, [rip + percpu]
     xor ecx, ecx
 .Lverdict_vcpu:
-    add r8, qword ptr [rbx + PC_CHECKS]
-    mov rax, qword ptr [rbx + PC_FAILURES]
-    add r9, rax
-    test rax, rax
+    mov rax, qword ptr [rbx + PC_CHECKS]
+    mov rdx, qword ptr [rbx + PC_FAILURES]
+    call check_tally            ; into check.s's counts
+    test rdx, rdx
     jz .Lverdict_next
     call report_failure
 .Lverdict_next:
@@ -344,33 +333,10 @@ park:                           ; vCPUs other than 0: done
     inc ecx
     cmp rcx, r13
     jb .Lverdict_vcpu
-    test r9, r9
-    jnz .Lfailed
     lea rsi, [rip + msg_ok]
-    call say
-    mov rax, r13
-    call put_dec
-    lea rsi, [rip + msg_ok_mid]
-    call puts
-    mov rax, ROUNDS
-    call put_dec
-    lea rsi, [rip + msg_ok_end]
-    call puts
-    mov al, 0
-    call exit
-.Lfailed:
-    lea rsi, [rip + msg_failed]
-    call say
-    mov rax, r9
-    call put_dec
-    lea rsi, [rip + msg_failed_mid]
-    call puts
-    mov rax, r8
-    call put_dec
-    lea rsi, [rip + msg_failed_end]
-    call puts
-    mov al, 1
-    call exit
+    mov rdx, r13
+    mov ecx, ROUNDS
+    call check_verdict
 .Ltoo_many:
     lea rsi, [rip + msg_too_many]
     call panic
@@ -379,40 +345,27 @@ park:                           ; vCPUs other than 0: done
 ; "smp: FAIL vcpu <i> round <r>: <what> at <addr>: got <v>, expected <v>
 ; (<n> failures)". Preserves every register.
 report_failure:
-    push rax
+    push rcx
+    push rdx
     push rsi
+    push r8
+    push r9
     lea rsi, [rip + msg_fail]
-    call say
-    mov rax, rcx
-    call put_dec
-    lea rsi, [rip + msg_fail_round]
-    call puts
-    mov rax, qword ptr [rbx + PC_FAIL_ROUND]
-    call put_dec
-    lea rsi, [rip + msg_fail_colon]
-    call puts
-    mov rsi, qword ptr [rbx + PC_FAIL_WHAT]
-    call puts
-    lea rsi, [rip + msg_fail_at]
-    call puts
-    mov rax, qword ptr [rbx + PC_FAIL_ADDR]
-    call put_hex
-    lea rsi, [rip + msg_fail_got]
-    call puts
-    mov rax, qword ptr [rbx + PC_FAIL_GOT]
-    call put_hex
-    lea rsi, [rip + msg_fail_expected]
-    call puts
-    mov rax, qword ptr [rbx + PC_FAIL_EXPECTED]
-    call put_hex
-    lea rsi, [rip + msg_fail_count]
-    call puts
-    mov rax, qword ptr [rbx + PC_FAILURES]
-    call put_dec
+    mov rdx, rcx
+    mov rcx, qword ptr [rbx + PC_FAIL_ROUND]
+    mov r8, qword ptr [rbx + PC_FAIL_WHAT]
+    mov r9, qword ptr [rbx + PC_FAIL_ADDR]
+    call sayf
     lea rsi, [rip + msg_fail_end]
-    call puts
+    mov rdx, qword ptr [rbx + PC_FAIL_GOT]
+    mov rcx, qword ptr [rbx + PC_FAIL_EXPECTED]
+    mov r8, qword ptr [rbx + PC_FAILURES]
+    call putf
+    pop r9
+    pop r8
     pop rsi
-    pop rax
+    pop rdx
+    pop rcx
     ret
 
 ; shared_value: rcx = frame f -> rax = SHARED_TAG + f * 2^16 (its value at
@@ -474,46 +427,25 @@ check_qword:
     inc qword ptr [r15 + PC_CHECKS]
     mov rax, qword ptr [rdi]
     cmp rax, rdx
-    je .Lcheck_done
+    je .Lcheck_qword_done
     inc qword ptr [r15 + PC_FAILURES]
     cmp qword ptr [r15 + PC_FAILURES], 1
-    jne .Lcheck_done
+    jne .Lcheck_qword_done
     mov qword ptr [r15 + PC_FAIL_GOT], rax
     mov qword ptr [r15 + PC_FAIL_WHAT], rsi
     mov qword ptr [r15 + PC_FAIL_ADDR], rdi
     mov qword ptr [r15 + PC_FAIL_EXPECTED], rdx
     mov qword ptr [r15 + PC_FAIL_ROUND], r14
-.Lcheck_done:
+.Lcheck_qword_done:
     pop rax
     ret
 
-; say: rsi = message; prints "smp: " and the message.
-say:
-    push rsi
-    lea rsi, [rip + msg_prefix]
-    call puts
-    pop rsi
-    jmp puts
-
-msg_prefix:             .asciz "smp: "
-msg_setup:              .asciz "vcpu 0 built the page tables, cr3="
-msg_setup_mid:          .asciz "; "
-msg_setup_end:          .asciz " vcpus loaded them\n"
-msg_rounds_end:         .asciz " rounds: vcpu 0 remapped 0x40000000 to a new frame; on its IPI every vcpu ran invlpg, saw the new frame, wrote its slot there and its 4 private pages\n"
-msg_ok:                 .asciz "ok ("
-msg_ok_mid:             .asciz " vcpus, "
-msg_ok_end:             .asciz " rounds)\n"
-msg_failed:             .asciz "FAILED ("
-msg_failed_mid:         .asciz " of "
-msg_failed_end:         .asciz " checks)\n"
-msg_fail:               .asciz "FAIL vcpu "
-msg_fail_round:         .asciz " round "
-msg_fail_colon:         .asciz ": "
-msg_fail_at:            .asciz " at "
-msg_fail_got:           .asciz ": got "
-msg_fail_expected:      .asciz ", expected "
-msg_fail_count:         .asciz " ("
-msg_fail_end:           .asciz " failures)\n"
+check_prefix:           .asciz "smp: "
+msg_setup:              .asciz "vcpu 0 built the page tables, cr3=%x; %d vcpus loaded them\n"
+msg_rounds:             .asciz "%d rounds: vcpu 0 remapped 0x40000000 to a new frame; on its IPI every vcpu ran invlpg, saw the new frame, wrote its slot there and its 4 private pages\n"
+msg_ok:                 .asciz "ok (%d vcpus, %d rounds)\n"
+msg_fail:               .asciz "FAIL vcpu %d round %d: %s at %x: "
+msg_fail_end:           .asciz "got %x, expected %x (%d failures)\n"
 msg_too_many:           .asciz "smp: more vCPUs than SMP_MAX_VCPUS"
 msg_what_shared:        .asciz "shared page after the shootdown"
 msg_what_slot:          .asciz "a vcpu's slot in the round's frame"

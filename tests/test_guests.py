@@ -6,7 +6,9 @@ architectural things in both modes; a native run must be deterministic. For
 pagetouch, the counters must show what the guest did, phase by phase (its
 hv marks, see guests/pagetouch.s); for tlbstress, hugepages, compute and smp,
 what the TLB model makes of a working set beyond its reach, one within it,
-almost no memory traffic, and shootdowns on several vCPUs.
+almost no memory traffic, and shootdowns on several vCPUs; for ptemod and
+ctxswitch, what PTE updates and CR3 switches cost with shadow paging and
+with EPT.
 """
 import functools
 
@@ -30,6 +32,8 @@ RESULT_LINE = {
     "hugepages": "hugepages: ok (4096 pages in 8 pages of 2 MiB, 5 passes, 20480 checks)",
     "compute": "compute: ok (524288 iterations, checksum 0x21bd79c2def47bf2)",
     "smp": "smp: ok (1 vcpus, 8 rounds)",
+    "ptemod": "ptemod: ok (2000 rounds, 4007 checks)",
+    "ctxswitch": "ctxswitch: ok (16 address spaces, 2000 switches, 6048 checks)",
 }
 
 # What pagetouch does (guests/pagetouch.s): its constants, and its marks.
@@ -402,6 +406,77 @@ def test_smp_with_vcpus_is_deterministic():
             == run_smp("native", 4, 1000).to_json())
 
 
+# -- ptemod and ctxswitch: shadow paging against EPT -------------------------------------
+
+# What they do (guests/ptemod.s, guests/ctxswitch.s): their constants and marks.
+PTEMOD_ROUNDS = 2000    # PTE rewritten, INVLPG, page read back
+SPACES = 16             # ctxswitch's address spaces ...
+CTX_SWITCHES = 2000     # ... switched to round-robin
+PRIV_PAGES = 2          # each space's private pages, touched after every switch
+SHADOW_TABLES = 4       # a space's own tables: its PML4 and 3 for its private pages
+START, DONE, FIRST_CYCLE = 1, 2, 3      # ctxswitch's mark 3 lies between 1 and 2
+
+
+def test_ptemod_invalidates_every_round():
+    r = run("ptemod", "native")
+    rounds = r.between(START, DONE)
+    assert rounds["invlpg"] == PTEMOD_ROUNDS
+    # Each INVLPG drops the page: the read after it misses and walks 4 levels.
+    assert rounds["tlb.misses"] >= PTEMOD_ROUNDS
+    assert rounds["tlb.walk_refs"] >= 4 * PTEMOD_ROUNDS
+    assert r.counters["invlpg"] == PTEMOD_ROUNDS
+    for name in ("cr3_loads", "pf_guest", "io_exits"):
+        assert name not in rounds, name
+
+
+def test_ptemod_costs_three_exits_a_round_with_shadow_paging():
+    rounds = run("ptemod", "shadow").between(START, DONE)
+    # The PTE write traps and is emulated (it zaps the shadow PTE) ...
+    assert rounds["mmu_pte_write"] >= PTEMOD_ROUNDS
+    assert rounds["exit.INVLPG"] == PTEMOD_ROUNDS
+    # ... and the read after the INVLPG is a hidden fault that builds it again.
+    assert rounds["pf_fixed"] >= PTEMOD_ROUNDS
+    assert rounds["exit.EXCEPTION_NMI"] >= 2 * PTEMOD_ROUNDS
+    # The table is walked between two writes: it stays shadowed.
+    assert "mmu_flooded" not in rounds
+    assert "pf_guest" not in rounds
+
+
+@pytest.mark.parametrize("guest", ["ptemod", "ctxswitch"])
+def test_ept_takes_no_paging_exits(guest):
+    r = run(guest, "ept")
+    for reason in ("EXCEPTION_NMI", "CR_ACCESS", "INVLPG"):
+        assert reason not in r.exits, reason
+    # Between the marks, nothing but the mark itself is an exit.
+    assert {k for k in r.between(START, DONE) if k.startswith("exit.")} == {"exit.VMCALL"}
+
+
+def test_ctxswitch_loads_cr3_every_switch():
+    r = run("ctxswitch", "native")
+    switches = r.between(START, DONE)
+    assert switches["cr3_loads"] == CTX_SWITCHES
+    assert switches["tlb_flush"] >= CTX_SWITCHES
+    # Each switch flushes the TLB: the space's pages miss again.
+    assert switches["tlb.misses"] >= PRIV_PAGES * CTX_SWITCHES
+    for name in ("invlpg", "pf_guest", "io_exits"):
+        assert name not in switches, name
+
+
+def test_ctxswitch_finds_every_space_again_with_shadow_paging():
+    r = run("ctxswitch", "shadow")
+    switches = r.between(START, DONE)
+    assert switches["exit.CR_ACCESS"] == CTX_SWITCHES
+    # The first cycle builds each space's own shadow tables; the kernel's,
+    # which every space shares, were built before it.
+    assert r.between(START, FIRST_CYCLE)["mmu_cache_miss"] == SHADOW_TABLES * SPACES
+    # After it every space is found again, whole: no shadow page is built
+    # and no hidden fault taken.
+    steady = r.between(FIRST_CYCLE, DONE)
+    assert steady["exit.CR_ACCESS"] == CTX_SWITCHES - SPACES
+    for name in ("mmu_cache_miss", "mmu_shadow_zapped", "pf_fixed", "exit.EXCEPTION_NMI"):
+        assert name not in steady, name
+
+
 # -- the asm/ library ------------------------------------------------------------------
 
 
@@ -690,3 +765,120 @@ done:
 .align 4096
 """, mmu, vcpus=3, quantum=quantum)
     assert (r.reason, r.exit_code, r.console) == ("exit", 0, "")
+
+
+@pytest.mark.parametrize("mmu", MODES)
+def test_putf_formats_and_preserves_registers(mmu):
+    r = run_src("""
+    jmp main
+.include "serial.s"
+main:
+    lea rsi, [rip + fmt]
+    mov edx, 512
+    mov ecx, 255
+    lea r8, [rip + word]
+    mov r9, -1
+    call putf
+    cmp rdx, 512
+    jne bad
+    cmp rcx, 255
+    jne bad
+    cmp r9, -1
+    jne bad
+    lea rax, [rip + fmt]
+    cmp rsi, rax
+    jne bad
+    lea rsi, [rip + plain]
+    call putf
+    mov al, 0
+    call exit
+bad:
+    mov al, 1
+    call exit
+fmt:
+    .asciz "%d %x %s %x: 100%%\\n"
+word:
+    .asciz "tea"
+plain:
+    .asciz "no conversions\\n"
+""", mmu)
+    assert (r.reason, r.exit_code) == ("exit", 0)
+    assert r.console == "512 0xff tea 0xffffffffffffffff: 100%\nno conversions\n"
+
+
+@pytest.mark.parametrize("fmt, printed, why", [
+    ("%d %d %d %d %d", "1 2 3 4 ", "more than four arguments"),
+    ("%d%q", "1", "a conversion other than %d, %x, %s or %%"),
+    ("%", "", "a conversion other than %d, %x, %s or %%"),
+])
+def test_putf_panics_on_a_bad_format(fmt, printed, why):
+    r = run_src(f"""
+    jmp main
+.include "serial.s"
+main:
+    lea rsi, [rip + fmt]
+    mov edx, 1
+    mov ecx, 2
+    mov r8d, 3
+    mov r9d, 4
+    call putf
+    mov al, 0
+    call exit
+fmt:
+    .asciz "{fmt}"
+""")
+    assert (r.exit_code, r.console) == (0xED, f"{printed}panic: putf: {why}\n")
+
+
+CHECK_SRC = LIB + """
+    mov r12d, {fail}            ; checks that fail: got i, expected 0, at 0x1000 + i
+fail:
+    test r12d, r12d
+    jz passing
+    mov eax, r12d
+    xor edx, edx
+    lea rdi, [rax + 0x1000]
+    lea rsi, [rip + what]
+    call check
+    dec r12d
+    jmp fail
+passing:
+    mov eax, 5                  ; one that passes
+    mov edx, 5
+    call check
+    mov eax, 3                  ; three made elsewhere, {tallied} of them failed
+    mov edx, {tallied}
+    call check_tally
+    lea rsi, [rip + mid]
+    call say
+    lea rsi, [rip + ok]
+    mov rdx, qword ptr [rip + check_count]
+    mov rcx, qword ptr [rip + check_failures]
+    call check_verdict
+.include "check.s"
+check_prefix:
+    .asciz "t: "
+what:
+    .asciz "thing"
+mid:
+    .asciz "checked\\n"
+ok:
+    .asciz "ok (%d checks, %d failed)\\n"
+"""
+
+
+@pytest.mark.parametrize("mmu", MODES)
+def test_check_reports_failures_and_the_verdict_ends_the_vm(mmu):
+    r = run_src(CHECK_SRC.format(fail=12, tallied=1), mmu)
+    assert (r.reason, r.exit_code) == ("exit", 1)
+    # The first ten failures are reported as they happen, then the verdict.
+    assert r.console == "".join(
+        f"t: FAIL thing at {0x1000 + i:#x}: got {i:#x}, expected 0x0\n" for i in range(12, 2, -1)
+    ) + "t: checked\nt: FAILED (13 of 16 checks)\n"
+
+
+@pytest.mark.parametrize("mmu", MODES)
+def test_check_verdict_prints_the_ok_line_when_all_passed(mmu):
+    r = run_src(CHECK_SRC.format(fail=0, tallied=0), mmu)
+    assert (r.reason, r.exit_code) == ("exit", 0)
+    assert r.console == "t: checked\nt: ok (4 checks, 0 failed)\n"
