@@ -122,20 +122,26 @@ def _cmd_run(args) -> int:
     return 0 if result.ok else 1
 
 
-def _first_comment(path: Path) -> str:
+def _summary(path: Path) -> str:
+    """The first sentence of a guest's header comment (after "name.s --")."""
+    words = []
     try:
         for line in path.read_text().splitlines():
+            if not line.lstrip().startswith((";", "#")):
+                break
             text = line.strip().lstrip(";#").strip()
-            if text:
-                return text
+            if not text:
+                break
+            words.append(text)
     except (OSError, UnicodeDecodeError):
-        pass
-    return ""
+        return ""
+    text = " ".join(words).split(" -- ", 1)[-1]
+    return text.split(". ")[0].rstrip(".")
 
 
 def _cmd_guests(args) -> int:
     for name, path in bundled_guests().items():
-        print(f"{name:<12} {_first_comment(path) if path.suffix == '.s' else '(binary)'}")
+        print(f"{name:<12} {_summary(path) if path.suffix == '.s' else '(binary)'}")
     return 0
 
 
