@@ -4,7 +4,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: demo test bench clean
+.PHONY: demo test fuzz bench clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -19,6 +19,12 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# The property-based fuzzers of tests/test_fuzz.py with a larger budget and
+# fresh random seeds (make test runs a small derandomized set).
+HV_FUZZ_EXAMPLES ?= 2000
+fuzz: $(STAMP)
+	HV_FUZZ_EXAMPLES=$(HV_FUZZ_EXAMPLES) HV_FUZZ_RANDOM=1 $(BIN)/python -m pytest -q tests/test_fuzz.py
 
 bench: $(STAMP)
 	$(BIN)/python bench/bench.py
