@@ -247,7 +247,7 @@ class VCpu:
             (event, access), self._pending = self._pending, None
             e.flush_tlb()       # Unicorn may have cached the FAULT_WINDOW mapping
             if isinstance(event, EmulateWrite):
-                self.mmu.emulate_write(self, event)
+                ran += self.mmu.emulate_write(self, event)
             else:
                 self._faulted = True
                 rip = e.reg("rip")
@@ -300,6 +300,15 @@ class VCpu:
         except Fault as f:
             raise _DeliveryFault(f.vector, f.error_code, f.vaddr) from None
 
+    def _write_linear(self, vaddr: int, data: bytes) -> None:
+        """Write within one page, as the CPU does when it pushes a frame."""
+        try:
+            hpa = self._linear(vaddr, WRITE)
+        except EmulateWrite as em:
+            self.mmu.vmm_write(em, data)    # onto a shadowed guest page table
+            return
+        self.vm.mem.write(hpa, data)
+
     def _read_linear(self, vaddr: int, length: int) -> bytes:
         out = b""
         while len(out) < length:
@@ -333,7 +342,7 @@ class VCpu:
             frame.append(error_code)
         for value in frame:
             rsp = (rsp - 8) & (2**64 - 1)
-            self.vm.mem.write(self._linear(rsp, WRITE), (value & (2**64 - 1)).to_bytes(8, "little"))
+            self._write_linear(rsp, (value & (2**64 - 1)).to_bytes(8, "little"))
         flags = e.reg("rflags") & ~(RFLAGS.TF | RFLAGS.NT | RFLAGS.RF | RFLAGS.VM)
         if gtype == GATE_INTERRUPT:
             flags &= ~RFLAGS.IF

@@ -159,7 +159,7 @@ class PagingCase:
 @st.composite
 def entries(draw, known_bugs: bool = KNOWN_BUGS) -> int:
     """A random paging entry: flags, a target, sometimes reserved bits."""
-    targets = TABLES + DATA + (HIGH,) + OUTSIDE + (OUTSIDE_HIGH if known_bugs else ())
+    targets = TABLES + DATA + (HIGH,) + OUTSIDE + OUTSIDE_HIGH
     target = draw(st.sampled_from(targets))
     value = target
     # P first: shrinking makes it present.
@@ -168,11 +168,6 @@ def entries(draw, known_bugs: bool = KNOWN_BUGS) -> int:
     for bit in (RW, US, A, D, PS, G, NX):
         if draw(st.booleans()):
             value |= bit
-    if value & PS and not known_bugs:
-        # A preset in every entry with PS: QEMU sets A in a 1 GiB leaf even
-        # when the access then faults, hv does not. hv bug,
-        # test_fuzz.py::test_regression_accessed_bit_of_a_faulting_1g_page.
-        value |= A
     if draw(st.integers(0, 9)) == 9:
         value |= 1 << draw(st.sampled_from(RSVD_BITS))
     if draw(st.integers(0, 4)) == 4:

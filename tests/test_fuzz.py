@@ -195,13 +195,13 @@ def test_table_outside_ram_escapes_in_hv_modes(mode):
         assert "0x80000000" in r.detail
 
 
-# hv bug 1. An entry whose address has a bit in 45:40 set. The guest's CPU
+# Fixed hv bug 1. An entry whose address has a bit in 45:40 set. The guest's CPU
 # (Unicorn's: CPUID.80000008H:EAX[7:0] = 40 in every mode) has MAXPHYADDR
 # 40, so bits 51:40 of an entry are reserved and the access is a #PF with
 # P|RSVD (error code 0x9), as the oracle raises it. hv's walker assumes
-# MAXPHYADDR 46 (hv/arch/paging.py): it takes the entry as valid and ends the
-# VM with "escape" (the frame is outside RAM). Kept out of the fuzzer's
-# targets (fuzzlib.OUTSIDE_HIGH; HV_FUZZ_KNOWN_BUGS=1 puts them back).
+# MAXPHYADDR 46 (hv/arch/paging.py): it took the entry as valid and ended
+# the VM with "escape". Now 40, as the guest CPU reports; the fuzzer
+# generates such targets (fuzzlib.OUTSIDE_HIGH).
 PHYS_BITS_SRC = PF_GP + """
     mov rax, 0x600003                   ; PML4[1] -> PDPT 0x600000
     mov qword ptr [0x2008], rax
@@ -231,8 +231,6 @@ def test_the_oracle_has_40_physical_address_bits():
     assert cpuid.exit_code == 40
 
 
-@pytest.mark.xfail(strict=True, reason="hv bug: walker MAXPHYADDR 46, guest CPU's 40: entry "
-                   "bits 45:40 must fault with P|RSVD, hv escapes")
 @pytest.mark.parametrize("mmu", F.MODES)
 def test_regression_phys_bits_40_to_45_are_reserved(mmu):
     r = run_src(PHYS_BITS_SRC, mmu)
@@ -308,15 +306,15 @@ def test_regression_fault_in_a_multi_store_instruction_is_precise(insn, mmu):
     assert (r.reason, r.console) == (oracle.reason, oracle.console)
 
 
-# hv bug 3 (found by the random-code fuzzer: `pop rsp` of a small value,
+# Fixed hv bug 3 (found by the random-code fuzzer: `pop rsp` of a small value,
 # then `ret 0x4b79`, then a #UD). An exception whose frame the CPU pushes
 # onto a page that is a live guest page table. Under shadow paging that
 # page is write-protected, and ShadowMMU.fix answers the delivery's stack
 # write with EmulateWrite, which nothing on the delivery path
-# (VCpu._push_frame -> _linear -> translate) expects: hv.run raises it,
-# the VMM crashes. Every other mode writes the frame there and the guest
-# goes on. Kept out of the random-code fuzzer by moving its page tables out
-# of the random stack's reach (fuzzlib.CODE_TABLES).
+# (VCpu._push_frame -> _linear -> translate) expected: hv.run raised it.
+# Now the VMM writes the frame and accounts it as an emulated write
+# (ShadowMMU.vmm_write). The random-code fuzzer's prologue still moves its
+# page tables out of the random stack's reach (fuzzlib.CODE_TABLES).
 FRAME_ON_TABLE_SRC = LIB + """
     mov rsp, 0x4800                     ; the stack: inside the boot page directory
     ud2                                 ; #UD: its frame goes on that stack
@@ -330,23 +328,20 @@ def test_an_exception_frame_on_a_page_table(mmu):
     assert r.console.startswith("unexpected exception 6 at rip=")
 
 
-@pytest.mark.xfail(strict=True, reason="hv bug: shadow mode crashes (EmulateWrite escapes "
-                   "hv.run) when an exception frame is pushed onto a live guest page table")
 def test_regression_exception_frame_on_a_page_table():
     oracle = run_src(FRAME_ON_TABLE_SRC, "qemu")
     r = run_src(FRAME_ON_TABLE_SRC, "shadow")
     assert (r.reason, r.exit_code, r.console) == (oracle.reason, oracle.exit_code, oracle.console)
 
 
-# hv bug 4 (found by the page-table fuzzer). The accessed bit of a 1 GiB
+# Fixed hv bug 4 (found by the page-table fuzzer). The accessed bit of a 1 GiB
 # page whose access faults. QEMU, whose order hv follows for A and D
 # (ARCHITECTURE.md, "The walker"), sets A in a PDPTE as soon as it is
 # present and free of the reserved bits of every PDPTE, before it looks at
 # PS; so a 1 GiB leaf gets A even when the access then faults (a write to a
 # read-only page, or reserved address bits 29:13). hv's walker sets A in a
-# leaf only when the access is allowed. 2 MiB and 4 KiB leaves agree.
-# Kept out of the fuzzer: every generated entry with PS has A preset
-# (fuzzlib.entries).
+# leaf only when the access was allowed; now it sets A in a 1 GiB leaf as
+# QEMU does. 2 MiB and 4 KiB leaves always agreed.
 ONE_GIG_A_SRC = LIB + """
     mov rdi, 14
     lea rsi, [rip + fault]
@@ -378,8 +373,6 @@ def test_the_oracle_sets_a_in_a_faulting_1g_page():
     assert (r.reason, r.console) == ("exit", "0x3 0xa1")
 
 
-@pytest.mark.xfail(strict=True, reason="hv bug: A not set in a 1 GiB leaf whose access faults, "
-                   "where the oracle (QEMU) sets it")
 @pytest.mark.parametrize("mmu", F.MODES)
 def test_regression_accessed_bit_of_a_faulting_1g_page(mmu):
     r = run_src(ONE_GIG_A_SRC, mmu)
@@ -417,13 +410,13 @@ def test_regression_exception_from_cpl3_runs_the_handler_at_cpl0(mmu):
     assert r.console == f"unexpected exception 14 at rip={user:#x} err=0x15 cr2={user:#x}\n"
 
 
-# hv bug 6 (found by the random-code fuzzer: code that falls into a sled of
+# Fixed hv bug 6 (found by the random-code fuzzer: code that falls into a sled of
 # `add [rax], al` with RAX pointing into the boot PDPT). Under shadow
 # paging every write to a guest page table is emulated: the instruction
 # runs once more inside ShadowMMU.emulate_write (vcpu.run(1)), and that run
-# is counted in `insns` but not charged to the VM's --max-insns budget. A
-# guest that writes its page tables in a loop runs up to twice its budget
-# (and slowly: one exit per instruction).
+# was counted in `insns` but not charged to the VM's --max-insns budget, so
+# a guest writing its page tables in a loop ran up to twice its budget. Now
+# VCpu.run charges it.
 PT_WRITE_LOOP_SRC = """
     mov rax, 0x3100                     ; in the boot PDPT (0x3000), past its one entry
 again:
@@ -432,8 +425,6 @@ again:
 """
 
 
-@pytest.mark.xfail(strict=True, reason="hv bug: shadow's emulated instructions are not charged "
-                   "to --max-insns (insns reaches twice the budget)")
 def test_regression_max_insns_bounds_emulated_instructions():
     r = hv.run("test", mmu="shadow", image=_image(PT_WRITE_LOOP_SRC), max_insns=1000)
     assert r.reason == "max_insns"

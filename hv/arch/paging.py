@@ -12,9 +12,10 @@ PAGE_SHIFT = 12
 PAGE_SIZE = 1 << PAGE_SHIFT
 ENTRIES_PER_TABLE = 512
 
-# hv's physical-address width (CPUID.80000008H:EAX[7:0]); bits from here to
-# 51 of an entry are reserved (SDM Vol.3A §4.5.4, Table 4-20).
-MAXPHYADDR = 46
+# The guest CPU's physical-address width: Unicorn's CPU model reports 40
+# in CPUID.80000008H:EAX[7:0], and QEMU's walker (the oracle) treats bits
+# 51:40 of an entry as reserved (SDM Vol.3A §4.5.4, Table 4-20).
+MAXPHYADDR = 40
 PHYS_MASK = (1 << MAXPHYADDR) - 1
 ADDR_MASK = PHYS_MASK & ~(PAGE_SIZE - 1)      # bits MAXPHYADDR-1:12
 RSVD_HIGH = ((1 << 52) - 1) & ~PHYS_MASK      # bits 51:MAXPHYADDR

@@ -307,23 +307,38 @@ class ShadowMMU(NativeMMU):
         cache.set_leaf(sp, (vaddr >> 12) & 0x1FF, gfn, spte)
         c["pf_fixed"] += 1
 
-    def emulate_write(self, vcpu, em: EmulateWrite) -> None:
+    def emulate_write(self, vcpu, em: EmulateWrite) -> int:
         """Run the faulting instruction once with the page writable, then
-        see which guest PTEs it changed (any writing instruction works)."""
-        c, cache = self.counters, self.cache
-        hpa = cache.guest.hpa(em.gfn << 12)
+        see which guest PTEs it changed (any writing instruction works).
+        Returns the instructions that ran."""
+        hpa = self.cache.guest.hpa(em.gfn << 12)
         before = self.host.read(hpa, PAGE_SIZE)
         self.emulating = (em.vaddr & ~(PAGE_SIZE - 1), hpa)
         try:
-            vcpu.run(1)
+            ran = vcpu.run(1)
         finally:
             self.emulating = None
             vcpu.engine.flush_tlb()
-        if em.gfn in cache.shadowed:
-            after = self.host.read(hpa, PAGE_SIZE)
-            changed = [i // 8 for i in range(0, PAGE_SIZE, 8) if before[i:i + 8] != after[i:i + 8]]
-            c["mmu_pte_write"] += 1
-            cache.pte_write(c, em.gfn, changed)
+        self._table_written(em.gfn, before)
+        return ran
+
+    def vmm_write(self, em: EmulateWrite, data: bytes) -> None:
+        """A write the VMM makes for the guest (an exception frame) that
+        lands on a write-protected page: done directly, then accounted as an
+        emulated write."""
+        hpa = self.cache.guest.hpa(em.gfn << 12)
+        before = self.host.read(hpa, PAGE_SIZE)
+        self.host.write(hpa | (em.vaddr & (PAGE_SIZE - 1)), data)
+        self._table_written(em.gfn, before)
+
+    def _table_written(self, gfn: int, before: bytes) -> None:
+        cache = self.cache
+        if gfn not in cache.shadowed:
+            return
+        after = self.host.read(cache.guest.hpa(gfn << 12), PAGE_SIZE)
+        changed = [i // 8 for i in range(0, PAGE_SIZE, 8) if before[i:i + 8] != after[i:i + 8]]
+        self.counters["mmu_pte_write"] += 1
+        cache.pte_write(self.counters, gfn, changed)
 
     # -- intercepted paging events -------------------------------------------------
     def write_cr(self, cr: int, value: int) -> None:

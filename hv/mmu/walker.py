@@ -182,6 +182,10 @@ class Walker:
                 writable &= bool(entry & RW)
                 usable &= bool(entry & US)
                 nx |= bool(entry & NX) and nxe
+                if level == 3 and entry & PS:
+                    # QEMU sets A in a PDPTE before it looks at PS, so a
+                    # 1 GiB leaf is accessed even if the access then faults.
+                    entry = self._set_bits(entry_addr, entry, A)
                 if level == 1 or entry & PS:
                     break
                 entry = self._set_bits(entry_addr, entry, A)
