@@ -14,6 +14,7 @@ in tests/test_engine.py that pin each one):
   a hook stopped it early; its counter lives in `uc_struct.emu_counter`,
   found once per process by `_counter_offset()`.
 - With Unicorn's own MMU a #PF's error code is only in CPUX86State.error_code.
+- Writing CS or SS does not change QEMU's CPL (hflags); `set_cpl` does.
 """
 from __future__ import annotations
 
@@ -29,6 +30,8 @@ from .errors import HvError
 
 # Offsets in a saved context (a CPUX86State copy) for unicorn 2.1.4.
 _CTX_SIZE = 5608
+_CTX_HFLAGS = 216               # HF_CPL_MASK: bits 1:0
+_CTX_SS_FLAGS = 292             # segs[R_SS].flags: DPL in bits 14:13
 _CTX_ERROR_CODE = 5424
 _CTX_OLD_EXCEPTION = 5536
 
@@ -238,6 +241,16 @@ class Engine:
         """Forget the exception QEMU thinks is in flight (unicorn#1883)."""
         ctx, addr = self._context()
         ctypes.c_int32.from_address(addr + _CTX_OLD_EXCEPTION).value = -1
+        self.uc.context_restore(ctx)
+
+    def set_cpl(self, cpl: int) -> None:
+        """Make `cpl` the current privilege level. QEMU keeps CPL in hflags
+        (from SS's DPL), which writing CS or SS with reg_write leaves alone."""
+        ctx, addr = self._context()
+        hflags = ctypes.c_uint32.from_address(addr + _CTX_HFLAGS)
+        hflags.value = (hflags.value & ~3) | cpl
+        ss_flags = ctypes.c_uint32.from_address(addr + _CTX_SS_FLAGS)
+        ss_flags.value = (ss_flags.value & ~(3 << 13)) | (cpl << 13)
         self.uc.context_restore(ctx)
 
     def pending_error_code(self) -> int:

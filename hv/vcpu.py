@@ -350,6 +350,7 @@ class VCpu:
         e.set_reg("cs", (selector & ~3) | new_cpl)
         if new_cpl != old_cpl:
             e.set_reg("ss", new_cpl)      # a NULL selector with RPL = CPL
+            e.set_cpl(new_cpl)
         e.set_reg("rsp", rsp)
         e.set_reg("rip", offset)
 

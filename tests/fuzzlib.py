@@ -817,10 +817,6 @@ def scrub_code(code: bytes, known_bugs: bool = KNOWN_BUGS) -> bytes:
     - the x87 escapes D8-DF and the 0F AE group (FXSAVE...): a #PF inside
       FSTP m80, FNSAVE, FXSAVE, ... is delivered after the instruction
       (test_regression_fault_in_a_multi_store_instruction_is_precise);
-    - every 07 byte: SYSRET (0F 07, and VEX-prefixed forms that Unicorn
-      also runs as SYSRET) is the one way random code reaches CPL 3, and
-      exception delivery from CPL 3 is broken in every mode
-      (test_regression_exception_from_cpl3_runs_the_handler_at_cpl0);
     - every 31 byte: RDTSC (0F 31, and VEX-prefixed forms that Unicorn
       also runs as RDTSC) reads the host's clock, so no two runs agree, in
       any mode (test_regression_rdtsc_is_deterministic);
@@ -833,7 +829,7 @@ def scrub_code(code: bytes, known_bugs: bool = KNOWN_BUGS) -> bytes:
         return code
     out = bytearray(code)
     for i, b in enumerate(out):
-        if 0xD8 <= b <= 0xDF or b in (0x07, 0x31, 0xC4, 0xC5) or (
+        if 0xD8 <= b <= 0xDF or b in (0x31, 0xC4, 0xC5) or (
                 b == 0xAE and i and out[i - 1] == 0x0F):
             out[i] = 0x90
     return bytes(out)

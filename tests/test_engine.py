@@ -122,3 +122,20 @@ def test_fill_sees_the_page_and_the_unmapped_hook_the_byte():
     assert fills == [BASE, 0x5000]
     assert bytes_seen == [0x7FFF_0000_0123] and e.reg("rip") == BASE
 
+
+
+def test_writing_cs_and_ss_does_not_change_the_cpl_but_set_cpl_does():
+    """Why exception delivery calls Engine.set_cpl: QEMU keeps CPL in hflags."""
+    e = engine("mov rax, cr0\nhlt")             # privileged: #GP(0) at CPL 3
+    seen = []
+    e.on_interrupt(lambda vector: (seen.append(vector), e.stop()))
+    e.set_reg("cs", 0x23)                       # RPL 3: CPL is unchanged
+    e.run(BASE, 10)
+    assert seen == []
+    e.set_cpl(3)
+    e.run(BASE, 10)
+    assert seen == [13]
+    e.clear_exception()
+    e.set_cpl(0)
+    e.run(BASE, 10)
+    assert seen == [13] and e.reg("rip") == BASE + 4

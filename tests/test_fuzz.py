@@ -379,16 +379,14 @@ def test_regression_accessed_bit_of_a_faulting_1g_page(mmu):
     assert (r.reason, r.console) == ("exit", "0x3 0xa1")
 
 
-# hv bug 5 (found by the random-code fuzzer, through a VEX-prefixed 0F 07
+# Fixed hv bug 5 (found by the random-code fuzzer, through a VEX-prefixed 0F 07
 # that Unicorn runs as SYSRET). An exception at CPL 3. SYSRETQ with STAR = 0
 # enters CPL 3 (CS 0x13); the next fetch, from a supervisor page, is a #PF
 # (error code P|U|I = 0x15) delivered with a privilege change: the stack
 # from TSS.RSP0, CS 0x08, CPL 0. hv's delivery (VCpu._push_frame, used by
-# every mode, `qemu` included) leaves the CPU at CPL 3: the handler's
-# MOV from CR2 takes #GP, again and again (with RSP0 = 0, as the library
-# sets it, the modes even disagree: `qemu` triple-faults at the #PF stub,
-# the others run the #DF handler as 32-bit code). Kept out of the random-
-# code fuzzer: fuzzlib.scrub_code removes 07 bytes.
+# every mode, `qemu` included) left the CPU at CPL 3, because QEMU keeps
+# CPL in hflags, which writing CS and SS does not change; Engine.set_cpl
+# now sets it. The random-code fuzzer generates 07 bytes again.
 CPL3_SRC = LIB + """
     mov rax, 0x90000
     mov qword ptr [rip + gdt_tss + TSS_RSP0], rax
@@ -400,8 +398,6 @@ user:
 """
 
 
-@pytest.mark.xfail(strict=True, reason="hv bug: exception delivery from CPL 3 leaves the handler "
-                   "at CPL 3 (every mode)")
 @pytest.mark.parametrize("mmu", F.MODES + (F.ORACLE,))
 def test_regression_exception_from_cpl3_runs_the_handler_at_cpl0(mmu):
     r = hv.run("test", mmu=mmu, image=_image(CPL3_SRC), max_insns=5_000)
