@@ -97,7 +97,7 @@ class VCpu:
         if self._pending is None or paddr >> 12 != FAULT_WINDOW >> 12 or \
                 not isinstance(self._pending[0], PageFault):
             return False
-        pf, access = self._pending
+        pf = self._pending[0]
         pf.vaddr = (pf.vaddr & ~(PAGE_SIZE - 1)) | (paddr & (PAGE_SIZE - 1))
         return True
 

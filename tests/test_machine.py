@@ -6,7 +6,7 @@ import hv
 from hv.api import machine_result
 from hv.vm import VM, Config, Machine
 
-from conftest import MODES, image
+from conftest import image
 
 # Touch the same 64 pages again and again: a working set that fits the TLB.
 PINGPONG = """

@@ -133,7 +133,7 @@ def test_a_page_that_stops_being_a_table_stops_costing_exits():
 
 def test_address_spaces_are_found_again():
     """Switching back to an address space costs no new shadow pages."""
-    r, _ = shadow_run(mark(1) + f"""
+    r, _ = shadow_run(mark(1) + """
         mov r12, cr3
         mov rdi, 0x700000                   ; a second PML4: a copy of the boot one
         mov rsi, r12

@@ -56,29 +56,31 @@ class NativeMMU:
         if cr == 3:
             self.counters["cr3_loads"] += 1
             self.cr3 = value
-            self._flush(self.tlb.flush_nonglobal(self.asid))
+            self._flush(self.tlb.flush_nonglobal)
         elif cr == 0:
             changed = (self.cr0 ^ value) & (CR0.PG | CR0.WP)
             self.load_state(value, self.cr3, self.cr4, self.efer)
             if changed:
-                self._flush(self.tlb.flush_asid(self.asid))
+                self._flush(self.tlb.flush_asid)
         elif cr == 4:
             changed = (self.cr4 ^ value) & (CR4.PGE | CR4.PAE | CR4.PSE | CR4.PCIDE | CR4.SMEP)
             self.cr4 = value
             if changed:
-                self._flush(self.tlb.flush_asid(self.asid))
+                self._flush(self.tlb.flush_asid)
 
     def write_efer(self, value: int) -> None:
         changed = (self.efer ^ value) & EFER.NXE
         self.load_state(self.cr0, self.cr3, self.cr4, value)
         if changed:
-            self._flush(self.tlb.flush_asid(self.asid))
+            self._flush(self.tlb.flush_asid)
 
     def invlpg(self, vaddr: int) -> None:
         self.counters["invlpg"] += 1
         self.tlb.invlpg(self.asid, vaddr)
 
-    def _flush(self, dropped: int) -> None:
+    def _flush(self, operation) -> None:
+        """A TLB flush of this vCPU's ASID, counted."""
+        operation(self.asid)
         self.counters["tlb_flush"] += 1
 
     # -- translation -------------------------------------------------------

@@ -24,14 +24,14 @@ Invariants:
 """
 from __future__ import annotations
 
-from ..arch.paging import (ADDR_MASK, D, ENTRIES_PER_TABLE, G, NX, P, PAGE_SIZE, PFErr, PS,
-                           RW, US, level_shift)
+from ..arch.paging import (ADDR_MASK, D, ENTRIES_PER_TABLE, G, NX, P, PAGE_SIZE, PFErr, RW,
+                           US, level_shift)
 from ..arch.vmx import ExitReason
 from ..arch.x86 import Vector
 from ..errors import InvariantError
 from ..memory import GuestMemory, VmmFrames
 from ..stats import Stats
-from .native import NativeMMU
+from .native import PROT_R, PROT_W, NativeMMU
 from .tlb import TLB
 from .walker import FETCH, READ, WRITE, EmulateWrite, GuestEscape, PageFault, Translation, Walker
 
@@ -257,7 +257,7 @@ class ShadowMMU(NativeMMU):
     def fill(self, vaddr: int, access: int, user: bool) -> tuple[int, int]:
         em = self.emulating
         if em is not None and access == WRITE and vaddr & ~(PAGE_SIZE - 1) == em[0]:
-            return em[1], 3     # the one write being emulated
+            return em[1], PROT_R | PROT_W     # the one write being emulated
         return super().fill(vaddr, access, user)
 
     def intercepted_exception(self, ex) -> None:
@@ -348,7 +348,7 @@ class ShadowMMU(NativeMMU):
             self.root = None                    # found again in the cache on use
             self.cache.ensure_free(self.counters)
             self._root()
-            self._flush(self.tlb.flush_nonglobal(self.asid))
+            self._flush(self.tlb.flush_nonglobal)
         else:
             super().write_cr(cr, value)
             self._hw_wp = True
