@@ -7,7 +7,7 @@ Why one level and not an L1/L2 pair: Unicorn's own TLB sits in front of the
 model and absorbs every hit it can, invisibly; the model only sees accesses
 that miss there. What it can count exactly is what costs a page walk: a
 translation that is in no level of the TLB. So it models the last level
-(default 1536 entries, 12 ways: Skylake's STLB) and counts hits, misses and
+(default 1536 entries, 12 ways: Skylake's STLB) and counts misses and
 walks there.
 
 Why FIFO and not LRU: a policy that learns from hits would learn from the
@@ -36,7 +36,7 @@ class TLB:
             raise ValueError(f"TLB of {entries} entries cannot have {ways} ways")
         self.entries, self.ways = entries, ways
         self.nsets = entries // ways
-        # One LRU-ordered dict per set: (asid, shift, vpn) -> Translation.
+        # One insertion-ordered (FIFO) dict per set: (asid, shift, vpn) -> Translation.
         self._sets = [OrderedDict() for _ in range(self.nsets)]
         self._where: dict[tuple[int, int, int], OrderedDict] = {}
         self._by_shift = {s: 0 for s in SHIFTS}   # entries held per page size
