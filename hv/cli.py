@@ -6,7 +6,8 @@ import json
 import sys
 from pathlib import Path
 
-from . import api, asm
+from . import api, asm, compare
+from .cost import DEFAULT_PROFILE, bundled_profiles, load_profile
 from .errors import HvError
 from .memory import parse_size
 from .mmu import MODE_HELP, MODES
@@ -23,6 +24,18 @@ def _positive(text: str) -> int:
     return value
 
 
+def _positive_list(text: str) -> list[int]:
+    return [_positive(t) for t in text.split(",")]
+
+
+def _mark_pair(text: str) -> tuple[int, int]:
+    parts = text.split(",")
+    if len(parts) != 2:
+        raise argparse.ArgumentTypeError(f"two mark ids, e.g. 1,2, not {text!r}")
+    a, b = (_positive(t) if t.strip() != "0" else 0 for t in parts)
+    return a, b
+
+
 def _size(text: str) -> int:
     try:
         return parse_size(text)
@@ -34,6 +47,34 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str):
         """Bad arguments: one line, status 2 (argparse would add the usage)."""
         raise HvError(f"{message} (see hv {'-h' if self.prog == 'hv' else self.prog[3:] + ' -h'})")
+
+
+def _add_config_options(r: argparse.ArgumentParser) -> None:
+    """The hv.vm.Config options `run` and `compare` share."""
+    r.add_argument("--ram", type=_size, default="64M", help="guest RAM, e.g. 64M, 1G (default 64M)")
+    r.add_argument("--tlb-entries", type=_positive, default=1536,
+                   help="TLB model capacity (default 1536)")
+    r.add_argument("--tlb-ways", type=_positive, default=12,
+                   help="TLB model associativity (default 12)")
+    r.add_argument("--max-insns", type=_positive, default=500_000_000,
+                   help="stop a runaway guest after this many instructions (default 5e8)")
+    r.add_argument("--quantum", type=_positive, default=1_000_000,
+                   help="instructions per vCPU time slice (default 1e6)")
+    r.add_argument("--ept-large-pages", action="store_true",
+                   help="ept: map guest memory with 2 MiB (and 1 GiB) EPT pages where it can")
+    r.add_argument("--pwc", action="store_true",
+                   help="page-walk caches and a nested TLB (fewer references per walk)")
+    r.add_argument("--timeout", type=float, default=0,
+                   help="stop after this many wall-clock seconds (default: no limit)")
+    r.add_argument("--check", action="store_true",
+                   help="check the VMM's isolation invariants after every exit (slow)")
+
+
+def _config(args) -> dict:
+    return dict(ram=args.ram, tlb_entries=args.tlb_entries, tlb_ways=args.tlb_ways,
+                max_insns=args.max_insns, quantum=args.quantum,
+                ept_large_pages=args.ept_large_pages, pwc=args.pwc, timeout=args.timeout,
+                check_invariants=args.check)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -52,25 +93,28 @@ def _parser() -> argparse.ArgumentParser:
                    help="no VPID tags: every VM entry and exit flushes the TLB (first VT-x)")
     r.add_argument("--mmu", choices=MODES, default="native",
                    help="; ".join(f"{m}: {h}" for m, h in MODE_HELP.items()))
-    r.add_argument("--ram", type=_size, default="64M", help="guest RAM, e.g. 64M, 1G (default 64M)")
     r.add_argument("--vcpus", type=_positive, default=1, help="vCPUs sharing the VM (default 1)")
-    r.add_argument("--tlb-entries", type=_positive, default=1536,
-                   help="TLB model capacity (default 1536)")
-    r.add_argument("--tlb-ways", type=_positive, default=12,
-                   help="TLB model associativity (default 12)")
-    r.add_argument("--max-insns", type=_positive, default=500_000_000,
-                   help="stop a runaway guest after this many instructions (default 5e8)")
-    r.add_argument("--quantum", type=_positive, default=1_000_000,
-                   help="instructions per vCPU time slice (default 1e6)")
-    r.add_argument("--ept-large-pages", action="store_true",
-                   help="ept: map guest memory with 2 MiB (and 1 GiB) EPT pages where it can")
-    r.add_argument("--pwc", action="store_true",
-                   help="page-walk caches and a nested TLB (fewer references per walk)")
-    r.add_argument("--timeout", type=float, default=0,
-                   help="stop after this many wall-clock seconds (default: no limit)")
-    r.add_argument("--check", action="store_true",
-                   help="check the VMM's isolation invariants after every exit (slow)")
+    _add_config_options(r)
     r.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+
+    c = sub.add_parser("compare", help="run guests in several MMU modes and compare "
+                                       "exits, walks and modelled cycles")
+    c.add_argument("guest", nargs="*",
+                   help=".s or .bin files or bundled guest names (default: the sample suite)")
+    c.add_argument("--mmu", type=compare.parse_modes, default=compare.COMPARE_MODES,
+                   help="modes to compare, comma-separated (default native,shadow,ept)")
+    c.add_argument("--vcpus", type=_positive_list, default=[1],
+                   help="vCPU counts, comma-separated: each guest runs at each (default 1)")
+    c.add_argument("--profile", default=DEFAULT_PROFILE,
+                   help=f"the CPU whose costs price the counts: a bundled profile "
+                        f"({', '.join(bundled_profiles())}) or a .toml file "
+                        f"(default {DEFAULT_PROFILE})")
+    c.add_argument("--between", type=_mark_pair, metavar="A,B",
+                   help="price only what happened between vmcall marks A and B of the named "
+                        "guests (default: the whole run; the sample suite has its own)")
+    c.add_argument("--plot", metavar="FILE", help="draw the modelled cycles to a .png or .svg")
+    _add_config_options(c)
+    c.add_argument("--json", action="store_true", help="print one JSON document on stdout")
 
     sub.add_parser("guests", help="list the bundled sample guests")
 
@@ -103,12 +147,8 @@ def _cmd_run(args) -> int:
         out.write(chr(byte))
         out.flush()
 
-    result = api.run(args.guest, mmu=args.mmu, ram=args.ram, vcpus=args.vcpus,
-                     tlb_entries=args.tlb_entries, tlb_ways=args.tlb_ways,
-                     max_insns=args.max_insns, quantum=args.quantum,
-                     ept_large_pages=args.ept_large_pages, asid=args.asid, vms=args.vms, pwc=args.pwc,
-                     timeout=args.timeout, check_invariants=args.check,
-                     on_console=echo if streaming else None)
+    result = api.run(args.guest, mmu=args.mmu, vcpus=args.vcpus, asid=args.asid,
+                     vms=args.vms, on_console=echo if streaming else None, **_config(args))
     if args.json:
         json.dump(result.to_json(), out, indent=2)
         out.write("\n")
@@ -120,6 +160,43 @@ def _cmd_run(args) -> int:
     if result.reason == "interrupted":
         return 130
     return 0 if result.ok else 1
+
+
+def _cmd_compare(args) -> int:
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    profile = load_profile(args.profile)
+    if args.plot and not args.plot.endswith((".png", ".svg")):
+        raise HvError(f"--plot writes .png or .svg files, not {args.plot!r}")
+    case_list = compare.cases(args.guest, args.vcpus, _config(args), args.between)
+    for case in case_list:
+        api.load_guest(case.guest)          # a bad name fails now, not after minutes
+    modes = args.mmu if profile.ept else tuple(m for m in args.mmu if m != "ept")
+    err = Console(stderr=True)
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), console=err, transient=True,
+                  disable=not err.is_terminal) as bar:
+        task = bar.add_task("compare", total=len(case_list) * len(modes))
+
+        def step(label: str, mode: str, done: int) -> None:
+            bar.update(task, completed=done, description=f"{label} [{mode}]")
+
+        doc = compare.compare(case_list, args.mmu, profile, progress=step)
+    if args.plot:
+        compare.plot(doc, args.plot)
+    if args.json:
+        json.dump(doc, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        from .report import print_compare
+        print_compare(doc, Console())
+        if args.plot:
+            print(f"plot: {args.plot}")
+    if doc["interrupted"]:
+        print("hv: interrupted: the cases finished before Ctrl-C are shown", file=sys.stderr)
+        return 130
+    return 0 if compare.all_ok(doc) else 1
 
 
 def _summary(path: Path) -> str:
@@ -169,7 +246,7 @@ def _cmd_disasm(args) -> int:
     return 0
 
 
-COMMANDS = {"run": _cmd_run, "guests": _cmd_guests, "asm": _cmd_asm, "disasm": _cmd_disasm}
+COMMANDS = {"run": _cmd_run, "compare": _cmd_compare, "guests": _cmd_guests, "asm": _cmd_asm, "disasm": _cmd_disasm}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,6 +6,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .api import Result
+from .cost import PARTS, UNPRICED_EXITS
 from .stats import TLB_NAMES
 
 
@@ -77,3 +78,72 @@ def print_report(r: Result, console: Console) -> None:
     else:
         console.print("\n(mmu qemu: Unicorn's own MMU, no TLB model and no walks counted)")
 
+
+
+def _mcycles(n: float) -> str:
+    return f"{n / 1e6:,.2f}"
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{x:+.1f}%"
+
+
+def _case_table(case: dict, modes: list[str]) -> Table:
+    runs = case["runs"]
+    window = case["window"]
+    span = f"marks {window[0]} to {window[1]}" if window else "the whole run"
+    t = Table(title=f"{case['label']}: {span}", title_justify="left", title_style="bold",
+              pad_edge=False)
+    t.add_column("")
+    for m in modes:
+        t.add_column(m, justify="right")
+
+    def row(name: str, value, style: str = "") -> None:
+        t.add_row(name, *(value(runs[m]["figures"], runs[m]) if runs[m]["ok"] else "-"
+                          for m in modes), style=style)
+
+    reasons = sorted({k for r in runs.values() for k in r["figures"] if k.startswith("exit.")})
+    row("exits", lambda f, r: f"{sum(f.get(k, 0) for k in reasons):,}", "bold")
+    for k in reasons:
+        unpriced = " (not priced)" if k[5:] in UNPRICED_EXITS else ""
+        row(f"  {k[5:]}{unpriced}", lambda f, r: f"{f.get(k, 0):,}")
+    row("TLB misses", lambda f, r: f"{f['tlb.misses']:,}")
+    row("walks", lambda f, r: f"{f['tlb.walks']:,}")
+    row("walk references", lambda f, r: f"{f['tlb.walk_refs']:,}")
+    row("refs per walk", lambda f, r: f"{f['tlb.walk_refs'] / f['tlb.walks']:.2f}"
+        if f["tlb.walks"] else "-")
+    for part in PARTS:
+        row(f"Mcycles in {part}", lambda f, r: _mcycles(r["cycles"][part]))
+    row("Mcycles total", lambda f, r: _mcycles(r["cycles"]["total"]), "bold")
+    row("overhead vs native", lambda f, r: _pct(r["overhead_pct"]), "bold")
+    if not all(runs[m]["ok"] for m in modes):
+        t.add_row("ended", *(f"[{'green' if runs[m]['ok'] else 'red'}]{runs[m]['reason']}[/]"
+                             for m in modes))
+    return t
+
+
+def _summary_table(doc: dict) -> Table:
+    modes = doc["modes"]
+    t = Table(title="Overhead against native (modelled cycles)", title_justify="left",
+              title_style="bold", pad_edge=False)
+    t.add_column("guest")
+    for m in modes:
+        t.add_column(m, justify="right")
+    t.add_column("same output", justify="center")
+    for c in doc["cases"]:
+        cells = [_pct(c["runs"][m]["overhead_pct"]) if c["runs"][m]["ok"]
+                 else f"[red]{c['runs'][m]['reason']}[/]" for m in modes]
+        t.add_row(c["label"], *cells, "[green]yes[/]" if c["same_output"] else "[red]NO[/]")
+    return t
+
+
+def print_compare(doc: dict, console: Console) -> None:
+    p = doc["profile"]
+    console.print(f"Profile [bold]{p['name']}[/]: {p['cpu']} ({p['path']})", highlight=False)
+    for note in doc["notes"]:
+        console.print(f"note: {note}", highlight=False)
+    for case in doc["cases"]:
+        console.print()
+        console.print(_case_table(case, doc["modes"]))
+    console.print()
+    console.print(_summary_table(doc))

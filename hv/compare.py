@@ -1,0 +1,194 @@
+"""`hv compare`: the same guests in several MMU modes, side by side, priced
+by a CPU profile (hv.cost).
+
+One Case is a guest with its options (e.g. smp with 4 vCPUs); each runs in
+every mode. The architectural results (console and exit code) of a case
+must be the same in every mode; `same_output` says whether they were.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from . import api
+from .cost import PARTS, Profile, cycles
+from .errors import HvError
+from .stats import TLB_NAMES
+
+COMPARE_MODES = ("native", "shadow", "ept")
+
+
+@dataclass(frozen=True)
+class Case:
+    """A guest, its run options, and the window priced: the counts between
+    two vmcall marks (the measured phase), or the whole run (None)."""
+    guest: str
+    options: dict = field(default_factory=dict)
+    window: tuple[int, int] | None = None
+
+    @property
+    def label(self) -> str:
+        vcpus = self.options.get("vcpus", 1)
+        notes = ([f"{vcpus} vCPUs"] if vcpus > 1 else []) + (
+            ["EPT large pages"] if self.options.get("ept_large_pages") else [])
+        return self.guest + (f" ({', '.join(notes)})" if notes else "")
+
+
+# The sample suite: the costs Adams & Agesen (ASPLOS 2006) measured, TLB
+# reach, then shootdowns as vCPUs grow. Each window is the guest's measured
+# phase as its header comment defines it: boot, set-up, warm-up and the
+# final report are left out.
+SUITE = (
+    Case("compute", window=(1, 2)),         # the loop
+    Case("pgfault", window=(1, 2)),         # the write pass: one #PF per page
+    Case("ptemod", window=(1, 2)),          # the PTE-update rounds
+    Case("ctxswitch", window=(1, 2)),       # the CR3 switches
+    Case("forkwait", window=(1, 3)),        # every fork, use and teardown
+    Case("tlbstress", window=(2, 3)),       # the steady-state passes
+    Case("hugepages", window=(2, 3)),       # the same on 2 MiB pages
+    Case("hugepages", {"ept_large_pages": True}, window=(2, 3)),   # and 2 MiB EPT pages
+    # The rounds, with a short time slice: a vCPU waiting at a barrier spins
+    # until hv's round-robin runs the others, so a long slice would fill the
+    # window with spinning.
+    *(Case("smp", {"vcpus": n, "quantum": 100}, window=(1, 2)) for n in (1, 2, 4)),
+)
+
+
+def parse_modes(text: str) -> tuple[str, ...]:
+    modes = tuple(m.strip() for m in text.split(",") if m.strip())
+    for m in modes:
+        if m not in COMPARE_MODES:
+            hint = " (qemu is the oracle: it counts nothing to compare)" if m == "qemu" else ""
+            raise HvError(f"unknown mode {m!r} for compare: choose from "
+                          f"{', '.join(COMPARE_MODES)}{hint}")
+    if not modes or len(set(modes)) != len(modes):
+        raise HvError(f"--mmu needs distinct modes, e.g. native,shadow,ept (not {text!r})")
+    return modes
+
+
+def cases(guests: list[str], vcpus: list[int], options: dict,
+          window: tuple[int, int] | None = None) -> list[Case]:
+    """The suite when no guest is named, else each guest at each vCPU count,
+    priced over `window`; `options` (hv.vm.Config fields) apply to every run."""
+    if not guests:
+        return [Case(c.guest, {**options, **c.options}, c.window) for c in SUITE]
+    return [Case(g, {**options, "vcpus": n}, window) for g in guests for n in vcpus]
+
+
+def figures(result: api.Result, window: tuple[int, int] | None) -> dict[str, int]:
+    """Every counter of the run, or of the window between two marks, as one
+    flat dict (the marks' form: insns, exit.<REASON>, tlb.walk_refs, ...)."""
+    if window is None:
+        flat = dict(result.counters)
+        flat.update((f"exit.{k}", n) for k, n in result.exits.items())
+        flat.update((f"tlb.{k}", result.tlb[k]) for k in TLB_NAMES)
+        return dict(sorted(flat.items()))
+    for m in window:
+        if m not in result.marks:
+            raise HvError(f"{result.guest} ({result.mmu}) recorded no mark {m} "
+                          f"(its marks: {sorted(result.marks) or 'none'})")
+    a, b = (result.marks[m] for m in window)
+    return {k: b.get(k, 0) - a.get(k, 0) for k in sorted(set(a) | set(b))}
+
+
+def _run_json(mode: str, profile: Profile, result: api.Result, window) -> dict:
+    fig = figures(result, window) if result.ok else {}
+    return dict(ok=result.ok, reason=result.reason, detail=result.detail,
+                exit_code=result.exit_code, figures=fig,
+                cycles=cycles(profile, mode, fig))
+
+
+def compare(case_list: list[Case], modes: tuple[str, ...], profile: Profile,
+            progress=None) -> dict:
+    """Run every case in every mode -> one JSON-ready document.
+
+    A mode the profile's CPU lacks (ept without EPT) is left out with a note;
+    without VPID, virtualized modes run with asid=False. `progress(label,
+    mode, done)` is called before each run, `done` runs into the whole.
+    A run interrupted by Ctrl-C ends the comparison: the document holds the
+    cases finished before it and says `interrupted`.
+    """
+    doc = dict(profile=profile.to_json(), modes=list(modes), notes=[], cases=[],
+               interrupted=False)
+    if "ept" in modes and not profile.ept:
+        doc["notes"].append(f"ept left out: the {profile.cpu} has no EPT")
+        modes = tuple(m for m in modes if m != "ept")
+    doc["modes"] = list(modes)
+    if not profile.vpid:
+        doc["notes"].append(f"no VPID on the {profile.cpu}: shadow and ept runs flush the "
+                            "TLB at every VM entry and exit (asid=False)")
+    done = 0
+    for case in case_list:
+        runs, outputs = {}, set()
+        for mode in modes:
+            if progress:
+                progress(case.label, mode, done)
+            done += 1
+            options = dict(case.options)
+            if mode != "native" and not profile.vpid:
+                options["asid"] = False
+            result = api.run(case.guest, mmu=mode, **options)
+            if result.reason == "interrupted":
+                doc["interrupted"] = True
+                return doc
+            runs[mode] = _run_json(mode, profile, result, case.window)
+            outputs.add((result.console, result.exit_code, result.reason))
+        base = runs.get("native")
+        for run in runs.values():
+            fair = base and base["ok"] and run["ok"] and base["cycles"]["total"]
+            run["overhead_pct"] = (100 * (run["cycles"]["total"] / base["cycles"]["total"] - 1)
+                                   if fair else None)
+        doc["cases"].append(dict(guest=case.guest, label=case.label, options=case.options,
+                                 window=case.window, same_output=len(outputs) == 1,
+                                 runs=runs))
+    return doc
+
+
+def all_ok(doc: dict) -> bool:
+    return all(c["same_output"] and all(r["ok"] for r in c["runs"].values())
+               for c in doc["cases"])
+
+
+def plot(doc: dict, path: str) -> None:
+    """Grouped bars, one group per case and one bar per mode, each bar the
+    modelled cycles split into PARTS, relative to the case's native total."""
+    import matplotlib
+    matplotlib.use("Agg")               # headless: no display needed
+    import matplotlib.pyplot as plt
+
+    if not path.endswith((".png", ".svg")):
+        raise HvError(f"--plot writes .png or .svg files, not {path!r}")
+    modes, cases_ = doc["modes"], doc["cases"]
+    base_mode = "native" if "native" in modes else modes[0]
+    colours = dict(guest="#4c72b0", walks="#dd8452", exits="#c44e52")
+    hatches = dict(native="", shadow="//", ept="..")
+    width = 0.8 / len(modes)
+    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(cases_) * len(modes) / 2), 4.5))
+    for j, mode in enumerate(modes):
+        xs = [i + (j - (len(modes) - 1) / 2) * width for i in range(len(cases_))]
+        bottoms = [0.0] * len(cases_)
+        for part in PARTS:
+            heights = []
+            for c in cases_:
+                base = c["runs"][base_mode]["cycles"]["total"] or 1
+                heights.append(c["runs"][mode]["cycles"][part] / base)
+            ax.bar(xs, heights, width, bottom=bottoms, color=colours[part],
+                   hatch=hatches.get(mode, ""), edgecolor="white", linewidth=0.5,
+                   label=part if j == 0 else None)
+            bottoms = [b + h for b, h in zip(bottoms, heights)]
+        for x, top in zip(xs, bottoms):
+            ax.text(x, top, mode[0].upper(), ha="center", va="bottom", fontsize=7)
+    ax.set_xticks(range(len(cases_)))
+    ax.set_xticklabels([c["label"] for c in cases_], rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel(f"modelled cycles / {base_mode} total")
+    p = doc["profile"]
+    ax.set_title(f"hv compare: {p['cpu']} ({p['name']}); bars "
+                 f"{', '.join(f'{m[0].upper()} = {m}' for m in modes)}", fontsize=9)
+    ax.legend(title="cycles in", fontsize=8)
+    ax.axhline(1.0, color="grey", linewidth=0.6, linestyle=":")
+    fig.tight_layout()
+    try:
+        fig.savefig(path)
+    except OSError as e:
+        raise HvError(f"cannot write {path}: {e.strerror}") from None
+    finally:
+        plt.close(fig)

@@ -1,0 +1,144 @@
+"""The cycle cost model: counts in, modelled cycles out.
+
+    cycles = instructions x cpi                                    (guest work)
+           + walk references x walk_ref + PWC hits x pwc_hit        (walks)
+           + VM exits x (exit + handler) + VMM work                 (exits)
+
+The exits priced are those memory virtualization causes; the guest's own
+I/O, hypercalls and HLT exit alike in every virtualized mode and are left
+out (UNPRICED_EXITS).
+
+VMM work is what an exit's handler does beyond the simplest one: emulated
+guest page-table writes (`mmu_pte_write`), shadow pages built
+(`mmu_cache_miss`) and the VMM's own software walks of guest tables
+(`vmm.guest_walk_refs`, priced like hardware walk references).
+
+Native runs have no VM exits: what hv counts there as IO or VMCALL "exits"
+is an instruction on bare metal, already in `instructions`. Cycles add up
+over every vCPU and VM (CPU time, not elapsed time).
+
+The per-event costs come from a CPU profile, a TOML file (hv/profiles/, or
+the user's own) whose every number cites its published source.
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import HvError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:                                   # pragma: no cover
+    import tomli as tomllib
+
+PROFILES_DIR = Path(__file__).resolve().parent / "profiles"
+DEFAULT_PROFILE = "skylake-2015"
+
+# [cycles] keys: name -> what it prices (the README's profile reference).
+CYCLE_KEYS = {
+    "cpi": "cycles per guest instruction, walks and exits aside",
+    "walk_ref": "one page-walk memory reference (a PTE or EPT entry read)",
+    "pwc_hit": "one reference a paging-structure cache or nested TLB saved",
+    "exit": "VM exit plus VM entry, the hardware world switch",
+    "handler": "the VMM's work on the simplest exit (read the reason, dispatch, resume)",
+    "pte_write": "emulating one guest page-table write (shadow), beyond the handler",
+    "shadow_page": "building one shadow page table (shadow), beyond the handler",
+}
+# The three parts of a run's cycles, in the order reports and plots show them.
+PARTS = ("guest", "walks", "exits")
+
+
+@dataclass(frozen=True)
+class Profile:
+    """A CPU's costs. `ept`/`vpid`: whether the part has them; without VPID
+    every VM entry and exit flushes the TLB (hv runs with asid=False)."""
+    name: str
+    cpu: str
+    year: int
+    ept: bool
+    vpid: bool
+    cycles: dict[str, float] = field(default_factory=dict)
+    path: str = ""
+
+    def to_json(self) -> dict:
+        return dict(name=self.name, cpu=self.cpu, year=self.year, ept=self.ept,
+                    vpid=self.vpid, cycles=dict(self.cycles), path=self.path)
+
+
+def bundled_profiles() -> dict[str, Path]:
+    return {p.stem: p for p in sorted(PROFILES_DIR.glob("*.toml"))}
+
+
+def load_profile(spec: str | Path) -> Profile:
+    """A bundled profile's name or a path to a TOML file -> Profile."""
+    path = Path(spec)
+    if not path.exists():
+        bundled = bundled_profiles()
+        if str(spec) not in bundled:
+            raise HvError(f"no profile {str(spec)!r}: not a file, nor a bundled profile "
+                          f"({', '.join(bundled)})")
+        path = bundled[str(spec)]
+    try:
+        data = tomllib.loads(path.read_text())
+    except OSError as e:
+        raise HvError(f"cannot read {path}: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise HvError(f"{path}: {e}") from None
+
+    def need(table: dict, key: str, kind, where: str):
+        if key not in table:
+            raise HvError(f"{path}: {where}{key} is missing")
+        value = table[key]
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, kind) or (kind is float and value < 0):
+            raise HvError(f"{path}: {where}{key} must be "
+                          f"{'a number >= 0' if kind is float else kind.__name__}, not {value!r}")
+        return value
+
+    cycles = data.get("cycles")
+    if not isinstance(cycles, dict):
+        raise HvError(f"{path}: no [cycles] table")
+    unknown = set(cycles) - set(CYCLE_KEYS)
+    if unknown:
+        raise HvError(f"{path}: unknown key cycles.{sorted(unknown)[0]} "
+                      f"(keys: {', '.join(CYCLE_KEYS)})")
+    return Profile(name=need(data, "name", str, ""), cpu=need(data, "cpu", str, ""),
+                   year=need(data, "year", int, ""), ept=need(data, "ept", bool, ""),
+                   vpid=need(data, "vpid", bool, ""),
+                   cycles={k: need(cycles, k, float, "cycles.") for k in CYCLE_KEYS},
+                   path=str(path))
+
+
+# Exits the guest's own interface causes (console output, hypercall marks,
+# HLT): the same in every virtualized mode and no part of what memory
+# virtualization costs, so they are counted but not priced.
+UNPRICED_EXITS = ("IO_INSTRUCTION", "VMCALL", "HLT")
+
+
+def priced_exits(figures: dict) -> int:
+    return sum(n for k, n in figures.items()
+               if k.startswith("exit.") and k[5:] not in UNPRICED_EXITS)
+
+
+def cycles(profile: Profile, mode: str, figures: dict) -> dict[str, float]:
+    """Modelled cycles by part (PARTS) and in `total`, from `figures`: every
+    counter as one flat dict, the form of hv.api.Result's marks (insns,
+    exit.<REASON>, tlb.walk_refs, mmu_pte_write, ...)."""
+    c, get = profile.cycles, figures.get
+    # An emulated write's instruction is counted twice in insns (at the
+    # fault and when re-run): once is guest work.
+    guest = (get("insns", 0) - get("insn_emulation", 0)) * c["cpi"]
+    walks = (get("tlb.walk_refs", 0) * c["walk_ref"]
+             + (get("pwc.hits", 0) + get("pwc.ntlb_hits", 0)) * c["pwc_hit"])
+    exits = 0.0
+    if mode != "native":
+        exits = (priced_exits(figures) * (c["exit"] + c["handler"])
+                 + get("mmu_pte_write", 0) * c["pte_write"]
+                 + get("mmu_cache_miss", 0) * c["shadow_page"]
+                 + get("vmm.guest_walk_refs", 0) * c["walk_ref"])
+    parts = dict(guest=guest, walks=walks, exits=exits)
+    parts["total"] = guest + walks + exits
+    return parts
