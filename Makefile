@@ -1,4 +1,5 @@
-# make demo: set up .venv and boot the sample guests. make test: the whole suite.
+# make demo: set up .venv, boot a guest, then compare the MMU modes on the
+# sample suite (tables, and the plot in compare.png). make test: the whole suite.
 PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
@@ -14,8 +15,7 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(BIN)/hv run hello
-	$(BIN)/hv run forkwait --mmu shadow
-	$(BIN)/hv run forkwait --mmu ept
+	$(BIN)/hv compare --plot compare.png
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
@@ -30,4 +30,4 @@ bench: $(STAMP)
 	$(BIN)/python bench/bench.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) build *.egg-info .pytest_cache compare.png

@@ -149,8 +149,9 @@ def all_ok(doc: dict) -> bool:
 
 
 def plot(doc: dict, path: str) -> None:
-    """Grouped bars, one group per case and one bar per mode, each bar the
-    modelled cycles split into PARTS, relative to the case's native total."""
+    """One panel per case, one bar per mode, each bar the modelled cycles
+    split into PARTS, relative to the case's native total. Panels have their
+    own scales: overheads range from none to a hundredfold."""
     import matplotlib
     matplotlib.use("Agg")               # headless: no display needed
     import matplotlib.pyplot as plt
@@ -160,32 +161,36 @@ def plot(doc: dict, path: str) -> None:
     modes, cases_ = doc["modes"], doc["cases"]
     base_mode = "native" if "native" in modes else modes[0]
     colours = dict(guest="#4c72b0", walks="#dd8452", exits="#c44e52")
-    hatches = dict(native="", shadow="//", ept="..")
-    width = 0.8 / len(modes)
-    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(cases_) * len(modes) / 2), 4.5))
-    for j, mode in enumerate(modes):
-        xs = [i + (j - (len(modes) - 1) / 2) * width for i in range(len(cases_))]
-        bottoms = [0.0] * len(cases_)
+    ncols = min(4, len(cases_))
+    nrows = -(-len(cases_) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3 * ncols, 2.6 * nrows + 0.6),
+                             squeeze=False)
+    for ax, case in zip(axes.flat, cases_):
+        base = case["runs"][base_mode]["cycles"]["total"] or 1
+        bottoms = [0.0] * len(modes)
         for part in PARTS:
-            heights = []
-            for c in cases_:
-                base = c["runs"][base_mode]["cycles"]["total"] or 1
-                heights.append(c["runs"][mode]["cycles"][part] / base)
-            ax.bar(xs, heights, width, bottom=bottoms, color=colours[part],
-                   hatch=hatches.get(mode, ""), edgecolor="white", linewidth=0.5,
-                   label=part if j == 0 else None)
+            heights = [case["runs"][m]["cycles"][part] / base for m in modes]
+            ax.bar(modes, heights, 0.6, bottom=bottoms, color=colours[part], label=part)
             bottoms = [b + h for b, h in zip(bottoms, heights)]
-        for x, top in zip(xs, bottoms):
-            ax.text(x, top, mode[0].upper(), ha="center", va="bottom", fontsize=7)
-    ax.set_xticks(range(len(cases_)))
-    ax.set_xticklabels([c["label"] for c in cases_], rotation=30, ha="right", fontsize=8)
-    ax.set_ylabel(f"modelled cycles / {base_mode} total")
+        for x, (mode, top) in enumerate(zip(modes, bottoms)):
+            ok = case["runs"][mode]["ok"]
+            ax.text(x, top, f"{top:.2f}×" if ok else case["runs"][mode]["reason"],
+                    ha="center", va="bottom", fontsize=7)
+        ax.set_ylim(0, max(bottoms) * 1.18 or 1)
+        ax.axhline(1.0, color="grey", linewidth=0.6, linestyle=":")
+        ax.set_title(case["label"], fontsize=9)
+        ax.tick_params(labelsize=7)
+    for ax in axes.flat[len(cases_):]:
+        ax.axis("off")
+    for ax in axes[:, 0]:
+        ax.set_ylabel(f"cycles / {base_mode}", fontsize=8)
     p = doc["profile"]
-    ax.set_title(f"hv compare: {p['cpu']} ({p['name']}); bars "
-                 f"{', '.join(f'{m[0].upper()} = {m}' for m in modes)}", fontsize=9)
-    ax.legend(title="cycles in", fontsize=8)
-    ax.axhline(1.0, color="grey", linewidth=0.6, linestyle=":")
-    fig.tight_layout()
+    fig.suptitle(f"hv compare: modelled cycles on the {p['cpu']} (profile {p['name']})",
+                 fontsize=10)
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, [f"cycles in {lb}" for lb in labels], loc="lower right",
+               fontsize=8, ncol=len(PARTS))
+    fig.tight_layout(rect=(0, 0.04, 1, 0.97))
     try:
         fig.savefig(path)
     except OSError as e:
