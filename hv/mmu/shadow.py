@@ -48,12 +48,15 @@ def _acc(entry: int) -> int:
 
 class ShadowPage:
     """One shadow table page: the shadow of guest table `gfn` at `level`, or
-    (`direct`) a table for part of a guest large page starting at `gfn`."""
-    __slots__ = ("key", "gfn", "level", "direct", "access", "hpa", "parents")
+    (`direct`) a table for part of a guest large page starting at `gfn`.
+    `nxe` is the guest's EFER.NXE its entries were read under (KVM's
+    role.nxe): with NXE clear a guest NX bit is reserved, so sptes built
+    under NXE=1 must not serve a guest that turned NXE off."""
+    __slots__ = ("key", "gfn", "level", "direct", "access", "nxe", "hpa", "parents")
 
     def __init__(self, key, hpa: int):
         self.key, self.hpa = key, hpa
-        self.gfn, self.level, self.direct, self.access = key
+        self.gfn, self.level, self.direct, self.access, self.nxe = key
         self.parents: dict[int, None] = {}      # sptes that point here
 
 
@@ -72,8 +75,9 @@ class ShadowCache:
         self.vcpus: list[ShadowMMU] = []
 
     # -- shadow pages --------------------------------------------------------
-    def get_page(self, c, gfn: int, level: int, direct: bool, access: int) -> ShadowPage:
-        key = (gfn, level, direct, access)
+    def get_page(self, c, gfn: int, level: int, direct: bool, access: int,
+                 nxe: bool) -> ShadowPage:
+        key = (gfn, level, direct, access, nxe)
         sp = self.pages.get(key)
         if sp is not None:
             return sp
@@ -225,7 +229,10 @@ class ShadowMMU(NativeMMU):
         self.hw = Walker(self.host, stats, self.host.size, dim="shadow")
         self.use_walk_cache(self.hw)
         self.root: ShadowPage | None = None
-        self.emulating: tuple[int, int] | None = None     # (virtual page, host frame)
+        # Pages the instruction being emulated may write: virtual page ->
+        # host frame. More than one when it writes across a page boundary
+        # onto two write-protected guest tables (emulate_write nests).
+        self.emulating: dict[int, int] = {}
         cache.vcpus.append(self)
 
     def load_state(self, cr0: int, cr3: int, cr4: int, efer: int) -> None:
@@ -237,7 +244,8 @@ class ShadowMMU(NativeMMU):
     def _root(self) -> ShadowPage:
         if self.root is None:
             self.cache.ensure_free(self.counters)
-            self.root = self.cache.get_page(self.counters, self.cr3 >> 12, 4, False, ACC_ALL)
+            self.root = self.cache.get_page(self.counters, self.cr3 >> 12, 4, False, ACC_ALL,
+                                            self._nxe)
         return self.root
 
     def hw_walk(self, vaddr: int, access: int, user: bool) -> Translation:
@@ -255,9 +263,10 @@ class ShadowMMU(NativeMMU):
         return tr.paddr(vaddr)      # shadow leaves only map guest frames
 
     def fill(self, vaddr: int, access: int, user: bool) -> tuple[int, int]:
-        em = self.emulating
-        if em is not None and access == WRITE and vaddr & ~(PAGE_SIZE - 1) == em[0]:
-            return em[1], PROT_R | PROT_W     # the one write being emulated
+        if access == WRITE and self.emulating:
+            hpa = self.emulating.get(vaddr & ~(PAGE_SIZE - 1))
+            if hpa is not None:
+                return hpa, PROT_R | PROT_W     # the one write being emulated
         return super().fill(vaddr, access, user)
 
     def intercepted_exception(self, ex) -> None:
@@ -278,18 +287,21 @@ class ShadowMMU(NativeMMU):
         for level, _addr, entry in path[:-1]:
             acc &= _acc(entry)
             gfn = (entry & ADDR_MASK) >> 12
-            child = cache.get_page(c, gfn, level - 1, False, acc)
+            child = cache.get_page(c, gfn, level - 1, False, acc, self._nxe)
             cache.flood.pop(gfn, None)          # used as a table: not flooded
             cache.link(sp, (vaddr >> level_shift(level)) & 0x1FF, child)
             sp = child
         leaf_level, _addr, leaf = path[-1]
         acc &= _acc(leaf)
-        # A guest large page is shadowed by direct pages down to 4 KiB.
-        gfn = ((leaf & ADDR_MASK) >> 12) + ((vaddr >> 12) & ((1 << 9 * (leaf_level - 1)) - 1))
+        # A guest large page is shadowed by direct pages down to 4 KiB. Its
+        # frame is the address bits above the page size: bit 12 of a large
+        # leaf is PAT, not an address bit (SDM Vol.3A §4.5.4, Tables 4-17/4-19).
+        frame = leaf & ADDR_MASK & ~((1 << level_shift(leaf_level)) - 1)
+        gfn = (frame >> 12) + ((vaddr >> 12) & ((1 << 9 * (leaf_level - 1)) - 1))
         for level in range(leaf_level, 1, -1):
             span = 1 << 9 * (level - 1)         # 4 KiB frames under one entry
             base = gfn & ~(span - 1)
-            child = cache.get_page(c, base, level - 1, True, acc)
+            child = cache.get_page(c, base, level - 1, True, acc, self._nxe)
             cache.link(sp, (vaddr >> level_shift(level)) & 0x1FF, child)
             sp = child
         hpa = cache.guest.hpa(gfn << 12)
@@ -313,11 +325,16 @@ class ShadowMMU(NativeMMU):
         Returns the instructions that ran."""
         hpa = self.cache.guest.hpa(em.gfn << 12)
         before = self.host.read(hpa, PAGE_SIZE)
-        self.emulating = (em.vaddr & ~(PAGE_SIZE - 1), hpa)
+        # A write that crosses into a second write-protected table faults
+        # there inside vcpu.run(1) and comes back here for that page: both
+        # pages stay writable for the one instruction (replacing the first
+        # recursed forever, each page's run faulting on the other).
+        page = em.vaddr & ~(PAGE_SIZE - 1)
+        self.emulating[page] = hpa
         try:
             ran = vcpu.run(1)
         finally:
-            self.emulating = None
+            del self.emulating[page]
             vcpu.engine.flush_tlb()
         self._table_written(em.gfn, before)
         return ran
