@@ -15,6 +15,9 @@ in tests/test_engine.py that pin each one):
   found once per process by `_counter_offset()`.
 - With Unicorn's own MMU a #PF's error code is only in CPUX86State.error_code.
 - Writing CS or SS does not change QEMU's CPL (hflags); `set_cpl` does.
+- uc_ctl can only flush Unicorn's whole TLB; QEMU's tlb_flush_page is
+  exported, and needs the CPUState that `uc_struct.cpu` points at, found
+  once per process by `_cpu_offset()`.
 """
 from __future__ import annotations
 
@@ -79,6 +82,63 @@ def _counter_offset() -> int:
 _COUNTER_OFFSET: int | None = None
 
 
+def _read_process(addr: int, length: int) -> bytes:
+    """Bytes of this process's memory, or b"" where nothing is mapped
+    (/proc/self/mem fails where a pointer dereference would crash)."""
+    try:
+        with open("/proc/self/mem", "rb", buffering=0) as f:
+            f.seek(addr)
+            return f.read(length)
+    except (OSError, ValueError, OverflowError):
+        return b""
+
+
+def _cpu_offset() -> int:
+    """Offset of `uc_struct.cpu` (QEMU's CPUState): the one pointer in
+    uc_struct to a structure that embeds the CPU state (found by register
+    values written for the purpose), points at it from near its start
+    (`env_ptr`) and back at the uc_struct (`uc`)."""
+    global _CPU_OFFSET
+    if _CPU_OFFSET is None:
+        uc = uc_mod.Uc(ucc.UC_ARCH_X86, ucc.UC_MODE_64)
+        values = [0x5EED_0000_0000_0000 + i * 0x1111 for i in range(4)]
+        for reg, value in zip((x86c.UC_X86_REG_RAX, x86c.UC_X86_REG_RCX, x86c.UC_X86_REG_RDX,
+                               x86c.UC_X86_REG_RBX), values):
+            uc.reg_write(reg, value)
+        pattern = struct.pack("<4Q", *values)
+        handle = ctypes.cast(uc._uch, ctypes.c_void_p).value
+        raw = ctypes.string_at(handle, _counter_offset())
+        found = []
+        for off in range(0, len(raw), 8):
+            (ptr,) = struct.unpack_from("<Q", raw, off)
+            if ptr & 7 or not 0x10000 < ptr < 1 << 47:
+                continue
+            data = _read_process(ptr, 0x40000)
+            env = data.find(pattern)
+            if env <= 0 or env % 8:
+                continue
+            words = struct.unpack_from(f"<{env // 8}Q", data)
+            if ptr + env in words[:0x200] and handle in words:
+                found.append(off)
+        if len(found) != 1:
+            raise HvError("this unicorn build is not supported: pin unicorn==2.1.4")
+        _CPU_OFFSET = found[0]
+    return _CPU_OFFSET
+
+
+_CPU_OFFSET: int | None = None
+_tlb_flush_page = _uclib.tlb_flush_page_x86_64
+_tlb_flush_page.argtypes = (ctypes.c_void_p, ctypes.c_uint64)
+_tlb_flush_page.restype = None
+_uc_reg_read = _uclib.uc_reg_read
+_uc_reg_write = _uclib.uc_reg_write
+# Registers read and written as one 64-bit value through a direct call
+# (the binding's reg_read costs several times more).
+_WIDE = frozenset(getattr(x86c, f"UC_X86_REG_{n.upper()}") for n in (
+    "rax rbx rcx rdx rsi rdi rbp rsp r8 r9 r10 r11 r12 r13 r14 r15 rip rflags "
+    "cr0 cr2 cr3 cr4 fs_base gs_base").split())
+
+
 class Engine:
     """One vCPU on Unicorn.
 
@@ -107,13 +167,27 @@ class Engine:
         self._cs = ctypes.c_uint64()
         self._cs_ref = ctypes.byref(self._cs)
         self._handle = uc._uch
+        self._value = ctypes.c_uint64()
+        self._value_ref = ctypes.byref(self._value)
+        self._cpu = ctypes.c_void_p.from_address(
+            ctypes.cast(uc._uch, ctypes.c_void_p).value + _cpu_offset()).value
 
     # -- registers -----------------------------------------------------------
     def reg(self, name: str) -> int:
-        return self.uc.reg_read(_REGS[name])
+        reg = _REGS[name]
+        if reg in _WIDE:
+            _uc_reg_read(self._handle, reg, self._value_ref)
+            return self._value.value
+        return self.uc.reg_read(reg)
 
     def set_reg(self, name: str, value: int) -> None:
-        self.uc.reg_write(_REGS[name], value)
+        reg = _REGS[name]
+        if reg in _WIDE:
+            self._value.value = value & 0xFFFF_FFFF_FFFF_FFFF
+            if _uc_reg_write(self._handle, reg, self._value_ref):
+                raise EngineError(f"cannot write {name}")
+            return
+        self.uc.reg_write(reg, value)
 
     def msr(self, index: int) -> int:
         return self.uc.reg_read(x86c.UC_X86_REG_MSR, index)
@@ -228,6 +302,11 @@ class Engine:
     def flush_tlb(self) -> None:
         """Drop every translation in Unicorn's TLB (legal inside the fill callback)."""
         self.uc.ctl(ucc.UC_CTL_TLB_FLUSH, ucc.UC_CTL_IO_WRITE)
+
+    def flush_page(self, vaddr: int) -> None:
+        """Drop Unicorn's translation of the 4 KiB page of `vaddr`, in every
+        MMU index (legal inside the fill callback: Unicorn's fills are 4 KiB)."""
+        _tlb_flush_page(self._cpu, vaddr)
 
     # -- unicorn#1883 and QEMU's exception state ------------------------------
     def _context(self) -> tuple[object, int]:

@@ -51,6 +51,7 @@ class VCpu:
         self.mmu = vm.make_mmu(self)
         self.halted = False
         self._pending: tuple[Fault, int] | None = None   # a fill's fault and its access
+        self._pending_page = 0                    # ... and the page it was filling
         self._stop = False                        # a handler asked the slice to end
         self._faulted = False                     # QEMU raised an exception this slice
         self._tlb_generation = -1
@@ -73,11 +74,13 @@ class VCpu:
             paddr, perms = self.mmu.fill(vaddr, access, user)
         except Fault as fault:
             self._pending = (fault, access)
+            self._pending_page = vaddr
             if isinstance(fault, PageFault) and access != FETCH:
                 return FAULT_WINDOW, 7
             return None
         except EmulateWrite as em:
             self._pending = (em, access)
+            self._pending_page = vaddr
             return None
         frame = paddr
         if access == FETCH:
@@ -212,7 +215,12 @@ class VCpu:
         """Keep the invariant: Unicorn's TLB holds nothing the model dropped."""
         tlb = self.mmu.tlb
         if tlb is not None and tlb.generation != self._tlb_generation:
-            self.engine.flush_tlb()
+            pages = tlb.dropped_since(self._tlb_generation, self.mmu.asid)
+            if pages is None:
+                self.engine.flush_tlb()
+            else:
+                for page in pages:
+                    self.engine.flush_page(page)
             self._tlb_generation = tlb.generation
 
     def request_stop(self) -> None:
@@ -245,7 +253,7 @@ class VCpu:
         self.stats.counters["insns"] += ran
         if self._pending is not None:
             (event, access), self._pending = self._pending, None
-            e.flush_tlb()       # Unicorn may have cached the FAULT_WINDOW mapping
+            e.flush_page(self._pending_page)    # it may hold the FAULT_WINDOW mapping
             if isinstance(event, EmulateWrite):
                 ran += self.mmu.emulate_write(self, event)
             else:

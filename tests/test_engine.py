@@ -139,3 +139,28 @@ def test_writing_cs_and_ss_does_not_change_the_cpl_but_set_cpl_does():
     e.set_cpl(0)
     e.run(BASE, 10)
     assert seen == [13] and e.reg("rip") == BASE + 4
+
+
+def test_flush_page_drops_one_translation_only():
+    """Engine.flush_page (QEMU's tlb_flush_page through uc_struct.cpu):
+    the flushed page is filled again, the others are not."""
+    e = engine("mov rax, qword ptr [0x5000]\nmov rax, qword ptr [0x6000]\nhlt", python_mmu=True)
+    fills = []
+    e.on_fill(lambda vaddr, access: (fills.append(vaddr & ~0xFFF), (vaddr & ~0xFFF, 7))[1])
+    e.run(BASE, 100)
+    assert sorted(set(fills)) == [BASE, 0x5000, 0x6000]
+    fills.clear()
+    e.flush_page(0x5000)
+    e.run(BASE, 100)
+    assert fills == [0x5000]
+    fills.clear()
+    e.flush_tlb()
+    e.run(BASE, 100)
+    assert sorted(fills) == [BASE, 0x5000, 0x6000]
+
+
+def test_direct_register_access_matches_the_binding():
+    e = engine("nop")
+    for name, value in (("rax", 2**64 - 1), ("r15", 0x1234), ("rip", BASE + 1), ("cr2", 0xDEAD000)):
+        e.set_reg(name, value)
+        assert e.reg(name) == e.uc.reg_read(__import__("hv.engine").engine._REGS[name]) == value

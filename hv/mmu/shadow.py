@@ -335,7 +335,7 @@ class ShadowMMU(NativeMMU):
             ran = vcpu.run(1)
         finally:
             del self.emulating[page]
-            vcpu.engine.flush_tlb()
+            vcpu.engine.flush_page(page)    # its one writable mapping
         self._table_written(em.gfn, before)
         return ran
 

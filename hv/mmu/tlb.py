@@ -18,8 +18,10 @@ every miss reaches the model (Unicorn never holds what the model does not),
 so misses, walks and evictions are the same on every host and every run.
 
 Invariant: Unicorn's TLB never holds a translation the model does not. Every
-operation that drops entries bumps `generation`; an engine whose last-seen
-generation differs flushes Unicorn's TLB before it runs again.
+operation that drops entries bumps `generation` and logs the entry; an
+engine whose last-seen generation differs drops from Unicorn's TLB the 4 KiB
+pages of its ASID logged since (`dropped_since`), or everything if those
+are too many, include a large page, or are no longer in the log.
 """
 from __future__ import annotations
 
@@ -28,6 +30,8 @@ from collections import OrderedDict
 from .walker import Translation
 
 SHIFTS = (12, 21, 30)
+LOG = 64            # dropped entries remembered for per-page flushes
+FLUSH_PAGES = 16    # beyond this many dropped pages one full flush is cheaper
 
 
 class TLB:
@@ -41,6 +45,8 @@ class TLB:
         self._where: dict[tuple[int, int, int], OrderedDict] = {}
         self._by_shift = {s: 0 for s in SHIFTS}   # entries held per page size
         self.generation = 0
+        self._log: list[tuple[int, int, int]] = []    # keys dropped, the last LOG
+        self._log_start = 0                            # the generation of _log[0]
         self.walk_cache = None      # a pwc.WalkCache, invalidated with the TLB
 
     def __len__(self):
@@ -91,6 +97,24 @@ class TLB:
         del self._where.pop(key)[key]
         self._by_shift[key[1]] -= 1
         self.generation += 1
+        log = self._log
+        log.append(key)
+        if len(log) > 2 * LOG:
+            del log[:LOG]
+            self._log_start += LOG
+
+    def dropped_since(self, generation: int, asid: int) -> list[int] | None:
+        """The 4 KiB pages of `asid` dropped since `generation`, or None
+        when only a full flush is safe (or cheaper)."""
+        if generation < self._log_start or self.generation - generation > 4 * FLUSH_PAGES:
+            return None
+        pages = []
+        for a, shift, vpn in self._log[generation - self._log_start:]:
+            if a == asid:
+                if shift != 12 or len(pages) == FLUSH_PAGES:
+                    return None
+                pages.append(vpn << 12)
+        return pages
 
     def _drop_where(self, pred) -> int:
         doomed = [k for k, s in self._where.items() if pred(k, s[k])]
