@@ -11,11 +11,21 @@ from __future__ import annotations
 
 from ..arch import ept
 from ..arch.ept import EptQual
-from ..arch.paging import (A, ADDR_MASK, D, G, NX, P, PS, RW, US, PFErr, Level, is_canonical,
-                           level_shift, reserved_mask)
+from ..arch.paging import (A, ADDR_MASK, D, G, NX, P, PS, RSVD_HIGH, RW, US, PFErr, Level,
+                           is_canonical, level_shift, reserved_mask)
 from ..errors import HvError
 
 READ, WRITE, FETCH = 0, 1, 2        # access kinds, as Unicorn numbers them minus 16
+_SHIFT = (0,) + tuple(level_shift(level) for level in (1, 2, 3, 4))
+_PF_P, _PF_W, _PF_U, _PF_RSVD, _PF_I = (int(PFErr.P), int(PFErr.W), int(PFErr.U),
+                                        int(PFErr.RSVD), int(PFErr.I))
+# reserved_mask by level (index 0 unused) without the low address bits of a
+# large leaf, which _LARGE_LOW adds when PS is set at levels 2 and 3.
+_RSVD_NXE = (0,) + tuple(reserved_mask(level, 0, True) for level in (1, 2, 3, 4))
+_RSVD_NO_NXE = (0,) + tuple(reserved_mask(level, 0, False) for level in (1, 2, 3, 4))
+_LARGE_LOW = tuple(reserved_mask(level, PS, True) & ~_RSVD_NXE[level] if level in (2, 3) else 0
+                   for level in range(5))
+_EPT_SUSPECT = RSVD_HIGH | ept.MT_MASK | ept.LARGE
 ACCESS_NAMES = ("read", "write", "fetch")
 
 
@@ -118,14 +128,16 @@ class Walker:
         prefix = "tlb." if hardware else f"vmm.{dim}_"
         self._walks, self._refs, self._ad = (f"{prefix}walks", f"{prefix}walk_refs",
                                              f"{prefix}ad_writes")
+        self._tag_keys = [(dim, level) for level in range(5)]
+        self._read_u64 = mem.read_u64
 
     def read_entry(self, addr: int, level: int) -> int:
         """Read one paging-structure entry at host address `addr`: the
         single counting point of every walk."""
         self._counters[self._refs] += 1
         if self._tags is not None:
-            self._tags[(self.dim, level)] += 1
-        return self.mem.read_u64(addr)
+            self._tags[self._tag_keys[level]] += 1
+        return self._read_u64(addr)
 
     def _locate(self, table_addr: int, level: int) -> int:
         """The host address of a paging-structure entry."""
@@ -152,15 +164,19 @@ class Walker:
         entry) for every entry read, the leaf last. A nested walk returns the
         host-physical translation, at the smaller of the two page sizes.
         """
-        if not is_canonical(vaddr):
+        top = vaddr >> 47
+        if top and top != 0x1FFFF:
             raise NonCanonical(vaddr)
         counters = self._counters
         counters[self._walks] += 1
         refs_before = counters[self._refs]
+        # Plain ints in the hot path (IntFlag arithmetic costs microseconds).
+        err = (_PF_W if access == WRITE else 0) | (_PF_U if user else 0)
+        if access == FETCH and nxe:
+            err |= _PF_I
+        rsvd = _RSVD_NXE if nxe else _RSVD_NO_NXE
+        read_entry, locate = self.read_entry, self._locate
         try:
-            err = (PFErr.W if access == WRITE else 0) | (PFErr.U if user else 0)
-            if access == FETCH and nxe:
-                err |= PFErr.I
             table = cr3 & ADDR_MASK
             writable = usable = True
             nx = False
@@ -173,22 +189,28 @@ class Walker:
                     level, table, writable, usable, nx = hit
                     level -= 1
             while True:
-                entry_addr = self._locate(table + ((vaddr >> level_shift(level)) & 0x1FF) * 8, level)
-                entry = self.read_entry(entry_addr, level)
+                entry_addr = locate(table + ((vaddr >> _SHIFT[level]) & 0x1FF) * 8, level)
+                entry = read_entry(entry_addr, level)
                 if not entry & P:
                     raise PageFault(vaddr, err)
-                if entry & reserved_mask(level, entry, nxe):
-                    raise PageFault(vaddr, err | PFErr.P | PFErr.RSVD)
-                writable &= bool(entry & RW)
-                usable &= bool(entry & US)
-                nx |= bool(entry & NX) and nxe
+                # reserved_mask(level, entry, nxe), inline.
+                if entry & rsvd[level] or (entry & PS and (level == 2 or level == 3)
+                                           and entry & _LARGE_LOW[level]):
+                    raise PageFault(vaddr, err | _PF_P | _PF_RSVD)
+                if not entry & RW:
+                    writable = False
+                if not entry & US:
+                    usable = False
+                if nxe and entry & NX:
+                    nx = True
                 if level == 3 and entry & PS:
                     # QEMU sets A in a PDPTE before it looks at PS, so a
                     # 1 GiB leaf is accessed even if the access then faults.
                     entry = self._set_bits(entry_addr, entry, A)
                 if level == 1 or entry & PS:
                     break
-                entry = self._set_bits(entry_addr, entry, A)
+                if not entry & A:
+                    entry = self._set_bits(entry_addr, entry, A)
                 if path is not None:
                     path.append((level, entry_addr, entry))
                 table = entry & ADDR_MASK
@@ -199,18 +221,21 @@ class Walker:
             denied = (user and not usable) or (access == FETCH and nx) or (
                 access == WRITE and not writable and (user or wp))
             if denied:
-                raise PageFault(vaddr, err | PFErr.P)
-            shift = level_shift(level)
+                raise PageFault(vaddr, err | _PF_P)
+            shift = _SHIFT[level]
             entry = self._set_bits(entry_addr, entry, A | (D if access == WRITE else 0))
             if path is not None:
                 path.append((level, entry_addr, entry))
             # A large page may reach past the end of RAM; the MMU checks each
             # frame it hands out (see NativeMMU.host_frame).
-            paddr = (entry & ADDR_MASK & ~((1 << shift) - 1)) | (vaddr & ((1 << shift) - 1))
+            low = (1 << shift) - 1
+            paddr = (entry & ADDR_MASK & ~low) | (vaddr & low)
             if self.nested is not None:
                 paddr, ept_shift = self.nested(paddr, access, True)
-                shift = min(shift, ept_shift)
-            return Translation(vaddr & ~((1 << shift) - 1), paddr & ~((1 << shift) - 1), shift,
+                if ept_shift < shift:
+                    shift = ept_shift
+                    low = (1 << shift) - 1
+            return Translation(vaddr & ~low, paddr & ~low, shift,
                                writable, usable, nx, bool(entry & G), bool(entry & D))
         finally:
             if self._hist is not None:
@@ -225,20 +250,24 @@ class Walker:
         table = eptp & ADDR_MASK
         rights = ept.RWX
         level = 4
+        read_entry = self.read_entry
         while True:
-            entry_addr = table + ((gpa >> level_shift(level)) & 0x1FF) * 8
+            entry_addr = table + ((gpa >> _SHIFT[level]) & 0x1FF) * 8
             if entry_addr + 8 > self.limit:
                 raise GuestEscape(f"EPT table at {entry_addr:#x} is outside host memory")
-            entry = self.read_entry(entry_addr, level)
+            entry = read_entry(entry_addr, level)
             if not entry & ept.RWX:
                 rights = 0
                 break
-            if ept.misconfigured(level, entry):
+            # Only entries with one of these bits, or W without R, can be
+            # misconfigured (ept.misconfigured has the rules).
+            if (entry & _EPT_SUSPECT or entry & 3 == 2) and ept.misconfigured(level, entry):
                 raise EptMisconfig(gpa, level, entry)
             rights &= entry
             if level == 1 or entry & ept.LARGE:
                 break
-            self._set_bits(entry_addr, entry, ept.EA)
+            if not entry & ept.EA:
+                self._set_bits(entry_addr, entry, ept.EA)
             table = entry & ADDR_MASK
             level -= 1
         if not rights & need:
@@ -247,7 +276,7 @@ class Walker:
                     | (EptQual.GLA_TRANSLATION if final else 0))
             raise EptViolation(gpa, qual)
         self._set_bits(entry_addr, entry, ept.EA | (ept.ED if access == WRITE else 0))
-        shift = level_shift(level)
+        shift = _SHIFT[level]
         return (entry & ADDR_MASK & ~((1 << shift) - 1)) | (gpa & ((1 << shift) - 1)), shift
 
     def peek(self, cr3: int, vaddr: int, nxe: bool) -> int | None:
