@@ -17,7 +17,11 @@ in tests/test_engine.py that pin each one):
 - Writing CS or SS does not change QEMU's CPL (hflags); `set_cpl` does.
 - uc_ctl can only flush Unicorn's whole TLB; QEMU's tlb_flush_page is
   exported, and needs the CPUState that `uc_struct.cpu` points at, found
-  once per process by `_cpu_offset()`.
+  once per process by `_cpu_layout()`, with the CPUX86State (`env`) in it.
+- The binding's reg_read, context save/restore and hook wrappers cost
+  microseconds; QEMU keeps the registers, hflags (CPL) and its exception
+  state in `env`, so the engine reads those fields in place and takes the
+  TLB fill straight from Unicorn through its own ctypes callback.
 """
 from __future__ import annotations
 
@@ -31,12 +35,16 @@ from unicorn import x86_const as x86c
 
 from .errors import HvError
 
-# Offsets in a saved context (a CPUX86State copy) for unicorn 2.1.4.
+# Offsets in CPUX86State (`env`) for unicorn 2.1.4 (qemu/target/i386/cpu.h);
+# a saved context is a copy of env after a 40-byte header.
 _CTX_SIZE = 5608
-_CTX_HFLAGS = 216               # HF_CPL_MASK: bits 1:0
-_CTX_SS_FLAGS = 292             # segs[R_SS].flags: DPL in bits 14:13
-_CTX_ERROR_CODE = 5424
-_CTX_OLD_EXCEPTION = 5536
+_ENV_RIP = 128                  # after regs[16]
+_ENV_HFLAGS = 176               # HF_CPL_MASK: bits 1:0
+_ENV_SS_FLAGS = 252             # segs[R_SS].flags: DPL in bits 14:13
+_ENV_ERROR_CODE = 5384
+_ENV_OLD_EXCEPTION = 5496
+# General registers in env.regs order (QEMU's R_EAX..R_R15).
+_GPRS = "rax rcx rdx rbx rsp rbp rsi rdi r8 r9 r10 r11 r12 r13 r14 r15".split()
 
 
 _REGS = {name: getattr(x86c, f"UC_X86_REG_{name.upper()}") for name in (
@@ -93,13 +101,14 @@ def _read_process(addr: int, length: int) -> bytes:
         return b""
 
 
-def _cpu_offset() -> int:
-    """Offset of `uc_struct.cpu` (QEMU's CPUState): the one pointer in
+def _cpu_layout() -> tuple[int, int]:
+    """(offset of `uc_struct.cpu` (QEMU's CPUState), offset of its
+    CPUX86State `env` from the CPUState): cpu is the one pointer in
     uc_struct to a structure that embeds the CPU state (found by register
     values written for the purpose), points at it from near its start
     (`env_ptr`) and back at the uc_struct (`uc`)."""
-    global _CPU_OFFSET
-    if _CPU_OFFSET is None:
+    global _CPU_LAYOUT
+    if _CPU_LAYOUT is None:
         uc = uc_mod.Uc(ucc.UC_ARCH_X86, ucc.UC_MODE_64)
         values = [0x5EED_0000_0000_0000 + i * 0x1111 for i in range(4)]
         for reg, value in zip((x86c.UC_X86_REG_RAX, x86c.UC_X86_REG_RCX, x86c.UC_X86_REG_RDX,
@@ -119,18 +128,27 @@ def _cpu_offset() -> int:
                 continue
             words = struct.unpack_from(f"<{env // 8}Q", data)
             if ptr + env in words[:0x200] and handle in words:
-                found.append(off)
+                found.append((off, env))
         if len(found) != 1:
             raise HvError("this unicorn build is not supported: pin unicorn==2.1.4")
-        _CPU_OFFSET = found[0]
-    return _CPU_OFFSET
+        _CPU_LAYOUT = found[0]
+    return _CPU_LAYOUT
 
 
-_CPU_OFFSET: int | None = None
+_CPU_LAYOUT: tuple[int, int] | None = None
 _tlb_flush_page = _uclib.tlb_flush_page_x86_64
 _tlb_flush_page.argtypes = (ctypes.c_void_p, ctypes.c_uint64)
 _tlb_flush_page.restype = None
 _uc_reg_read = _uclib.uc_reg_read
+
+
+class _TlbEntry(ctypes.Structure):
+    _fields_ = (("paddr", ctypes.c_uint64), ("perms", ctypes.c_uint32))
+
+
+# cb(uc, vaddr, access, entry, user_data) -> bool (unicorn.h, uc_cb_tlbevent_t)
+_FILL_CB = ctypes.CFUNCTYPE(ctypes.c_bool, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_int,
+                            ctypes.POINTER(_TlbEntry), ctypes.c_void_p)
 _uc_reg_write = _uclib.uc_reg_write
 # Registers read and written as one 64-bit value through a direct call
 # (the binding's reg_read costs several times more).
@@ -162,18 +180,30 @@ class Engine:
         self._arranged = False      # the last unmapped access was one the VMM arranged
         self._stopped_at: int | None = None     # the counter when a hook asked to stop
         self._hooks = []                           # keep ctypes callbacks alive
-        # CPL is read on every TLB fill: a direct call costs a quarter of
-        # the binding's reg_read.
-        self._cs = ctypes.c_uint64()
-        self._cs_ref = ctypes.byref(self._cs)
         self._handle = uc._uch
         self._value = ctypes.c_uint64()
         self._value_ref = ctypes.byref(self._value)
+        cpu_offset, env_offset = _cpu_layout()
         self._cpu = ctypes.c_void_p.from_address(
-            ctypes.cast(uc._uch, ctypes.c_void_p).value + _cpu_offset()).value
+            ctypes.cast(uc._uch, ctypes.c_void_p).value + cpu_offset).value
+        env = self._cpu + env_offset
+        # Live views of QEMU's state: reading one costs a tenth of a reg_read.
+        self._fast = {name: ctypes.c_uint64.from_address(env + 8 * i)
+                      for i, name in enumerate(_GPRS)}
+        self._fast["rip"] = ctypes.c_uint64.from_address(env + _ENV_RIP)
+        self._hflags = ctypes.c_uint32.from_address(env + _ENV_HFLAGS)
+        self._ss_flags = ctypes.c_uint32.from_address(env + _ENV_SS_FLAGS)
+        self._error_code = ctypes.c_int32.from_address(env + _ENV_ERROR_CODE)
+        self._old_exception = ctypes.c_int32.from_address(env + _ENV_OLD_EXCEPTION)
+        if uc.context_save().size != _CTX_SIZE:
+            raise HvError("this unicorn build is not supported (CPU state layout): "
+                          "pin unicorn==2.1.4")
 
     # -- registers -----------------------------------------------------------
     def reg(self, name: str) -> int:
+        fast = self._fast.get(name)
+        if fast is not None:
+            return fast.value
         reg = _REGS[name]
         if reg in _WIDE:
             _uc_reg_read(self._handle, reg, self._value_ref)
@@ -212,8 +242,7 @@ class Engine:
         self.uc.reg_write(x86c.UC_X86_REG_GDTR, (0, base, limit, 0))
 
     def cpl(self) -> int:
-        _uclib.uc_reg_read(self._handle, x86c.UC_X86_REG_CS, self._cs_ref)
-        return self._cs.value & 3
+        return self._hflags.value & 3
 
     # -- hooks (each callback's exceptions are kept, then re-raised by run) --
     def _guard(self, fn: Callable, failed=None) -> Callable:
@@ -232,14 +261,31 @@ class Engine:
         return self.uc.hook_add(kind, fn, None, *args)
 
     def on_fill(self, fill: Callable[[int, int], tuple[int, int] | None]) -> None:
-        """fill(vaddr, access 0/1/2 = read/write/fetch) -> (paddr, perms) or None (fault)."""
-        def cb(uc, vaddr, access, entry, _data):
-            result = fill(vaddr, access - UC_MEM_READ)
+        """fill(vaddr, access 0/1/2 = read/write/fetch) -> (paddr, perms) or None (fault).
+
+        Registered without the binding's wrappers: this runs on every miss of
+        Unicorn's TLB, and each layer costs a fraction of a microsecond."""
+        def cb(_handle, vaddr, access, entry, _data):
+            try:
+                result = fill(vaddr, access - UC_MEM_READ)
+            except BaseException as e:    # noqa: BLE001 - re-raised by run()
+                if self.error is None:
+                    self.error = e
+                self.stop()
+                return False
             if result is None:
                 return False
-            entry.paddr, entry.perms = result
+            e = entry[0]
+            e.paddr, e.perms = result
             return True
-        self._add(ucc.UC_HOOK_TLB_FILL, self._guard(cb, False))
+        fn = _FILL_CB(cb)
+        self._hooks.append(fn)
+        handle = ctypes.c_size_t()
+        err = _uclib.uc_hook_add(self._handle, ctypes.byref(handle), ucc.UC_HOOK_TLB_FILL,
+                                 ctypes.cast(fn, ctypes.c_void_p), None, ctypes.c_uint64(1),
+                                 ctypes.c_uint64(0))
+        if err:
+            raise EngineError(f"cannot hook the TLB fill: {uc_mod.UcError(err)}")
 
     def on_out(self, out: Callable[[int, int, int], None]) -> None:
         self._add(ucc.UC_HOOK_INSN, self._guard(lambda uc, port, size, value, _d: out(port, size, value)),
@@ -309,30 +355,16 @@ class Engine:
         _tlb_flush_page(self._cpu, vaddr)
 
     # -- unicorn#1883 and QEMU's exception state ------------------------------
-    def _context(self) -> tuple[object, int]:
-        ctx = self.uc.context_save()
-        if ctx.size != _CTX_SIZE:
-            raise HvError(f"this unicorn build is not supported (context size {ctx.size}): "
-                          "pin unicorn==2.1.4")
-        return ctx, ctypes.cast(ctx.context, ctypes.c_void_p).value
-
     def clear_exception(self) -> None:
         """Forget the exception QEMU thinks is in flight (unicorn#1883)."""
-        ctx, addr = self._context()
-        ctypes.c_int32.from_address(addr + _CTX_OLD_EXCEPTION).value = -1
-        self.uc.context_restore(ctx)
+        self._old_exception.value = -1
 
     def set_cpl(self, cpl: int) -> None:
         """Make `cpl` the current privilege level. QEMU keeps CPL in hflags
         (from SS's DPL), which writing CS or SS with reg_write leaves alone."""
-        ctx, addr = self._context()
-        hflags = ctypes.c_uint32.from_address(addr + _CTX_HFLAGS)
-        hflags.value = (hflags.value & ~3) | cpl
-        ss_flags = ctypes.c_uint32.from_address(addr + _CTX_SS_FLAGS)
-        ss_flags.value = (ss_flags.value & ~(3 << 13)) | (cpl << 13)
-        self.uc.context_restore(ctx)
+        self._hflags.value = (self._hflags.value & ~3) | cpl
+        self._ss_flags.value = (self._ss_flags.value & ~(3 << 13)) | (cpl << 13)
 
     def pending_error_code(self) -> int:
         """The error code QEMU computed for the exception it just raised."""
-        _ctx, addr = self._context()
-        return ctypes.c_int32.from_address(addr + _CTX_ERROR_CODE).value & 0xFFFF_FFFF
+        return self._error_code.value & 0xFFFF_FFFF

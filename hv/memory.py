@@ -28,6 +28,8 @@ class PhysMem:
         self.size = size
         self._mm = mmap.mmap(-1, size)
         self._q = memoryview(self._mm).cast("Q")
+        # word(addr >> 3): the aligned 8-byte word at addr (the walker's read).
+        self.word = self._q.__getitem__
         self.host_addr = ctypes.addressof(ctypes.c_char.from_buffer(self._mm))
 
     def contains(self, addr: int, length: int = 1) -> bool:
@@ -69,6 +71,7 @@ class GuestMemory:
     def __init__(self, host: PhysMem, ram: int, chunks: list[int]):
         self.host, self.ram, self.chunks = host, ram, chunks
         self._q = host._q
+        self._chunk_words = [c >> 3 for c in chunks]
 
     @classmethod
     def identity(cls, ram: int) -> "GuestMemory":
@@ -106,6 +109,10 @@ class GuestMemory:
     def read_u64(self, gpa: int) -> int:
         """An aligned read; the caller has checked gpa < ram (the walker does)."""
         return self._q[(self.chunks[gpa >> 21] | (gpa & (CHUNK - 1))) >> 3]
+
+    def word(self, index: int) -> int:
+        """The aligned word at guest-physical index * 8 (below ram)."""
+        return self._q[self._chunk_words[index >> 18] | (index & 0x3FFFF)]
 
     def write_u64(self, gpa: int, value: int) -> None:
         self._q[(self.chunks[gpa >> 21] | (gpa & (CHUNK - 1))) >> 3] = value

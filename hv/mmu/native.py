@@ -151,7 +151,7 @@ class _ReadOnly:
     """Guest memory seen by the peeking walker: A/D updates are dropped."""
 
     def __init__(self, mem):
-        self.read_u64 = mem.read_u64
+        self.read_u64, self.word = mem.read_u64, mem.word
 
     def write_u64(self, addr: int, value: int) -> None:
         pass

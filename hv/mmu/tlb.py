@@ -25,13 +25,18 @@ are too many, include a large page, or are no longer in the log.
 """
 from __future__ import annotations
 
-from collections import OrderedDict
-
 from .walker import Translation
 
 SHIFTS = (12, 21, 30)
 LOG = 64            # dropped entries remembered for per-page flushes
 FLUSH_PAGES = 16    # beyond this many dropped pages one full flush is cheaper
+ASID_BITS = 16
+
+
+def _key(asid: int, shift: int, vpn: int) -> int:
+    """An entry's tag as one int (hashing a tuple costs three times more):
+    the page number, its size, the ASID."""
+    return (vpn << 2 | SHIFTS.index(shift)) << ASID_BITS | asid
 
 
 class TLB:
@@ -40,62 +45,68 @@ class TLB:
             raise ValueError(f"TLB of {entries} entries cannot have {ways} ways")
         self.entries, self.ways = entries, ways
         self.nsets = entries // ways
-        # One insertion-ordered (FIFO) dict per set: (asid, shift, vpn) -> Translation.
-        self._sets = [OrderedDict() for _ in range(self.nsets)]
-        self._where: dict[tuple[int, int, int], OrderedDict] = {}
-        self._by_shift = {s: 0 for s in SHIFTS}   # entries held per page size
+        # Each set is a list of keys, oldest first (FIFO); _map holds the entries.
+        self._sets: list[list[int]] = [[] for _ in range(self.nsets)]
+        self._map: dict[int, Translation] = {}
+        self._by_size = [0, 0, 0]       # entries held per page size (SHIFTS order)
         self.generation = 0
-        self._log: list[tuple[int, int, int]] = []    # keys dropped, the last LOG
-        self._log_start = 0                            # the generation of _log[0]
+        self._log: list[int] = []       # keys dropped, the last LOG or more
+        self._log_start = 0             # the generation of _log[0]
         self.walk_cache = None      # a pwc.WalkCache, invalidated with the TLB
 
     def __len__(self):
-        return len(self._where)
+        return len(self._map)
 
-    def held(self, asid: int):
+    def held(self, asid: int) -> list[Translation]:
         """The translations held for `asid`."""
-        return [s[k] for k, s in self._where.items() if k[0] == asid]
-
-    def _set_of(self, shift: int, vpn: int) -> OrderedDict:
-        return self._sets[(vpn ^ (shift << 4)) % self.nsets]
+        mask = (1 << ASID_BITS) - 1
+        return [tr for k, tr in self._map.items() if k & mask == asid]
 
     def lookup(self, asid: int, vaddr: int) -> Translation | None:
-        for shift in SHIFTS:
-            if self._by_shift[shift]:
-                key = (asid, shift, vaddr >> shift)
-                s = self._where.get(key)
-                if s is not None:
-                    return s[key]
+        m, by_size = self._map, self._by_size
+        if by_size[0]:
+            tr = m.get((vaddr >> 12 << 2) << ASID_BITS | asid)
+            if tr is not None:
+                return tr
+        if by_size[1]:
+            tr = m.get((vaddr >> 21 << 2 | 1) << ASID_BITS | asid)
+            if tr is not None:
+                return tr
+        if by_size[2]:
+            return m.get((vaddr >> 30 << 2 | 2) << ASID_BITS | asid)
         return None
 
     def insert(self, asid: int, tr: Translation) -> bool:
         """Cache `tr`; True if that evicted another entry."""
-        key = (asid, tr.shift, tr.vbase >> tr.shift)
-        s = self._set_of(tr.shift, key[2])
-        evicted = False
-        old = s.get(key)
+        shift = tr.shift
+        vpn = tr.vbase >> shift
+        key = _key(asid, shift, vpn)
+        old = self._map.get(key)
         if old is not None:
             # A re-walk of a cached page (e.g. its first write, to set D).
             # Unicorn may keep the old entry's other 4 KiB pieces: that is
             # harmless only if the new translation maps the same frame with
             # no fewer rights.
-            same = (old.pbase == tr.pbase and old.nx == tr.nx and old.user == tr.user
-                    and old.writable <= tr.writable)
-            if same:
-                s[key] = tr         # keeps its place in the FIFO
+            if (old.pbase == tr.pbase and old.nx == tr.nx and old.user == tr.user
+                    and old.writable <= tr.writable):
+                self._map[key] = tr         # keeps its place in the FIFO
                 return False
             self._drop(key)
-        elif len(s) >= self.ways:
-            self._drop(next(iter(s)))
-            evicted = True
-        s[key] = tr
-        self._where[key] = s
-        self._by_shift[tr.shift] += 1
+            evicted = False
+        else:
+            s = self._sets[(vpn ^ (shift << 4)) % self.nsets]
+            evicted = len(s) >= self.ways
+            if evicted:
+                self._drop(s[0])
+        self._sets[(vpn ^ (shift << 4)) % self.nsets].append(key)
+        self._map[key] = tr
+        self._by_size[key >> ASID_BITS & 3] += 1
         return evicted
 
-    def _drop(self, key) -> None:
-        del self._where.pop(key)[key]
-        self._by_shift[key[1]] -= 1
+    def _drop(self, key: int) -> None:
+        tr = self._map.pop(key)
+        self._sets[((key >> (ASID_BITS + 2)) ^ (tr.shift << 4)) % self.nsets].remove(key)
+        self._by_size[key >> ASID_BITS & 3] -= 1
         self.generation += 1
         log = self._log
         log.append(key)
@@ -109,15 +120,16 @@ class TLB:
         if generation < self._log_start or self.generation - generation > 4 * FLUSH_PAGES:
             return None
         pages = []
-        for a, shift, vpn in self._log[generation - self._log_start:]:
-            if a == asid:
-                if shift != 12 or len(pages) == FLUSH_PAGES:
+        mask = (1 << ASID_BITS) - 1
+        for key in self._log[generation - self._log_start:]:
+            if key & mask == asid:
+                if key >> ASID_BITS & 3 or len(pages) == FLUSH_PAGES:
                     return None
-                pages.append(vpn << 12)
+                pages.append(key >> (ASID_BITS + 2) << 12)
         return pages
 
     def _drop_where(self, pred) -> int:
-        doomed = [k for k, s in self._where.items() if pred(k, s[k])]
+        doomed = [k for k, tr in self._map.items() if pred(k, tr)]
         for k in doomed:
             self._drop(k)
         return len(doomed)
@@ -132,12 +144,14 @@ class TLB:
     def flush_asid(self, asid: int) -> int:
         """Every entry of one ASID, global ones too (INVVPID single-context, CR4.PGE toggle)."""
         self._flush_walk_cache(asid)
-        return self._drop_where(lambda k, tr: k[0] == asid)
+        mask = (1 << ASID_BITS) - 1
+        return self._drop_where(lambda k, tr: k & mask == asid)
 
     def flush_nonglobal(self, asid: int) -> int:
         """Non-global entries of one ASID (MOV to CR3)."""
         self._flush_walk_cache(asid)
-        return self._drop_where(lambda k, tr: k[0] == asid and not tr.global_)
+        mask = (1 << ASID_BITS) - 1
+        return self._drop_where(lambda k, tr: k & mask == asid and not tr.global_)
 
     def _flush_walk_cache(self, asid: int) -> None:
         if self.walk_cache is not None:
@@ -149,8 +163,8 @@ class TLB:
         self._flush_walk_cache(asid)
         n = 0
         for shift in SHIFTS:
-            key = (asid, shift, vaddr >> shift)
-            if key in self._where:
+            key = _key(asid, shift, vaddr >> shift)
+            if key in self._map:
                 self._drop(key)
                 n += 1
         return n

@@ -12,20 +12,22 @@ from __future__ import annotations
 from ..arch import ept
 from ..arch.ept import EptQual
 from ..arch.paging import (A, ADDR_MASK, D, G, NX, P, PS, RSVD_HIGH, RW, US, PFErr, Level,
-                           is_canonical, level_shift, reserved_mask)
+                           level_shift, reserved_mask)
 from ..errors import HvError
 
 READ, WRITE, FETCH = 0, 1, 2        # access kinds, as Unicorn numbers them minus 16
 _SHIFT = (0,) + tuple(level_shift(level) for level in (1, 2, 3, 4))
 _PF_P, _PF_W, _PF_U, _PF_RSVD, _PF_I = (int(PFErr.P), int(PFErr.W), int(PFErr.U),
                                         int(PFErr.RSVD), int(PFErr.I))
-# reserved_mask by level (index 0 unused) without the low address bits of a
-# large leaf, which _LARGE_LOW adds when PS is set at levels 2 and 3.
-_RSVD_NXE = (0,) + tuple(reserved_mask(level, 0, True) for level in (1, 2, 3, 4))
-_RSVD_NO_NXE = (0,) + tuple(reserved_mask(level, 0, False) for level in (1, 2, 3, 4))
-_LARGE_LOW = tuple(reserved_mask(level, PS, True) & ~_RSVD_NXE[level] if level in (2, 3) else 0
+# P and reserved_mask by level (index 0 unused), without the low address
+# bits of a large leaf, which _LARGE_LOW adds when PS is set at levels 2
+# and 3: an entry passes if `entry & check[level] == P`.
+_CHECK_NXE = (0,) + tuple(P | reserved_mask(level, 0, True) for level in (1, 2, 3, 4))
+_CHECK_NO_NXE = (0,) + tuple(P | reserved_mask(level, 0, False) for level in (1, 2, 3, 4))
+_LARGE_LOW = tuple(reserved_mask(level, PS, True) & ~_CHECK_NXE[level] if level in (2, 3) else 0
                    for level in range(5))
 _EPT_SUSPECT = RSVD_HIGH | ept.MT_MASK | ept.LARGE
+_EPT_NEED = (ept.R, ept.W, ept.X)       # the right each access kind needs
 ACCESS_NAMES = ("read", "write", "fetch")
 
 
@@ -113,6 +115,11 @@ class Walker:
     two-dimensional walk, translates each guest-physical address the walk
     uses (every table entry and the final page) through EPT:
     nested(gpa, access, final) -> (host-physical address, page shift).
+
+    Counting: each loop reads an entry with `word` and counts it in
+    `by_level` (this walker's references by level) on the next line, then
+    adds the walk's references to the `refs` counter once: two loops, one
+    rule, and no call per reference (this is the hottest code in hv).
     """
 
     def __init__(self, mem, stats, limit: int, dim: str = "guest", hardware: bool = True,
@@ -123,30 +130,16 @@ class Walker:
         # its entries are tagged with; set by the MMU with --pwc.
         self.pwc, self.asid = None, 0
         self._counters = stats.counters
-        self._tags = stats.refs_by_tag if hardware else None
+        self.by_level = stats.level_refs(dim) if hardware else [0] * 5
         self._hist = stats.walk_hist if hardware else None
         prefix = "tlb." if hardware else f"vmm.{dim}_"
         self._walks, self._refs, self._ad = (f"{prefix}walks", f"{prefix}walk_refs",
                                              f"{prefix}ad_writes")
-        self._tag_keys = [(dim, level) for level in range(5)]
-        self._read_u64 = mem.read_u64
+        self._word = mem.word           # word(addr >> 3): the 8-byte entry at addr
 
-    def read_entry(self, addr: int, level: int) -> int:
-        """Read one paging-structure entry at host address `addr`: the
-        single counting point of every walk."""
-        self._counters[self._refs] += 1
-        if self._tags is not None:
-            self._tags[self._tag_keys[level]] += 1
-        return self._read_u64(addr)
-
-    def _locate(self, table_addr: int, level: int) -> int:
-        """The host address of a paging-structure entry."""
-        if self.nested is not None:
-            return self.nested(table_addr, READ, False)[0]
-        if table_addr + 8 > self.limit:
-            raise GuestEscape(f"level-{level} paging structure at {table_addr:#x} is outside "
-                              f"{self.dim} memory [0, {self.limit:#x})")
-        return table_addr
+    def _escape(self, table_addr: int, level: int) -> GuestEscape:
+        return GuestEscape(f"level-{level} paging structure at {table_addr:#x} is outside "
+                           f"{self.dim} memory [0, {self.limit:#x})")
 
     def _set_bits(self, entry_addr: int, entry: int, bits: int) -> int:
         if entry & bits != bits:
@@ -168,45 +161,41 @@ class Walker:
         if top and top != 0x1FFFF:
             raise NonCanonical(vaddr)
         counters = self._counters
-        counters[self._walks] += 1
         refs_before = counters[self._refs]
         # Plain ints in the hot path (IntFlag arithmetic costs microseconds).
         err = (_PF_W if access == WRITE else 0) | (_PF_U if user else 0)
         if access == FETCH and nxe:
             err |= _PF_I
-        rsvd = _RSVD_NXE if nxe else _RSVD_NO_NXE
-        read_entry, locate = self.read_entry, self._locate
+        check = _CHECK_NXE if nxe else _CHECK_NO_NXE
+        word, by_level, nested, limit = self._word, self.by_level, self.nested, self.limit
+        refs = 0
+        table = cr3 & ADDR_MASK
+        level = 4
+        # RW and US must be set at every level, NX at none: AND and OR of
+        # the entries read (SDM Vol.3A §4.6).
+        all_and, any_or = -1, 0
+        pwc = self.pwc
+        if pwc is not None:
+            hit = pwc.lookup(self.asid, vaddr)
+            if hit is not None:
+                counters["pwc.hits"] += 1
+                level, table, all_and, any_or = hit
+                level -= 1
         try:
-            table = cr3 & ADDR_MASK
-            writable = usable = True
-            nx = False
-            level = 4
-            pwc = self.pwc
-            if pwc is not None:
-                hit = pwc.lookup(self.asid, vaddr)
-                if hit is not None:
-                    counters["pwc.hits"] += 1
-                    level, table, writable, usable, nx = hit
-                    level -= 1
             while True:
-                entry_addr = locate(table + ((vaddr >> _SHIFT[level]) & 0x1FF) * 8, level)
-                entry = read_entry(entry_addr, level)
-                if not entry & P:
-                    raise PageFault(vaddr, err)
-                # reserved_mask(level, entry, nxe), inline.
-                if entry & rsvd[level] or (entry & PS and (level == 2 or level == 3)
-                                           and entry & _LARGE_LOW[level]):
-                    raise PageFault(vaddr, err | _PF_P | _PF_RSVD)
-                if not entry & RW:
-                    writable = False
-                if not entry & US:
-                    usable = False
-                if nxe and entry & NX:
-                    nx = True
-                if level == 3 and entry & PS:
-                    # QEMU sets A in a PDPTE before it looks at PS, so a
-                    # 1 GiB leaf is accessed even if the access then faults.
-                    entry = self._set_bits(entry_addr, entry, A)
+                entry_addr = table + ((vaddr >> _SHIFT[level]) & 0x1FF) * 8
+                if nested is not None:
+                    entry_addr = nested(entry_addr, READ, False)[0]
+                elif entry_addr >= limit:
+                    raise self._escape(entry_addr, level)
+                entry = word(entry_addr >> 3)
+                by_level[level] += 1
+                refs += 1
+                if entry & check[level] != P:
+                    # Not present, or a reserved bit set (reserved_mask).
+                    raise PageFault(vaddr, err if not entry & P else err | _PF_P | _PF_RSVD)
+                all_and &= entry
+                any_or |= entry
                 if level == 1 or entry & PS:
                     break
                 if not entry & A:
@@ -215,30 +204,43 @@ class Walker:
                     path.append((level, entry_addr, entry))
                 table = entry & ADDR_MASK
                 if pwc is not None:
-                    pwc.insert(self.asid, level, vaddr, (table, writable, usable, nx))
+                    pwc.insert(self.asid, level, vaddr, (table, all_and, any_or))
                 level -= 1
+            if level > 1:
+                if entry & _LARGE_LOW[level]:
+                    raise PageFault(vaddr, err | _PF_P | _PF_RSVD)
+                if level == 3:
+                    # QEMU sets A in a PDPTE before it looks at the rights,
+                    # so a 1 GiB leaf is accessed even if the access faults.
+                    entry = self._set_bits(entry_addr, entry, A)
+            writable, usable = bool(all_and & RW), bool(all_and & US)
+            nx = bool(nxe and any_or & NX)
             # SDM Vol.3A §4.6: access rights of the whole walk.
-            denied = (user and not usable) or (access == FETCH and nx) or (
-                access == WRITE and not writable and (user or wp))
-            if denied:
+            if (user and not usable) or (access == FETCH and nx) or (
+                    access == WRITE and not writable and (user or wp)):
                 raise PageFault(vaddr, err | _PF_P)
-            shift = _SHIFT[level]
-            entry = self._set_bits(entry_addr, entry, A | (D if access == WRITE else 0))
+            bits = A | D if access == WRITE else A
+            if entry & bits != bits:
+                entry = self._set_bits(entry_addr, entry, bits)
             if path is not None:
                 path.append((level, entry_addr, entry))
             # A large page may reach past the end of RAM; the MMU checks each
             # frame it hands out (see NativeMMU.host_frame).
+            shift = _SHIFT[level]
             low = (1 << shift) - 1
             paddr = (entry & ADDR_MASK & ~low) | (vaddr & low)
-            if self.nested is not None:
-                paddr, ept_shift = self.nested(paddr, access, True)
+            if nested is not None:
+                paddr, ept_shift = nested(paddr, access, True)
                 if ept_shift < shift:
                     shift = ept_shift
                     low = (1 << shift) - 1
             return Translation(vaddr & ~low, paddr & ~low, shift,
                                writable, usable, nx, bool(entry & G), bool(entry & D))
         finally:
+            counters[self._walks] += 1
+            counters[self._refs] += refs
             if self._hist is not None:
+                # A nested walk's EPT steps added theirs to the same counter.
                 self._hist[counters[self._refs] - refs_before] += 1
 
     def walk_ept(self, eptp: int, gpa: int, access: int, final: bool) -> tuple[int, int]:
@@ -246,38 +248,45 @@ class Walker:
         page shift). One step of a two-dimensional walk: its references are
         counted, it is no walk of its own. Raises EptViolation, EptMisconfig.
         """
-        need = (ept.R, ept.W, ept.X)[access]
         table = eptp & ADDR_MASK
         rights = ept.RWX
         level = 4
-        read_entry = self.read_entry
-        while True:
-            entry_addr = table + ((gpa >> _SHIFT[level]) & 0x1FF) * 8
-            if entry_addr + 8 > self.limit:
-                raise GuestEscape(f"EPT table at {entry_addr:#x} is outside host memory")
-            entry = read_entry(entry_addr, level)
-            if not entry & ept.RWX:
-                rights = 0
-                break
-            # Only entries with one of these bits, or W without R, can be
-            # misconfigured (ept.misconfigured has the rules).
-            if (entry & _EPT_SUSPECT or entry & 3 == 2) and ept.misconfigured(level, entry):
-                raise EptMisconfig(gpa, level, entry)
-            rights &= entry
-            if level == 1 or entry & ept.LARGE:
-                break
-            if not entry & ept.EA:
-                self._set_bits(entry_addr, entry, ept.EA)
-            table = entry & ADDR_MASK
-            level -= 1
-        if not rights & need:
+        word, by_level, limit = self._word, self.by_level, self.limit
+        refs = 0
+        try:
+            while True:
+                entry_addr = table + ((gpa >> _SHIFT[level]) & 0x1FF) * 8
+                if entry_addr + 8 > limit:
+                    raise GuestEscape(f"EPT table at {entry_addr:#x} is outside host memory")
+                entry = word(entry_addr >> 3)
+                by_level[level] += 1
+                refs += 1
+                if not entry & ept.RWX:
+                    rights = 0
+                    break
+                # Only entries with one of these bits, or W without R, can be
+                # misconfigured (ept.misconfigured has the rules).
+                if (entry & _EPT_SUSPECT or entry & 3 == 2) and ept.misconfigured(level, entry):
+                    raise EptMisconfig(gpa, level, entry)
+                rights &= entry
+                if level == 1 or entry & ept.LARGE:
+                    break
+                if not entry & ept.EA:
+                    self._set_bits(entry_addr, entry, ept.EA)
+                table = entry & ADDR_MASK
+                level -= 1
+        finally:
+            self._counters[self._refs] += refs
+        if not rights & _EPT_NEED[access]:
             qual = ((EptQual.READ, EptQual.WRITE, EptQual.FETCH)[access]
                     | (rights & ept.RWX) << 3 | EptQual.GLA_VALID
                     | (EptQual.GLA_TRANSLATION if final else 0))
             raise EptViolation(gpa, qual)
-        self._set_bits(entry_addr, entry, ept.EA | (ept.ED if access == WRITE else 0))
-        shift = _SHIFT[level]
-        return (entry & ADDR_MASK & ~((1 << shift) - 1)) | (gpa & ((1 << shift) - 1)), shift
+        bits = ept.EA | ept.ED if access == WRITE else ept.EA
+        if entry & bits != bits:
+            self._set_bits(entry_addr, entry, bits)
+        low = (1 << _SHIFT[level]) - 1
+        return (entry & ADDR_MASK & ~low) | (gpa & low), _SHIFT[level]
 
     def peek(self, cr3: int, vaddr: int, nxe: bool) -> int | None:
         """The guest-physical address `vaddr` reads from now, or None."""
