@@ -148,7 +148,7 @@ class _TlbEntry(ctypes.Structure):
 
 # cb(uc, vaddr, access, entry, user_data) -> bool (unicorn.h, uc_cb_tlbevent_t)
 _FILL_CB = ctypes.CFUNCTYPE(ctypes.c_bool, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_int,
-                            ctypes.POINTER(_TlbEntry), ctypes.c_void_p)
+                            ctypes.c_void_p, ctypes.c_void_p)
 _uc_reg_write = _uclib.uc_reg_write
 # Registers read and written as one 64-bit value through a direct call
 # (the binding's reg_read costs several times more).
@@ -191,7 +191,7 @@ class Engine:
         self._fast = {name: ctypes.c_uint64.from_address(env + 8 * i)
                       for i, name in enumerate(_GPRS)}
         self._fast["rip"] = ctypes.c_uint64.from_address(env + _ENV_RIP)
-        self._hflags = ctypes.c_uint32.from_address(env + _ENV_HFLAGS)
+        self.hflags = ctypes.c_uint32.from_address(env + _ENV_HFLAGS)
         self._ss_flags = ctypes.c_uint32.from_address(env + _ENV_SS_FLAGS)
         self._error_code = ctypes.c_int32.from_address(env + _ENV_ERROR_CODE)
         self._old_exception = ctypes.c_int32.from_address(env + _ENV_OLD_EXCEPTION)
@@ -242,7 +242,7 @@ class Engine:
         self.uc.reg_write(x86c.UC_X86_REG_GDTR, (0, base, limit, 0))
 
     def cpl(self) -> int:
-        return self._hflags.value & 3
+        return self.hflags.value & 3
 
     # -- hooks (each callback's exceptions are kept, then re-raised by run) --
     def _guard(self, fn: Callable, failed=None) -> Callable:
@@ -265,7 +265,9 @@ class Engine:
 
         Registered without the binding's wrappers: this runs on every miss of
         Unicorn's TLB, and each layer costs a fraction of a microsecond."""
-        def cb(_handle, vaddr, access, entry, _data):
+        entries: dict[int, _TlbEntry] = {}     # Unicorn passes one or two addresses
+
+        def cb(_handle, vaddr, access, entry_addr, _data):
             try:
                 result = fill(vaddr, access - UC_MEM_READ)
             except BaseException as e:    # noqa: BLE001 - re-raised by run()
@@ -275,8 +277,10 @@ class Engine:
                 return False
             if result is None:
                 return False
-            e = entry[0]
-            e.paddr, e.perms = result
+            entry = entries.get(entry_addr)
+            if entry is None:
+                entry = entries[entry_addr] = _TlbEntry.from_address(entry_addr)
+            entry.paddr, entry.perms = result
             return True
         fn = _FILL_CB(cb)
         self._hooks.append(fn)
@@ -362,7 +366,7 @@ class Engine:
     def set_cpl(self, cpl: int) -> None:
         """Make `cpl` the current privilege level. QEMU keeps CPL in hflags
         (from SS's DPL), which writing CS or SS with reg_write leaves alone."""
-        self._hflags.value = (self._hflags.value & ~3) | cpl
+        self.hflags.value = (self.hflags.value & ~3) | cpl
         self._ss_flags.value = (self._ss_flags.value & ~(3 << 13)) | (cpl << 13)
 
     def pending_error_code(self) -> int:

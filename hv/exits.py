@@ -58,7 +58,6 @@ def dispatch(vcpu: "VCpu", ex: Exit) -> None:
     HANDLERS[ex.reason](vcpu, ex)
     if is_exit and not vcpu.vm.config.asid and mmu.tlb is not None:
         vcpu.flush_tlb()        # first-generation VT-x: no VPID, exits flush
-    vcpu.sync_tlb()
     if vcpu.vm.config.check_invariants:
         vcpu.vm.check_invariants()
 

@@ -31,6 +31,8 @@ class PhysMem:
         # word(addr >> 3): the aligned 8-byte word at addr (the walker's read).
         self.word = self._q.__getitem__
         self.host_addr = ctypes.addressof(ctypes.c_char.from_buffer(self._mm))
+        # on_write(addr, length): told of every write the VMM makes (WalkMemo).
+        self.on_write = None
 
     def contains(self, addr: int, length: int = 1) -> bool:
         return 0 <= addr and addr + length <= self.size
@@ -41,6 +43,8 @@ class PhysMem:
 
     def write_u64(self, addr: int, value: int) -> None:
         self._q[addr >> 3] = value
+        if self.on_write is not None:
+            self.on_write(addr)
 
     def read(self, addr: int, length: int) -> bytes:
         if not self.contains(addr, length):
@@ -51,6 +55,8 @@ class PhysMem:
         if not self.contains(addr, len(data)):
             raise HvError(f"physical write [{addr:#x}, +{len(data):#x}) outside memory")
         self._mm[addr:addr + len(data)] = data
+        if self.on_write is not None and data:
+            self.on_write(addr, len(data))
 
 
 CHUNK = 2 * MiB     # guest memory is placed in host memory by 2 MiB chunks
@@ -115,7 +121,7 @@ class GuestMemory:
         return self._q[self._chunk_words[index >> 18] | (index & 0x3FFFF)]
 
     def write_u64(self, gpa: int, value: int) -> None:
-        self._q[(self.chunks[gpa >> 21] | (gpa & (CHUNK - 1))) >> 3] = value
+        self.host.write_u64(self.chunks[gpa >> 21] | (gpa & (CHUNK - 1)), value)
 
     def _pieces(self, gpa: int, length: int):
         if gpa < 0 or gpa + length > self.ram:

@@ -48,13 +48,15 @@ class VCpu:
         self.vm, self.index = vm, index
         self.stats = Stats()
         self.engine = Engine(vm.mem.host_addr, vm.mem.size, python_mmu=vm.mmu_mode != "qemu")
+        self._hflags = self.engine.hflags     # CPL in bits 1:0, read on every fill
         self.mmu = vm.make_mmu(self)
+        if self.mmu.tlb is not None:
+            self.mmu.tlb.attach(self.mmu.asid, self.engine)
         self.halted = False
         self._pending: tuple[Fault, int] | None = None   # a fill's fault and its access
         self._pending_page = 0                    # ... and the page it was filling
         self._stop = False                        # a handler asked the slice to end
         self._faulted = False                     # QEMU raised an exception this slice
-        self._tlb_generation = -1
         self._code: dict[int, _CodePage] = {}     # virtual page -> scan
         self._code_frames: dict[int, bool] = {}   # frame -> some alias may hold W
         self._decoded: dict[int, object] = {}
@@ -69,9 +71,8 @@ class VCpu:
 
     # -- hooks -------------------------------------------------------------
     def _fill(self, vaddr: int, access: int):
-        user = self.engine.cpl() == 3
         try:
-            paddr, perms = self.mmu.fill(vaddr, access, user)
+            paddr, perms = self.mmu.fill(vaddr, access, self._hflags.value & 3 == 3)
         except Fault as fault:
             self._pending = (fault, access)
             self._pending_page = vaddr
@@ -92,7 +93,6 @@ class VCpu:
                 self._code_frames[frame] = True
             else:
                 perms &= ~2
-        self.sync_tlb()
         return paddr, perms
 
     def _unmapped(self, paddr: int) -> bool:
@@ -209,19 +209,6 @@ class VCpu:
         """Flush this physical CPU's whole TLB (a VM entry or exit without VPIDs)."""
         self.mmu.tlb.flush_all()
         self.stats.counters["tlb_flush"] += 1
-        self.sync_tlb()
-
-    def sync_tlb(self) -> None:
-        """Keep the invariant: Unicorn's TLB holds nothing the model dropped."""
-        tlb = self.mmu.tlb
-        if tlb is not None and tlb.generation != self._tlb_generation:
-            pages = tlb.dropped_since(self._tlb_generation, self.mmu.asid)
-            if pages is None:
-                self.engine.flush_tlb()
-            else:
-                for page in pages:
-                    self.engine.flush_page(page)
-            self._tlb_generation = tlb.generation
 
     def request_stop(self) -> None:
         self._stop = True
@@ -248,7 +235,6 @@ class VCpu:
         self._stop = self._faulted = False
         self._pending = None
         e = self.engine
-        self.sync_tlb()
         ran = e.run(e.reg("rip"), budget)
         self.stats.counters["insns"] += ran
         if self._pending is not None:

@@ -25,7 +25,7 @@ from .mmu.qemu import QemuMMU
 from .mmu.shadow import ShadowCache, ShadowMMU
 from .mmu.pwc import WalkCache
 from .mmu.tlb import TLB
-from .mmu.walker import GuestEscape
+from .mmu.walker import GuestEscape, WalkMemo
 from .stats import Stats
 from .vcpu import VCpu
 
@@ -59,6 +59,7 @@ class Config:
     pwc: bool = False           # page-walk caches and a nested TLB (hv/mmu/pwc.py)
     check_invariants: bool = False  # check the VMM's invariants after every exit (--check)
     timeout: float = 0          # wall-clock seconds before the run is stopped (0: none)
+    memo: bool = True           # replay unchanged walks (speed only: the counts are the same)
 
     def check(self) -> None:
         if self.mmu not in MODES:
@@ -108,6 +109,11 @@ class VM:
         self.mem = self.guest.host
         self.guest.write(LOAD_ADDR, image)
         self._build_boot_tables()
+        # Walk results replayed until a table they read is written (its
+        # engines are added by the vCPUs).
+        self.memo = WalkMemo([]) if config.memo and config.mmu != "qemu" else None
+        if self.memo is not None:
+            self.mem.on_write = self.memo.written
         self.console = bytearray()
         self.on_console = on_console    # called with each byte the guest prints
         self.marks: dict[int, dict[str, int]] = {}
@@ -124,10 +130,15 @@ class VM:
             return QemuMMU(vcpu.engine, self.mem, self.config.ram)
         tlb = self.machine.tlbs[vcpu.index]     # the physical CPU's TLB
         if self.mmu_mode == "shadow":
-            return ShadowMMU(vcpu, self.shadow, vcpu.stats, tlb, self.asid)
-        if self.mmu_mode == "ept":
-            return EptMMU(vcpu, self.ept, vcpu.stats, tlb, self.asid)
-        return NativeMMU(self.guest, vcpu.stats, tlb, self.asid)
+            mmu = ShadowMMU(vcpu, self.shadow, vcpu.stats, tlb, self.asid)
+        elif self.mmu_mode == "ept":
+            mmu = EptMMU(vcpu, self.ept, vcpu.stats, tlb, self.asid)
+        else:
+            mmu = NativeMMU(self.guest, vcpu.stats, tlb, self.asid)
+        if self.memo is not None:
+            mmu.use_memo(self.memo)
+            self.memo.engines.append(vcpu.engine)
+        return mmu
 
     def _build_boot_tables(self) -> None:
         m = self.guest

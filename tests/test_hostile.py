@@ -261,21 +261,16 @@ BIG_PAGE_SRC = (PROLOGUE + MAP_H + setq(PDPT_H + 8 * 2, P | RW | PS) + FLUSH
                 + rd(va(2, 0, 0, RAM - 0x1000)) + rd(va(2, 0, 0, DATA)) + END)
 
 
-@pytest.mark.parametrize("mmu", [
-    pytest.param("native", marks=pytest.mark.xfail(strict=True, reason=(
-        "hv bug: NativeMMU.lookup caches a guest large page whole in the TLB model even "
-        "where it reaches past the end of RAM (host_frame checks each 4 KiB frame later), "
-        "so VM.check_invariants (--check) reports a TLB entry outside the VM's memory"))),
-    "shadow", "ept", ORACLE])
-def test_large_page_reaching_past_ram(mmu):
-    r = run(BIG_PAGE_SRC, mmu, check_invariants=True)
+def test_large_page_reaching_past_ram(mode):
+    """The TLB caches such a page by its 4 KiB pieces inside RAM (native:
+    NativeMMU._miss), so no entry maps outside the VM (--check)."""
+    r = run(BIG_PAGE_SRC, mode, check_invariants=True)
     assert outcome(r) == ("exit", 0, lines(0xE1E1, 0x1111)), r.detail
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "hv bug: NativeMMU.lookup inserts a translation into the TLB model before "
-    "host_frame refuses its frame outside RAM, so after an escape the TLB holds it"))
 def test_native_tlb_holds_only_ram():
+    """A frame outside RAM stops the VM before the TLB caches it (run()
+    checks the invariants after the escape)."""
     src = PROLOGUE + MAP_H + setq(PT_H + 8 * 8, RAM | P | RW) + rd(va(0, 0, 8)) + END
     r = run(src, "native")
     assert r.reason == "escape"

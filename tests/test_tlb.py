@@ -66,18 +66,45 @@ def test_invlpg_drops_every_size_covering_the_address_even_global():
     assert t.lookup(0, 0x20_1000) is None and t.lookup(1, 0x20_1000) is not None
 
 
-def test_generation_changes_whenever_an_entry_leaves():
+class Engine:
+    """What the TLB asks of an engine: drop a 4 KiB page, or everything."""
+
+    def __init__(self):
+        self.log = []
+
+    def flush_page(self, vaddr):
+        self.log.append(vaddr)
+
+    def flush_tlb(self):
+        self.log.append("all")
+
+
+def test_engines_of_the_asid_forget_whatever_leaves():
+    """Unicorn's TLB must never hold what the model dropped."""
     t = TLB(64, 4)
-    g = t.generation
-    t.insert(0, tr(0x1000, 0x5000, writable=False))
-    assert t.generation == g                           # adding is harmless
-    t.insert(0, tr(0x1000, 0x5000, writable=True))     # same frame, more rights
-    assert t.generation == g
-    t.insert(0, tr(0x1000, 0x7000))                    # another frame: Unicorn must forget
-    assert t.generation > g
-    g = t.generation
-    t.invlpg(0, 0x1000)
-    assert t.generation > g
+    mine, other = Engine(), Engine()
+    t.attach(1, mine)
+    t.attach(2, other)
+    t.insert(1, tr(0x1000, 0x5000, writable=False))
+    t.insert(1, tr(0x1000, 0x5000, writable=True))     # same frame, more rights: harmless
+    assert mine.log == []
+    t.insert(1, tr(0x1000, 0x7000))                    # another frame: Unicorn must forget
+    assert mine.log == [0x1000]
+    t.insert(1, tr(0x20_0000, 0x40_0000, shift=21))
+    t.invlpg(1, 0x20_0000)                             # a large page: everything
+    assert mine.log == [0x1000, "all"]
+    t.flush_nonglobal(1)
+    assert mine.log == [0x1000, "all", "all"] and other.log == []
+
+
+def test_eviction_makes_the_engine_forget_the_evicted_page():
+    t = TLB(4, 2)
+    e = Engine()
+    t.attach(0, e)
+    pages = [(i * t.nsets) << 12 for i in (1, 2, 3)]    # one set
+    for va in pages:
+        t.insert(0, tr(va, va))
+    assert e.log == [pages[0]]
 
 
 @pytest.mark.parametrize("entries,ways", [(0, 1), (10, 3), (8, 0)])

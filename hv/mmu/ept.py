@@ -101,10 +101,15 @@ class EptMMU(NativeMMU):
 
     def __init__(self, vcpu, tables: EptTables, stats: Stats, tlb: TLB, asid: int = 0):
         super().__init__(tables.guest, stats, tlb, asid)
+        self.frame_limit = self.mem.size    # host-physical: EPT maps only guest frames
         self.vcpu, self.ept = vcpu, tables
         self.ept_walker = Walker(self.mem, stats, self.mem.size, dim="ept")
         self.walker = Walker(self.mem, stats, self.mem.size, dim="guest", nested=self._nested)
+        self.walker.nested_by_level = self.ept_walker.by_level
         self.use_walk_cache(self.walker)
+
+    def hardware_walkers(self) -> list[Walker]:
+        return [self.walker, self.ept_walker]
 
     def _nested(self, gpa: int, access: int, final: bool) -> tuple[int, int]:
         """One EPT step of the two-dimensional walk, through the nested TLB
@@ -136,6 +141,3 @@ class EptMMU(NativeMMU):
 
     def ept_violation(self, gpa: int) -> None:
         self.ept.map(self.counters, gpa)
-
-    def host_frame(self, tr: Translation, vaddr: int) -> int:
-        return tr.paddr(vaddr)      # EPT maps only guest frames

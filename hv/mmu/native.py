@@ -33,17 +33,29 @@ class NativeMMU:
         self.guest, self.mem, self.ram = guest, guest.host, guest.ram
         self.stats, self.tlb, self.asid = stats, tlb, asid
         self.counters = stats.counters
+        # Translations end below this host address: guest RAM, here.
+        self.frame_limit = guest.ram
         # Bare metal: guest-physical is host-physical, so the walker reads
         # host memory directly.
         self.walker = Walker(self.mem, stats, self.ram)
         self.use_walk_cache(self.walker)
         self._peeker = self.peek_walker(guest, self.ram)
+        self.memo = None        # the VM's WalkMemo (use_memo)
         self.cr0 = self.cr3 = self.cr4 = self.efer = 0
         self._hw_wp = True      # CR0.WP as the hardware walker applies it
 
     def use_walk_cache(self, walker: Walker) -> None:
         """Give the hardware walker this CPU's page-walk caches (--pwc)."""
         walker.pwc, walker.asid = self.tlb.walk_cache, self.asid
+
+    def hardware_walkers(self) -> list[Walker]:
+        return [self.walker]
+
+    def use_memo(self, memo) -> None:
+        """Replay the hardware's walks from the VM's WalkMemo."""
+        self.memo = memo
+        for walker in self.hardware_walkers():
+            walker.memo = memo
 
     # -- the hardware's view of the paging controls ------------------------
     def load_state(self, cr0: int, cr3: int, cr4: int, efer: int) -> None:
@@ -86,27 +98,33 @@ class NativeMMU:
     # -- translation -------------------------------------------------------
     def lookup(self, vaddr: int, access: int, user: bool) -> Translation:
         """The TLB, then on a miss a walk. Raises PageFault or GuestEscape."""
-        counters = self.counters
         tr = self.tlb.lookup(self.asid, vaddr)
         if tr is not None and self._allows(tr, access, user):
             return tr
-        counters["tlb.misses"] += 1
+        return self._miss(vaddr, access, user)
+
+    def _miss(self, vaddr: int, access: int, user: bool) -> Translation:
+        """A TLB miss: walk, and cache what the walk found.
+
+        Invariant: the TLB holds only translations into this VM's memory. A
+        large page that reaches past it is cached by its 4 KiB piece; a
+        frame outside it ends the VM before anything is cached."""
+        self.counters["tlb.misses"] += 1
         tr = self.hw_walk(vaddr, access, user)
+        if tr.pbase + (1 << tr.shift) > self.frame_limit:
+            paddr = tr.paddr(vaddr) & ~(PAGE_SIZE - 1)
+            if paddr >= self.frame_limit:
+                raise GuestEscape(f"{vaddr:#x} maps guest-physical {paddr:#x}, outside guest "
+                                  f"memory [0, {self.frame_limit:#x})")
+            tr = Translation(vaddr & ~(PAGE_SIZE - 1), paddr, 12, tr.writable, tr.user, tr.nx,
+                             tr.global_, tr.dirty)
         if self.tlb.insert(self.asid, tr):
-            counters["tlb.evictions"] += 1
+            self.counters["tlb.evictions"] += 1
         return tr
 
     def hw_walk(self, vaddr: int, access: int, user: bool) -> Translation:
         """The hardware page walk of a TLB miss: here, of the guest's tables."""
         return self.walker.walk(self.cr3, vaddr, access, user, self._wp, self._nxe)
-
-    def host_frame(self, tr: Translation, vaddr: int) -> int:
-        """The host-physical address of `vaddr` through `tr` (checked)."""
-        paddr = tr.paddr(vaddr)
-        if paddr >= self.ram:
-            raise GuestEscape(f"{vaddr:#x} maps guest-physical {paddr:#x}, outside guest "
-                              f"memory [0, {self.ram:#x})")
-        return paddr
 
     def _allows(self, tr: Translation, access: int, user: bool) -> bool:
         """Whether a cached entry serves this access without a walk. A write
@@ -121,19 +139,27 @@ class NativeMMU:
 
     def fill(self, vaddr: int, access: int, user: bool) -> tuple[int, int]:
         """Unicorn's TLB missed: (physical address, rights to cache)."""
-        tr = self.lookup(vaddr, access, user)
-        paddr = self.host_frame(tr, vaddr) & ~(PAGE_SIZE - 1)
+        tr = self.tlb.lookup(self.asid, vaddr)
+        if tr is None or not self._allows(tr, access, user):
+            tr = self._miss(vaddr, access, user)
+        paddr = tr.pbase | (vaddr & ((1 << tr.shift) - 1) & ~(PAGE_SIZE - 1))
         # Grant only what the model has checked: W once the page is dirty (so
         # the first write is seen), X only to fetches (so code is scanned).
         if access == FETCH:
             return paddr, PROT_R | PROT_X
         writable = tr.dirty and (tr.writable or not (user or self._hw_wp))
+        if writable and self.memo is not None and paddr >> 12 in self.memo.frames:
+            # A table a remembered walk read: the first write must be seen.
+            if access == WRITE:
+                self.memo.guest_writes(paddr >> 12)
+            else:
+                writable = False
         return paddr, PROT_R | (PROT_W if writable else 0)
 
     def translate(self, vaddr: int, access: int, user: bool = False) -> int:
         """A linear access the "hardware" makes itself (IDT reads, exception
         frames): counted like any other access. Raises PageFault."""
-        return self.host_frame(self.lookup(vaddr, access, user), vaddr)
+        return self.lookup(vaddr, access, user).paddr(vaddr)
 
     @staticmethod
     def peek_walker(mem, ram: int) -> Walker:

@@ -222,6 +222,7 @@ class ShadowMMU(NativeMMU):
 
     def __init__(self, vcpu, cache: ShadowCache, stats: Stats, tlb: TLB, asid: int = 0):
         super().__init__(cache.guest, stats, tlb, asid)
+        self.frame_limit = self.mem.size    # host-physical: leaves map only guest frames
         self.vcpu, self.cache, self.host = vcpu, cache, cache.host
         # The VMM's software walks of guest tables, counted apart from the
         # hardware's walks of the shadow tables.
@@ -234,6 +235,9 @@ class ShadowMMU(NativeMMU):
         # onto two write-protected guest tables (emulate_write nests).
         self.emulating: dict[int, int] = {}
         cache.vcpus.append(self)
+
+    def hardware_walkers(self) -> list[Walker]:
+        return [self.hw]
 
     def load_state(self, cr0: int, cr3: int, cr4: int, efer: int) -> None:
         super().load_state(cr0, cr3, cr4, efer)
@@ -258,9 +262,6 @@ class ShadowMMU(NativeMMU):
             dispatch(self.vcpu, Exit(ExitReason.EXCEPTION_NMI, vaddr, 0, value=Vector.PF,
                                      error_code=hw.error_code))
         return self.hw.walk(self._root().hpa, vaddr, access, user, True, True)
-
-    def host_frame(self, tr: Translation, vaddr: int) -> int:
-        return tr.paddr(vaddr)      # shadow leaves only map guest frames
 
     def fill(self, vaddr: int, access: int, user: bool) -> tuple[int, int]:
         if access == WRITE and self.emulating:

@@ -17,26 +17,25 @@ QEMU shrinks its TLB when a 100 ms wall-clock window passes with little use
 every miss reaches the model (Unicorn never holds what the model does not),
 so misses, walks and evictions are the same on every host and every run.
 
-Invariant: Unicorn's TLB never holds a translation the model does not. Every
-operation that drops entries bumps `generation` and logs the entry; an
-engine whose last-seen generation differs drops from Unicorn's TLB the 4 KiB
-pages of its ASID logged since (`dropped_since`), or everything if those
-are too many, include a large page, or are no longer in the log.
+Invariant: Unicorn's TLB never holds a translation the model does not. The
+engines that fill from this TLB are attached to it by ASID (`attach`); when
+an entry leaves, the engines of its ASID drop it at once: its page, for a
+4 KiB entry (Unicorn's fills are 4 KiB), or everything, for a large page or
+a flush of many entries.
 """
 from __future__ import annotations
 
 from .walker import Translation
 
 SHIFTS = (12, 21, 30)
-LOG = 64            # dropped entries remembered for per-page flushes
-FLUSH_PAGES = 16    # beyond this many dropped pages one full flush is cheaper
 ASID_BITS = 16
+ASID_MASK = (1 << ASID_BITS) - 1
 
 
 def _key(asid: int, shift: int, vpn: int) -> int:
     """An entry's tag as one int (hashing a tuple costs three times more):
-    the page number, its size, the ASID."""
-    return (vpn << 2 | SHIFTS.index(shift)) << ASID_BITS | asid
+    the page number, its size (0, 1, 2: 4 KiB, 2 MiB, 1 GiB), the ASID."""
+    return (vpn << 2 | (shift - 12) // 9) << ASID_BITS | asid
 
 
 class TLB:
@@ -49,18 +48,22 @@ class TLB:
         self._sets: list[list[int]] = [[] for _ in range(self.nsets)]
         self._map: dict[int, Translation] = {}
         self._by_size = [0, 0, 0]       # entries held per page size (SHIFTS order)
-        self.generation = 0
-        self._log: list[int] = []       # keys dropped, the last LOG or more
-        self._log_start = 0             # the generation of _log[0]
+        # ASID -> engines that fill Unicorn's TLB from this one (Engine:
+        # flush_page, flush_tlb). With VPIDs one engine per ASID; without,
+        # vCPU j of every VM shares ASID 0.
+        self._engines: dict[int, list] = {}
         self.walk_cache = None      # a pwc.WalkCache, invalidated with the TLB
 
     def __len__(self):
         return len(self._map)
 
+    def attach(self, asid: int, engine) -> None:
+        """Keep `engine`'s TLB within this one for the entries of `asid`."""
+        self._engines.setdefault(asid, []).append(engine)
+
     def held(self, asid: int) -> list[Translation]:
         """The translations held for `asid`."""
-        mask = (1 << ASID_BITS) - 1
-        return [tr for k, tr in self._map.items() if k & mask == asid]
+        return [tr for k, tr in self._map.items() if k & ASID_MASK == asid]
 
     def lookup(self, asid: int, vaddr: int) -> Translation | None:
         m, by_size = self._map, self._by_size
@@ -80,8 +83,10 @@ class TLB:
         """Cache `tr`; True if that evicted another entry."""
         shift = tr.shift
         vpn = tr.vbase >> shift
-        key = _key(asid, shift, vpn)
-        old = self._map.get(key)
+        size = (shift - 12) // 9
+        key = (vpn << 2 | size) << ASID_BITS | asid
+        m = self._map
+        old = m.get(key)
         if old is not None:
             # A re-walk of a cached page (e.g. its first write, to set D).
             # Unicorn may keep the old entry's other 4 KiB pieces: that is
@@ -89,49 +94,44 @@ class TLB:
             # no fewer rights.
             if (old.pbase == tr.pbase and old.nx == tr.nx and old.user == tr.user
                     and old.writable <= tr.writable):
-                self._map[key] = tr         # keeps its place in the FIFO
+                m[key] = tr         # keeps its place in the FIFO
                 return False
             self._drop(key)
-            evicted = False
-        else:
-            s = self._sets[(vpn ^ (shift << 4)) % self.nsets]
-            evicted = len(s) >= self.ways
-            if evicted:
-                self._drop(s[0])
-        self._sets[(vpn ^ (shift << 4)) % self.nsets].append(key)
-        self._map[key] = tr
-        self._by_size[key >> ASID_BITS & 3] += 1
-        return evicted
+        s = self._sets[(vpn ^ (shift << 4)) % self.nsets]
+        s.append(key)
+        m[key] = tr
+        self._by_size[size] += 1
+        if len(s) > self.ways:
+            oldest = s.pop(0)
+            self._forget(oldest, m.pop(oldest))
+            return True
+        return False
+
+    def _forget(self, key: int, tr: Translation) -> None:
+        """Entry `key` left: account for it, and the engines of its ASID drop it."""
+        self._by_size[key >> ASID_BITS & 3] -= 1
+        for engine in self._engines.get(key & ASID_MASK, ()):
+            if tr.shift == 12:
+                engine.flush_page(tr.vbase)
+            else:
+                engine.flush_tlb()
 
     def _drop(self, key: int) -> None:
         tr = self._map.pop(key)
         self._sets[((key >> (ASID_BITS + 2)) ^ (tr.shift << 4)) % self.nsets].remove(key)
-        self._by_size[key >> ASID_BITS & 3] -= 1
-        self.generation += 1
-        log = self._log
-        log.append(key)
-        if len(log) > 2 * LOG:
-            del log[:LOG]
-            self._log_start += LOG
-
-    def dropped_since(self, generation: int, asid: int) -> list[int] | None:
-        """The 4 KiB pages of `asid` dropped since `generation`, or None
-        when only a full flush is safe (or cheaper)."""
-        if generation < self._log_start or self.generation - generation > 4 * FLUSH_PAGES:
-            return None
-        pages = []
-        mask = (1 << ASID_BITS) - 1
-        for key in self._log[generation - self._log_start:]:
-            if key & mask == asid:
-                if key >> ASID_BITS & 3 or len(pages) == FLUSH_PAGES:
-                    return None
-                pages.append(key >> (ASID_BITS + 2) << 12)
-        return pages
+        self._forget(key, tr)
 
     def _drop_where(self, pred) -> int:
+        """Drop the entries `pred(key, tr)` picks; their ASIDs' engines
+        forget everything (one full flush beats many page flushes)."""
         doomed = [k for k, tr in self._map.items() if pred(k, tr)]
         for k in doomed:
-            self._drop(k)
+            tr = self._map.pop(k)
+            self._sets[((k >> (ASID_BITS + 2)) ^ (tr.shift << 4)) % self.nsets].remove(k)
+            self._by_size[k >> ASID_BITS & 3] -= 1
+        for asid in {k & ASID_MASK for k in doomed}:
+            for engine in self._engines.get(asid, ()):
+                engine.flush_tlb()
         return len(doomed)
 
     # Invalidation, named after the architecture (SDM Vol.3A §4.10.4).
@@ -144,14 +144,12 @@ class TLB:
     def flush_asid(self, asid: int) -> int:
         """Every entry of one ASID, global ones too (INVVPID single-context, CR4.PGE toggle)."""
         self._flush_walk_cache(asid)
-        mask = (1 << ASID_BITS) - 1
-        return self._drop_where(lambda k, tr: k & mask == asid)
+        return self._drop_where(lambda k, tr: k & ASID_MASK == asid)
 
     def flush_nonglobal(self, asid: int) -> int:
         """Non-global entries of one ASID (MOV to CR3)."""
         self._flush_walk_cache(asid)
-        mask = (1 << ASID_BITS) - 1
-        return self._drop_where(lambda k, tr: k & mask == asid and not tr.global_)
+        return self._drop_where(lambda k, tr: k & ASID_MASK == asid and not tr.global_)
 
     def _flush_walk_cache(self, asid: int) -> None:
         if self.walk_cache is not None:

@@ -28,6 +28,8 @@ _LARGE_LOW = tuple(reserved_mask(level, PS, True) & ~_CHECK_NXE[level] if level 
                    for level in range(5))
 _EPT_SUSPECT = RSVD_HIGH | ept.MT_MASK | ept.LARGE
 _EPT_NEED = (ept.R, ept.W, ept.X)       # the right each access kind needs
+# References by level (index 0 unused) of a walk from the PML4 to a leaf at level i.
+_LEVELS_READ = [None] + [tuple(int(lv >= leaf) for lv in range(5)) for leaf in (1, 2, 3, 4)]
 ACCESS_NAMES = ("read", "write", "fetch")
 
 
@@ -103,6 +105,84 @@ class GuestEscape(HvError):
     """A guest paging structure points outside the guest's memory."""
 
 
+class WalkMemo:
+    """The results of one VM's recent walks, each served again (counted as
+    the same walk) until an entry it read may have changed.
+
+    A walk costs microseconds of Python; a TLB-bound guest walks the same
+    tables over and over. A replayed walk reads nothing, so it must be the
+    walk the tables would give now: same references, same result, and no
+    A/D bit left to set (an entry the walk would change is one it changed
+    already, unless it was written since).
+
+    Invariant: a result is kept only while no entry its walk read (guest
+    tables, shadow tables, EPT) was written since. The VMM's writes reach
+    `written` through PhysMem.on_write, entry by entry; the guest's are
+    caught by frame: the fill path grants no write right to a frame in
+    `frames` (the first write fills again and drops the whole frame), and a
+    frame newly watched makes every engine of the VM drop its
+    translations, so none keeps one with W. Walks with page-walk caches are
+    never replayed: their references depend on the caches' state.
+    """
+    LIMIT = 1 << 16         # results kept; all are dropped beyond (speed only)
+
+    def __init__(self, engines: list):
+        self.engines = engines      # the VM's engines (Engine.flush_tlb)
+        self.results: dict[int, tuple] = {}
+        self.readers: dict[int, list[int]] = {}     # entry address -> keys of walks that read it
+        self.frames: dict[int, list[int]] = {}      # frame number -> entry addresses watched in it
+        self.recording: list[int] | None = None     # entries read by the walk being recorded
+
+    def put(self, key: int, result: tuple, entries: list[int]) -> None:
+        if len(self.results) >= self.LIMIT or len(self.readers) >= 4 * self.LIMIT:
+            self.clear()
+        self.results[key] = result
+        readers, frames = self.readers, self.frames
+        new_frame = False
+        for addr in entries:
+            keys = readers.get(addr)
+            if keys is not None:
+                keys.append(key)
+                continue
+            readers[addr] = [key]
+            watched = frames.get(addr >> 12)
+            if watched is None:
+                frames[addr >> 12] = [addr]
+                new_frame = True
+            else:
+                watched.append(addr)
+        if new_frame:
+            for engine in self.engines:
+                engine.flush_tlb()      # no alias may keep W on a watched frame
+
+    def written(self, addr: int, length: int = 8) -> None:
+        """The VMM wrote [addr, addr+length): forget the walks that read it."""
+        if length == 8:
+            self._forget(addr & ~7)
+        else:
+            for frame in range(addr >> 12, ((addr + length - 1) >> 12) + 1):
+                for entry in self.frames.get(frame, ()):
+                    if addr <= entry < addr + length:
+                        self._forget(entry)
+
+    def guest_writes(self, frame: int) -> None:
+        """The guest may now write frame `frame`: forget every walk that read it."""
+        for entry in self.frames.pop(frame, ()):
+            self._forget(entry)
+
+    def _forget(self, addr: int) -> None:
+        keys = self.readers.pop(addr, None)
+        if keys is not None:
+            results = self.results
+            for key in keys:
+                results.pop(key, None)
+
+    def clear(self) -> None:
+        self.results.clear()
+        self.readers.clear()
+        self.frames.clear()
+
+
 class Walker:
     """Walks 4-level tables in `mem` (addresses below `limit`) and counts
     every reference in `stats`: x86-64 paging structures with `walk`, EPT
@@ -119,7 +199,8 @@ class Walker:
     Counting: each loop reads an entry with `word` and counts it in
     `by_level` (this walker's references by level) on the next line, then
     adds the walk's references to the `refs` counter once: two loops, one
-    rule, and no call per reference (this is the hottest code in hv).
+    rule, and no call per reference (this is the hottest code in hv). A
+    walk replayed from the `memo` (WalkMemo) adds what it added then.
     """
 
     def __init__(self, mem, stats, limit: int, dim: str = "guest", hardware: bool = True,
@@ -136,6 +217,8 @@ class Walker:
         self._walks, self._refs, self._ad = (f"{prefix}walks", f"{prefix}walk_refs",
                                              f"{prefix}ad_writes")
         self._word = mem.word           # word(addr >> 3): the 8-byte entry at addr
+        self.memo: WalkMemo | None = None   # hardware walkers of a VM, set by the MMU
+        self.nested_by_level: list[int] | None = None   # the EPT walker's, with `nested`
 
     def _escape(self, table_addr: int, level: int) -> GuestEscape:
         return GuestEscape(f"level-{level} paging structure at {table_addr:#x} is outside "
@@ -161,6 +244,32 @@ class Walker:
         if top and top != 0x1FFFF:
             raise NonCanonical(vaddr)
         counters = self._counters
+        memo = self.memo
+        if memo is not None and path is None and self.pwc is None:
+            key = ((vaddr >> 12) << 64 | (cr3 & ADDR_MASK) | access | user << 2 | wp << 3
+                   | nxe << 4)
+            hit = memo.results.get(key)
+            if hit is not None:
+                # Count the walk again, as it counted itself.
+                tr, refs, own, ept = hit
+                counters[self._walks] += 1
+                counters[self._refs] += refs
+                self._hist[refs] += 1
+                b = self.by_level
+                b[1] += own[1]
+                b[2] += own[2]
+                b[3] += own[3]
+                b[4] += own[4]
+                if ept is not None:
+                    b = self.nested_by_level
+                    b[1] += ept[1]
+                    b[2] += ept[2]
+                    b[3] += ept[3]
+                    b[4] += ept[4]
+                return tr
+            ept_before = None if self.nested is None else list(self.nested_by_level)
+        else:
+            memo = None
         refs_before = counters[self._refs]
         # Plain ints in the hot path (IntFlag arithmetic costs microseconds).
         err = (_PF_W if access == WRITE else 0) | (_PF_U if user else 0)
@@ -182,6 +291,8 @@ class Walker:
                 level, table, all_and, any_or = hit
                 level -= 1
         try:
+            if memo is not None:
+                memo.recording = []
             while True:
                 entry_addr = table + ((vaddr >> _SHIFT[level]) & 0x1FF) * 8
                 if nested is not None:
@@ -191,6 +302,8 @@ class Walker:
                 entry = word(entry_addr >> 3)
                 by_level[level] += 1
                 refs += 1
+                if memo is not None:
+                    memo.recording.append(entry_addr)
                 if entry & check[level] != P:
                     # Not present, or a reserved bit set (reserved_mask).
                     raise PageFault(vaddr, err if not entry & P else err | _PF_P | _PF_RSVD)
@@ -225,7 +338,7 @@ class Walker:
             if path is not None:
                 path.append((level, entry_addr, entry))
             # A large page may reach past the end of RAM; the MMU checks each
-            # frame it hands out (see NativeMMU.host_frame).
+            # frame it caches (see NativeMMU._miss).
             shift = _SHIFT[level]
             low = (1 << shift) - 1
             paddr = (entry & ADDR_MASK & ~low) | (vaddr & low)
@@ -234,9 +347,17 @@ class Walker:
                 if ept_shift < shift:
                     shift = ept_shift
                     low = (1 << shift) - 1
-            return Translation(vaddr & ~low, paddr & ~low, shift,
-                               writable, usable, nx, bool(entry & G), bool(entry & D))
+            tr = Translation(vaddr & ~low, paddr & ~low, shift,
+                             writable, usable, nx, bool(entry & G), bool(entry & D))
+            if memo is not None:
+                ept = None if nested is None else tuple(
+                    a - b for a, b in zip(self.nested_by_level, ept_before))
+                total = counters[self._refs] + refs - refs_before
+                memo.put(key, (tr, total, _LEVELS_READ[level], ept), memo.recording)
+            return tr
         finally:
+            if memo is not None:
+                memo.recording = None
             counters[self._walks] += 1
             counters[self._refs] += refs
             if self._hist is not None:
@@ -252,6 +373,7 @@ class Walker:
         rights = ept.RWX
         level = 4
         word, by_level, limit = self._word, self.by_level, self.limit
+        recording = None if self.memo is None else self.memo.recording
         refs = 0
         try:
             while True:
@@ -261,6 +383,8 @@ class Walker:
                 entry = word(entry_addr >> 3)
                 by_level[level] += 1
                 refs += 1
+                if recording is not None:
+                    recording.append(entry_addr)
                 if not entry & ept.RWX:
                     rights = 0
                     break
