@@ -140,6 +140,9 @@ _tlb_flush_page = _uclib.tlb_flush_page_x86_64
 _tlb_flush_page.argtypes = (ctypes.c_void_p, ctypes.c_uint64)
 _tlb_flush_page.restype = None
 _uc_reg_read = _uclib.uc_reg_read
+_uc_ctl = _uclib.uc_ctl
+# uc_ctl's code for "flush the TLB": UC_CTL_WRITE(UC_CTL_TLB_FLUSH, 0) in unicorn.h.
+_CTL_TLB_FLUSH = ucc.UC_CTL_IO_WRITE << 30 | ucc.UC_CTL_TLB_FLUSH
 
 
 class _TlbEntry(ctypes.Structure):
@@ -190,6 +193,8 @@ class Engine:
         # Live views of QEMU's state: reading one costs a tenth of a reg_read.
         self._fast = {name: ctypes.c_uint64.from_address(env + 8 * i)
                       for i, name in enumerate(_GPRS)}
+        # Writes of RIP go through Unicorn, which must end the block it is in.
+        self._fast_gprs = dict(self._fast)
         self._fast["rip"] = ctypes.c_uint64.from_address(env + _ENV_RIP)
         self.hflags = ctypes.c_uint32.from_address(env + _ENV_HFLAGS)
         self._ss_flags = ctypes.c_uint32.from_address(env + _ENV_SS_FLAGS)
@@ -211,6 +216,10 @@ class Engine:
         return self.uc.reg_read(reg)
 
     def set_reg(self, name: str, value: int) -> None:
+        fast = self._fast_gprs.get(name)
+        if fast is not None:
+            fast.value = value & 0xFFFF_FFFF_FFFF_FFFF
+            return
         reg = _REGS[name]
         if reg in _WIDE:
             self._value.value = value & 0xFFFF_FFFF_FFFF_FFFF
@@ -351,7 +360,7 @@ class Engine:
 
     def flush_tlb(self) -> None:
         """Drop every translation in Unicorn's TLB (legal inside the fill callback)."""
-        self.uc.ctl(ucc.UC_CTL_TLB_FLUSH, ucc.UC_CTL_IO_WRITE)
+        _uc_ctl(self._handle, _CTL_TLB_FLUSH)
 
     def flush_page(self, vaddr: int) -> None:
         """Drop Unicorn's translation of the 4 KiB page of `vaddr`, in every

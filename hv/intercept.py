@@ -47,6 +47,14 @@ def candidate_starts(code: bytes, limit: int) -> list[int]:
     return sorted(starts)
 
 
+def ends_open(code: bytes, limit: int) -> bool:
+    """Whether the bytes after `limit` can change candidate_starts(code,
+    limit): only if an intercepted opcode may begin in the last two bytes,
+    or the last byte may be a prefix of one that begins after `limit`."""
+    return code[limit - 1] in _PREFIXES or code[limit - 1] == 0x0F or \
+        code[limit - 2:limit] == b"\x0f\x01"
+
+
 @dataclass(frozen=True)
 class Intercepted:
     """A decoded intercepted instruction.

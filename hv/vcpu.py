@@ -16,7 +16,7 @@ from .arch.x86 import (GATE_INTERRUPT, GATE_TRAP, HAS_ERROR_CODE, IDT_GATE_SIZE,
                        RFLAGS, TSS_IST1, TSS_RSP0, Vector, causes_double_fault, decode_idt_gate)
 from .engine import Engine
 from .exits import Exit, dispatch, io_qualification, PORT_CONSOLE_LSR
-from .intercept import MAX_INSN, candidate_starts, decode
+from .intercept import MAX_INSN, candidate_starts, decode, ends_open
 from .mmu.walker import FETCH, READ, WRITE, EmulateWrite, Fault, PageFault
 from .stats import Stats
 
@@ -41,6 +41,7 @@ class _CodePage:
     frame: int
     data: bytes
     hooked: set[int] = field(default_factory=set)     # offsets with a code hook
+    tail: bool = True       # an intercepted instruction may run into the next page
 
 
 class VCpu:
@@ -58,7 +59,7 @@ class VCpu:
         self._stop = False                        # a handler asked the slice to end
         self._faulted = False                     # QEMU raised an exception this slice
         self._code: dict[int, _CodePage] = {}     # virtual page -> scan
-        self._code_frames: dict[int, bool] = {}   # frame -> some alias may hold W
+        self._code_frames = vm.code_frames        # frame -> written since its scan
         self._decoded: dict[int, object] = {}
         e = self.engine
         if e.python_mmu:
@@ -83,14 +84,12 @@ class VCpu:
             self._pending = (em, access)
             self._pending_page = vaddr
             return None
-        frame = paddr
         if access == FETCH:
-            self._scan(vaddr & ~(PAGE_SIZE - 1), frame)
-        elif frame in self._code_frames:
+            self._scan(vaddr & ~(PAGE_SIZE - 1), paddr)
+        elif paddr in self._code_frames:
             if access == WRITE:
-                # Revoke X from every alias before the code may change.
-                self.engine.flush_tlb()
-                self._code_frames[frame] = True
+                # Revoke X from every alias on every vCPU before the code changes.
+                self.vm.code_written(paddr)
             else:
                 perms &= ~2
         return paddr, perms
@@ -111,19 +110,24 @@ class VCpu:
         write it; a write first flushes Unicorn's TLB, and the next fetch
         finds the page changed and scans it again.
         """
+        page = self._code.get(vpage)
         if self._code_frames.get(frame, True):
-            self.engine.flush_tlb()     # a new code frame, or one an alias may write
+            # A new code frame, or one written since: no alias on any vCPU
+            # may keep W on it now.
+            for cpu in self.vm.vcpus:
+                cpu.engine.flush_tlb()
             self._code_frames[frame] = False
+        elif page is not None and page.frame == frame and not page.tail:
+            return      # unwritten since its scan, and whole without the next page
         nxt = self.mmu.peek(vpage + PAGE_SIZE)
         data = self.vm.mem.read(frame, PAGE_SIZE)
         if nxt is not None:
             data += self.vm.mem.read(nxt, MAX_INSN)
-        page = self._code.get(vpage)
         if page is None:
             page = self._code[vpage] = _CodePage(frame, b"")
         elif page.frame == frame and page.data == data:
             return
-        page.frame, page.data = frame, data
+        page.frame, page.data, page.tail = frame, data, ends_open(data, PAGE_SIZE)
         for off in page.hooked:
             self._decoded.pop(vpage + off, None)
         # Hooks are only ever added: deleting one invalidates translated

@@ -112,8 +112,10 @@ class VM:
         # Walk results replayed until a table they read is written (its
         # engines are added by the vCPUs).
         self.memo = WalkMemo([]) if config.memo and config.mmu != "qemu" else None
-        if self.memo is not None:
-            self.mem.on_write = self.memo.written
+        # Host frames the vCPUs fetched code from -> written since their scan
+        # (hv/vcpu.py, VCpu._scan).
+        self.code_frames: dict[int, bool] = {}
+        self.mem.on_write = self._vmm_wrote
         self.console = bytearray()
         self.on_console = on_console    # called with each byte the guest prints
         self.marks: dict[int, dict[str, int]] = {}
@@ -167,6 +169,22 @@ class VM:
         e.set_reg("rdi", cpu.index)
         e.set_reg("rsi", self.config.vcpus)
         e.set_reg("rip", LOAD_ADDR)
+
+    def _vmm_wrote(self, addr: int, length: int = 8) -> None:
+        """The VMM wrote host memory [addr, addr+length) (PhysMem.on_write)."""
+        if self.memo is not None:
+            self.memo.written(addr, length)
+        if self.code_frames:
+            for frame in range(addr & ~0xFFF, addr + length, 0x1000):
+                if frame in self.code_frames:
+                    self.code_written(frame)
+
+    def code_written(self, frame: int) -> None:
+        """Code frame `frame` may change: every vCPU drops its translations
+        (an alias may fetch), and scans it again at its next fetch."""
+        self.code_frames[frame] = True
+        for cpu in self.vcpus:
+            cpu.engine.flush_tlb()
 
     # -- events from vCPUs ---------------------------------------------------
     def finish(self, reason: str, detail: str, exit_code: int | None = None) -> None:

@@ -168,7 +168,12 @@ class NativeMMU:
 
     def peek(self, vaddr: int) -> int | None:
         """Where `vaddr` points now, with no side effect and nothing counted
-        (for the VMM's own inspection: code scanning, crash reports)."""
+        (for the VMM's own inspection: code scanning, crash reports): the
+        TLB's translation if it holds one (what the CPU would use), else the
+        tables'."""
+        tr = self.tlb.lookup(self.asid, vaddr)
+        if tr is not None:
+            return tr.paddr(vaddr)
         gpa = self._peeker.peek(self.cr3, vaddr, self._nxe)
         return None if gpa is None else self.guest.hpa(gpa)
 

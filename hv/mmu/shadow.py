@@ -39,11 +39,24 @@ ACC_W, ACC_U, ACC_X = 1, 2, 4
 ACC_ALL = ACC_W | ACC_U | ACC_X
 FLOOD_LIMIT = 3         # emulated writes with no use in between (KVM's detect_write_flooding)
 RESERVE = 8             # free shadow frames kept for one fault's path
+_PF_W, _PF_U, _PF_I = int(PFErr.W), int(PFErr.U), int(PFErr.I)     # plain ints: hot path
 
 
 def _acc(entry: int) -> int:
     """The access an entry allows, as ACC_* bits."""
     return (ACC_W if entry & RW else 0) | (ACC_U if entry & US else 0) | (0 if entry & NX else ACC_X)
+
+
+def changed_entries(before: bytes, after: bytes) -> list[int]:
+    """Indexes of the 8-byte entries that differ between two table pages,
+    highest first (one XOR of the pages as ints, then one step per entry)."""
+    diff = int.from_bytes(before, "little") ^ int.from_bytes(after, "little")
+    changed = []
+    while diff:
+        index = (diff.bit_length() - 1) >> 6
+        changed.append(index)
+        diff &= (1 << (index << 6)) - 1
+    return changed
 
 
 class ShadowPage:
@@ -273,8 +286,8 @@ class ShadowMMU(NativeMMU):
     def intercepted_exception(self, ex) -> None:
         """#PF exit: fix a hidden fault, or raise the guest's own fault."""
         err = ex.error_code
-        access = FETCH if err & PFErr.I else WRITE if err & PFErr.W else READ
-        self.fix(ex.qualification, access, bool(err & PFErr.U))
+        access = FETCH if err & _PF_I else WRITE if err & _PF_W else READ
+        self.fix(ex.qualification, access, bool(err & _PF_U))
 
     def fix(self, vaddr: int, access: int, user: bool) -> None:
         c, cache = self.counters, self.cache
@@ -354,9 +367,8 @@ class ShadowMMU(NativeMMU):
         if gfn not in cache.shadowed:
             return
         after = self.host.read(cache.guest.hpa(gfn << 12), PAGE_SIZE)
-        changed = [i // 8 for i in range(0, PAGE_SIZE, 8) if before[i:i + 8] != after[i:i + 8]]
         self.counters["mmu_pte_write"] += 1
-        cache.pte_write(self.counters, gfn, changed)
+        cache.pte_write(self.counters, gfn, changed_entries(before, after))
 
     # -- intercepted paging events -------------------------------------------------
     def write_cr(self, cr: int, value: int) -> None:
