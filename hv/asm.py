@@ -77,12 +77,36 @@ def assemble_source(text: str, name="<inline>", base=DEFAULT_BASE, include_dirs=
     inline `<name>`), then in `include_dirs` (default: the asm/ library).
     """
     search = [Path(d) for d in include_dirs] if include_dirs is not None else [asm_lib_dir()]
+    key = (text, name, base, tuple(search))
+    hit = _ASSEMBLED.get(key)
+    if hit is not None and all(_stamp(path) == stamp for path, stamp in hit[1]):
+        return hit[0]
     chain = () if name.startswith("<") else (Path(name).resolve(),)
-    statements = [st for src in _read(text, name, search, chain) for st in _parse_line(src)]
+    included: list[Path] = []
+    statements = [st for src in _read(text, name, search, chain, included)
+                  for st in _parse_line(src)]
     final = _layout(statements, base)
     for insn, address, code, operands in final.checks:
         insn.verify(address, code, operands)
-    return Image(bytes(final.code), base, final.labels, tuple(final.source_map))
+    image = Image(bytes(final.code), base, final.labels, tuple(final.source_map))
+    if len(_ASSEMBLED) >= 256:
+        _ASSEMBLED.clear()
+    _ASSEMBLED[key] = (image, tuple((path, _stamp(path)) for path in included))
+    return image
+
+
+# Images already assembled in this process, with the files they included and
+# their stamps: assembling takes a keystone call per instruction, and
+# hv compare or a test file runs the same guest many times.
+_ASSEMBLED: dict[tuple, tuple[Image, tuple]] = {}
+
+
+def _stamp(path: Path) -> tuple[int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_mtime_ns, st.st_size
 
 
 def disassemble(code: bytes, base=DEFAULT_BASE) -> list[str]:
@@ -151,8 +175,9 @@ class _Source:
 _INCLUDE_RE = re.compile(r"\.include\b\s*(.*)", re.I)
 
 
-def _read(text, name, search, chain):
-    """Yield every non-empty line of a source, includes expanded in place."""
+def _read(text, name, search, chain, included):
+    """Yield every non-empty line of a source, includes expanded in place
+    (each included file is appended to `included`)."""
     folder = None if name.startswith("<") else Path(name).parent
     for number, line in enumerate(text.splitlines(), 1):
         code = _strip_comment(line).strip()
@@ -161,12 +186,12 @@ def _read(text, name, search, chain):
         src = _Source(name, number, code)
         include = _INCLUDE_RE.fullmatch(code)
         if include:
-            yield from _include(src, include[1], folder, search, chain)
+            yield from _include(src, include[1], folder, search, chain, included)
         else:
             yield src
 
 
-def _include(src, argument, folder, search, chain):
+def _include(src, argument, folder, search, chain, included):
     quoted = re.fullmatch(r'"([^"]+)"', argument.strip())
     if not quoted:
         raise src.error(".include needs a quoted file name")
@@ -178,7 +203,8 @@ def _include(src, argument, folder, search, chain):
     key = path.resolve()
     if key in chain:
         raise src.error("include cycle: " + " -> ".join(p.name for p in (*chain, key)))
-    yield from _read(path.read_text(), str(path), search, (*chain, key))
+    included.append(path)
+    yield from _read(path.read_text(), str(path), search, (*chain, key), included)
 
 
 def _outside_quotes(text: str):
