@@ -1,13 +1,23 @@
 """hv's benchmarks: hv against the ceiling, bare Unicorn on the same image.
 
-    .venv/bin/python bench/bench.py [--repeat N] [--json]     (or: make bench)
+    .venv/bin/python bench/bench.py [--repeat N] [--quick] [--json]   (or: make bench)
 
-Each benchmark runs hv and its reference in the same process, alternating,
-`--repeat` times, and reports medians, spreads (max/min) and ratios of
-medians. The ceiling is Unicorn itself running the same image with its own
-MMU and none of hv's work: hv's mode `qemu` VM, started with a plain
-`emu_start` (no instruction counting); only the final `out` to port 0xf4
-reaches a hook.
+Each timed benchmark runs hv and its reference in the same process,
+alternating, `--repeat` times, and reports medians, spreads (max/min) and
+ratios of medians:
+
+- throughput: guest instructions per second on `compute` and on a
+  TLB-friendly memory loop, hv in each mode against the ceiling (hv's `qemu`
+  VM started with a plain `emu_start`: Unicorn's own MMU, no hooks, no
+  instruction count) and against the same with Unicorn counting
+  instructions (`emu_start(count=...)`), which exact counts need;
+- cost per exit: a guest that causes N events minus the same guest without
+  them, over the events counted;
+- cost per modelled TLB miss: a guest that misses on every access, in steady
+  state (a run of 9 passes minus a run of 1, over the misses between), with
+  walks replayed from the walk memo and with every walk done (memo off);
+- scale: 16 VMs of 4 vCPUs running 10^8 instructions, and a 4 GiB guest
+  touching 16 MiB, each in a fresh process: time and resident memory.
 """
 from __future__ import annotations
 
@@ -15,13 +25,16 @@ import argparse
 import json
 import platform
 import statistics
+import subprocess
 import sys
 import time
+from pathlib import Path
 
 import hv
 from hv.asm import assemble_source
 from hv.vm import VM, Config
 
+MODES = ("native", "shadow", "ept")
 EXIT = "xor eax, eax\nmov dx, 0xf4\nout dx, al\n"
 
 COMPUTE = "compute"
@@ -71,8 +84,12 @@ PT_SETUP = """
 # page stays shadowed (no write flooding); the baseline only uses it.
 PTE_USE = "    invlpg [r15]\n    mov rdx, qword ptr [r15]\n"
 PTE_WRITE = "    mov qword ptr [r14], rsi\n" + PTE_USE
-# Every access misses the TLB: 4096 pages through 4 KiB guest pages.
-TLB_MISSES = """
+
+
+def tlb_misses(passes: int) -> str:
+    """Every access misses the TLB: 4096 pages through 4 KiB guest pages,
+    `passes` times."""
+    return f"""
     mov rbx, 0x500000
     mov rax, 0x1000003
     mov rcx, 4096
@@ -89,7 +106,7 @@ link:
     add rax, 0x1000
     add rdi, 8
     loop link
-    mov r8, 4
+    mov r8, {passes}
 pass:
     mov rbx, 0x8000000
     mov rcx, 4096
@@ -99,6 +116,31 @@ touch:
     loop touch
     dec r8
     jnz pass
+""" + EXIT
+
+
+# Every vCPU of every VM: a register loop and a store to its own page, then HLT.
+SCALE_LOOP = """
+    mov rbx, rdi
+    shl rbx, 12
+    add rbx, 0x1000000
+    mov rcx, {iterations}
+spin:
+    add rax, rcx
+    mov qword ptr [rbx], rax
+    dec rcx
+    jnz spin
+    hlt
+"""
+# One store to each page of 16 MiB, then exit.
+TOUCH_16M = """
+    mov rbx, 0x1000000
+    mov rcx, 4096
+touch:
+    mov qword ptr [rbx], rcx
+    add rbx, 0x1000
+    dec rcx
+    jnz touch
 """ + EXIT
 
 
@@ -115,11 +157,13 @@ def time_hv(img: bytes, mmu: str, **kw) -> tuple[float, hv.Result]:
     return dt, r
 
 
-def time_ceiling(img: bytes) -> float:
+def time_ceiling(img: bytes, count: int = 0) -> float:
+    """Unicorn alone on the image (its own MMU, no hooks but the final
+    `out`), counting instructions if `count`."""
     vm = VM(img, Config(mmu="qemu"))
     uc = vm.vcpus[0].engine.uc
     t = time.perf_counter()
-    uc.emu_start(vm.vcpus[0].engine.reg("rip"), 0)
+    uc.emu_start(vm.vcpus[0].engine.reg("rip"), 0, count=count)
     dt = time.perf_counter() - t
     assert vm.exit_code == 0, vm.detail
     return dt
@@ -138,85 +182,152 @@ def summary(ts: list[float]) -> dict:
     return {"median_s": statistics.median(ts), "spread": max(ts) / min(ts)}
 
 
-def throughput(repeat: int) -> list[dict]:
-    rows = []
-    for name, guest in (("compute", COMPUTE), ("memory loop", MEMLOOP)):
-        img = image(guest)
-        insns = hv.run("x", image=img).counters["insns"]
-        modes = ("native", "shadow", "ept")
-        times = alternate(repeat, lambda: time_ceiling(img),
-                          *[(lambda m=m: time_hv(img, m)[0]) for m in modes])
-        ceiling = statistics.median(times[0])
-        for mode, ts in zip(("ceiling",) + modes, times):
-            s = summary(ts)
-            rows.append({"benchmark": f"throughput: {name}", "mode": mode, **s,
-                         "minsn_per_s": insns / s["median_s"] / 1e6,
-                         "vs_ceiling": ceiling / s["median_s"]})
-    return rows
+class Bench:
+    def __init__(self, repeat: int, quick: bool, progress=None):
+        self.repeat, self.quick = repeat, quick
+        self.progress = progress or (lambda what: None)
+
+    def throughput(self) -> list[dict]:
+        rows = []
+        loop = MEMLOOP.replace("400000", "4000") if self.quick else MEMLOOP
+        for name, guest in (("compute", COMPUTE), ("memory loop", loop)):
+            self.progress(f"throughput: {name}")
+            img = image(guest)
+            insns = hv.run("x", image=img).counters["insns"]
+            labels = ("ceiling", "ceiling, counting") + MODES
+            runs = [lambda: time_ceiling(img), lambda: time_ceiling(img, count=10**12)]
+            runs += [(lambda m=m: time_hv(img, m)[0]) for m in MODES]
+            times = alternate(self.repeat, *runs)
+            ceiling, counting = (statistics.median(t) for t in times[:2])
+            for label, ts in zip(labels, times):
+                s = summary(ts)
+                rows.append({"benchmark": name, "mode": label, "insns": insns, **s,
+                             "minsn_per_s": insns / s["median_s"] / 1e6,
+                             "vs_ceiling": ceiling / s["median_s"],
+                             "vs_counting": counting / s["median_s"]})
+        return rows
+
+    def exits(self) -> list[dict]:
+        """Cost of one exit: (run with n events - run without) / events."""
+        n = 200 if self.quick else 20000
+        cases = [  # (name, mode, guest, baseline guest, the counter of the events)
+            ("IO_INSTRUCTION exit", "native", events(n, IO), events(n, ""), "io_exits"),
+            ("VMCALL exit", "native", events(n, VMCALL), events(n, ""), "hypercalls"),
+            ("CR_ACCESS exit", "shadow", events(n, CR3), events(n, ""), "cr3_loads"),
+            ("PTE write emulation", "shadow", events(n, PTE_WRITE, PT_SETUP),
+             events(n, PTE_USE, PT_SETUP), "mmu_pte_write"),
+        ]
+        rows = []
+        for name, mode, guest, base, what in cases:
+            self.progress(f"exits: {name}")
+            img, base_img = image(guest), image(base)
+            times = alternate(self.repeat, lambda: time_hv(img, mode)[0],
+                              lambda: time_hv(base_img, mode)[0])
+            count = (time_hv(img, mode)[1].counters.get(what, 0)
+                     - time_hv(base_img, mode)[1].counters.get(what, 0))
+            cost = (statistics.median(times[0]) - statistics.median(times[1])) / count
+            rows.append({"benchmark": name, "mode": mode, "events": count,
+                         "us_per_event": cost * 1e6, **summary(times[0])})
+        return rows
+
+    def tlb_misses(self) -> list[dict]:
+        """Steady-state cost of a modelled TLB miss: (9 passes - 1 pass) / misses."""
+        few, many = (1, 2) if self.quick else (1, 9)
+        one, more = image(tlb_misses(few)), image(tlb_misses(many))
+        rows = []
+        for mode, refs in (("native", 4), ("shadow", 4), ("ept", 24)):
+            for memo in (True, False):
+                how = "replayed" if memo else "walked"
+                self.progress(f"TLB misses: {mode}, {how}")
+                times = alternate(self.repeat, lambda: time_hv(more, mode, memo=memo)[0],
+                                  lambda: time_hv(one, mode, memo=memo)[0])
+                misses = (time_hv(more, mode, memo=memo)[1].tlb["misses"]
+                          - time_hv(one, mode, memo=memo)[1].tlb["misses"])
+                cost = (statistics.median(times[0]) - statistics.median(times[1])) / misses
+                rows.append({"benchmark": f"TLB miss, {refs}-reference walk {how}", "mode": mode,
+                             "events": misses, "us_per_event": cost * 1e6, **summary(times[0])})
+        return rows
+
+    def scale(self) -> list[dict]:
+        """Each in a fresh process, so its resident memory is its own."""
+        iterations = 10**8 // (16 * 4 * 4)
+        cases = [("16 VMs x 4 vCPUs, 1e8 insns", "native",
+                  dict(guest=SCALE_LOOP.format(iterations=iterations // (100 if self.quick else 1)),
+                       vms=16, vcpus=4, ram="32M"))]
+        cases += [("4 GiB guest touching 16 MiB", mode, dict(guest=TOUCH_16M, ram="4G"))
+                  for mode in MODES]
+        rows = []
+        for name, mode, kw in cases:
+            self.progress(f"scale: {name}, {mode}")
+            out = subprocess.run([sys.executable, __file__, "--child", json.dumps([mode, kw])],
+                                 capture_output=True, text=True, check=True).stdout
+            rows.append({"benchmark": name, "mode": mode, **json.loads(out)})
+        return rows
 
 
-def per_event(repeat: int, n: int = 20000) -> list[dict]:
-    """Cost of one exit or miss: (run with n events - run with none) / events."""
-    # (name, mode, guest, baseline guest or None for the ceiling, what counts an event)
-    cases = [
-        ("IO_INSTRUCTION exit", "native", events(n, IO), events(n, ""), "io_exits"),
-        ("VMCALL exit", "native", events(n, VMCALL), events(n, ""), "hypercalls"),
-        ("CR_ACCESS exit (shadow)", "shadow", events(n, CR3), events(n, ""), "cr3_loads"),
-        ("PTE write emulation (shadow)", "shadow", events(n, PTE_WRITE, PT_SETUP),
-         events(n, PTE_USE, PT_SETUP), "mmu_pte_write"),
-        ("TLB miss, 4-reference walk", "native", TLB_MISSES, None, "tlb.misses"),
-        ("TLB miss, 24-reference walk", "ept", TLB_MISSES, None, "tlb.misses"),
-    ]
+def _rss_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096 / 2**20
 
-    def count(r: hv.Result, what: str) -> int:
-        return r.tlb["misses"] if what == "tlb.misses" else r.counters.get(what, 0)
 
-    rows = []
-    for name, mode, guest, base, what in cases:
-        img = image(guest)
-        base_img = image(base) if base else img
-        base_run = (lambda: time_hv(base_img, mode)[0]) if base else (lambda: time_ceiling(img))
-        times = alternate(repeat, lambda: time_hv(img, mode)[0], base_run)
-        n_events = count(time_hv(img, mode)[1], what)
-        if base:
-            n_events -= count(time_hv(base_img, mode)[1], what)
-        cost = (statistics.median(times[0]) - statistics.median(times[1])) / n_events
-        rows.append({"benchmark": name, "mode": mode, "events": n_events,
-                     "us_per_event": cost * 1e6, **summary(times[0])})
-    return rows
+def child(arg: str) -> None:
+    """One scale case, run in this fresh process: time and memory as JSON."""
+    mode, kw = json.loads(arg)
+    img = image(kw.pop("guest"))
+    before = _rss_mib()
+    dt, r = time_hv(img, mode, **kw)
+    json.dump({"seconds": dt, "insns": r.counters["insns"], "rss_before_mib": before,
+               "rss_after_mib": _rss_mib()}, sys.stdout)
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--quick", action="store_true", help="small sizes (a smoke test)")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    result = {"machine": {"python": sys.version.split()[0], "platform": platform.platform(),
-                          "processor": platform.processor() or platform.machine()},
-              "repeat": args.repeat,
-              "throughput": throughput(args.repeat),
-              "per_event": per_event(args.repeat)}
+    if args.child:
+        child(args.child)
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+    err = Console(stderr=True)
+    with err.status("") as status:
+        b = Bench(args.repeat, args.quick, lambda what: status.update(f"bench: {what}"))
+        result = {"machine": {"python": sys.version.split()[0], "platform": platform.platform(),
+                              "processor": platform.processor() or platform.machine()},
+                  "command": " ".join([Path(sys.argv[0]).name] + (argv or sys.argv[1:])),
+                  "repeat": args.repeat, "quick": args.quick,
+                  "throughput": b.throughput(), "exits": b.exits(),
+                  "tlb_misses": b.tlb_misses(), "scale": b.scale()}
     if args.json:
         json.dump(result, sys.stdout, indent=2)
         print()
         return 0
-    from rich.console import Console
-    from rich.table import Table
-    t = Table(title="Throughput (same-run medians)", title_justify="left")
-    for col in ("benchmark", "mode", "median s", "spread", "M insn/s", "x ceiling"):
-        t.add_column(col, justify="left" if col in ("benchmark", "mode") else "right")
-    for r in result["throughput"]:
-        t.add_row(r["benchmark"], r["mode"], f"{r['median_s']:.3f}", f"{r['spread']:.2f}",
-                  f"{r['minsn_per_s']:.1f}", f"{r['vs_ceiling']:.2f}")
-    e = Table(title="Cost per event (median difference / events)", title_justify="left")
-    for col in ("benchmark", "mode", "events", "µs per event", "spread"):
-        e.add_column(col, justify="left" if col in ("benchmark", "mode") else "right")
-    for r in result["per_event"]:
-        e.add_row(r["benchmark"], r["mode"], f"{r['events']:,}", f"{r['us_per_event']:.2f}",
-                  f"{r['spread']:.2f}")
-    c = Console()
-    c.print(t)
-    c.print(e)
+    out = Console()
+
+    def table(title, columns, rows):
+        t = Table(title=title, title_justify="left")
+        for col in columns:
+            t.add_column(col, justify="left" if col in ("benchmark", "mode") else "right")
+        for row in rows:
+            t.add_row(*row)
+        out.print(t)
+
+    table("Throughput (same-run medians)",
+          ("benchmark", "mode", "median s", "spread", "M insn/s", "x ceiling", "x counting"),
+          [(r["benchmark"], r["mode"], f"{r['median_s']:.3f}", f"{r['spread']:.2f}",
+            f"{r['minsn_per_s']:.1f}", f"{r['vs_ceiling']:.2f}", f"{r['vs_counting']:.2f}")
+           for r in result["throughput"]])
+    table("Cost per event (median difference / events)",
+          ("benchmark", "mode", "events", "µs per event", "spread"),
+          [(r["benchmark"], r["mode"], f"{r['events']:,}", f"{r['us_per_event']:.2f}",
+            f"{r['spread']:.2f}") for r in result["exits"] + result["tlb_misses"]])
+    table("Scale (each in a fresh process)",
+          ("benchmark", "mode", "seconds", "M insn/s", "RSS before MiB", "RSS after MiB"),
+          [(r["benchmark"], r["mode"], f"{r['seconds']:.2f}", f"{r['insns'] / r['seconds'] / 1e6:.1f}",
+            f"{r['rss_before_mib']:.0f}", f"{r['rss_after_mib']:.0f}") for r in result["scale"]])
     return 0
 
 

@@ -149,9 +149,15 @@ class _TlbEntry(ctypes.Structure):
     _fields_ = (("paddr", ctypes.c_uint64), ("perms", ctypes.c_uint32))
 
 
-# cb(uc, vaddr, access, entry, user_data) -> bool (unicorn.h, uc_cb_tlbevent_t)
-_FILL_CB = ctypes.CFUNCTYPE(ctypes.c_bool, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_int,
-                            ctypes.c_void_p, ctypes.c_void_p)
+# Callback prototypes (unicorn.h): the engine, the event's arguments, user data.
+_P, _U64, _U32, _INT = ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_int
+_FILL_CB = ctypes.CFUNCTYPE(ctypes.c_bool, _P, _U64, _INT, _P, _P)      # uc_cb_tlbevent_t
+_CODE_CB = ctypes.CFUNCTYPE(None, _P, _U64, _U32, _P)                   # uc_cb_hookcode_t
+_INTR_CB = ctypes.CFUNCTYPE(None, _P, _U32, _P)                         # uc_cb_hookintr_t
+_IN_CB = ctypes.CFUNCTYPE(_U32, _P, _U32, _INT, _P)                     # uc_cb_insn_in_t
+_OUT_CB = ctypes.CFUNCTYPE(None, _P, _U32, _INT, _U32, _P)              # uc_cb_insn_out_t
+_INVALID_CB = ctypes.CFUNCTYPE(ctypes.c_bool, _P, _P)                   # uc_cb_hookinsn_invalid_t
+_UNMAPPED_CB = ctypes.CFUNCTYPE(ctypes.c_bool, _P, _INT, _U64, _INT, ctypes.c_int64, _P)  # uc_cb_eventmem_t
 _uc_reg_write = _uclib.uc_reg_write
 # Registers read and written as one 64-bit value through a direct call
 # (the binding's reg_read costs several times more).
@@ -254,7 +260,11 @@ class Engine:
         return self.hflags.value & 3
 
     # -- hooks (each callback's exceptions are kept, then re-raised by run) --
-    def _guard(self, fn: Callable, failed=None) -> Callable:
+    # Hooks are registered with uc_hook_add directly, each a ctypes callback
+    # that calls one plain function: the binding's wrappers cost a fraction
+    # of a microsecond per event, on every TLB miss and every exit.
+    def _add(self, kind: int, prototype, fn: Callable, failed=None, begin: int = 1,
+             end: int = 0, *extra) -> int:
         def guarded(*args):
             try:
                 return fn(*args)
@@ -263,27 +273,22 @@ class Engine:
                     self.error = e
                 self.stop()
                 return failed
-        return guarded
-
-    def _add(self, kind: int, fn: Callable, *args) -> int:
-        self._hooks.append(fn)
-        return self.uc.hook_add(kind, fn, None, *args)
+        cb = prototype(guarded)
+        self._hooks.append(cb)
+        handle = ctypes.c_size_t()
+        err = _uclib.uc_hook_add(self._handle, ctypes.byref(handle), kind,
+                                 ctypes.cast(cb, ctypes.c_void_p), None, ctypes.c_uint64(begin),
+                                 ctypes.c_uint64(end), *extra)
+        if err:
+            raise EngineError(f"cannot add a hook: {uc_mod.UcError(err)}")
+        return handle.value
 
     def on_fill(self, fill: Callable[[int, int], tuple[int, int] | None]) -> None:
-        """fill(vaddr, access 0/1/2 = read/write/fetch) -> (paddr, perms) or None (fault).
-
-        Registered without the binding's wrappers: this runs on every miss of
-        Unicorn's TLB, and each layer costs a fraction of a microsecond."""
+        """fill(vaddr, access 0/1/2 = read/write/fetch) -> (paddr, perms) or None (fault)."""
         entries: dict[int, _TlbEntry] = {}     # Unicorn passes one or two addresses
 
-        def cb(_handle, vaddr, access, entry_addr, _data):
-            try:
-                result = fill(vaddr, access - UC_MEM_READ)
-            except BaseException as e:    # noqa: BLE001 - re-raised by run()
-                if self.error is None:
-                    self.error = e
-                self.stop()
-                return False
+        def cb(_uc, vaddr, access, entry_addr, _data):
+            result = fill(vaddr, access - UC_MEM_READ)
             if result is None:
                 return False
             entry = entries.get(entry_addr)
@@ -291,42 +296,35 @@ class Engine:
                 entry = entries[entry_addr] = _TlbEntry.from_address(entry_addr)
             entry.paddr, entry.perms = result
             return True
-        fn = _FILL_CB(cb)
-        self._hooks.append(fn)
-        handle = ctypes.c_size_t()
-        err = _uclib.uc_hook_add(self._handle, ctypes.byref(handle), ucc.UC_HOOK_TLB_FILL,
-                                 ctypes.cast(fn, ctypes.c_void_p), None, ctypes.c_uint64(1),
-                                 ctypes.c_uint64(0))
-        if err:
-            raise EngineError(f"cannot hook the TLB fill: {uc_mod.UcError(err)}")
+        self._add(ucc.UC_HOOK_TLB_FILL, _FILL_CB, cb, False)
 
     def on_out(self, out: Callable[[int, int, int], None]) -> None:
-        self._add(ucc.UC_HOOK_INSN, self._guard(lambda uc, port, size, value, _d: out(port, size, value)),
-                  1, 0, x86c.UC_X86_INS_OUT)
+        self._add(ucc.UC_HOOK_INSN, _OUT_CB, lambda _uc, port, size, value, _d: out(port, size, value),
+                  None, 1, 0, ctypes.c_int(x86c.UC_X86_INS_OUT))
 
     def on_in(self, in_: Callable[[int, int], int]) -> None:
-        self._add(ucc.UC_HOOK_INSN, self._guard(lambda uc, port, size, _d: in_(port, size), 0),
-                  1, 0, x86c.UC_X86_INS_IN)
+        self._add(ucc.UC_HOOK_INSN, _IN_CB, lambda _uc, port, size, _d: in_(port, size),
+                  0, 1, 0, ctypes.c_int(x86c.UC_X86_INS_IN))
 
     def on_interrupt(self, intr: Callable[[int], None]) -> None:
-        self._add(ucc.UC_HOOK_INTR, self._guard(lambda uc, vector, _d: intr(vector)))
+        self._add(ucc.UC_HOOK_INTR, _INTR_CB, lambda _uc, vector, _d: intr(vector))
 
     def on_invalid(self, invalid: Callable[[], bool]) -> None:
         """invalid() -> True if handled (RIP already moved), False to fault."""
-        self._add(ucc.UC_HOOK_INSN_INVALID, self._guard(lambda uc, _d: invalid(), False))
+        self._add(ucc.UC_HOOK_INSN_INVALID, _INVALID_CB, lambda _uc, _d: invalid(), False)
 
     def on_unmapped(self, unmapped: Callable[[int], bool]) -> None:
         """unmapped(physical address) -> True if the VMM arranged this access
         to reach unmapped memory (then run() does not treat it as an error)."""
-        def cb(uc, access, address, size, value, _d):
+        def cb(_uc, _access, address, _size, _value, _d):
             self._arranged = unmapped(address)
             return False
-        self._add(ucc.UC_HOOK_MEM_UNMAPPED, self._guard(cb, False))
+        self._add(ucc.UC_HOOK_MEM_UNMAPPED, _UNMAPPED_CB, cb, False)
 
     def hook_code_at(self, address: int, fn: Callable[[int], None]) -> int:
         """Call fn(address) before the instruction that starts at `address` runs."""
-        return self._add(ucc.UC_HOOK_CODE, self._guard(lambda uc, addr, size, _d: fn(addr)),
-                         address, address)
+        return self._add(ucc.UC_HOOK_CODE, _CODE_CB, lambda _uc, addr, _size, _d: fn(addr),
+                         None, address, address)
 
     # -- running -------------------------------------------------------------
     def run(self, pc: int, count: int) -> int:
