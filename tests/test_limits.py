@@ -29,7 +29,9 @@ def test_timeout_stops_a_runaway_guest_with_its_counters():
 def test_ctrl_c_still_prints_the_counters(tmp_path):
     src = tmp_path / "spin.s"
     src.write_text(SPIN)
-    p = subprocess.Popen([sys.executable, "-m", "hv", "run", str(src), "--json"],
+    # A limit no run reaches before the signal (hv spins 10^8 instructions a second).
+    p = subprocess.Popen([sys.executable, "-m", "hv", "run", str(src), "--json",
+                          "--max-insns", str(10**15)],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     time.sleep(1.5)
     p.send_signal(signal.SIGINT)
