@@ -2,26 +2,36 @@
 
 Nothing in Unicorn traps MOV to CR0/CR3/CR4, INVLPG or WRMSR, yet each must
 reach the MMU exactly (they invalidate TLB entries or change paging
-controls). hv scans every code page the guest fetches from for the opcode
-bytes of those instructions and hooks exactly the addresses where one may
-start; a hook decodes the instruction it sits on and ignores it if it is
-something else (a false positive costs nothing until executed).
+controls); RDTSC and RDTSCP must read a clock that is the same on every
+run. hv scans every code page the guest fetches from for the opcode bytes
+of those instructions and hooks exactly the addresses where one may start;
+a hook decodes the instruction it sits on and ignores it if it is something
+else (a false positive costs nothing until executed).
+
+Unicorn (QEMU 5's decoder) also runs these opcodes behind a VEX prefix, as
+the legacy instruction with VEX's R, X, B and W bits as REX's (a real CPU
+raises #UD): the oracle runs them, so hv intercepts them too.
 """
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import capstone
 from capstone import x86 as csx86
 
 # Opcodes after any prefixes: 0F 22 /r (MOV to CRn), 0F 01 /7 with a memory
-# operand (INVLPG), 0F 30 (WRMSR). SDM Vol.2B "MOV-Move to/from Control
-# Registers", Vol.2A "INVLPG", Vol.2B "WRMSR".
-_OPCODES = re.compile(rb"\x0f(?:\x22|\x01|\x30)", re.DOTALL)
+# operand (INVLPG), 0F 30 (WRMSR), 0F 31 (RDTSC), 0F 01 F9 (RDTSCP). SDM
+# Vol.2B "MOV-Move to/from Control Registers", Vol.2A "INVLPG", Vol.2B
+# "WRMSR", "RDTSC", "RDTSCP". The same behind a VEX prefix: C5 xx, or C4 xx
+# xx with map 0F (m-mmmm = 1).
+_OPCODES = re.compile(rb"(?:\x0f|\xc5.|\xc4[\x01\x21\x41\x61\x81\xa1\xc1\xe1].)[\x22\x01\x30\x31]",
+                      re.DOTALL)
 # Legacy prefixes and REX (SDM Vol.2A §2.1.1, §2.2.1).
 _PREFIXES = frozenset(b"\x66\x67\xf2\xf3\xf0\x2e\x36\x3e\x26\x64\x65") | frozenset(range(0x40, 0x50))
 MAX_INSN = 15
+# Prefixes QEMU accepts before VEX: segment overrides and address size.
+_VEX_MAY_FOLLOW = frozenset(b"\x2e\x36\x3e\x26\x64\x65\x67")
 
 
 def candidate_starts(code: bytes, limit: int) -> list[int]:
@@ -32,11 +42,11 @@ def candidate_starts(code: bytes, limit: int) -> list[int]:
     """
     starts = set()
     for m in _OPCODES.finditer(code):
-        i = m.start()
-        if code[i + 1] == 0x01 and i + 2 < len(code):
-            modrm = code[i + 2]
-            if (modrm >> 3) & 7 != 7 or modrm >> 6 == 3:
-                continue            # 0F 01 but not INVLPG
+        i, end = m.start(), m.end()
+        if code[end - 1] == 0x01 and end < len(code):
+            modrm = code[end]
+            if (modrm >> 3) & 7 != 7 or (modrm >> 6 == 3 and modrm != 0xF9):
+                continue            # 0F 01 but neither INVLPG nor RDTSCP
         j = i
         while True:
             if j < limit:
@@ -59,9 +69,9 @@ def ends_open(code: bytes, limit: int) -> bool:
 class Intercepted:
     """A decoded intercepted instruction.
 
-    kind: "mov_cr", "invlpg" or "wrmsr". For mov_cr: `cr` and the source
-    register name `reg`. For invlpg: the memory operand (`base`, `index`,
-    `scale`, `disp`, `segment` register names or None).
+    kind: "mov_cr", "invlpg", "wrmsr", "rdtsc" or "rdtscp". For mov_cr: `cr`
+    and the source register name `reg`. For invlpg: the memory operand
+    (`base`, `index`, `scale`, `disp`, `segment` register names or None).
     """
     kind: str
     size: int
@@ -81,12 +91,13 @@ _cs.detail = True
 
 def decode(code: bytes, address: int) -> Intercepted | None:
     """Decode the instruction at the start of `code`, if it is one hv intercepts."""
-    insn = next(_cs.disasm(code[:MAX_INSN], address, 1), None)
+    code = code[:MAX_INSN]
+    insn = next(_cs.disasm(code, address, 1), None)
     if insn is None:
-        return None
+        return _decode_vex(code, address)
     text = f"{insn.mnemonic} {insn.op_str}".strip()
-    if insn.id == csx86.X86_INS_WRMSR:
-        return Intercepted("wrmsr", insn.size, text)
+    if insn.id in (csx86.X86_INS_WRMSR, csx86.X86_INS_RDTSC, csx86.X86_INS_RDTSCP):
+        return Intercepted(insn.mnemonic, insn.size, text)
     if insn.id == csx86.X86_INS_INVLPG:
         mem = insn.operands[0].mem
         name = insn.reg_name
@@ -101,3 +112,29 @@ def decode(code: bytes, address: int) -> Intercepted | None:
             return Intercepted("mov_cr", insn.size, text, cr=int(insn.reg_name(dst.reg)[2:]),
                                reg=insn.reg_name(src.reg))
     return None
+
+
+def _decode_vex(code: bytes, address: int) -> Intercepted | None:
+    """A VEX-prefixed legacy 0F opcode, as QEMU runs it: rewritten with the
+    equivalent REX prefix for capstone (C5 xx is as long as REX 0F; C4 xx
+    xx one byte longer)."""
+    i = 0
+    while i < len(code) and code[i] in _VEX_MAY_FOLLOW:
+        i += 1
+    if i + 3 > len(code) or code[i] not in (0xC4, 0xC5):
+        return None             # QEMU: #UD after REX, 66, F2, F3 or LOCK
+    if code[i] == 0xC5:
+        r, x, b, w, last, rest = code[i + 1] >> 7 ^ 1, 0, 0, 0, code[i + 1], code[i + 2:]
+    else:
+        if code[i + 1] & 0x1F != 1:
+            return None         # not map 0F
+        r, x, b = (code[i + 1] >> 7 ^ 1, code[i + 1] >> 6 & 1 ^ 1, code[i + 1] >> 5 & 1 ^ 1)
+        w, last, rest = code[i + 2] >> 7, code[i + 2], code[i + 3:]
+    implied = (b"", b"\x66", b"\xf3", b"\xf2")[last & 3]     # VEX.pp
+    rex = bytes([0x40 | w << 3 | r << 2 | x << 1 | b])
+    ins = decode(code[:i] + implied + rex + b"\x0f" + rest, address)
+    if ins is not None and implied:
+        ins = replace(ins, size=ins.size - 1)
+    if ins is None or code[i] == 0xC5:
+        return ins
+    return replace(ins, size=ins.size + 1)

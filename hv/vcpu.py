@@ -12,12 +12,13 @@ from dataclasses import dataclass, field
 from . import asm
 from .arch.paging import PAGE_SIZE
 from .arch.vmx import ExitReason, cr_access_qualification
-from .arch.x86 import (GATE_INTERRUPT, GATE_TRAP, HAS_ERROR_CODE, IDT_GATE_SIZE, MSR_EFER,
-                       RFLAGS, TSS_IST1, TSS_RSP0, Vector, causes_double_fault, decode_idt_gate)
+from .arch.x86 import (CR4, GATE_INTERRUPT, GATE_TRAP, HAS_ERROR_CODE, IDT_GATE_SIZE, MSR_EFER,
+                       RFLAGS, TSS_IST1, TSS_RSP0, Vector, causes_double_fault, decode_idt_gate,
+                       mov_to_cr_faults)
 from .engine import Engine
 from .exits import Exit, dispatch, io_qualification, PORT_CONSOLE_LSR
 from .intercept import MAX_INSN, candidate_starts, decode, ends_open
-from .mmu.walker import FETCH, READ, WRITE, EmulateWrite, Fault, PageFault
+from .mmu.walker import FETCH, READ, WRITE, EmulateWrite, Fault, GeneralProtection, PageFault
 from .stats import Stats
 
 VMCALL = b"\x0f\x01\xc1"
@@ -61,6 +62,8 @@ class VCpu:
         self._code: dict[int, _CodePage] = {}     # virtual page -> scan
         self._code_frames = vm.code_frames        # frame -> written since its scan
         self._decoded: dict[int, object] = {}
+        self._tsc_after: tuple[int, int] | None = None   # (next RIP, TSC) of an RDTSC
+        self._tsc_hooks: set[int] = set()
         e = self.engine
         if e.python_mmu:
             e.on_fill(self._fill)
@@ -139,16 +142,32 @@ class VCpu:
                 self.engine.hook_code_at(vpage + off, self._intercept)
 
     def _intercept(self, rip: int) -> None:
-        """Before a MOV to CR, INVLPG or WRMSR runs: tell the MMU."""
+        """Before a MOV to CR, INVLPG or WRMSR runs: tell the MMU. Before
+        RDTSC or RDTSCP: arrange its result (_after_tsc)."""
         ins = self._decoded.get(rip)
         if ins is None:
             ins = self._decoded[rip] = decode(self.read_code(rip), rip) or False
-        if not ins or self.engine.cpl() != 0:
-            return      # not one of ours, or about to #GP
+        if not ins:
+            return      # not one of ours
         e = self.engine
+        if ins.kind in ("rdtsc", "rdtscp"):
+            if e.cpl() == 0 or not e.reg("cr4") & CR4.TSD:      # else it is about to #GP
+                self._tsc_after = (rip + ins.size, self.stats.counters["insns"] + e.started() - 1)
+                if rip + ins.size not in self._tsc_hooks:
+                    self._tsc_hooks.add(rip + ins.size)
+                    e.hook_code_at(rip + ins.size, self._after_tsc)
+            return
+        if e.cpl() != 0:
+            return      # about to #GP
         if ins.kind == "mov_cr":
+            value = e.reg(ins.reg)
+            if mov_to_cr_faults(ins.cr, value, e.reg("cr4")):
+                # Refused before it runs (Unicorn would load it): #GP(0) at it.
+                self._pending, self._pending_page = (GeneralProtection(), READ), None
+                self.request_stop()
+                return
             ex = Exit(ExitReason.CR_ACCESS, cr_access_qualification(ins.cr, 0), rip, ins.size,
-                      value=e.reg(ins.reg))
+                      value=value)
         elif ins.kind == "invlpg":
             ex = Exit(ExitReason.INVLPG, self._effective_address(ins, rip), rip, ins.size)
         else:
@@ -158,6 +177,16 @@ class VCpu:
             value = (e.reg("rdx") & 0xFFFF_FFFF) << 32 | (e.reg("rax") & 0xFFFF_FFFF)
             ex = Exit(ExitReason.MSR_WRITE, ecx, rip, ins.size, value=value)
         dispatch(self, ex)
+
+    def _after_tsc(self, rip: int) -> None:
+        """After RDTSC/RDTSCP: EDX:EAX is the vCPU's time stamp counter, the
+        instructions it started before the RDTSC, the same on every run
+        (QEMU's would read the host's clock)."""
+        if self._tsc_after is not None and self._tsc_after[0] == rip:
+            tsc = self._tsc_after[1]
+            self.engine.set_reg("rax", tsc & 0xFFFF_FFFF)
+            self.engine.set_reg("rdx", tsc >> 32 & 0xFFFF_FFFF)
+        self._tsc_after = None
 
     def _effective_address(self, ins, rip: int) -> int:
         e = self.engine
@@ -243,7 +272,8 @@ class VCpu:
         self.stats.counters["insns"] += ran
         if self._pending is not None:
             (event, access), self._pending = self._pending, None
-            e.flush_page(self._pending_page)    # it may hold the FAULT_WINDOW mapping
+            if self._pending_page is not None:
+                e.flush_page(self._pending_page)    # it may hold the FAULT_WINDOW mapping
             if isinstance(event, EmulateWrite):
                 ran += self.mmu.emulate_write(self, event)
             else:
@@ -272,6 +302,7 @@ class VCpu:
     def deliver(self, vector: int, error_code: int | None, rip: int, cr2: int = 0) -> None:
         """Deliver an exception through the guest IDT, as the CPU would,
         resolving faults during delivery into #DF and #DF into a triple fault."""
+        self._tsc_after = None      # an RDTSC's next instruction will not run now
         c = self.stats.counters
         while True:
             if vector == Vector.PF:

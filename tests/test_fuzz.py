@@ -443,11 +443,27 @@ RDTSC_SRC = LIB + """
 """
 
 
-@pytest.mark.xfail(strict=True, reason="hv bug: RDTSC reads the host clock, runs are not "
-                   "deterministic")
-def test_regression_rdtsc_is_deterministic():
-    a, b = run_src(RDTSC_SRC, "native"), run_src(RDTSC_SRC, "native")
+@pytest.mark.parametrize("mmu", F.MODES)
+def test_regression_rdtsc_is_deterministic(mmu):
+    """Fixed: RDTSC returns the instructions the vCPU started before it."""
+    a, b = run_src(RDTSC_SRC, mmu), run_src(RDTSC_SRC, mmu)
     assert a.console == b.console
+
+
+TSC_DELTA_SRC = """
+    rdtsc
+    mov r8d, eax
+    nop
+    rdtscp
+    sub eax, r8d
+    out 0xf4, al                        ; exit code: the TSC's advance
+"""
+
+
+@pytest.mark.parametrize("mmu", F.MODES)
+def test_the_tsc_counts_instructions(mmu):
+    """RDTSC, MOV and NOP started between the two reads."""
+    assert run_src(TSC_DELTA_SRC, mmu).exit_code == 3
 
 
 # hv bug 8 (found by the random-code fuzzer: C5 C3 22 A6, which Unicorn ran
@@ -486,9 +502,8 @@ def test_the_oracle_runs_a_vex_prefixed_mov_to_cr3():
     assert (r.reason, r.exit_code, r.console) == ("exit", 0, "0x3023")
 
 
-@pytest.mark.xfail(strict=True, reason="hv bug: a VEX-prefixed MOV to CR3, which Unicorn runs, "
-                   "is not intercepted: hv's MMU keeps the old CR3")
 @pytest.mark.parametrize("mmu", F.MODES)
 def test_regression_vex_prefixed_mov_to_cr3_reaches_the_mmu(mmu):
+    """Fixed: hv finds and decodes VEX-prefixed 0F opcodes as QEMU runs them."""
     r = run_src(VEX_CR3_SRC, mmu)
     assert (r.reason, r.exit_code, r.console) == ("exit", 0, "0x3023")

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from enum import IntEnum, IntFlag
 
+from .paging import PHYS_MASK
+
 
 class CR0(IntFlag):
     """SDM Vol.3A §2.5."""
@@ -15,11 +17,14 @@ class CR0(IntFlag):
     NE = 1 << 5
     WP = 1 << 16    # supervisor writes honour read-only pages
     AM = 1 << 18
+    NW = 1 << 29
+    CD = 1 << 30
     PG = 1 << 31
 
 
 class CR4(IntFlag):
     """SDM Vol.3A §2.5."""
+    TSD = 1 << 2    # RDTSC at CPL 0 only
     PSE = 1 << 4
     PAE = 1 << 5
     PGE = 1 << 7    # global pages
@@ -28,6 +33,23 @@ class CR4(IntFlag):
     PCIDE = 1 << 17
     SMEP = 1 << 20
     SMAP = 1 << 21
+
+
+def mov_to_cr_faults(cr: int, value: int, cr4: int) -> bool:
+    """Whether MOV to CRn with `value` is #GP(0) (SDM Vol.2B, "MOV-Move
+    to/from Control Registers"; Vol.3A §2.5, §4.5.2): reserved bits 63:32
+    of CR0 and CR4, PG without PE or NW without CD in CR0, bits
+    63:MAXPHYADDR of CR3 (bit 63 is no-flush with CR4.PCIDE)."""
+    if cr in (0, 4) and value >> 32:
+        return True
+    if cr == 0:
+        return bool(value & CR0.PG and not value & CR0.PE or value & CR0.NW and not value & CR0.CD)
+    if cr == 3:
+        reserved = ~PHYS_MASK & (2**64 - 1)
+        if cr4 & CR4.PCIDE:
+            reserved &= ~(1 << 63)
+        return bool(value & reserved)
+    return False
 
 
 class EFER(IntFlag):

@@ -65,13 +65,18 @@ class PageFault(Fault):
     vector = 14
 
 
-class NonCanonical(Fault):
-    """A non-canonical address is #GP(0), before any walk (SDM Vol.3A §6.15,
-    "Interrupt 13"); QEMU, the oracle, raises #GP for stack accesses too."""
+class GeneralProtection(Fault):
+    """#GP(0): a non-canonical address, or an instruction the VMM refuses
+    before it runs (a reserved bit in MOV to CR)."""
     vector = 13
 
-    def __init__(self, vaddr: int):
+    def __init__(self, vaddr: int = 0):
         super().__init__(vaddr, 0)
+
+
+class NonCanonical(GeneralProtection):
+    """A non-canonical address is #GP(0), before any walk (SDM Vol.3A §6.15,
+    "Interrupt 13"); QEMU, the oracle, raises #GP for stack accesses too."""
 
 
 class EmulateWrite(Exception):
