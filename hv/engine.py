@@ -14,6 +14,9 @@ in tests/test_engine.py that pin each one):
   a hook stopped it early; its counter lives in `uc_struct.emu_counter`,
   found once per process by `_counter_offset()`.
 - With Unicorn's own MMU a #PF's error code is only in CPUX86State.error_code.
+- The TLB fill callback gets the page of the access; the failed access's
+  address is in `uc_struct.invalid_addr` (`fault_address()`), found once
+  per process by `_fault_offset()`.
 - Writing CS or SS does not change QEMU's CPL (hflags); `set_cpl` does.
 - uc_ctl can only flush Unicorn's whole TLB; QEMU's tlb_flush_page is
   exported, and needs the CPUState that `uc_struct.cpu` points at, found
@@ -57,8 +60,6 @@ for _w in ("eax ebx ecx edx esi edi ebp esp r8d r9d r10d r11d r12d r13d r14d r15
 
 UC_MEM_READ = ucc.UC_MEM_READ        # access codes of the TLB-fill callback
 _uclib = uc_mod.unicorn_py3.unicorn.uclib
-_UNMAPPED = frozenset({ucc.UC_ERR_READ_UNMAPPED, ucc.UC_ERR_WRITE_UNMAPPED,
-                       ucc.UC_ERR_FETCH_UNMAPPED})
 
 
 class EngineError(HvError):
@@ -88,6 +89,41 @@ def _counter_offset() -> int:
 
 
 _COUNTER_OFFSET: int | None = None
+
+
+def _fault_offset() -> int:
+    """Offset of `uc_struct.invalid_addr`: the full address of the access
+    whose TLB fill failed (the fill callback only gets its page), found by
+    failing fills at two known addresses and looking for both in the same
+    place after the instruction counter."""
+    global _FAULT_OFFSET
+    if _FAULT_OFFSET is None:
+        found = None
+        start = _counter_offset()
+        for address in (0x5A5A_1234_5678, 0x3C3C_8765_4321):
+            uc = uc_mod.Uc(ucc.UC_ARCH_X86, ucc.UC_MODE_64)
+            uc.mem_map(0x1000, 0x1000)
+            uc.mem_write(0x1000, bytes.fromhex("488b03f4"))     # mov rax, [rbx]; hlt
+            uc.reg_write(x86c.UC_X86_REG_RBX, address)
+            uc.ctl_set_tlb_mode(ucc.UC_TLB_VIRTUAL)
+            uc.hook_add(ucc.UC_HOOK_TLB_FILL, lambda uc, va, access, entry, _d:
+                        va < 0x2000 and setattr(entry, "paddr", va) is None
+                        and setattr(entry, "perms", 7) is None)
+            try:
+                uc.emu_start(0x1000, 0)
+            except uc_mod.UcError:
+                pass
+            raw = ctypes.string_at(ctypes.cast(uc._uch, ctypes.c_void_p).value + start, 512)
+            hits = {start + off for off in range(0, len(raw) - 8, 8)
+                    if struct.unpack_from("<Q", raw, off)[0] == address}
+            found = hits if found is None else found & hits
+        if len(found) != 1:
+            raise HvError("this unicorn build is not supported: pin unicorn==2.1.4")
+        _FAULT_OFFSET = found.pop()
+    return _FAULT_OFFSET
+
+
+_FAULT_OFFSET: int | None = None
 
 
 def _read_process(addr: int, length: int) -> bytes:
@@ -157,7 +193,7 @@ _INTR_CB = ctypes.CFUNCTYPE(None, _P, _U32, _P)                         # uc_cb_
 _IN_CB = ctypes.CFUNCTYPE(_U32, _P, _U32, _INT, _P)                     # uc_cb_insn_in_t
 _OUT_CB = ctypes.CFUNCTYPE(None, _P, _U32, _INT, _U32, _P)              # uc_cb_insn_out_t
 _INVALID_CB = ctypes.CFUNCTYPE(ctypes.c_bool, _P, _P)                   # uc_cb_hookinsn_invalid_t
-_UNMAPPED_CB = ctypes.CFUNCTYPE(ctypes.c_bool, _P, _INT, _U64, _INT, ctypes.c_int64, _P)  # uc_cb_eventmem_t
+
 _uc_reg_write = _uclib.uc_reg_write
 # Registers read and written as one 64-bit value through a direct call
 # (the binding's reg_read costs several times more).
@@ -185,8 +221,9 @@ class Engine:
         uc.ctl(ucc.UC_CTL_UC_USE_EXITS, ucc.UC_CTL_IO_WRITE, 1)
         self._counter = ctypes.c_uint64.from_address(
             ctypes.cast(uc._uch, ctypes.c_void_p).value + _counter_offset())
+        self._fault_address = ctypes.c_uint64.from_address(
+            ctypes.cast(uc._uch, ctypes.c_void_p).value + _fault_offset())
         self.error: BaseException | None = None   # first exception raised in a hook
-        self._arranged = False      # the last unmapped access was one the VMM arranged
         self._stopped_at: int | None = None     # the counter when a hook asked to stop
         self._hooks = []                           # keep ctypes callbacks alive
         self._handle = uc._uch
@@ -313,14 +350,6 @@ class Engine:
         """invalid() -> True if handled (RIP already moved), False to fault."""
         self._add(ucc.UC_HOOK_INSN_INVALID, _INVALID_CB, lambda _uc, _d: invalid(), False)
 
-    def on_unmapped(self, unmapped: Callable[[int], bool]) -> None:
-        """unmapped(physical address) -> True if the VMM arranged this access
-        to reach unmapped memory (then run() does not treat it as an error)."""
-        def cb(_uc, _access, address, _size, _value, _d):
-            self._arranged = unmapped(address)
-            return False
-        self._add(ucc.UC_HOOK_MEM_UNMAPPED, _UNMAPPED_CB, cb, False)
-
     def hook_code_at(self, address: int, fn: Callable[[int], None]) -> int:
         """Call fn(address) before the instruction that starts at `address` runs."""
         return self._add(ucc.UC_HOOK_CODE, _CODE_CB, lambda _uc, addr, _size, _d: fn(addr),
@@ -331,13 +360,11 @@ class Engine:
         """Run from `pc` for at most `count` instructions; return how many
         started (an instruction that faults counts; the limit's is not run)."""
         self.error = None
-        self._arranged = False
         self._stopped_at = None
         try:
             self.uc.emu_start(pc, 0, count=count)
         except uc_mod.UcError as e:
-            expected = e.errno == ucc.UC_ERR_EXCEPTION or (e.errno in _UNMAPPED and self._arranged)
-            if self.error is None and not expected:
+            if self.error is None and e.errno != ucc.UC_ERR_EXCEPTION:
                 self.error = EngineError(f"unicorn stopped at rip={self.reg('rip'):#x}: {e}")
         # A stop requested by a hook takes effect after Unicorn has counted
         # the next instruction of the block, which never runs: count up to
@@ -346,6 +373,11 @@ class Engine:
         if self.error is not None:
             raise self.error
         return ran
+
+    def fault_address(self) -> int:
+        """The address of the access whose TLB fill failed last (the fill
+        callback only sees its page)."""
+        return self._fault_address.value
 
     def started(self) -> int:
         """Instructions started so far in the current run (call from a hook)."""

@@ -22,10 +22,6 @@ from .mmu.walker import FETCH, READ, WRITE, EmulateWrite, Fault, GeneralProtecti
 from .stats import Stats
 
 VMCALL = b"\x0f\x01\xc1"
-# Physical addresses where nothing is mapped. A data access that faults is
-# sent here so that Unicorn reports its exact address (the fill callback
-# only sees the page): CR2 needs the byte.
-FAULT_WINDOW = 0x7FFF_0000_0000
 HLT = 0xF4
 
 
@@ -56,7 +52,6 @@ class VCpu:
             self.mmu.tlb.attach(self.mmu.asid, self.engine)
         self.halted = False
         self._pending: tuple[Fault, int] | None = None   # a fill's fault and its access
-        self._pending_page = 0                    # ... and the page it was filling
         self._stop = False                        # a handler asked the slice to end
         self._faulted = False                     # QEMU raised an exception this slice
         self._code: dict[int, _CodePage] = {}     # virtual page -> scan
@@ -71,21 +66,18 @@ class VCpu:
         e.on_in(self._in)
         e.on_interrupt(self._interrupt)
         e.on_invalid(self._invalid)
-        e.on_unmapped(self._unmapped)
 
     # -- hooks -------------------------------------------------------------
     def _fill(self, vaddr: int, access: int):
         try:
             paddr, perms = self.mmu.fill(vaddr, access, self._hflags.value & 3 == 3)
         except Fault as fault:
+            # Unicorn stops at the faulting instruction, before it changed
+            # anything, and keeps the access's address (run() reads it).
             self._pending = (fault, access)
-            self._pending_page = vaddr
-            if isinstance(fault, PageFault) and access != FETCH:
-                return FAULT_WINDOW, 7
             return None
         except EmulateWrite as em:
             self._pending = (em, access)
-            self._pending_page = vaddr
             return None
         if access == FETCH:
             self._scan(vaddr & ~(PAGE_SIZE - 1), paddr)
@@ -96,15 +88,6 @@ class VCpu:
             else:
                 perms &= ~2
         return paddr, perms
-
-    def _unmapped(self, paddr: int) -> bool:
-        """The faulting data access reached FAULT_WINDOW: now its exact address is known."""
-        if self._pending is None or paddr >> 12 != FAULT_WINDOW >> 12 or \
-                not isinstance(self._pending[0], PageFault):
-            return False
-        pf = self._pending[0]
-        pf.vaddr = (pf.vaddr & ~(PAGE_SIZE - 1)) | (paddr & (PAGE_SIZE - 1))
-        return True
 
     def _scan(self, vpage: int, frame: int) -> None:
         """Hook the intercepted instructions of a code page (see hv/intercept.py).
@@ -163,7 +146,7 @@ class VCpu:
             value = e.reg(ins.reg)
             if mov_to_cr_faults(ins.cr, value, e.reg("cr4")):
                 # Refused before it runs (Unicorn would load it): #GP(0) at it.
-                self._pending, self._pending_page = (GeneralProtection(), READ), None
+                self._pending = (GeneralProtection(), READ)
                 self.request_stop()
                 return
             ex = Exit(ExitReason.CR_ACCESS, cr_access_qualification(ins.cr, 0), rip, ins.size,
@@ -272,8 +255,6 @@ class VCpu:
         self.stats.counters["insns"] += ran
         if self._pending is not None:
             (event, access), self._pending = self._pending, None
-            if self._pending_page is not None:
-                e.flush_page(self._pending_page)    # it may hold the FAULT_WINDOW mapping
             if isinstance(event, EmulateWrite):
                 ran += self.mmu.emulate_write(self, event)
             else:
@@ -283,7 +264,7 @@ class VCpu:
                 if isinstance(event, PageFault):
                     # A fetch fault's address: the target itself, or the start
                     # of the next page for an instruction that runs into it.
-                    cr2 = max(rip, event.vaddr) if access == FETCH else event.vaddr
+                    cr2 = max(rip, event.vaddr) if access == FETCH else e.fault_address()
                 # Delivered by the CPU (native) or injected by the VMM after
                 # the exit it already counted (shadow): no exit of its own.
                 self.deliver(event.vector, event.error_code, rip, cr2)

@@ -80,10 +80,6 @@ REASONS = {"exit", "halted", "triple_fault", "max_insns", "escape", "error"}
 # `make fuzz` (HV_FUZZ_EXAMPLES=2000 HV_FUZZ_RANDOM=1).
 EXAMPLES = int(os.environ.get("HV_FUZZ_EXAMPLES", "0")) or None
 RANDOM = os.environ.get("HV_FUZZ_RANDOM", "") not in ("", "0")
-# The generators keep out the patterns of the hv bugs the fuzzers found
-# (each has an xfail regression test in test_fuzz.py, named where it is
-# excluded). HV_FUZZ_KNOWN_BUGS=1 generates them again: to check a fix.
-KNOWN_BUGS = os.environ.get("HV_FUZZ_KNOWN_BUGS", "") not in ("", "0")
 
 
 def budget(default: int) -> int:
@@ -157,7 +153,7 @@ class PagingCase:
 
 
 @st.composite
-def entries(draw, known_bugs: bool = KNOWN_BUGS) -> int:
+def entries(draw) -> int:
     """A random paging entry: flags, a target, sometimes reserved bits."""
     targets = TABLES + DATA + (HIGH,) + OUTSIDE + OUTSIDE_HIGH
     target = draw(st.sampled_from(targets))
@@ -176,15 +172,15 @@ def entries(draw, known_bugs: bool = KNOWN_BUGS) -> int:
 
 
 @st.composite
-def paging_cases(draw, known_bugs: bool = KNOWN_BUGS) -> PagingCase:
+def paging_cases(draw) -> PagingCase:
     ents = draw(st.lists(st.tuples(st.integers(0, len(TABLES) - 1), st.sampled_from(INDICES),
-                                   entries(known_bugs)), min_size=1, max_size=24))
+                                   entries()), min_size=1, max_size=24))
     idx = st.sampled_from(INDICES)
     pool = draw(st.lists(st.tuples(idx, idx, idx, idx, st.sampled_from(OFFSETS + (CROSS,)),
                                    st.integers(0, 15).map(lambda n: n == 15)),
                          min_size=1, max_size=6))
     vas = [make_va(*v) for v in pool]
-    value = entries(known_bugs)
+    value = entries()
     va = st.sampled_from(vas)
     flush = st.sampled_from(("invlpg", "cr3"))
     op = st.one_of(
@@ -682,13 +678,13 @@ def first_difference(a: str, b: str) -> str:
 # The prologue also moves the page tables from the boot ABI's (PML4 0x2000,
 # PDPT 0x3000, PD 0x4000) to the top of RAM (CODE_TABLES: the same identity
 # map of 64 MiB with 2 MiB pages): random code easily points RSP a few KiB
-# above 0 (`pop rsp` of a zero, then `ret imm16`), and an exception whose
-# frame lands on a page table that shadow paging write-protects crashes hv's
-# shadow mode (hv bug, test_fuzz.py::test_regression_exception_frame_on_a_
-# page_table). Up there the random code's stack does not reach them, and the
-# boot tables, still shadowed after the switch, are written until shadow
-# paging unshadows them (ARCHITECTURE.md: 3 writes with no use as a table).
-# (With HV_FUZZ_KNOWN_BUGS=1 the prologue keeps the boot tables.)
+# above 0 (`pop rsp` of a zero, then `ret imm16`), and exception frames
+# pushed there would rewrite live page tables with no INVLPG after: which
+# translation is used next is then up to each TLB (QEMU's, hv's model), and
+# modes may part legitimately. Up there the random code's stack does not
+# reach them, and the boot tables, still shadowed after the switch, are
+# written until shadow paging unshadows them (ARCHITECTURE.md: 3 writes
+# with no use as a table).
 CODE_TABLES = 0x3F00000
 CODE_PROLOGUE = """\
     jmp main
@@ -780,7 +776,7 @@ MOVE_TABLES = f"""\
     dec ecx
     jnz .Lflood
 """
-CODE_PROLOGUE = CODE_PROLOGUE.format(move_tables="" if KNOWN_BUGS else MOVE_TABLES)
+CODE_PROLOGUE = CODE_PROLOGUE.format(move_tables=MOVE_TABLES)
 
 _code_prologue_image: bytes | None = None
 
@@ -809,24 +805,11 @@ def code_source(code: bytes, prologue: bool) -> str:
     return (CODE_PROLOGUE if prologue else "") + body
 
 
-def scrub_code(code: bytes, known_bugs: bool = KNOWN_BUGS) -> bytes:
-    """Random code without the bytes of known hv bugs: NOPs in their place,
-    wherever decoding may start (the handler resumes one byte further, so
-    any byte may be an opcode):
-
-    - the x87 escapes D8-DF and the 0F AE group (FXSAVE...): a #PF inside
-      FSTP m80, FNSAVE, FXSAVE, ... is delivered after the instruction
-      (test_regression_fault_in_a_multi_store_instruction_is_precise);
-    - every 31 byte: RDTSC (0F 31, and VEX-prefixed forms that Unicorn
-      also runs as RDTSC) reads the host's clock under the oracle, where
-      nothing intercepts it (hv's modes count instructions:
-      test_the_tsc_counts_instructions), so the two cannot agree.
-    """
-    if known_bugs:
-        return code
-    out = bytearray(code)
-    for i, b in enumerate(out):
-        if 0xD8 <= b <= 0xDF or b == 0x31 or (
-                b == 0xAE and i and out[i - 1] == 0x0F):
-            out[i] = 0x90
-    return bytes(out)
+def scrub_code(code: bytes) -> bytes:
+    """Random code without 31 bytes (NOPs in their place, wherever decoding
+    may start: the handler resumes one byte further, so any byte may be an
+    opcode): RDTSC (0F 31, and the VEX-prefixed forms Unicorn also runs as
+    RDTSC) reads the host's clock under the oracle, where nothing
+    intercepts it, and the vCPU's instruction count in hv's modes
+    (test_the_tsc_counts_instructions): the two cannot agree."""
+    return code.replace(b"\x31", b"\x90")

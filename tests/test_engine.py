@@ -104,24 +104,34 @@ def test_exception_in_a_callback_is_raised_by_run():
         e.run(BASE, 10)
 
 
-def test_fill_sees_the_page_and_the_unmapped_hook_the_byte():
-    """Why vcpu.FAULT_WINDOW exists: the fill callback gets only the page of
-    a data access; an access sent to unmapped memory reports its byte."""
-    e = engine("mov rax, qword ptr [rbx + 0x123]\nhlt", python_mmu=True)
+def test_fill_sees_the_page_and_a_failed_fill_leaves_the_address():
+    """Why Engine.fault_address exists: the fill callback gets only the page
+    of a data access; when it fails, Unicorn stops at the instruction, which
+    has done nothing, and keeps the access's address in uc_struct."""
+    e = engine("mov qword ptr [rbx + 0x123], rax\nhlt", python_mmu=True)
     e.set_reg("rbx", 0x5000)
-    fills, bytes_seen = [], []
+    fills = []
 
     def fill(vaddr, access):
         fills.append(vaddr)
-        if vaddr == 0x5000:
-            return 0x7FFF_0000_0000, 7
-        return vaddr & ~0xFFF, 7
+        return None if vaddr == 0x5000 else (vaddr & ~0xFFF, 7)
     e.on_fill(fill)
-    e.on_unmapped(lambda paddr: bytes_seen.append(paddr) or True)
-    e.run(BASE, 10)
+    assert e.run(BASE, 10) == 1
     assert fills == [BASE, 0x5000]
-    assert bytes_seen == [0x7FFF_0000_0123] and e.reg("rip") == BASE
+    assert e.fault_address() == 0x5123 and e.reg("rip") == BASE
 
+
+def test_a_split_store_fills_its_second_page_before_writing():
+    """Why a write across a page boundary whose second page faults stores
+    nothing: QEMU fills the second page first; the fault address is that
+    page's first byte."""
+    e = engine("mov qword ptr [rbx], rax\nhlt", python_mmu=True)
+    e.set_reg("rbx", 0x5FFC)
+    e.set_reg("rax", 0x1122334455667788)
+    e.on_fill(lambda vaddr, access: None if vaddr == 0x6000 else (vaddr & ~0xFFF, 7))
+    e.run(BASE, 10)
+    assert e.fault_address() == 0x6000 and e.reg("rip") == BASE
+    assert e._mem.read(0x5FFC, 4) == bytes(4)
 
 
 def test_writing_cs_and_ss_does_not_change_the_cpl_but_set_cpl_does():

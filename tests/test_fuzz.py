@@ -6,9 +6,9 @@ generated and why it stays well defined.
 Budgets: `make test` runs a small, derandomized (so deterministic) set;
 `make fuzz` sets HV_FUZZ_EXAMPLES (examples per fuzz test) and
 HV_FUZZ_RANDOM=1 (fresh random seeds). Each mismatch found so far has a
-regression test below with its minimal reproduction; those that are hv bugs
-are marked xfail(strict=True), and their pattern is kept out of the generic
-generators (pointing here) so that the fuzz tests stay green.
+regression test below with its minimal reproduction; every one that was an
+hv bug is fixed. An hv bug found next is pinned as xfail(strict=True), and
+its pattern kept out of the generators (pointing here), until it is fixed.
 """
 import functools
 
@@ -237,16 +237,15 @@ def test_regression_phys_bits_40_to_45_are_reserved(mmu):
     assert (r.reason, r.console) == ("exit", "0x9"), (r.reason, r.detail)
 
 
-# hv bug 2. An instruction that QEMU implements as a helper making several
-# stores (FSTP m80, FBSTP, FNSTENV, FNSAVE, FXSAVE) to a page hv's MMU
-# refuses. hv maps the faulting page to FAULT_WINDOW so that Unicorn reports
-# the exact address; but inside a helper, Unicorn's unmapped-memory path does
-# not abort the instruction: the store is dropped, the helper goes on, and
-# the instruction completes (FSTP pops the FPU stack, FNSAVE reinitializes
-# the FPU). The #PF is then delivered with RIP past the instruction and CR2
-# of its *last* store. The oracle faults precisely: RIP at the instruction,
-# CR2 of its first store, no side effect. Kept out of the random-code fuzzer
-# by fuzzlib.scrub_code (x87 escapes D8-DF and 0F AE become NOPs).
+# Fixed hv bug 2. An instruction that QEMU implements as a helper making
+# several stores (FSTP m80, FBSTP, FNSTENV, FNSAVE, FXSAVE) to a page hv's
+# MMU refuses. hv used to map the faulting page to an unmapped "fault
+# window" so that Unicorn would report the exact address; inside a helper,
+# Unicorn's unmapped-memory path does not abort the instruction, which
+# completed (FSTP popped the FPU stack) and faulted with RIP past it and CR2
+# of its last store. Now the fill fails, Unicorn stops at the instruction
+# with nothing done, and the address comes from Engine.fault_address, as
+# the oracle faults: RIP at the instruction, CR2 of its first store.
 HELPER_STORE_SRC = PF_GP + """
     mov rbx, 0x0000700000000000         ; not mapped
     lea r15, [rip + insn]
@@ -295,8 +294,6 @@ def test_the_oracle_faults_precisely_on_a_helper_store(insn):
     assert (r.reason, r.console) == ("exit", "0x0 0x700000000000 0x2 0x6")
 
 
-@pytest.mark.xfail(strict=True, reason="hv bug: a #PF inside a multi-store instruction "
-                   "(fstp m80, fxsave, ...) is delivered after it completes (RIP, CR2 wrong)")
 @pytest.mark.parametrize("mmu", F.MODES)
 @pytest.mark.parametrize("insn", sorted(HELPER_STORES))
 def test_regression_fault_in_a_multi_store_instruction_is_precise(insn, mmu):
@@ -427,12 +424,14 @@ def test_regression_max_insns_bounds_emulated_instructions():
     assert r.counters["insns"] <= 1000, r.counters
 
 
-# hv bug 7 (found by the random-code fuzzer: a VEX-prefixed 0F 31, which
-# Unicorn runs as RDTSC, fed an address that faulted: CR2 differed between
-# every two runs, whatever the mode). RDTSC reads the host's clock: the same
-# guest prints different things on every run, against ARCHITECTURE.md's
-# "the same guest and configuration give the same JSON". Kept out of the
-# random-code fuzzer: fuzzlib.scrub_code removes 31 bytes.
+# Fixed hv bug 7 (found by the random-code fuzzer: a VEX-prefixed 0F 31,
+# which Unicorn runs as RDTSC, fed an address that faulted: CR2 differed
+# between every two runs, whatever the mode). RDTSC read the host's clock:
+# the same guest printed different things on every run, against
+# ARCHITECTURE.md's "the same guest and configuration give the same JSON".
+# hv now intercepts it and returns the vCPU's instructions started. The
+# oracle still reads the host's clock, so the random-code fuzzer keeps
+# RDTSC out (fuzzlib.scrub_code removes 31 bytes).
 RDTSC_SRC = LIB + """
     rdtsc
     shl rdx, 32
@@ -466,15 +465,14 @@ def test_the_tsc_counts_instructions(mmu):
     assert run_src(TSC_DELTA_SRC, mmu).exit_code == 3
 
 
-# hv bug 8 (found by the random-code fuzzer: C5 C3 22 A6, which Unicorn ran
-# as MOV CR4, RSI). Unicorn (QEMU 5's decoder) runs a VEX-prefixed legacy
-# 0F opcode as the legacy instruction; a real CPU raises #UD. hv finds the
-# instructions it must intercept (MOV to CR, INVLPG, WRMSR) with capstone,
-# which does not decode them: here CR3 changes in the CPU (MOV from CR3
-# reads the new value in every mode) but not in hv's MMU, which goes on
-# walking the old tables: a #PF (CR2 printed, exit 1) where the oracle reads
-# through the new ones. Kept out of the random-code fuzzer:
-# fuzzlib.scrub_code removes C4 and C5 bytes.
+# Fixed hv bug 8 (found by the random-code fuzzer: C5 C3 22 A6, which
+# Unicorn ran as MOV CR4, RSI). Unicorn (QEMU 5's decoder) runs a
+# VEX-prefixed legacy 0F opcode as the legacy instruction; a real CPU raises
+# #UD. hv found the instructions it must intercept (MOV to CR, INVLPG,
+# WRMSR) with capstone, which does not decode them: CR3 changed in the CPU
+# but not in hv's MMU, which went on walking the old tables. The scanner
+# now finds VEX forms too and decodes them as QEMU runs them
+# (hv/intercept.py).
 VEX_CR3_SRC = PF_GP + """
     mov rax, qword ptr [0x2000]         ; a second PML4 at 0x500000: the boot one,
     mov qword ptr [0x500000], rax       ; plus PML4[1] -> PDPT 0x501000
