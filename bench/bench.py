@@ -16,8 +16,10 @@ ratios of medians:
 - cost per modelled TLB miss: a guest that misses on every access, in steady
   state (a run of 9 passes minus a run of 1, over the misses between), with
   walks replayed from the walk memo and with every walk done (memo off);
-- scale: 16 VMs of 4 vCPUs running 10^8 instructions, and a 4 GiB guest
-  touching 16 MiB, each in a fresh process: time and resident memory.
+- scale: 16 VMs of 4 vCPUs running 10^8 instructions, a 4 GiB guest
+  touching 16 MiB, and a run of 10^9 instructions and 10^6 exits, each in
+  a fresh process: time, resident memory before, a fifth of the way in
+  (sampled at each console byte) and at its peak.
 """
 from __future__ import annotations
 
@@ -132,6 +134,34 @@ spin:
     jnz spin
     hlt
 """
+# Rounds of a register loop and three exits (port I/O to no device, an
+# unknown hypercall, a mark under a new id); a console byte every 256th.
+LONG_RUN = """
+    xor r13, r13
+    mov r12, {rounds}
+round:
+    mov rcx, {spin}
+spin:
+    add rax, rcx
+    dec rcx
+    jnz spin
+    mov dx, 0x80
+    out dx, al
+    mov eax, 99
+    vmcall
+    xor eax, eax
+    mov rbx, r13
+    vmcall
+    inc r13
+    test r13, 255
+    jnz next
+    mov al, '.'
+    mov dx, 0x3f8
+    out dx, al
+next:
+    dec r12
+    jnz round
+""" + EXIT
 # One store to each page of 16 MiB, then exit.
 TOUCH_16M = """
     mov rbx, 0x1000000
@@ -256,6 +286,9 @@ class Bench:
                        vms=16, vcpus=4, ram="32M"))]
         cases += [("4 GiB guest touching 16 MiB", mode, dict(guest=TOUCH_16M, ram="4G"))
                   for mode in MODES]
+        rounds = 3_334 if self.quick else 333_334      # 10^6 exits, 10^9 instructions
+        cases.append(("1e9 insns, 1e6 exits", "native",
+                      dict(guest=LONG_RUN.format(rounds=rounds, spin=998), max_insns=10**10)))
         rows = []
         for name, mode, kw in cases:
             self.progress(f"scale: {name}, {mode}")
@@ -275,9 +308,12 @@ def child(arg: str) -> None:
     mode, kw = json.loads(arg)
     img = image(kw.pop("guest"))
     before = _rss_mib()
-    dt, r = time_hv(img, mode, **kw)
-    json.dump({"seconds": dt, "insns": r.counters["insns"], "rss_before_mib": before,
-               "rss_after_mib": _rss_mib()}, sys.stdout)
+    peak = [before]
+    dt, r = time_hv(img, mode, on_console=lambda vm, byte: peak.append(_rss_mib()), **kw)
+    peak.append(_rss_mib())
+    json.dump({"seconds": dt, "insns": r.counters["insns"], "exits": r.counters["exits"],
+               "rss_before_mib": before, "rss_fifth_mib": peak[len(peak) // 5],
+               "rss_peak_mib": max(peak)}, sys.stdout)
 
 
 def main(argv=None) -> int:
@@ -325,9 +361,11 @@ def main(argv=None) -> int:
           [(r["benchmark"], r["mode"], f"{r['events']:,}", f"{r['us_per_event']:.2f}",
             f"{r['spread']:.2f}") for r in result["exits"] + result["tlb_misses"]])
     table("Scale (each in a fresh process)",
-          ("benchmark", "mode", "seconds", "M insn/s", "RSS before MiB", "RSS after MiB"),
+          ("benchmark", "mode", "seconds", "M insn/s", "exits", "RSS MiB: before", "a fifth in",
+           "peak"),
           [(r["benchmark"], r["mode"], f"{r['seconds']:.2f}", f"{r['insns'] / r['seconds'] / 1e6:.1f}",
-            f"{r['rss_before_mib']:.0f}", f"{r['rss_after_mib']:.0f}") for r in result["scale"]])
+            f"{r['exits']:,}", f"{r['rss_before_mib']:.0f}", f"{r['rss_fifth_mib']:.0f}",
+            f"{r['rss_peak_mib']:.0f}") for r in result["scale"]])
     return 0
 
 

@@ -22,6 +22,7 @@ PORT_CONSOLE = 0x3F8
 PORT_CONSOLE_LSR = 0x3FD    # 16550 line status: transmitter empty
 PORT_EXIT = 0xF4            # isa-debug-exit style: the value is the exit code
 HYPERCALL_ENOSYS = -1000 & (2**64 - 1)   # KVM's -KVM_ENOSYS
+HYPERCALL_E2BIG = -7 & (2**64 - 1)       # -E2BIG: no room for another mark id
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,8 +93,7 @@ def _vmcall(vcpu: "VCpu", ex: Exit) -> None:
     vcpu.stats.counters["hypercalls"] += 1
     nr = vcpu.engine.reg("rax")
     if nr == Hypercall.MARK:
-        vcpu.vm.mark(vcpu.engine.reg("rbx"), vcpu)
-        result = 0
+        result = 0 if vcpu.vm.mark(vcpu.engine.reg("rbx"), vcpu) else HYPERCALL_E2BIG
     else:
         result = HYPERCALL_ENOSYS
     vcpu.engine.set_reg("rax", result)

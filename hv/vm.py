@@ -37,6 +37,10 @@ PD_ADDR = 0x4000            # one page directory per GiB of RAM
 STACK_TOP = 0xA_0000
 STACK_SIZE = 0x4000
 MAX_VCPUS = 16
+# What a guest can make the VMM keep, so that no guest grows host memory
+# without bound: its console output, and marks with distinct ids.
+MAX_CONSOLE = 8 << 20
+MAX_MARKS = 1024
 MAX_RAM = 64 * GiB
 CODE_SEL, DATA_SEL = 0x08, 0x10
 
@@ -192,15 +196,24 @@ class VM:
             self.ended, self.reason, self.detail, self.exit_code = True, reason, detail, exit_code
 
     def console_write(self, byte: int) -> None:
-        self.console.append(byte)
+        """A byte the guest printed: kept up to MAX_CONSOLE bytes (then
+        counted in console_dropped), always passed to on_console."""
+        if len(self.console) < MAX_CONSOLE:
+            self.console.append(byte)
+        else:
+            self.vcpus[0].stats.counters["console_dropped"] += 1
         if self.on_console is not None:
             self.on_console(byte)
 
-    def mark(self, ident: int, vcpu: VCpu) -> None:
-        """Hypercall MARK from `vcpu`, mid-slice: its instructions so far count."""
+    def mark(self, ident: int, vcpu: VCpu) -> bool:
+        """Hypercall MARK from `vcpu`, mid-slice: its instructions so far
+        count. False (nothing recorded) for a new id beyond MAX_MARKS."""
+        if ident not in self.marks and len(self.marks) >= MAX_MARKS:
+            return False
         snap = self.totals().snapshot()
         snap["insns"] += vcpu.engine.started()
         self.marks[ident] = snap
+        return True
 
     def totals(self) -> Stats:
         """The counters of all vCPUs added up."""
