@@ -21,6 +21,7 @@ from __future__ import annotations
 from ..arch import ept
 from ..arch.paging import ADDR_MASK, PAGE_SIZE, level_shift
 from ..errors import InvariantError
+from ..exits import Exit, dispatch
 from ..arch.vmx import ExitReason
 from ..memory import CHUNK, GuestMemory, VmmFrames
 from ..stats import Stats
@@ -128,7 +129,6 @@ class EptMMU(NativeMMU):
     def hw_walk(self, vaddr: int, access: int, user: bool) -> Translation:
         """The two-dimensional walk; an EPT violation exits, the VMM maps the
         frame, and the walk starts again from the top, as after VM entry."""
-        from ..exits import Exit, dispatch
         while True:
             try:
                 return self.walker.walk(self.cr3, vaddr, access, user, self._wp, self._nxe)

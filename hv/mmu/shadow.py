@@ -29,6 +29,7 @@ from ..arch.paging import (ADDR_MASK, D, ENTRIES_PER_TABLE, G, NX, P, PAGE_SIZE,
 from ..arch.vmx import ExitReason
 from ..arch.x86 import Vector
 from ..errors import InvariantError
+from ..exits import Exit, dispatch
 from ..memory import GuestMemory, VmmFrames
 from ..stats import Stats
 from .native import PROT_R, PROT_W, NativeMMU
@@ -271,8 +272,7 @@ class ShadowMMU(NativeMMU):
         except PageFault as hw:
             # A #PF in hardware: an EXCEPTION_NMI exit. The handler fixes the
             # shadow tables (a hidden fault) or raises what the guest gets.
-            from ..exits import Exit, dispatch
-            dispatch(self.vcpu, Exit(ExitReason.EXCEPTION_NMI, vaddr, 0, value=Vector.PF,
+                dispatch(self.vcpu, Exit(ExitReason.EXCEPTION_NMI, vaddr, 0, value=Vector.PF,
                                      error_code=hw.error_code))
         return self.hw.walk(self._root().hpa, vaddr, access, user, True, True)
 
