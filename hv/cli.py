@@ -68,13 +68,16 @@ def _add_config_options(r: argparse.ArgumentParser) -> None:
                    help="stop after this many wall-clock seconds (default: no limit)")
     r.add_argument("--check", action="store_true",
                    help="check the VMM's isolation invariants after every exit (slow)")
+    r.add_argument("--no-memo", dest="memo", action="store_false",
+                   help="walk every TLB miss in full instead of replaying walks whose "
+                        "tables did not change (slower; the counts are the same)")
 
 
 def _config(args) -> dict:
     return dict(ram=args.ram, tlb_entries=args.tlb_entries, tlb_ways=args.tlb_ways,
                 max_insns=args.max_insns, quantum=args.quantum,
                 ept_large_pages=args.ept_large_pages, pwc=args.pwc, timeout=args.timeout,
-                check_invariants=args.check)
+                check_invariants=args.check, memo=args.memo)
 
 
 def _parser() -> argparse.ArgumentParser:
