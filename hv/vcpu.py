@@ -134,7 +134,7 @@ class VCpu:
             return      # not one of ours
         e = self.engine
         if ins.kind in ("rdtsc", "rdtscp"):
-            if e.cpl() == 0 or not e.reg("cr4") & CR4.TSD:      # else it is about to #GP
+            if e.cpl() == 0 or not self.mmu.cr4 & CR4.TSD:      # else it is about to #GP
                 self._tsc_after = (rip + ins.size, self.stats.counters["insns"] + e.started() - 1)
                 if rip + ins.size not in self._tsc_hooks:
                     self._tsc_hooks.add(rip + ins.size)
@@ -144,7 +144,7 @@ class VCpu:
             return      # about to #GP
         if ins.kind == "mov_cr":
             value = e.reg(ins.reg)
-            if mov_to_cr_faults(ins.cr, value, e.reg("cr4")):
+            if mov_to_cr_faults(ins.cr, value, self.mmu.cr4):
                 # Refused before it runs (Unicorn would load it): #GP(0) at it.
                 self._pending = (GeneralProtection(), READ)
                 self.request_stop()

@@ -4,7 +4,8 @@ import pytest
 from hv.arch.paging import (PAGE_SIZES, PFErr, PTE, is_canonical, level_shift, reserved_mask,
                             table_index)
 from hv.arch.vmx import ExitReason, cr_access_qualification
-from hv.arch.x86 import CR0, CR4, EFER, Vector, causes_double_fault, decode_idt_gate
+from hv.arch.x86 import (CR0, CR4, EFER, Vector, causes_double_fault, decode_idt_gate,
+                         mov_to_cr_faults)
 from hv.exits import io_qualification
 
 
@@ -71,3 +72,16 @@ def test_exit_qualifications():
     assert cr_access_qualification(3, 0) == 3
     assert io_qualification(0x3F8, 1, False) == 0x3F8 << 16
     assert io_qualification(0x3FD, 1, True) == (0x3FD << 16) | 8
+
+
+def test_mov_to_cr_reserved_bits():
+    """SDM Vol.2B "MOV-Move to/from Control Registers": #GP(0) cases."""
+    assert not mov_to_cr_faults(3, 0x2000 | 0x18, 0)                # PWT, PCD
+    assert mov_to_cr_faults(3, 1 << 40 | 0x2000, 0)                 # above MAXPHYADDR
+    assert mov_to_cr_faults(3, 1 << 63 | 0x2000, 0)
+    assert not mov_to_cr_faults(3, 1 << 63 | 0x2000, CR4.PCIDE)     # no-flush with PCIDE
+    assert mov_to_cr_faults(0, CR0.PG, 0)                           # PG without PE
+    assert mov_to_cr_faults(0, CR0.PE | CR0.NW, 0)                  # NW without CD
+    assert mov_to_cr_faults(0, 1 << 32 | CR0.PE, 0) and mov_to_cr_faults(4, 1 << 40, 0)
+    assert not mov_to_cr_faults(0, CR0.PE | CR0.PG | CR0.WP, 0)
+    assert not mov_to_cr_faults(8, 1 << 40, 0)

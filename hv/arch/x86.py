@@ -40,16 +40,19 @@ def mov_to_cr_faults(cr: int, value: int, cr4: int) -> bool:
     to/from Control Registers"; Vol.3A §2.5, §4.5.2): reserved bits 63:32
     of CR0 and CR4, PG without PE or NW without CD in CR0, bits
     63:MAXPHYADDR of CR3 (bit 63 is no-flush with CR4.PCIDE)."""
-    if cr in (0, 4) and value >> 32:
-        return True
-    if cr == 0:
-        return bool(value & CR0.PG and not value & CR0.PE or value & CR0.NW and not value & CR0.CD)
     if cr == 3:
-        reserved = ~PHYS_MASK & (2**64 - 1)
-        if cr4 & CR4.PCIDE:
-            reserved &= ~(1 << 63)
-        return bool(value & reserved)
+        return bool(value & (_CR3_RSVD_PCID if cr4 & _PCIDE else _CR3_RSVD))
+    if value >> 32:
+        return cr in (0, 4)
+    if cr == 0:
+        return bool(value & _PG and not value & _PE or value & _NW and not value & _CD)
     return False
+
+
+# Plain ints for the check above (IntFlag arithmetic costs a microsecond).
+_PE, _NW, _CD, _PG, _PCIDE = int(CR0.PE), int(CR0.NW), int(CR0.CD), int(CR0.PG), int(CR4.PCIDE)
+_CR3_RSVD = ~PHYS_MASK & (2**64 - 1)
+_CR3_RSVD_PCID = _CR3_RSVD & ~(1 << 63)
 
 
 class EFER(IntFlag):
