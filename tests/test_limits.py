@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -98,38 +99,11 @@ def test_check_finds_an_ept_entry_that_maps_a_foreign_frame():
 
 
 # -- host memory stays flat ---------------------------------------------------
-# A long run of exits of every cheap kind: port I/O to no device, unknown
-# hypercalls, marks under ever new ids, console bytes. Every 256th round it
-# prints a byte, at which the test reads the process's resident size.
-LONG_RUN = """
-    xor r13, r13
-    mov r12, {rounds}
-round:
-    mov rcx, {spin}
-spin:
-    add rax, rcx
-    dec rcx
-    jnz spin
-    mov dx, 0x80
-    out dx, al
-    mov eax, 99
-    vmcall
-    xor eax, eax
-    mov rbx, r13
-    vmcall
-    inc r13
-    test r13, 255
-    jnz next
-    mov al, '.'
-    mov dx, 0x3f8
-    out dx, al
-next:
-    dec r12
-    jnz round
-    xor eax, eax
-    mov dx, 0xf4
-    out dx, al
-"""
+# bench.py's long run: rounds of a register loop and three exits (port I/O
+# to no device, an unknown hypercall, a mark under a new id), a console byte
+# every 256th round, at which the test reads the process's resident size.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+from bench import LONG_RUN  # noqa: E402
 
 
 def _rss_mib() -> float:
