@@ -23,9 +23,9 @@ written through the boot identity map.
 Expected values are written out (error codes, CR2, entries with their A/D
 bits); the `qemu` parameter of each test asserts the same values, so they
 are the oracle's. Where hv and the oracle part by design (a paging
-structure outside RAM: hv stops with "escape", QEMU reads zeros), the test
-says so. hv bugs outside the MMU modes' files are pinned as strict xfails
-with the bug in their reason.
+structure outside RAM: hv stops with "escape", QEMU reads zeros; a MOV to
+CR3 with reserved bits: hv raises #GP, QEMU loads it), the test says so.
+The hv bugs this corpus found are fixed, each test saying which.
 """
 import functools
 
