@@ -4,12 +4,12 @@ One Engine per vCPU. It maps the VM's memory, installs hooks that call
 plain Python callables, reads and writes registers by name, runs the guest
 for a bounded number of instructions and reports how many it started.
 
-Two facts about Unicorn 2.1.4 shape this module (see DESIGN.md and the tests
-in tests/test_engine.py that pin each one):
+These facts about Unicorn 2.1.4 shape this module (see DESIGN.md and the
+tests in tests/test_engine.py that pin them):
 
 - unicorn#1883: CPUX86State.old_exception is never cleared, so the second
   exception is reported as #DF and the third stops the guest silently.
-  `clear_exception()` resets it through a context save/patch/restore.
+  `clear_exception()` resets it in place.
 - Unicorn does not say how many instructions `emu_start(count=N)` ran when
   a hook stopped it early; its counter lives in `uc_struct.emu_counter`,
   found once per process by `_counter_offset()`.
@@ -23,8 +23,8 @@ in tests/test_engine.py that pin each one):
   once per process by `_cpu_layout()`, with the CPUX86State (`env`) in it.
 - The binding's reg_read, context save/restore and hook wrappers cost
   microseconds; QEMU keeps the registers, hflags (CPL) and its exception
-  state in `env`, so the engine reads those fields in place and takes the
-  TLB fill straight from Unicorn through its own ctypes callback.
+  state in `env`, so the engine reads those fields in place and registers
+  every hook with uc_hook_add itself, each a single ctypes callback.
 """
 from __future__ import annotations
 
