@@ -11,7 +11,7 @@ from .mmu.walker import LEVEL_NAMES
 from .paths import bundled_guests
 from .stats import TLB_NAMES
 from .stats import Stats
-from .vm import VM, Config, Machine
+from .vm import MAX_VMS, VM, Config, Machine
 
 
 @dataclass
@@ -90,8 +90,8 @@ def run(guest: str | Path | list, mmu: str = "native", *, ram: int | str = "64M"
         guests = [(str(guest), image)]
     else:
         guests = [load_guest(g) for g in (guest if isinstance(guest, list) else [guest])]
-    if vms < 1:
-        raise HvError(f"--vms must be positive, not {vms}")
+    if not 1 <= vms <= MAX_VMS:
+        raise HvError(f"--vms must be from 1 to {MAX_VMS}, not {vms}")
     unknown = set(options) - {f.name for f in fields(Config)}
     if unknown:
         raise HvError(f"unknown option {', '.join(sorted(unknown))} (options: "

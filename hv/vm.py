@@ -37,6 +37,7 @@ PD_ADDR = 0x4000            # one page directory per GiB of RAM
 STACK_TOP = 0xA_0000
 STACK_SIZE = 0x4000
 MAX_VCPUS = 16
+MAX_VMS = 1024          # VPIDs 1..1024 (the TLB model's tags have room for 65535)
 # What a guest can make the VMM keep, so that no guest grows host memory
 # without bound: its console output, and marks with distinct ids.
 MAX_CONSOLE = 8 << 20
@@ -87,6 +88,8 @@ class VM:
         self.config, self.name = config, name
         self.machine = machine if machine is not None else Machine(config)
         self.index = len(self.machine.vms)
+        if self.index >= MAX_VMS:
+            raise HvError(f"a machine runs at most {MAX_VMS} VMs")
         self.machine.vms.append(self)
         # The VPID: 0 is the host's; without tags every VM shares it.
         self.asid = self.index + 1 if config.asid else 0

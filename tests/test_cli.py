@@ -83,3 +83,9 @@ def test_python_dash_m_and_a_missing_file_without_traceback(tmp_path):
                        capture_output=True, text=True)
     assert p.returncode == 2 and p.stdout == ""
     assert p.stderr.startswith("hv: error: ") and "Traceback" not in p.stderr
+
+
+def test_too_many_vms_is_one_line_and_status_2(capsys):
+    assert main(["run", "hello", "--vms", "5000"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--vms must be from 1 to 1024" in err
