@@ -250,3 +250,25 @@ def test_supervisor_write_to_a_read_only_page_with_cr0_wp_clear(mode):
         out dx, al
     """, mode)
     assert r.exit_code == 0x42
+
+
+def test_a_shadow_page_at_host_physical_0_is_linked():
+    """Fixed hv bug (found by the random-code fuzzer, test_fuzz.py): the
+    VMM area's first frame is host-physical 0, and ShadowCache.link took an
+    empty spte, whose address bits are 0 too, for a link to the shadow page
+    there: a guest large page stayed unmapped in the shadow tables, and the
+    hidden fault it raised again reached the guest as its own #PF."""
+    from collections import Counter
+
+    from hv.arch.paging import ADDR_MASK, P
+    from hv.memory import GuestMemory
+    from hv.mmu.shadow import ShadowCache
+    cache = ShadowCache(GuestMemory.scattered(8 << 20, 8 << 20), 8 << 20)
+    c = Counter()
+    first = cache.get_page(c, 0x1200, 1, True, 7, True)         # the first frame allocated
+    parent = cache.get_page(c, 0x1400, 2, True, 7, True)
+    assert first.hpa == 0
+    cache.link(parent, 5, first)
+    spte = cache.host.read_u64(parent.hpa + 5 * 8)
+    assert spte & P and spte & ADDR_MASK == 0
+    cache.check()

@@ -117,7 +117,10 @@ class ShadowCache:
 
     def link(self, parent: ShadowPage, index: int, child: ShadowPage) -> None:
         spte_addr = parent.hpa + index * 8
-        if self.host.read_u64(spte_addr) & ADDR_MASK != child.hpa:
+        spte = self.host.read_u64(spte_addr)
+        # (A shadow page may sit at host-physical 0: an empty spte's address
+        # bits match it too.)
+        if not spte & P or spte & ADDR_MASK != child.hpa:
             self.host.write_u64(spte_addr, child.hpa | P | RW | US)
             child.parents[spte_addr] = None
 
@@ -272,9 +275,14 @@ class ShadowMMU(NativeMMU):
         except PageFault as hw:
             # A #PF in hardware: an EXCEPTION_NMI exit. The handler fixes the
             # shadow tables (a hidden fault) or raises what the guest gets.
-                dispatch(self.vcpu, Exit(ExitReason.EXCEPTION_NMI, vaddr, 0, value=Vector.PF,
+            dispatch(self.vcpu, Exit(ExitReason.EXCEPTION_NMI, vaddr, 0, value=Vector.PF,
                                      error_code=hw.error_code))
-        return self.hw.walk(self._root().hpa, vaddr, access, user, True, True)
+        try:
+            return self.hw.walk(self._root().hpa, vaddr, access, user, True, True)
+        except PageFault as again:
+            # Fixed, yet faulting: a VMM bug, never the guest's #PF.
+            raise InvariantError(f"the shadow tables still fault at {vaddr:#x} (error code "
+                                 f"{again.error_code:#x}) after the hidden fault was fixed") from None
 
     def fill(self, vaddr: int, access: int, user: bool) -> tuple[int, int]:
         if access == WRITE and self.emulating:
