@@ -686,6 +686,7 @@ def first_difference(a: str, b: str) -> str:
 # written until shadow paging unshadows them (ARCHITECTURE.md: 3 writes
 # with no use as a table).
 CODE_TABLES = 0x3F00000
+CODE_MARK = 1       # the prologue's mark as the random code starts
 CODE_PROLOGUE = """\
     jmp main
 .include "serial.s"
@@ -702,6 +703,9 @@ main:
     inc ebx
     cmp ebx, 32
     jb .Lset
+    xor eax, eax                        ; hypercall 0: mark 1, the random code starts
+    mov ebx, CODE_MARK
+    vmcall
     xor eax, eax
     xor ebx, ebx
     xor ecx, ecx
@@ -776,7 +780,7 @@ MOVE_TABLES = f"""\
     dec ecx
     jnz .Lflood
 """
-CODE_PROLOGUE = CODE_PROLOGUE.format(move_tables=MOVE_TABLES)
+CODE_PROLOGUE = CODE_PROLOGUE.format(move_tables=MOVE_TABLES).replace("CODE_MARK", str(CODE_MARK))
 
 _code_prologue_image: bytes | None = None
 
@@ -785,6 +789,12 @@ _code_prologue_image: bytes | None = None
 # that falls through ends at once instead of running a sled of zeros
 # (`add [rax], al`) to max_insns.
 CODE_EPILOGUE = bytes([0xB0, 0x44, 0xE6, 0xF4])
+
+
+def code_counter(r, name: str) -> int:
+    """What the random code itself added to counter `name`: since the
+    prologue's mark, or the whole run without the prologue."""
+    return r.counters.get(name, 0) - r.marks.get(CODE_MARK, {}).get(name, 0)
 
 
 def code_image(code: bytes, prologue: bool) -> bytes:

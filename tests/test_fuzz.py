@@ -116,10 +116,21 @@ def code_mismatch(res: dict) -> str | None:
     emulated page-table write twice (README, "Shadow paging"). So a mode
     may run out of budget a few instructions earlier or later; the output
     up to that point must still be the same.
+
+    Not compared: a shadow run in which the random code wrote its own live
+    page tables (mmu_pte_write after the prologue's mark; without the
+    prologue the boot tables at 0x2000 are in reach of a `rep movsb` from
+    address 0). With no INVLPG after, a
+    CPU may go on with the old translation or take the new one (SDM Vol.3A
+    §4.10.4.3); QEMU's TLB and hv's model keep the old one, shadow paging
+    zaps the shadow entry and takes the new one, as KVM does. Found with a
+    fresh seed: 50 b5 21 00 04 00 f2 a4 shifted the PML4 by a byte.
     """
     q = res[F.ORACLE]
     for m in F.MODES:
         r = res[m]
+        if m == "shadow" and F.code_counter(r, "mmu_pte_write"):
+            continue
         if F.outcome(r) == F.outcome(q):
             if r.reason == "triple_fault" and r.detail != q.detail:
                 return f"{m}: triple fault {r.detail!r}, oracle {q.detail!r}"
@@ -372,6 +383,20 @@ def test_the_oracle_sets_a_in_a_faulting_1g_page():
 def test_regression_accessed_bit_of_a_faulting_1g_page(mmu):
     r = run_src(ONE_GIG_A_SRC, mmu)
     assert (r.reason, r.console) == ("exit", "0x3 0xa1")
+
+
+# Fixed hv bug 10 (found by the random page-table fuzzer with a fresh seed):
+# the same for a 1 GiB leaf whose address has reserved low bits. QEMU sets A
+# before it looks at PS, then faults on the reserved bits (error code P|RSVD);
+# hv checked the bits first and left A clear.
+RESERVED_1G_CASE = F.PagingCase(entries=[(0, 8, 0x409001), (1, 8, 0x408081)],
+                                ops=[("r", 0x40201008040)], pages=[0x40201008000])
+
+
+def test_regression_accessed_bit_of_a_1g_page_with_reserved_bits():
+    res = F.run_all(F.paging_image(RESERVED_1G_CASE), ram=F.RAM)
+    assert paging_mismatch(res) is None, F.describe(res)
+    assert "m 0x409040 0x4080a1" in res[F.ORACLE].console.splitlines()     # A set
 
 
 # Fixed hv bug 5 (found by the random-code fuzzer, through a VEX-prefixed 0F 07

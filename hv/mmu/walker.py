@@ -324,13 +324,13 @@ class Walker:
                 if pwc is not None:
                     pwc.insert(self.asid, level, vaddr, (table, all_and, any_or))
                 level -= 1
-            if level > 1:
-                if entry & _LARGE_LOW[level]:
-                    raise PageFault(vaddr, err | _PF_P | _PF_RSVD)
-                if level == 3:
-                    # QEMU sets A in a PDPTE before it looks at the rights,
-                    # so a 1 GiB leaf is accessed even if the access faults.
-                    entry = self._set_bits(entry_addr, entry, A)
+            if level == 3:
+                # QEMU sets A in a PDPTE before it looks at PS, so a 1 GiB
+                # leaf is accessed even if the access then faults, for its
+                # rights or for the reserved low bits of its address.
+                entry = self._set_bits(entry_addr, entry, A)
+            if level > 1 and entry & _LARGE_LOW[level]:
+                raise PageFault(vaddr, err | _PF_P | _PF_RSVD)
             writable, usable = bool(all_and & RW), bool(all_and & US)
             nx = bool(nxe and any_or & NX)
             # SDM Vol.3A §4.6: access rights of the whole walk.
