@@ -234,11 +234,12 @@ class VCpu:
         self.halted = True
         self.request_stop()
 
-    def read_code(self, vaddr: int, length: int = MAX_INSN) -> bytes:
-        """Up to `length` bytes at `vaddr`, as far as they are mapped (no side effects)."""
+    def read_code(self, vaddr: int, length: int = MAX_INSN, tlb: bool = True) -> bytes:
+        """Up to `length` bytes at `vaddr`, as far as they are mapped (no
+        side effects; `tlb`: as MMU.peek)."""
         out = b""
         while len(out) < length:
-            paddr = self.mmu.peek(vaddr + len(out))
+            paddr = self.mmu.peek(vaddr + len(out), tlb)
             if paddr is None:
                 break
             n = min(length - len(out), PAGE_SIZE - (paddr & (PAGE_SIZE - 1)))
@@ -374,5 +375,7 @@ class VCpu:
         return desc >> 45 & 3
 
     def describe_fault(self, ex: Exit) -> str:
-        code = self.read_code(ex.rip)
+        # Through the tables, as the oracle reads it: the guest may have
+        # changed them since the TLB cached the page.
+        code = self.read_code(ex.rip, tlb=False)
         return f"triple fault at rip={ex.rip:#x}: {asm.describe_insn(code, ex.rip)}"

@@ -166,12 +166,13 @@ class NativeMMU:
         """A walker that changes nothing and counts nowhere."""
         return Walker(_ReadOnly(mem), Stats(), ram)
 
-    def peek(self, vaddr: int) -> int | None:
+    def peek(self, vaddr: int, tlb: bool = True) -> int | None:
         """Where `vaddr` points now, with no side effect and nothing counted
-        (for the VMM's own inspection: code scanning, crash reports): the
-        TLB's translation if it holds one (what the CPU would use), else the
-        tables'."""
-        tr = self.tlb.lookup(self.asid, vaddr)
+        (for the VMM's own inspection: code scanning, crash reports): with
+        `tlb`, the TLB's translation if it holds one (what the CPU fetches
+        through, and fast), else the tables' (what QEMU's MMU, the oracle,
+        would say)."""
+        tr = self.tlb.lookup(self.asid, vaddr) if tlb else None
         if tr is not None:
             return tr.paddr(vaddr)
         gpa = self._peeker.peek(self.cr3, vaddr, self._nxe)

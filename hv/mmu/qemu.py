@@ -31,6 +31,6 @@ class QemuMMU:
                               bool(e.msr(MSR_EFER) & EFER.NXE))
         return tr.paddr(vaddr)
 
-    def peek(self, vaddr: int) -> int | None:
+    def peek(self, vaddr: int, tlb: bool = True) -> int | None:
         e = self.engine
         return self._peeker.peek(e.reg("cr3"), vaddr, bool(e.msr(MSR_EFER) & EFER.NXE))
