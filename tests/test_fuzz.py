@@ -395,6 +395,22 @@ RESERVED_1G_CASE = F.PagingCase(entries=[(0, 8, 0x409001), (1, 8, 0x408081)],
                                 ops=[("r", 0x40201008040)], pages=[0x40201008000])
 
 
+# Fixed hv bug 11 (the random page-table fuzzer, a fresh seed): a PML4 entry
+# that maps itself at every level, with G, is rewritten through itself, then
+# CR3 is reloaded. With CR4.PGE clear, G means nothing and the reload drops
+# every translation (SDM Vol.3A §4.10.2.4, §4.10.4.1); hv's native and ept
+# kept the "global" one, so the next read did not walk and set no A.
+GLOBAL_WITHOUT_PGE_CASE = F.PagingCase(
+    entries=[(0, 8, 0x408001), (0, 8, 0x408103)],
+    ops=[("w", 0x40201008040, 0x408001, "cr3"), ("r", 0x40201008040)], pages=[0x40201008000])
+
+
+def test_regression_g_without_cr4_pge_is_no_global_page():
+    res = F.run_all(F.paging_image(GLOBAL_WITHOUT_PGE_CASE), ram=F.RAM)
+    assert paging_mismatch(res) is None, F.describe(res)
+    assert res["native"].console.splitlines()[1] == "r 0x40201008040 = 0x408021"
+
+
 def test_regression_accessed_bit_of_a_1g_page_with_reserved_bits():
     res = F.run_all(F.paging_image(RESERVED_1G_CASE), ram=F.RAM)
     assert paging_mismatch(res) is None, F.describe(res)

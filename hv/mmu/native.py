@@ -68,7 +68,7 @@ class NativeMMU:
         if cr == 3:
             self.counters["cr3_loads"] += 1
             self.cr3 = value
-            self._flush(self.tlb.flush_nonglobal)
+            self._flush(self._cr3_flush())
         elif cr == 0:
             changed = (self.cr0 ^ value) & (CR0.PG | CR0.WP)
             self.load_state(value, self.cr3, self.cr4, self.efer)
@@ -79,6 +79,12 @@ class NativeMMU:
             self.cr4 = value
             if changed:
                 self._flush(self.tlb.flush_asid)
+
+    def _cr3_flush(self):
+        """What MOV to CR3 invalidates (SDM Vol.3A §4.10.4.1): the non-global
+        entries, or every entry while CR4.PGE is clear (G counts only with
+        PGE, §4.10.2.4)."""
+        return self.tlb.flush_nonglobal if self.cr4 & CR4.PGE else self.tlb.flush_asid
 
     def write_efer(self, value: int) -> None:
         changed = (self.efer ^ value) & EFER.NXE

@@ -386,7 +386,7 @@ class ShadowMMU(NativeMMU):
             self.root = None                    # found again in the cache on use
             self.cache.ensure_free(self.counters)
             self._root()
-            self._flush(self.tlb.flush_nonglobal)
+            self._flush(self._cr3_flush())
         else:
             super().write_cr(cr, value)
             self._hw_wp = True
