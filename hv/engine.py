@@ -18,6 +18,9 @@ tests in tests/test_engine.py that pin them):
   address is in `uc_struct.invalid_addr` (`fault_address()`), found once
   per process by `_fault_offset()`.
 - Writing CS or SS does not change QEMU's CPL (hflags); `set_cpl` does.
+- Writes through host memory (the VMM's) leave QEMU's translated code of
+  that memory stale; QEMU's tb_invalidate_phys_range is exported and takes
+  the uc_struct and physical addresses (RAM is mapped at 0): `invalidate_code`.
 - uc_ctl can only flush Unicorn's whole TLB; QEMU's tlb_flush_page is
   exported, and needs the CPUState that `uc_struct.cpu` points at, found
   once per process by `_cpu_layout()`, with the CPUX86State (`env`) in it.
@@ -173,6 +176,9 @@ def _cpu_layout() -> tuple[int, int]:
 
 
 _CPU_LAYOUT: tuple[int, int] | None = None
+_tb_invalidate_phys_range = _uclib.tb_invalidate_phys_range_x86_64
+_tb_invalidate_phys_range.argtypes = (ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint64)
+_tb_invalidate_phys_range.restype = None
 _tlb_flush_page = _uclib.tlb_flush_page_x86_64
 _tlb_flush_page.argtypes = (ctypes.c_void_p, ctypes.c_uint64)
 _tlb_flush_page.restype = None
@@ -228,6 +234,9 @@ class Engine:
         self._stopped_at: int | None = None     # the counter when a hook asked to stop
         self._hooks = []                           # keep ctypes callbacks alive
         self._handle = uc._uch
+        self._uc_ptr = ctypes.cast(uc._uch, ctypes.c_void_p).value    # the uc_struct
+        self._running = False
+        self._stale: list[tuple[int, int]] = []    # code ranges to drop after this run
         self._value = ctypes.c_uint64()
         self._value_ref = ctypes.byref(self._value)
         cpu_offset, env_offset = _cpu_layout()
@@ -372,11 +381,17 @@ class Engine:
         started (an instruction that faults counts; the limit's is not run)."""
         self.error = None
         self._stopped_at = None
+        self._running = True
         try:
             self.uc.emu_start(pc, 0, count=count)
         except uc_mod.UcError as e:
             if self.error is None and e.errno != ucc.UC_ERR_EXCEPTION:
                 self.error = EngineError(f"unicorn stopped at rip={self.reg('rip'):#x}: {e}")
+        finally:
+            self._running = False
+            for begin, end in self._stale:
+                _tb_invalidate_phys_range(self._uc_ptr, begin, end)
+            self._stale.clear()
         # A stop requested by a hook takes effect after Unicorn has counted
         # the next instruction of the block, which never runs: count up to
         # the request.
@@ -398,6 +413,17 @@ class Engine:
         if self._stopped_at is None:
             self._stopped_at = self._counter.value
         self.uc.emu_stop()
+
+    def invalidate_code(self, paddr: int, length: int, now: bool = False) -> None:
+        """Drop the code Unicorn translated from physical [paddr, paddr+length):
+        the VMM wrote there through host memory, which QEMU does not see.
+        While this engine runs (a hook), after its emu_start returns: QEMU
+        may be in such code; `now` from a fetch's TLB fill, where it is
+        about to look up the code it drops (QEMU finishes the block it runs)."""
+        if self._running and not now:
+            self._stale.append((paddr, paddr + length))
+        else:
+            _tb_invalidate_phys_range(self._uc_ptr, paddr, paddr + length)
 
     def flush_tlb(self) -> None:
         """Drop every translation in Unicorn's TLB (legal inside the fill callback)."""

@@ -84,7 +84,7 @@ class VCpu:
         elif paddr in self._code_frames:
             if access == WRITE:
                 # Revoke X from every alias on every vCPU before the code changes.
-                self.vm.code_written(paddr)
+                self.vm.code_written(paddr, by=self.engine)
             else:
                 perms &= ~2
         return paddr, perms
@@ -97,11 +97,16 @@ class VCpu:
         finds the page changed and scans it again.
         """
         page = self._code.get(vpage)
-        if self._code_frames.get(frame, True):
+        written = self._code_frames.get(frame)
+        if written is not False:
             # A new code frame, or one written since: no alias on any vCPU
-            # may keep W on it now.
+            # may keep W on it now, and what Unicorn translated from it
+            # before the writes goes (QEMU missed such stores:
+            # test_fuzz.py, test_regression_code_written_on_a_code_frame).
             for cpu in self.vm.vcpus:
                 cpu.engine.flush_tlb()
+                if written:
+                    cpu.engine.invalidate_code(frame, PAGE_SIZE, now=True)
             self._code_frames[frame] = False
         elif page is not None and page.frame == frame and not page.tail:
             return      # unwritten since its scan, and whole without the next page

@@ -13,7 +13,7 @@ import struct
 import time
 from dataclasses import dataclass
 
-from .arch.paging import P, PS, RW
+from .arch.paging import P, PAGE_SIZE, PS, RW
 from .arch.x86 import CR0, CR4, EFER, GDT_CODE64, GDT_DATA, MSR_EFER, RFLAGS
 from .engine import EngineError
 from .errors import HvError, InvariantError
@@ -178,20 +178,29 @@ class VM:
         e.set_reg("rip", LOAD_ADDR)
 
     def _vmm_wrote(self, addr: int, length: int = 8) -> None:
-        """The VMM wrote host memory [addr, addr+length) (PhysMem.on_write)."""
+        """The VMM wrote host memory [addr, addr+length) (PhysMem.on_write).
+        Code there is stale in every engine (QEMU sees only guest stores);
+        under `qemu` no fetch is seen, so every write counts as one to code."""
         if self.memo is not None:
             self.memo.written(addr, length)
-        if self.code_frames:
+        if self.code_frames or self.mmu_mode == "qemu":
             for frame in range(addr & ~0xFFF, addr + length, 0x1000):
-                if frame in self.code_frames:
-                    self.code_written(frame)
+                if frame in self.code_frames or self.mmu_mode == "qemu":
+                    self.code_written(frame, (addr, length))
 
-    def code_written(self, frame: int) -> None:
+    def code_written(self, frame: int, written: tuple[int, int] | None = None,
+                     by=None) -> None:
         """Code frame `frame` may change: every vCPU drops its translations
-        (an alias may fetch), and scans it again at its next fetch."""
-        self.code_frames[frame] = True
-        for cpu in self.vcpus:
+        (an alias may fetch) and scans it again at its next fetch; the code
+        Unicorn translated from `written` (addr, length; default the frame)
+        goes in every engine but `by`, whose own store QEMU sees."""
+        if frame in self.code_frames:
+            self.code_frames[frame] = True
+        addr, length = written or (frame, PAGE_SIZE)
+        for cpu in getattr(self, "vcpus", ()):
             cpu.engine.flush_tlb()
+            if cpu.engine is not by:
+                cpu.engine.invalidate_code(addr, length)
 
     # -- events from vCPUs ---------------------------------------------------
     def finish(self, reason: str, detail: str, exit_code: int | None = None) -> None:

@@ -174,3 +174,18 @@ def test_direct_register_access_matches_the_binding():
     for name, value in (("rax", 2**64 - 1), ("r15", 0x1234), ("rip", BASE + 1), ("cr2", 0xDEAD000)):
         e.set_reg(name, value)
         assert e.reg(name) == e.uc.reg_read(__import__("hv.engine").engine._REGS[name]) == value
+
+
+def test_host_writes_leave_translated_code_stale_until_invalidated():
+    """Why the VMM drops translations after writing guest code through host
+    memory (VM._vmm_wrote, Engine.invalidate_code): QEMU does not see it."""
+    e = engine("mov eax, 1\nhlt")
+    e.run(BASE, 10)
+    e._mem.write(BASE, bytes(_ks.asm("mov eax, 2\nhlt", BASE)[0]))
+    e.set_reg("rax", 0)
+    e.run(BASE, 10)
+    assert e.reg("rax") == 1                    # the old translation ran
+    e.invalidate_code(BASE, 16)
+    e.set_reg("rax", 0)
+    e.run(BASE, 10)
+    assert e.reg("rax") == 2

@@ -491,6 +491,20 @@ def test_regression_live_boot_tables_written_by_random_code(code):
         assert r.counters["insns"] - r.counters.get("insn_emulation", 0) <= CODE_MAX_INSNS, m
 
 
+# Fixed hv bug 12 (a fresh seed): random code in page 0 rewrote, byte by byte,
+# an instruction of the exception handler (in the prologue's page), then
+# faulted; the handler ran the old instruction under hv's modes and the new
+# one (ENTER) under the oracle. QEMU did not drop the block it had
+# translated from that page for the guest's stores there; hv now drops a
+# written code frame's translations when it scans the frame again.
+SMC_HANDLER_CODE = b"\x00" * 11 + b"\x04\xd5\x94\x50\xa0"
+
+
+def test_regression_code_written_on_a_code_frame():
+    res = F.run_all(F.code_image(SMC_HANDLER_CODE, True), max_insns=CODE_MAX_INSNS)
+    assert code_mismatch(res) is None, F.describe(res)
+
+
 def test_regression_a_fixed_hidden_fault_does_not_reach_the_guest():
     res = F.run_all(F.code_image(HIDDEN_FAULT_CODE, True), max_insns=CODE_MAX_INSNS)
     assert code_mismatch(res) is None, F.describe(res)
