@@ -55,7 +55,8 @@ class VCpu:
         self._stop = False                        # a handler asked the slice to end
         self._faulted = False                     # QEMU raised an exception this slice
         self._code: dict[int, _CodePage] = {}     # virtual page -> scan
-        self._code_frames = vm.code_frames        # frame -> written since its scan
+        self._code_frames = vm.code_frames        # the VM's code frames
+        self._written: dict[int, bool] = {}       # frame -> written since this vCPU scanned it
         self._decoded: dict[int, object] = {}
         self._tsc_after: tuple[int, int] | None = None   # (next RIP, TSC) of an RDTSC
         self._tsc_hooks: set[int] = set()
@@ -97,19 +98,21 @@ class VCpu:
         finds the page changed and scans it again.
         """
         page = self._code.get(vpage)
-        written = self._code_frames.get(frame)
+        written = self._written.get(frame)
         if written is not False:
-            # A new code frame, or one written since: no alias on any vCPU
-            # may keep W on it now, and what Unicorn translated from it
-            # before the writes goes (QEMU missed such stores:
-            # test_fuzz.py, test_regression_code_written_on_a_code_frame).
+            # New to this vCPU, or written since: no alias on any vCPU may
+            # keep W on it now.
             for cpu in self.vm.vcpus:
                 cpu.engine.flush_tlb()
-                if written:
-                    cpu.engine.invalidate_code(frame, PAGE_SIZE, now=True)
-            self._code_frames[frame] = False
-        elif page is not None and page.frame == frame and not page.tail:
+        if written:
+            # What this engine translated from it before the writes goes
+            # (VM.code_written dropped the others'; QEMU missed such stores:
+            # test_fuzz.py, test_regression_code_written_on_a_code_frame).
+            self.engine.invalidate_code(frame, PAGE_SIZE, now=True)
+        elif written is False and page is not None and page.frame == frame and not page.tail:
             return      # unwritten since its scan, and whole without the next page
+        self._code_frames.add(frame)
+        self._written[frame] = False
         nxt = self.mmu.peek(vpage + PAGE_SIZE)
         data = self.vm.mem.read(frame, PAGE_SIZE)
         if nxt is not None:
@@ -128,6 +131,11 @@ class VCpu:
             if off not in page.hooked:
                 page.hooked.add(off)
                 self.engine.hook_code_at(vpage + off, self._intercept)
+
+    def code_written(self, frame: int) -> None:
+        """Code frame `frame` may have changed (VM.code_written): scan it again."""
+        if frame in self._written:
+            self._written[frame] = True
 
     def _intercept(self, rip: int) -> None:
         """Before a MOV to CR, INVLPG or WRMSR runs: tell the MMU. Before

@@ -119,9 +119,9 @@ class VM:
         # Walk results replayed until a table they read is written (its
         # engines are added by the vCPUs).
         self.memo = WalkMemo([]) if config.memo and config.mmu != "qemu" else None
-        # Host frames the vCPUs fetched code from -> written since their scan
-        # (hv/vcpu.py, VCpu._scan).
-        self.code_frames: dict[int, bool] = {}
+        # Host frames any vCPU fetched code from (hv/vcpu.py, VCpu._scan).
+        self.code_frames: set[int] = set()
+        self.vcpus: list[VCpu] = []
         self.mem.on_write = self._vmm_wrote
         self.console = bytearray()
         self.on_console = on_console    # called with each byte the guest prints
@@ -130,7 +130,7 @@ class VM:
         self.reason = self.detail = ""
         self.exit_code: int | None = None
         self.budget = config.max_insns      # instructions left (--max-insns)
-        self.vcpus = [VCpu(self, i) for i in range(config.vcpus)]
+        self.vcpus.extend(VCpu(self, i) for i in range(config.vcpus))
         for cpu in self.vcpus:
             self._boot(cpu)
 
@@ -180,12 +180,15 @@ class VM:
     def _vmm_wrote(self, addr: int, length: int = 8) -> None:
         """The VMM wrote host memory [addr, addr+length) (PhysMem.on_write).
         Code there is stale in every engine (QEMU sees only guest stores);
-        under `qemu` no fetch is seen, so every write counts as one to code."""
+        under `qemu` no fetch is seen, so any write may be to code."""
         if self.memo is not None:
             self.memo.written(addr, length)
-        if self.code_frames or self.mmu_mode == "qemu":
+        if self.mmu_mode == "qemu":
+            for cpu in self.vcpus:
+                cpu.engine.invalidate_code(addr, length)
+        elif self.code_frames:
             for frame in range(addr & ~0xFFF, addr + length, 0x1000):
-                if frame in self.code_frames or self.mmu_mode == "qemu":
+                if frame in self.code_frames:
                     self.code_written(frame, (addr, length))
 
     def code_written(self, frame: int, written: tuple[int, int] | None = None,
@@ -194,10 +197,9 @@ class VM:
         (an alias may fetch) and scans it again at its next fetch; the code
         Unicorn translated from `written` (addr, length; default the frame)
         goes in every engine but `by`, whose own store QEMU sees."""
-        if frame in self.code_frames:
-            self.code_frames[frame] = True
         addr, length = written or (frame, PAGE_SIZE)
-        for cpu in getattr(self, "vcpus", ()):
+        for cpu in self.vcpus:
+            cpu.code_written(frame)
             cpu.engine.flush_tlb()
             if cpu.engine is not by:
                 cpu.engine.invalidate_code(addr, length)

@@ -1,5 +1,7 @@
 """The native MMU is exact: the TLB model, not Unicorn's TLB, decides what a
 guest sees; every TLB-flush event reaches it, wherever the instruction is."""
+import pytest
+
 from conftest import run_src
 
 EXIT = "mov dx, 0xf4\nout dx, al\n"
@@ -130,3 +132,53 @@ def test_cr3_load_flushes_non_global_entries_only():
     """ + EXIT)
     assert r.exit_code == 1
     assert r.counters["cr3_loads"] == 1 and r.counters["tlb_flush"] == 3
+
+
+# vCPU 1 writes a MOV to CR3 into a code page both vCPUs already ran, runs
+# it, and only then does vCPU 0 run it: vCPU 0 must scan the page again
+# (whether a page was written since a scan is each vCPU's, not the VM's,
+# or vCPU 1's scan would hide the write from vCPU 0's hooks).
+CROSS_VCPU_SMC = """
+    jmp main
+.include "serial.s"
+.include "sync.s"
+main:
+    mov r12, rdi
+    call patchable                      ; both vCPUs: the page is scanned, no MOV
+    mov rdi, 0x80000                    ; flag: vCPU 0 ran it
+    test r12, r12
+    jnz vcpu1
+    mov qword ptr [rdi], 1
+    mov rdi, 0x80040
+    mov esi, 1
+    call smp_wait                       ; until vCPU 1 patched and ran it
+    mov rax, cr3
+    call patchable
+    xor eax, eax
+    mov dx, 0xf4
+    out dx, al
+vcpu1:
+    mov esi, 1
+    call smp_wait
+    mov rdi, patchable                  ; 0f 22 d8: mov cr3, rax over the NOPs
+    mov byte ptr [rdi], 0x0f
+    mov byte ptr [rdi + 1], 0x22
+    mov byte ptr [rdi + 2], 0xd8
+    mov rax, cr3
+    call patchable
+    mov qword ptr [0x80040], 1
+    hlt
+.align 4096
+patchable:
+    nop
+    nop
+    nop
+    ret
+"""
+
+
+@pytest.mark.parametrize("mmu", ["native", "shadow", "ept"])
+def test_code_one_vcpu_writes_and_runs_is_scanned_again_by_the_other(mmu):
+    r = run_src(CROSS_VCPU_SMC, mmu, vcpus=2, quantum=50)
+    assert (r.reason, r.exit_code) == ("exit", 0), r.detail
+    assert [cpu["counters"]["cr3_loads"] for cpu in r.vcpus] == [1, 1]
