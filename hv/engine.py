@@ -242,6 +242,10 @@ class Engine:
         cpu_offset, env_offset = _cpu_layout()
         self._cpu = ctypes.c_void_p.from_address(
             ctypes.cast(uc._uch, ctypes.c_void_p).value + cpu_offset).value
+        # flush_page(vaddr): drop Unicorn's translation of the 4 KiB page of
+        # vaddr, in every MMU index (legal inside the fill callback: Unicorn's
+        # fills are 4 KiB). QEMU's function bound to this CPU: one Python
+        # call less on every TLB eviction.
         self.flush_page = functools.partial(_tlb_flush_page, self._cpu)
         env = self._cpu + env_offset
         # Live views of QEMU's state: reading one costs a tenth of a reg_read.
@@ -428,13 +432,6 @@ class Engine:
     def flush_tlb(self) -> None:
         """Drop every translation in Unicorn's TLB (legal inside the fill callback)."""
         _uc_ctl(self._handle, _CTL_TLB_FLUSH)
-
-    def flush_page(self, vaddr: int) -> None:
-        """Drop Unicorn's translation of the 4 KiB page of `vaddr`, in every
-        MMU index (legal inside the fill callback: Unicorn's fills are 4 KiB).
-        (__init__ binds QEMU's function to the CPU in its place: one call
-        less on every TLB eviction.)"""
-        _tlb_flush_page(self._cpu, vaddr)
 
     # -- unicorn#1883 and QEMU's exception state ------------------------------
     def clear_exception(self) -> None:

@@ -133,8 +133,5 @@ def _decode_vex(code: bytes, address: int) -> Intercepted | None:
     implied = (b"", b"\x66", b"\xf3", b"\xf2")[last & 3]     # VEX.pp
     rex = bytes([0x40 | w << 3 | r << 2 | x << 1 | b])
     ins = decode(code[:i] + implied + rex + b"\x0f" + rest, address)
-    if ins is not None and implied:
-        ins = replace(ins, size=ins.size - 1)
-    if ins is None or code[i] == 0xC5:
-        return ins
-    return replace(ins, size=ins.size + 1)
+    longer = (code[i] == 0xC4) - len(implied)       # the VEX form's length - the rewrite's
+    return ins if ins is None or not longer else replace(ins, size=ins.size + longer)

@@ -96,39 +96,38 @@ class TLB:
                     and old.writable <= tr.writable):
                 m[key] = tr         # keeps its place in the FIFO
                 return False
-            self._drop(key)
+            self._forget(key, self._drop(key))
         s = self._sets[(vpn ^ (shift << 4)) % self.nsets]
         s.append(key)
         m[key] = tr
         self._by_size[size] += 1
         if len(s) > self.ways:
-            oldest = s.pop(0)
-            self._forget(oldest, m.pop(oldest))
+            oldest = s[0]
+            self._forget(oldest, self._drop(oldest))
             return True
         return False
 
-    def _forget(self, key: int, tr: Translation) -> None:
-        """Entry `key` left: account for it, and the engines of its ASID drop it."""
+    def _drop(self, key: int) -> Translation:
+        """Take entry `key` out of the model (its engines still hold it)."""
+        tr = self._map.pop(key)
+        self._sets[((key >> (ASID_BITS + 2)) ^ (tr.shift << 4)) % self.nsets].remove(key)
         self._by_size[key >> ASID_BITS & 3] -= 1
+        return tr
+
+    def _forget(self, key: int, tr: Translation) -> None:
+        """Entry `key` left the model: the engines of its ASID drop it."""
         for engine in self._engines.get(key & ASID_MASK, ()):
             if tr.shift == 12:
                 engine.flush_page(tr.vbase)
             else:
                 engine.flush_tlb()
 
-    def _drop(self, key: int) -> None:
-        tr = self._map.pop(key)
-        self._sets[((key >> (ASID_BITS + 2)) ^ (tr.shift << 4)) % self.nsets].remove(key)
-        self._forget(key, tr)
-
     def _drop_where(self, pred) -> int:
         """Drop the entries `pred(key, tr)` picks; their ASIDs' engines
         forget everything (one full flush beats many page flushes)."""
         doomed = [k for k, tr in self._map.items() if pred(k, tr)]
         for k in doomed:
-            tr = self._map.pop(k)
-            self._sets[((k >> (ASID_BITS + 2)) ^ (tr.shift << 4)) % self.nsets].remove(k)
-            self._by_size[k >> ASID_BITS & 3] -= 1
+            self._drop(k)
         for asid in {k & ASID_MASK for k in doomed}:
             for engine in self._engines.get(asid, ()):
                 engine.flush_tlb()
@@ -163,6 +162,6 @@ class TLB:
         for shift in SHIFTS:
             key = _key(asid, shift, vaddr >> shift)
             if key in self._map:
-                self._drop(key)
+                self._forget(key, self._drop(key))
                 n += 1
         return n
