@@ -89,3 +89,11 @@ def test_too_many_vms_is_one_line_and_status_2(capsys):
     assert main(["run", "hello", "--vms", "5000"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--vms must be from 1 to 1024" in err
+
+
+def test_no_memo_walks_every_miss_and_counts_the_same(capsys):
+    _, with_memo, _ = hv(capsys, "run", "pagetouch", "--json")
+    status, without, _ = hv(capsys, "run", "pagetouch", "--json", "--no-memo")
+    a, b = json.loads(with_memo), json.loads(without)
+    assert status == 0 and a["config"]["memo"] is True and b["config"]["memo"] is False
+    assert a["tlb"] == b["tlb"] and a["counters"] == b["counters"]

@@ -182,3 +182,15 @@ def test_code_one_vcpu_writes_and_runs_is_scanned_again_by_the_other(mmu):
     r = run_src(CROSS_VCPU_SMC, mmu, vcpus=2, quantum=50)
     assert (r.reason, r.exit_code) == ("exit", 0), r.detail
     assert [cpu["counters"]["cr3_loads"] for cpu in r.vcpus] == [1, 1]
+
+
+def test_the_scanner_finds_vex_forms_and_knows_when_the_next_page_matters():
+    from hv.intercept import candidate_starts, ends_open
+    page = bytearray(b"\x90" * 4096)
+    page[100:104] = bytes.fromhex("c5f822d8")          # VEX-prefixed mov cr3, rax
+    page[200:205] = bytes.fromhex("c4e17822d8")
+    page[300:303] = bytes.fromhex("0f01f9")             # rdtscp
+    assert candidate_starts(bytes(page), 4096) == [100, 200, 300]
+    assert not ends_open(bytes(page), 4096)
+    for tail in (b"\x0f", b"\x48", b"\x0f\x01"):         # an opcode or prefix at the end
+        assert ends_open(bytes(page[:4096 - len(tail)]) + tail, 4096)

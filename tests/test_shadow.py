@@ -272,3 +272,13 @@ def test_a_shadow_page_at_host_physical_0_is_linked():
     spte = cache.host.read_u64(parent.hpa + 5 * 8)
     assert spte & P and spte & ADDR_MASK == 0
     cache.check()
+
+
+def test_a_walk_that_faults_after_its_fix_ends_the_vm_as_an_hv_bug(monkeypatch):
+    """ShadowMMU.hw_walk: a hidden fault that the fix leaves unfixed is the
+    VMM's bug (reason `invariant`), never a #PF the guest gets."""
+    from hv.mmu.shadow import ShadowMMU
+    monkeypatch.setattr(ShadowMMU, "fix", lambda self, vaddr, access, user: None)
+    r = hv.run("hello", mmu="shadow")
+    assert r.reason == "invariant" and "after the hidden fault was fixed" in r.detail
+    assert r.counters["pf_guest"] == 0
