@@ -49,6 +49,7 @@ _ENV_RIP = 128                  # after regs[16]
 _ENV_HFLAGS = 176               # HF_CPL_MASK: bits 1:0
 _ENV_SS_FLAGS = 252             # segs[R_SS].flags: DPL in bits 14:13
 _ENV_ERROR_CODE = 5384
+_ENV_EXCEPTION_IS_INT = 5388    # 1 when the exception is an INT n (INT3, INTO)
 _ENV_OLD_EXCEPTION = 5496
 # General registers in env.regs order (QEMU's R_EAX..R_R15).
 _GPRS = "rax rcx rdx rbx rsp rbp rsi rdi r8 r9 r10 r11 r12 r13 r14 r15".split()
@@ -257,6 +258,7 @@ class Engine:
         self.hflags = ctypes.c_uint32.from_address(env + _ENV_HFLAGS)
         self._ss_flags = ctypes.c_uint32.from_address(env + _ENV_SS_FLAGS)
         self._error_code = ctypes.c_int32.from_address(env + _ENV_ERROR_CODE)
+        self._exception_is_int = ctypes.c_int32.from_address(env + _ENV_EXCEPTION_IS_INT)
         self._old_exception = ctypes.c_int32.from_address(env + _ENV_OLD_EXCEPTION)
         if uc.context_save().size != _CTX_SIZE:
             raise HvError("this unicorn build is not supported (CPU state layout): "
@@ -443,6 +445,10 @@ class Engine:
         (from SS's DPL), which writing CS or SS with reg_write leaves alone."""
         self.hflags.value = (self.hflags.value & ~3) | cpl
         self._ss_flags.value = (self._ss_flags.value & ~(3 << 13)) | (cpl << 13)
+
+    def software_interrupt(self) -> bool:
+        """Whether the exception QEMU just raised is an INT n instruction's."""
+        return bool(self._exception_is_int.value)
 
     def pending_error_code(self) -> int:
         """The error code QEMU computed for the exception it just raised."""

@@ -212,13 +212,18 @@ class VCpu:
         return (1 << (8 * size)) - 1    # no device: the bus floats high
 
     def _interrupt(self, vector: int) -> None:
-        """QEMU raised an exception (or ran INT n); RIP is the return address."""
+        """QEMU raised an exception, or ran INT n; RIP is the return address.
+        INT n pushes no error code, leaves CR2, and is no exception the
+        VMCS exception bitmap sees (SDM Vol.3C §26.2): delivered directly."""
         self._faulted = True
         e = self.engine
-        err = e.pending_error_code() if vector in HAS_ERROR_CODE else None
-        cr2 = e.reg("cr2") if vector == Vector.PF else 0
-        dispatch(self, Exit(ExitReason.EXCEPTION_NMI, cr2, e.reg("rip"), value=vector,
-                            error_code=err))
+        if e.software_interrupt():
+            self.deliver(vector, None, e.reg("rip"), software=True)
+        else:
+            err = e.pending_error_code() if vector in HAS_ERROR_CODE else None
+            cr2 = e.reg("cr2") if vector == Vector.PF else 0
+            dispatch(self, Exit(ExitReason.EXCEPTION_NMI, cr2, e.reg("rip"), value=vector,
+                                error_code=err))
         self.request_stop()
 
     def _invalid(self) -> bool:
@@ -294,13 +299,15 @@ class VCpu:
         return ran
 
     # -- exception delivery (SDM Vol.3A §6.14: 64-bit mode) -------------------
-    def deliver(self, vector: int, error_code: int | None, rip: int, cr2: int = 0) -> None:
-        """Deliver an exception through the guest IDT, as the CPU would,
-        resolving faults during delivery into #DF and #DF into a triple fault."""
+    def deliver(self, vector: int, error_code: int | None, rip: int, cr2: int = 0,
+                software: bool = False) -> None:
+        """Deliver an exception (or, `software`, an INT n) through the guest
+        IDT, as the CPU would, resolving faults during delivery into #DF and
+        #DF into a triple fault."""
         self._tsc_after = None      # an RDTSC's next instruction will not run now
         c = self.stats.counters
         while True:
-            if vector == Vector.PF:
+            if vector == Vector.PF and not software:
                 c["pf_guest"] += 1
                 self.engine.set_reg("cr2", cr2)
             else:
@@ -313,6 +320,7 @@ class VCpu:
                     dispatch(self, Exit(ExitReason.TRIPLE_FAULT, 0, rip))
                     self.request_stop()
                     return
+                software = False
                 if causes_double_fault(vector, second.vector):
                     vector, error_code, cr2 = Vector.DF, 0, 0
                 else:

@@ -189,3 +189,15 @@ def test_host_writes_leave_translated_code_stale_until_invalidated():
     e.set_reg("rax", 0)
     e.run(BASE, 10)
     assert e.reg("rax") == 2
+
+
+def test_qemu_marks_an_int_n_as_a_software_interrupt():
+    """Why VCpu._interrupt can tell INT 0x0e from a #PF: QEMU's
+    exception_is_int (no error code, CR2 untouched, no VMCS bitmap exit)."""
+    seen = {}
+    for src in ("int 0x0e\nhlt", "xor eax, eax\ndiv eax\nhlt"):
+        e = engine(src)
+        e.on_interrupt(lambda vector, e=e, src=src: seen.setdefault(src, e.software_interrupt())
+                       or e.stop())
+        e.run(BASE, 10)
+    assert seen == {"int 0x0e\nhlt": True, "xor eax, eax\ndiv eax\nhlt": False}

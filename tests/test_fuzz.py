@@ -505,6 +505,39 @@ def test_regression_code_written_on_a_code_frame():
     assert code_mismatch(res) is None, F.describe(res)
 
 
+# Fixed hv bug 13 (a fresh seed, found in review): `int 0x0e` with no IDT.
+# hv took the software interrupt for a #PF: shadow paging treated it as a
+# hidden fault of its exception bitmap and the guest ran on, where the
+# oracle triple-faults; every mode pushed an error code and set CR2. INT n
+# pushes none, leaves CR2, and causes no exception-bitmap exit.
+INT_14_CODE = b"\x00\x00\x00\x00\x3e\xcd\x0e" + b"\x00" * 8 + b"\x04"
+INT_14_SRC = LIB + """
+    mov rdi, 14
+    lea rsi, [rip + handler]
+    call idt_set_handler
+    mov rax, 0x1234
+    mov cr2, rax
+    int 0x0e
+handler:                                ; (idt.s's stub expects an error code for
+    mov rax, cr2                        ; vector 14: no return from an INT 14)
+    call put_hex
+    xor eax, eax
+    call exit
+"""
+
+
+def test_regression_int_n_is_no_exception():
+    res = F.run_all(F.code_image(INT_14_CODE, False), max_insns=CODE_MAX_INSNS)
+    assert code_mismatch(res) is None, F.describe(res)
+    for mmu in F.MODES + (F.ORACLE,):
+        r = run_src(INT_14_SRC, mmu)
+        assert (r.reason, r.console) == ("exit", "0x1234"), (mmu, r.detail, r.console)
+        c = r.counters
+        assert c["pf_guest"] == 0, mmu
+        # Shadow paging's #PF exits are its hidden faults and emulated writes only.
+        assert r.exits.get("EXCEPTION_NMI", 0) == c.get("pf_fixed", 0) + c.get("insn_emulation", 0)
+
+
 def test_regression_a_fixed_hidden_fault_does_not_reach_the_guest():
     res = F.run_all(F.code_image(HIDDEN_FAULT_CODE, True), max_insns=CODE_MAX_INSNS)
     assert code_mismatch(res) is None, F.describe(res)
