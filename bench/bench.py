@@ -34,7 +34,7 @@ from pathlib import Path
 
 import hv
 from hv.asm import assemble_source
-from hv.vm import VM, Config
+from hv.vmm.vm import VM, Config
 
 MODES = ("native", "shadow", "ept")
 EXIT = "xor eax, eax\nmov dx, 0xf4\nout dx, al\n"

@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench  # noqa: E402
-from hv.vm import VM, Config  # noqa: E402
+from hv.vmm.vm import VM, Config  # noqa: E402
 
 PAGES = [0x8000000 + i * 4096 for i in range(4096)]
 

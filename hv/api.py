@@ -7,11 +7,11 @@ from pathlib import Path
 from . import asm
 from .errors import HvError
 from .memory import parse_size
-from .mmu.walker import LEVEL_NAMES
+from .hw.walker import LEVEL_NAMES
 from .paths import bundled_guests
 from .stats import TLB_NAMES
 from .stats import Stats
-from .vm import MAX_VMS, VM, Config, Machine
+from .vmm.vm import MAX_VMS, VM, Config, Machine
 
 
 @dataclass
@@ -82,7 +82,7 @@ def run(guest: str | Path | list, mmu: str = "native", *, ram: int | str = "64M"
     or `image` bytes) and run it to the end.
 
     `vms` runs that many VMs (the guests repeated) on one machine.
-    `options` are the fields of hv.vm.Config (vcpus, tlb_entries, tlb_ways,
+    `options` are the fields of hv.vmm.vm.Config (vcpus, tlb_entries, tlb_ways,
     max_insns, quantum, ept_large_pages, asid). `on_console(vm, byte)` sees
     each byte a guest prints, as it is printed.
     """

@@ -10,7 +10,7 @@ from . import api, asm, compare
 from .cost import DEFAULT_PROFILE, bundled_profiles, load_profile
 from .errors import HvError
 from .memory import parse_size
-from .mmu import MODE_HELP, MODES
+from .vmm.modes import MODE_HELP, MODES
 from .paths import bundled_guests
 
 
@@ -50,7 +50,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _add_config_options(r: argparse.ArgumentParser) -> None:
-    """The hv.vm.Config options `run` and `compare` share."""
+    """The hv.vmm.vm.Config options `run` and `compare` share."""
     r.add_argument("--ram", type=_size, default="64M", help="guest RAM, e.g. 64M, 1G (default 64M)")
     r.add_argument("--tlb-entries", type=_positive, default=1536,
                    help="TLB model capacity (default 1536)")

@@ -68,7 +68,7 @@ def parse_modes(text: str) -> tuple[str, ...]:
 def cases(guests: list[str], vcpus: list[int], options: dict,
           window: tuple[int, int] | None = None) -> list[Case]:
     """The suite when no guest is named, else each guest at each vCPU count,
-    priced over `window`; `options` (hv.vm.Config fields) apply to every run."""
+    priced over `window`; `options` (hv.vmm.vm.Config fields) apply to every run."""
     if not guests:
         return [Case(c.guest, {**options, **c.options}, c.window) for c in SUITE]
     return [Case(g, {**options, "vcpus": n}, window) for g in guests for n in vcpus]

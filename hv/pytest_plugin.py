@@ -41,7 +41,7 @@ from .api import Result
 from .arch.vmx import ExitReason
 from .asm import assemble_source
 from .errors import AsmError, HvError
-from .mmu import MODES
+from .vmm.modes import MODES
 from .paths import bundled_guests
 
 DEFAULT_MODE = "native"

@@ -16,7 +16,7 @@ COUNTER_NAMES = (
     "pf_guest", "exceptions", "tlb_flush", "invlpg", "cr3_loads",
 )
 # Only what is the same on every host: how often Unicorn's own TLB refills
-# depends on wall-clock time (see hv/mmu/tlb.py), so refills are not counted.
+# depends on wall-clock time (see hv/hw/tlb.py), so refills are not counted.
 TLB_NAMES = ("misses", "walks", "walk_refs", "ad_writes", "evictions")
 
 

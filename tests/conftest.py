@@ -2,10 +2,10 @@
 import pytest
 
 import hv
-import hv.mmu
+import hv.vmm.modes
 from hv.asm import assemble_source
 
-MODES = hv.mmu.MODES     # every mode; "qemu" is the oracle
+MODES = hv.vmm.modes.MODES     # every mode; "qemu" is the oracle
 
 # The asm/ library with the guest's own GDT/TSS and IDT loaded; a test's
 # source continues after it.

@@ -70,7 +70,7 @@ from hypothesis import strategies as st
 import hv
 from hv.api import make_result
 from hv.asm import assemble_source
-from hv.vm import VM, Config
+from hv.vmm.vm import VM, Config
 
 MODES = ("native", "shadow", "ept")       # compared with ORACLE
 ORACLE = "qemu"

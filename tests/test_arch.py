@@ -6,7 +6,7 @@ from hv.arch.paging import (PAGE_SIZES, PFErr, PTE, is_canonical, level_shift, r
 from hv.arch.vmx import ExitReason, cr_access_qualification
 from hv.arch.x86 import (CR0, CR4, EFER, Vector, causes_double_fault, decode_idt_gate,
                          mov_to_cr_faults)
-from hv.exits import io_qualification
+from hv.vmm.exits import io_qualification
 
 
 def test_pte_and_error_code_bits():

@@ -3,7 +3,7 @@
 import keystone
 import pytest
 
-from hv.engine import Engine
+from hv.hw.engine import Engine
 from hv.memory import PhysMem
 
 _ks = keystone.Ks(keystone.KS_ARCH_X86, keystone.KS_MODE_64)
@@ -173,7 +173,7 @@ def test_direct_register_access_matches_the_binding():
     e = engine("nop")
     for name, value in (("rax", 2**64 - 1), ("r15", 0x1234), ("rip", BASE + 1), ("cr2", 0xDEAD000)):
         e.set_reg(name, value)
-        assert e.reg(name) == e.uc.reg_read(__import__("hv.engine").engine._REGS[name]) == value
+        assert e.reg(name) == e.uc.reg_read(__import__("hv.hw.engine").hw.engine._REGS[name]) == value
 
 
 def test_host_writes_leave_translated_code_stale_until_invalidated():

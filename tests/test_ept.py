@@ -4,7 +4,7 @@ import pytest
 
 from hv.api import make_result
 from hv.arch import ept
-from hv.vm import VM, Config
+from hv.vmm.vm import VM, Config
 
 from conftest import LIB, image, run_src
 

@@ -591,7 +591,7 @@ def test_the_tsc_counts_instructions(mmu):
 # WRMSR) with capstone, which does not decode them: CR3 changed in the CPU
 # but not in hv's MMU, which went on walking the old tables. The scanner
 # now finds VEX forms too and decodes them as QEMU runs them
-# (hv/intercept.py).
+# (hv/hw/intercept.py).
 VEX_CR3_SRC = PF_GP + """
     mov rax, qword ptr [0x2000]         ; a second PML4 at 0x500000: the boot one,
     mov qword ptr [0x500000], rax       ; plus PML4[1] -> PDPT 0x501000

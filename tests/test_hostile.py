@@ -33,7 +33,7 @@ import pytest
 
 import hv
 from hv.api import machine_result
-from hv.vm import VM, Config, Machine
+from hv.vmm.vm import VM, Config, Machine
 
 from conftest import LIB, MODES, image
 
@@ -248,7 +248,7 @@ def test_leaf_entries_across_guest_physical_space(mode, target):
     if mode == "ept":
         # The EPT violation was taken and answered with a stop, not a map:
         # EPT has no entry for the page (check_invariants: none outside RAM).
-        from hv.mmu.walker import EptViolation
+        from hv.hw.walker import EptViolation
         assert r.exits["EPT_VIOLATION"] >= 1
         vm = vms[0]
         with pytest.raises(EptViolation):

@@ -13,7 +13,7 @@ import pytest
 import hv
 from hv.api import make_result
 from hv.arch import ept
-from hv.vm import VM, Config
+from hv.vmm.vm import VM, Config
 
 from conftest import image
 
@@ -122,14 +122,14 @@ def test_long_runs_keep_host_memory_flat(mmu):
     r = hv.run("long", mmu=mmu, image=image(LONG_RUN.format(rounds=rounds, spin=100)),
                on_console=lambda vm, byte: samples.append(_rss_mib()))
     assert r.ok and r.counters["exits"] > 3 * rounds, r.detail
-    assert len(r.marks) == hv.vm.MAX_MARKS                    # the rest were refused
+    assert len(r.marks) == hv.vmm.vm.MAX_MARKS                    # the rest were refused
     fifth = len(samples) // 5
     settled, later = samples[fifth], max(samples[fifth:])
     assert later - settled < 4, (settled, later)
 
 
 def test_console_output_is_kept_up_to_a_limit(monkeypatch):
-    monkeypatch.setattr(hv.vm, "MAX_CONSOLE", 10)
+    monkeypatch.setattr(hv.vmm.vm, "MAX_CONSOLE", 10)
     seen = []
     r = hv.run("hello", on_console=lambda vm, byte: seen.append(byte))
     assert len(r.console) == 10 and r.counters["console_dropped"] == len(seen) - 10 > 0

@@ -4,7 +4,7 @@ import pytest
 
 import hv
 from hv.api import machine_result
-from hv.vm import VM, Config, Machine
+from hv.vmm.vm import VM, Config, Machine
 
 from conftest import image
 

@@ -1,11 +1,11 @@
-"""The walk memo (hv/mmu/walker.py, WalkMemo) is a speed-up only: a run
+"""The walk memo (hv/hw/walker.py, WalkMemo) is a speed-up only: a run
 with it and a run without give the same result, counter for counter."""
 import pytest
 
 import hv
 from hv.arch.paging import A, D, P, RW
 from hv.memory import PhysMem
-from hv.mmu.walker import READ, WRITE, WalkMemo, Walker
+from hv.hw.walker import READ, WRITE, WalkMemo, Walker
 from hv.stats import Stats
 
 from conftest import image

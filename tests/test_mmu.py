@@ -185,7 +185,7 @@ def test_code_one_vcpu_writes_and_runs_is_scanned_again_by_the_other(mmu):
 
 
 def test_the_scanner_finds_vex_forms_and_knows_when_the_next_page_matters():
-    from hv.intercept import candidate_starts, ends_open
+    from hv.hw.intercept import candidate_starts, ends_open
     page = bytearray(b"\x90" * 4096)
     page[100:104] = bytes.fromhex("c5f822d8")          # VEX-prefixed mov cr3, rax
     page[200:205] = bytes.fromhex("c4e17822d8")

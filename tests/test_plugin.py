@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from hv.mmu import MODES
+from hv.vmm.modes import MODES
 from hv.pytest_plugin import is_source
 
 pytest_plugins = ["pytester"]

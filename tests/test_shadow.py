@@ -4,7 +4,7 @@ import pytest
 
 import hv
 from hv.api import make_result
-from hv.vm import VM, Config
+from hv.vmm.vm import VM, Config
 
 from conftest import LIB, image
 
@@ -262,7 +262,7 @@ def test_a_shadow_page_at_host_physical_0_is_linked():
 
     from hv.arch.paging import ADDR_MASK, P
     from hv.memory import GuestMemory
-    from hv.mmu.shadow import ShadowCache
+    from hv.vmm.shadow import ShadowCache
     cache = ShadowCache(GuestMemory.scattered(8 << 20, 8 << 20), 8 << 20)
     c = Counter()
     first = cache.get_page(c, 0x1200, 1, True, 7, True)         # the first frame allocated
@@ -277,7 +277,7 @@ def test_a_shadow_page_at_host_physical_0_is_linked():
 def test_a_walk_that_faults_after_its_fix_ends_the_vm_as_an_hv_bug(monkeypatch):
     """ShadowMMU.hw_walk: a hidden fault that the fix leaves unfixed is the
     VMM's bug (reason `invariant`), never a #PF the guest gets."""
-    from hv.mmu.shadow import ShadowMMU
+    from hv.vmm.shadow import ShadowMMU
     monkeypatch.setattr(ShadowMMU, "fix", lambda self, vaddr, access, user: None)
     r = hv.run("hello", mmu="shadow")
     assert r.reason == "invariant" and "after the hidden fault was fixed" in r.detail

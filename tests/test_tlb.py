@@ -1,8 +1,8 @@
 """The TLB model: lookup by page size, tags, LRU, and architectural flushes."""
 import pytest
 
-from hv.mmu.tlb import TLB
-from hv.mmu.walker import Translation
+from hv.hw.tlb import TLB
+from hv.hw.walker import Translation
 
 
 def tr(va, pa, shift=12, global_=False, writable=True):

@@ -4,7 +4,7 @@ import pytest
 
 from hv.arch.paging import A, D, NX, P, PS, RW, US, G, PFErr
 from hv.memory import PhysMem
-from hv.mmu.walker import FETCH, READ, WRITE, GuestEscape, PageFault, Walker
+from hv.hw.walker import FETCH, READ, WRITE, GuestEscape, PageFault, Walker
 from hv.stats import Stats
 
 RAM = 4 << 20

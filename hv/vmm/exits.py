@@ -11,8 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
-from .arch.vmx import ExitReason, Hypercall
-from .arch.x86 import MSR_EFER
+from ..arch.vmx import ExitReason, Hypercall
+from ..arch.x86 import MSR_EFER
 
 if TYPE_CHECKING:
     from .vcpu import VCpu

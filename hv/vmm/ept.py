@@ -21,13 +21,13 @@ from __future__ import annotations
 from ..arch import ept
 from ..arch.paging import ADDR_MASK, PAGE_SIZE, level_shift
 from ..errors import InvariantError
-from ..exits import Exit, dispatch
+from .exits import Exit, dispatch
 from ..arch.vmx import ExitReason
 from ..memory import CHUNK, GuestMemory, VmmFrames
 from ..stats import Stats
-from .native import NativeMMU
-from .tlb import TLB
-from .walker import EptMisconfig, EptViolation, GuestEscape, Translation, Walker
+from ..hw.mmu import NativeMMU
+from ..hw.tlb import TLB
+from ..hw.walker import EptMisconfig, EptViolation, GuestEscape, Translation, Walker
 
 GiB = 1 << 30
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from ..arch.x86 import CR0, EFER, MSR_EFER
 from ..stats import Stats
-from .native import NativeMMU
+from .mmu import NativeMMU
 from .walker import Walker
 
 

@@ -40,7 +40,7 @@ import unicorn as uc_mod
 from unicorn import unicorn_const as ucc
 from unicorn import x86_const as x86c
 
-from .errors import HvError
+from ..errors import HvError
 
 # Offsets in CPUX86State (`env`) for unicorn 2.1.4 (qemu/target/i386/cpu.h);
 # a saved context is a copy of env after a 40-byte header.

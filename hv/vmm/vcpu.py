@@ -9,17 +9,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from . import asm
-from .arch.paging import PAGE_SIZE
-from .arch.vmx import ExitReason, cr_access_qualification
-from .arch.x86 import (CR4, GATE_INTERRUPT, GATE_TRAP, HAS_ERROR_CODE, IDT_GATE_SIZE, MSR_EFER,
+from .. import asm
+from ..arch.paging import PAGE_SIZE
+from ..arch.vmx import ExitReason, cr_access_qualification
+from ..arch.x86 import (CR4, GATE_INTERRUPT, GATE_TRAP, HAS_ERROR_CODE, IDT_GATE_SIZE, MSR_EFER,
                        RFLAGS, TSS_IST1, TSS_RSP0, Vector, causes_double_fault, decode_idt_gate,
                        mov_to_cr_faults)
-from .engine import Engine
+from ..hw.engine import Engine
 from .exits import Exit, dispatch, io_qualification, PORT_CONSOLE_LSR
-from .intercept import MAX_INSN, candidate_starts, decode, ends_open
-from .mmu.walker import FETCH, READ, WRITE, EmulateWrite, Fault, GeneralProtection, PageFault
-from .stats import Stats
+from ..hw.intercept import MAX_INSN, candidate_starts, decode, ends_open
+from ..hw.walker import FETCH, READ, WRITE, EmulateWrite, Fault, GeneralProtection, PageFault
+from ..stats import Stats
 
 VMCALL = b"\x0f\x01\xc1"
 HLT = 0xF4
@@ -91,7 +91,7 @@ class VCpu:
         return paddr, perms
 
     def _scan(self, vpage: int, frame: int) -> None:
-        """Hook the intercepted instructions of a code page (see hv/intercept.py).
+        """Hook the intercepted instructions of a code page (see hv/hw/intercept.py).
 
         Invariant: while some alias may fetch from a code frame, none may
         write it; a write first flushes Unicorn's TLB, and the next fetch

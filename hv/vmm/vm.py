@@ -13,20 +13,20 @@ import struct
 import time
 from dataclasses import dataclass
 
-from .arch.paging import P, PAGE_SIZE, PS, RW
-from .arch.x86 import CR0, CR4, EFER, GDT_CODE64, GDT_DATA, MSR_EFER, RFLAGS
-from .engine import EngineError
-from .errors import HvError, InvariantError
-from .memory import CHUNK, GiB, GuestMemory, MiB
-from .mmu import MODES
-from .mmu.ept import EptMMU, EptTables
-from .mmu.native import NativeMMU
-from .mmu.qemu import QemuMMU
-from .mmu.shadow import ShadowCache, ShadowMMU
-from .mmu.pwc import WalkCache
-from .mmu.tlb import TLB
-from .mmu.walker import GuestEscape, WalkMemo
-from .stats import Stats
+from ..arch.paging import P, PAGE_SIZE, PS, RW
+from ..arch.x86 import CR0, CR4, EFER, GDT_CODE64, GDT_DATA, MSR_EFER, RFLAGS
+from ..hw.engine import EngineError
+from ..errors import HvError, InvariantError
+from ..memory import CHUNK, GiB, GuestMemory, MiB
+from .modes import MODES
+from .ept import EptMMU, EptTables
+from ..hw.mmu import NativeMMU
+from ..hw.qemu import QemuMMU
+from .shadow import ShadowCache, ShadowMMU
+from ..hw.pwc import WalkCache
+from ..hw.tlb import TLB
+from ..hw.walker import GuestEscape, WalkMemo
+from ..stats import Stats
 from .vcpu import VCpu
 
 LOAD_ADDR = 0x10_0000
@@ -61,7 +61,7 @@ class Config:
     quantum: int = 1_000_000
     ept_large_pages: bool = False
     asid: bool = True           # tag TLB entries by VM (VPID); False: flush at every entry/exit
-    pwc: bool = False           # page-walk caches and a nested TLB (hv/mmu/pwc.py)
+    pwc: bool = False           # page-walk caches and a nested TLB (hv/hw/pwc.py)
     check_invariants: bool = False  # check the VMM's invariants after every exit (--check)
     timeout: float = 0          # wall-clock seconds before the run is stopped (0: none)
     memo: bool = True           # replay unchanged walks (speed only: the counts are the same)
@@ -119,7 +119,7 @@ class VM:
         # Walk results replayed until a table they read is written (its
         # engines are added by the vCPUs).
         self.memo = WalkMemo([]) if config.memo and config.mmu != "qemu" else None
-        # Host frames any vCPU fetched code from (hv/vcpu.py, VCpu._scan).
+        # Host frames any vCPU fetched code from (hv/vmm/vcpu.py, VCpu._scan).
         self.code_frames: set[int] = set()
         self.vcpus: list[VCpu] = []
         self.mem.on_write = self._vmm_wrote

@@ -29,12 +29,12 @@ from ..arch.paging import (ADDR_MASK, D, ENTRIES_PER_TABLE, G, NX, P, PAGE_SIZE,
 from ..arch.vmx import ExitReason
 from ..arch.x86 import Vector
 from ..errors import InvariantError
-from ..exits import Exit, dispatch
+from .exits import Exit, dispatch
 from ..memory import GuestMemory, VmmFrames
 from ..stats import Stats
-from .native import PROT_R, PROT_W, NativeMMU
-from .tlb import TLB
-from .walker import FETCH, READ, WRITE, EmulateWrite, GuestEscape, PageFault, Translation, Walker
+from ..hw.mmu import PROT_R, PROT_W, NativeMMU
+from ..hw.tlb import TLB
+from ..hw.walker import FETCH, READ, WRITE, EmulateWrite, GuestEscape, PageFault, Translation, Walker
 
 ACC_W, ACC_U, ACC_X = 1, 2, 4
 ACC_ALL = ACC_W | ACC_U | ACC_X
