@@ -31,16 +31,19 @@ def per_call(fn, rounds: int = 3) -> float:
 def main(mode: str = "native") -> None:
     vm = VM(bench.image(bench.tlb_misses(1)), Config(mmu=mode))
     vm.run()
-    cpu, mmu = vm.vcpus[0], vm.vcpus[0].mmu
+    cpu, hw = vm.vcpus[0], vm.vcpus[0].hw
     for va in PAGES:
         cpu._fill(va, 0)
-    translations = {va: mmu.hw_walk(va, 0, False) for va in PAGES}
+
+    def walk(va):
+        return hw.walker.walk(hw.cr3, va, 0, False, hw.wp, hw.nxe)
+    translations = {va: walk(va) for va in PAGES}
     rows = [
         ("VCpu._fill (all of it)", lambda va: cpu._fill(va, 0)),
-        ("mmu.fill", lambda va: mmu.fill(va, 0, False)),
-        ("mmu.hw_walk (a replayed walk)", lambda va: mmu.hw_walk(va, 0, False)),
-        ("tlb.lookup (a miss)", lambda va: mmu.tlb.lookup(mmu.asid, va)),
-        ("tlb.insert (evicting, with the flush)", lambda va: mmu.tlb.insert(mmu.asid, translations[va])),
+        ("hw.fill", lambda va: hw.fill(va, 0, False)),
+        ("hw.walker.walk (a replayed walk)", walk),
+        ("tlb.lookup (a miss)", lambda va: hw.tlb.lookup(hw.asid, va)),
+        ("tlb.insert (evicting, with the flush)", lambda va: hw.tlb.insert(hw.asid, translations[va])),
         ("engine.flush_page", lambda va: cpu.engine.flush_page(va)),
     ]
     for label, fn in rows:

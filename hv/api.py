@@ -11,6 +11,7 @@ from .hw.walker import LEVEL_NAMES
 from .paths import bundled_guests
 from .stats import TLB_NAMES
 from .stats import Stats
+from .vmm.modes import MODES
 from .vmm.vm import MAX_VMS, VM, Config, Machine
 
 
@@ -115,20 +116,20 @@ def _figures(total: Stats, mode: str) -> tuple[dict, dict, dict]:
     # "guest.PML4", "ept.PT", ...: by dimension (whose tables), then level.
     tlb["walk_refs_by_level"] = {f"{dim}.{LEVEL_NAMES[lv]}": n for (dim, lv), n in
                                  sorted(total.refs_by_tag.items(), key=lambda t: (t[0][0], -t[0][1]))}
-    if mode == "qemu":
+    if not MODES[mode].tlb_model:
         tlb = {"modelled": False}
     return {r.name: n for r, n in sorted(total.exits.items())}, counters, tlb
 
 
 def make_result(name: str, vm: VM) -> Result:
-    exits, counters, tlb = _figures(vm.totals(), vm.mmu_mode)
+    exits, counters, tlb = _figures(vm.totals(), vm.mode.name)
     vcpus = []
     for cpu in vm.vcpus:
-        e, c, t = _figures(cpu.stats, vm.mmu_mode)
+        e, c, t = _figures(cpu.stats, vm.mode.name)
         vcpus.append({"index": cpu.index, "exits": e, "counters": c, "tlb": t})
     c = vm.config
     return Result(
-        guest=name, mmu=vm.mmu_mode, exit_code=vm.exit_code, reason=vm.reason, detail=vm.detail,
+        guest=name, mmu=vm.mode.name, exit_code=vm.exit_code, reason=vm.reason, detail=vm.detail,
         console=vm.console.decode("utf-8", "replace"), exits=exits, counters=counters, tlb=tlb,
         marks=dict(vm.marks), config={f.name: getattr(c, f.name) for f in fields(c)},
         vcpus=vcpus)

@@ -104,7 +104,7 @@ def _parser() -> argparse.ArgumentParser:
                                        "exits, walks and modelled cycles")
     c.add_argument("guest", nargs="*",
                    help=".s or .bin files or bundled guest names (default: the sample suite)")
-    c.add_argument("--mmu", type=compare.parse_modes, default=compare.COMPARE_MODES,
+    c.add_argument("--mmu", type=compare.parse_modes, default=compare.COUNTING_MODES,
                    help="modes to compare, comma-separated (default native,shadow,ept)")
     c.add_argument("--vcpus", type=_positive_list, default=[1],
                    help="vCPU counts, comma-separated: each guest runs at each (default 1)")
@@ -175,7 +175,7 @@ def _cmd_compare(args) -> int:
     case_list = compare.cases(args.guest, args.vcpus, _config(args), args.between)
     for case in case_list:
         api.load_guest(case.guest)          # a bad name fails now, not after minutes
-    modes = args.mmu if profile.ept else tuple(m for m in args.mmu if m != "ept")
+    modes = compare.runnable(args.mmu, profile)
     err = Console(stderr=True)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), console=err, transient=True,

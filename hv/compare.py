@@ -13,8 +13,7 @@ from . import api
 from .cost import PARTS, Profile, cycles
 from .errors import HvError
 from .stats import TLB_NAMES
-
-COMPARE_MODES = ("native", "shadow", "ept")
+from .vmm.modes import BASELINE, COUNTING_MODES, MODES
 
 
 @dataclass(frozen=True)
@@ -56,13 +55,18 @@ SUITE = (
 def parse_modes(text: str) -> tuple[str, ...]:
     modes = tuple(m.strip() for m in text.split(",") if m.strip())
     for m in modes:
-        if m not in COMPARE_MODES:
-            hint = " (qemu is the oracle: it counts nothing to compare)" if m == "qemu" else ""
+        if m not in COUNTING_MODES:
+            hint = f" ({m} is the oracle: it counts nothing to compare)" if m in MODES else ""
             raise HvError(f"unknown mode {m!r} for compare: choose from "
-                          f"{', '.join(COMPARE_MODES)}{hint}")
+                          f"{', '.join(COUNTING_MODES)}{hint}")
     if not modes or len(set(modes)) != len(modes):
         raise HvError(f"--mmu needs distinct modes, e.g. native,shadow,ept (not {text!r})")
     return modes
+
+
+def runnable(modes: tuple[str, ...], profile: Profile) -> tuple[str, ...]:
+    """The modes the profile's CPU can run (ept needs EPT)."""
+    return tuple(m for m in modes if profile.ept or not MODES[m].needs_ept)
 
 
 def cases(guests: list[str], vcpus: list[int], options: dict,
@@ -109,9 +113,11 @@ def compare(case_list: list[Case], modes: tuple[str, ...], profile: Profile,
     """
     doc = dict(profile=profile.to_json(), modes=list(modes), notes=[], cases=[],
                interrupted=False)
-    if "ept" in modes and not profile.ept:
-        doc["notes"].append(f"ept left out: the {profile.cpu} has no EPT")
-        modes = tuple(m for m in modes if m != "ept")
+    run = runnable(modes, profile)
+    for m in modes:
+        if m not in run:
+            doc["notes"].append(f"{m} left out: the {profile.cpu} has no EPT")
+    modes = run
     doc["modes"] = list(modes)
     if not profile.vpid:
         doc["notes"].append(f"no VPID on the {profile.cpu}: shadow and ept runs flush the "
@@ -124,7 +130,7 @@ def compare(case_list: list[Case], modes: tuple[str, ...], profile: Profile,
                 progress(case.label, mode, done)
             done += 1
             options = dict(case.options)
-            if mode != "native" and not profile.vpid:
+            if MODES[mode].virtualized and not profile.vpid:
                 options["asid"] = False
             result = api.run(case.guest, mmu=mode, **options)
             if result.reason == "interrupted":
@@ -132,7 +138,7 @@ def compare(case_list: list[Case], modes: tuple[str, ...], profile: Profile,
                 return doc
             runs[mode] = _run_json(mode, profile, result, case.window)
             outputs.add((result.console, result.exit_code, result.reason))
-        base = runs.get("native")
+        base = runs.get(BASELINE)
         for run in runs.values():
             fair = base and base["ok"] and run["ok"] and base["cycles"]["total"]
             run["overhead_pct"] = (100 * (run["cycles"]["total"] / base["cycles"]["total"] - 1)
@@ -159,7 +165,7 @@ def plot(doc: dict, path: str) -> None:
     if not path.endswith((".png", ".svg")):
         raise HvError(f"--plot writes .png or .svg files, not {path!r}")
     modes, cases_ = doc["modes"], doc["cases"]
-    base_mode = "native" if "native" in modes else modes[0]
+    base_mode = BASELINE if BASELINE in modes else modes[0]
     colours = dict(guest="#4c72b0", walks="#dd8452", exits="#c44e52")
     ncols = min(4, len(cases_))
     nrows = -(-len(cases_) // ncols)

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import HvError
+from .vmm.modes import MODES
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -138,7 +139,7 @@ def cycles(profile: Profile, mode: str, figures: dict) -> dict[str, float]:
     walks = (get("tlb.walk_refs", 0) * c["walk_ref"]
              + (get("pwc.hits", 0) + get("pwc.ntlb_hits", 0)) * c["pwc_hit"])
     exits = 0.0
-    if mode != "native":
+    if MODES[mode].virtualized:
         # A remote TLB flush kicks another vCPU out of guest mode: an IPI
         # and an exit there (KVM's kvm_flush_remote_tlbs).
         exits = ((priced_exits(figures) + get("remote_tlb_flush", 0)) * (c["exit"] + c["handler"])

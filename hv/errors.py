@@ -21,4 +21,10 @@ class AsmError(HvError):
 
 
 class InvariantError(HvError):
-    """A VMM invariant does not hold (found by --check): a bug in hv."""
+    """A VMM invariant does not hold: a bug in hv (checked after every exit
+    with --check, and always where the code states it)."""
+
+
+class GuestEscape(HvError):
+    """A guest paging structure or address points outside the guest's
+    memory: the VM stops (reason `escape`)."""

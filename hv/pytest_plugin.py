@@ -68,7 +68,7 @@ class HvFixture:
 
     def __init__(self, mmu: str = DEFAULT_MODE):
         self.mmu = mmu          # this test's MMU mode: what run() uses by default
-        self.modes = MODES      # every mode hv has
+        self.modes = tuple(MODES)   # every mode hv has
 
     def __repr__(self) -> str:
         return f"<hv fixture mmu={self.mmu!r}>"
@@ -201,9 +201,9 @@ def parse_modes(specs) -> tuple[str, ...]:
     for spec in specs:
         for name in str(spec).split(","):
             name = name.strip()
-            if name not in MODES + ("all",):
+            if name not in (*MODES, "all"):
                 raise ValueError(f"no MMU mode {name!r} (modes: {', '.join(MODES)}, all)")
-            modes += MODES if name == "all" else [name]
+            modes += list(MODES) if name == "all" else [name]
     if not modes:
         raise ValueError("no MMU mode given")
     return tuple(dict.fromkeys(modes))

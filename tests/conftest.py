@@ -5,7 +5,7 @@ import hv
 import hv.vmm.modes
 from hv.asm import assemble_source
 
-MODES = hv.vmm.modes.MODES     # every mode; "qemu" is the oracle
+MODES = tuple(hv.vmm.modes.MODES)     # every mode; "qemu" is the oracle
 
 # The asm/ library with the guest's own GDT/TSS and IDT loaded; a test's
 # source continues after it.

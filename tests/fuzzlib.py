@@ -636,7 +636,7 @@ def run_mode(img: bytes, mode: str, **kw) -> hv.Result:
     if mode == "shadow":
         vm = VM(img, Config(mmu="shadow", **kw), name="fuzz")
         vm.run()
-        vm.shadow.check()
+        vm.mmu.check()
         return make_result("fuzz", vm)
     return hv.run("fuzz", mmu=mode, image=img, **kw)
 

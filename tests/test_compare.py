@@ -129,7 +129,7 @@ def test_every_number_cites_its_source(name):
 @pytest.fixture(scope="module")
 def suite():
     """The whole sample suite in every mode, priced with the default profile."""
-    return compare.compare(compare.cases([], [1], {}), compare.COMPARE_MODES,
+    return compare.compare(compare.cases([], [1], {}), compare.COUNTING_MODES,
                            load_profile(DEFAULT_PROFILE))
 
 
@@ -196,7 +196,7 @@ def test_without_vpid_virtualized_runs_flush(tmp_path):
     path.write_text(PROFILE_TEXT.replace("ept = true", "ept = false")
                     .replace("vpid = true", "vpid = false"))
     old = load_profile(path)
-    doc = compare.compare([compare.Case("ptemod", window=(1, 2))], compare.COMPARE_MODES, old)
+    doc = compare.compare([compare.Case("ptemod", window=(1, 2))], compare.COUNTING_MODES, old)
     assert doc["modes"] == ["native", "shadow"]
     assert any("no EPT" in n for n in doc["notes"])
     new = compare.compare([compare.Case("ptemod", window=(1, 2))], ("native", "shadow"),

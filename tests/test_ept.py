@@ -2,6 +2,7 @@
 no longer an exit."""
 import pytest
 
+import hv
 from hv.api import make_result
 from hv.arch import ept
 from hv.vmm.vm import VM, Config
@@ -147,7 +148,7 @@ def test_guest_physical_outside_ram_stops_the_vm():
 def test_a_malformed_ept_entry_is_an_ept_misconfig():
     vm = VM(image("mov rax, qword ptr [0x1000000]\n" + EXIT), Config(mmu="ept"))
     # Write without read in the EPT PML4 entry the guest will need.
-    vm.mem.write_u64(vm.ept.root, vm.ept.frames.alloc() | ept.W | ept.X)
+    vm.mem.write_u64(vm.mmu.root, vm.mmu.frames.alloc() | ept.W | ept.X)
     vm.run()
     r = make_result("test", vm)
     assert r.reason == "ept_misconfig" and r.exits["EPT_MISCONFIG"] == 1
@@ -172,3 +173,20 @@ def test_warm_page_walk_caches_cut_the_references():
 def test_page_walk_caches_change_no_result(mode):
     r = run_src(TOUCH_4K, mode, pwc=True)
     assert r.ok
+
+
+def test_an_ept_violation_left_unmapped_ends_the_vm_as_an_hv_bug(monkeypatch):
+    """The vCPU's one guard: the same exit right after its handler ran is
+    an invariant failure, not a loop."""
+    from hv.vmm.ept import EptPaging
+    monkeypatch.setattr(EptPaging, "ept_violation", lambda self, gpa: None)
+    r = hv.run("hello", mmu="ept")
+    assert r.reason == "invariant" and "EPT_VIOLATION came back" in r.detail, r.detail
+    assert r.exits == {"EPT_VIOLATION": 1}
+
+
+def test_a_cold_two_dimensional_walk_takes_an_exit_per_frame():
+    """Several EPT violations in a row for one TLB miss (the guard is not
+    "one retry"): the boot tables' frames and the page, each once."""
+    r, _ = ept_run(TOUCH_4K)
+    assert r.ok and r.counters["pages_4k"] == r.exits["EPT_VIOLATION"] >= 5

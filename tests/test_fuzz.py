@@ -317,11 +317,10 @@ def test_regression_fault_in_a_multi_store_instruction_is_precise(insn, mmu):
 # Fixed hv bug 3 (found by the random-code fuzzer: `pop rsp` of a small value,
 # then `ret 0x4b79`, then a #UD). An exception whose frame the CPU pushes
 # onto a page that is a live guest page table. Under shadow paging that
-# page is write-protected, and ShadowMMU.fix answers the delivery's stack
-# write with EmulateWrite, which nothing on the delivery path
-# (VCpu._push_frame -> _linear -> translate) expected: hv.run raised it.
-# Now the VMM writes the frame and accounts it as an emulated write
-# (ShadowMMU.vmm_write). The random-code fuzzer's prologue still moves its
+# page is write-protected, and the #PF handler answers the delivery's stack
+# write with EmulateWrite, which nothing on the delivery path expected:
+# hv.run raised it. Now the VMM writes the frame and accounts it as an
+# emulated write (VCpu._write_linear, ShadowPaging.vmm_write). The random-code fuzzer's prologue still moves its
 # page tables out of the random stack's reach (fuzzlib.CODE_TABLES).
 FRAME_ON_TABLE_SRC = LIB + """
     mov rsp, 0x4800                     ; the stack: inside the boot page directory
@@ -447,7 +446,7 @@ def test_regression_exception_from_cpl3_runs_the_handler_at_cpl0(mmu):
 # Fixed hv bug 6 (found by the random-code fuzzer: code that falls into a sled of
 # `add [rax], al` with RAX pointing into the boot PDPT). Under shadow
 # paging every write to a guest page table is emulated: the instruction
-# runs once more inside ShadowMMU.emulate_write (vcpu.run(1)), and that run
+# runs once more inside VCpu._emulate_write (VCpu.run(1)), and that run
 # was counted in `insns` but not charged to the VM's --max-insns budget, so
 # a guest writing its page tables in a loop ran up to twice its budget. Now
 # VCpu.run charges it.

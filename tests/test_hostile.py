@@ -248,11 +248,11 @@ def test_leaf_entries_across_guest_physical_space(mode, target):
     if mode == "ept":
         # The EPT violation was taken and answered with a stop, not a map:
         # EPT has no entry for the page (check_invariants: none outside RAM).
-        from hv.hw.walker import EptViolation
+        from hv.events import EptViolation
         assert r.exits["EPT_VIOLATION"] >= 1
         vm = vms[0]
         with pytest.raises(EptViolation):
-            vm.vcpus[0].mmu.ept_walker.walk_ept(vm.ept.eptp, gpa, 0, True)
+            vm.vcpus[0].hw.ept_walker.walk_ept(vm.mmu.eptp, gpa, 0, True)
 
 
 # A 1 GiB guest page at 0 with 64 MiB of RAM: the part in RAM reads, the

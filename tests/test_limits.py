@@ -88,8 +88,8 @@ def test_check_finds_an_ept_entry_that_maps_a_foreign_frame():
                   "xor eax, eax\nmov dx, 0xf4\nout dx, al\n"),
             Config(mmu="ept", check_invariants=True))
     # Map GPA 0x1200000 to the host frame of GPA 0 by hand: a VMM bug.
-    vm.ept.map(Counter(), 0x1200000)
-    table = vm.ept.root
+    vm.mmu.map(Counter(), 0x1200000)
+    table = vm.mmu.root
     for level in (4, 3, 2):
         table = vm.mem.read_u64(table + ((0x1200000 >> (12 + 9 * (level - 1))) & 511) * 8) & ~0xFFF
     vm.mem.write_u64(table, vm.guest.hpa(0) | ept.RWX | ept.MT_WB)

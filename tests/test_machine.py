@@ -48,6 +48,22 @@ def test_vpid_tags_keep_translations_across_vm_switches(mmu):
     assert untagged.exits == tagged.exits
 
 
+@pytest.mark.parametrize("guest", ["pgfault", "ptemod"])
+def test_without_vpids_every_exit_and_every_entry_flushes(guest):
+    """Regression: with asid=False the TLB is flushed after every exit,
+    also the exits whose handler leaves the guest an event: an injected
+    #PF (pgfault) or an emulated page-table write (ptemod; on the old main
+    512 of pgfault's 1,029 exits flushed nothing). Each of those events ends
+    the slice, so the guest enters again: one flush more. With a slice
+    longer than the run, nothing else ends one."""
+    tagged = hv.run(guest, mmu="shadow", quantum=10**9).between(1, 2)
+    flat = hv.run(guest, mmu="shadow", quantum=10**9, asid=False).between(1, 2)
+    entries = flat.get("insn_emulation", 0) + flat.get("pf_guest", 0)
+    assert entries > 100
+    assert flat["exits"] == tagged["exits"]
+    assert flat["tlb_flush"] - tagged.get("tlb_flush", 0) == flat["exits"] + entries
+
+
 def test_identical_guest_physical_layouts_stay_apart(mode):
     """Two VMs write different values at the same guest-physical address,
     interleaved in short quanta; each reads back its own."""

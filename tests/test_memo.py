@@ -1,11 +1,12 @@
-"""The walk memo (hv/hw/walker.py, WalkMemo) is a speed-up only: a run
+"""The walk memo (hv/hw/memo.py, WalkMemo) is a speed-up only: a run
 with it and a run without give the same result, counter for counter."""
 import pytest
 
 import hv
 from hv.arch.paging import A, D, P, RW
 from hv.memory import PhysMem
-from hv.hw.walker import READ, WRITE, WalkMemo, Walker
+from hv.hw.memo import WalkMemo
+from hv.hw.walker import READ, WRITE, Walker
 from hv.stats import Stats
 
 from conftest import image

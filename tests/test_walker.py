@@ -4,7 +4,9 @@ import pytest
 
 from hv.arch.paging import A, D, NX, P, PS, RW, US, G, PFErr
 from hv.memory import PhysMem
-from hv.hw.walker import FETCH, READ, WRITE, GuestEscape, PageFault, Walker
+from hv.errors import GuestEscape
+from hv.events import PageFault
+from hv.hw.walker import FETCH, READ, WRITE, Walker
 from hv.stats import Stats
 
 RAM = 4 << 20

@@ -40,6 +40,11 @@ def eptp(pml4_hpa: int, ad: bool = True) -> int:
     return pml4_hpa | EPTP_WB | EPTP_WALK_4 | (EPTP_AD if ad else 0)
 
 
+def is_leaf(level: int, entry: int) -> bool:
+    """Whether a present EPT entry at `level` maps a page (SDM Vol.3C §29.3.2)."""
+    return level == 1 or bool(entry & LARGE)
+
+
 def misconfigured(level: int, entry: int) -> bool:
     """An entry the processor refuses: EPT_MISCONFIG (SDM Vol.3C §29.3.3.1).
     Write without read, reserved bits, or a reserved memory type in a leaf."""
@@ -47,9 +52,9 @@ def misconfigured(level: int, entry: int) -> bool:
         return True
     if entry & RSVD_HIGH:
         return True
-    leaf = level == 1 or (level in (2, 3) and entry & LARGE)
     if level == 4 and entry & LARGE:
         return True
+    leaf = is_leaf(level, entry)
     if not leaf and entry & MT_MASK:
         return True     # bits 7:3 of a non-leaf entry are reserved
     if leaf and (entry & MT_MASK) >> 3 in INVALID_MEMORY_TYPES:

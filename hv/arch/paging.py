@@ -57,6 +57,19 @@ def table_index(vaddr: int, level: int) -> int:
     return (vaddr >> level_shift(level)) & 0x1FF
 
 
+def is_leaf(level: int, entry: int) -> bool:
+    """Whether a present entry at `level` maps a page: every PTE, and a PDE
+    or PDPTE with PS (SDM Vol.3A §4.5.4)."""
+    return level == 1 or bool(entry & PS)
+
+
+def large_frame(entry: int, level: int) -> int:
+    """The physical base of the page a leaf at `level` maps: its address
+    bits above the page size (bit 12 of a large leaf is PAT, not an address
+    bit: SDM Vol.3A §4.5.4, Tables 4-17 and 4-19)."""
+    return entry & ADDR_MASK & ~((1 << level_shift(level)) - 1)
+
+
 # Leaf page sizes by the level that maps them.
 PAGE_SIZES = {1: 1 << 12, 2: 1 << 21, 3: 1 << 30}
 

@@ -66,6 +66,35 @@ class EFER(IntFlag):
 MSR_EFER = 0xC000_0080
 
 
+class TlbFlush(IntEnum):
+    """What a change of paging controls invalidates in the TLB and the
+    paging-structure caches of the address space (its ASID)."""
+    NONE = 0
+    NONGLOBAL = 1   # every entry but the global ones
+    ALL = 2         # every entry, global ones too
+
+
+_CR0_FLUSH = int(CR0.PG | CR0.WP)
+_CR4_FLUSH = int(CR4.PGE | CR4.PAE | CR4.PSE | CR4.PCIDE | CR4.SMEP)
+
+
+def mov_to_cr_flush(cr: int, old: int, new: int, cr4: int) -> TlbFlush:
+    """What MOV to CRn invalidates (SDM Vol.3A §4.10.4.1): MOV to CR3 the
+    non-global entries, or all of them while CR4.PGE is clear (G counts only
+    with PGE, §4.10.2.4); MOV to CR0 or CR4 all of them when it changes
+    CR0.PG or WP, or CR4.PGE, PAE, PSE, PCIDE or SMEP."""
+    if cr == 3:
+        return TlbFlush.NONGLOBAL if cr4 & CR4.PGE else TlbFlush.ALL
+    changed = (old ^ new) & (_CR0_FLUSH if cr == 0 else _CR4_FLUSH)
+    return TlbFlush.ALL if changed else TlbFlush.NONE
+
+
+def efer_write_flush(old: int, new: int) -> TlbFlush:
+    """A WRMSR to IA32_EFER that changes NXE changes what every entry
+    means: all of them go."""
+    return TlbFlush.ALL if (old ^ new) & EFER.NXE else TlbFlush.NONE
+
+
 class Vector(IntEnum):
     """Exception vectors, SDM Vol.3A §6.3.1, Table 6-1."""
     DE = 0

@@ -1,11 +1,14 @@
-"""The page walker: the only code that reads paging structures for a
-translation, and the one place that counts walk references.
+"""The page walker: the one place that counts walk references.
 
 One walk follows SDM Vol.3A §4.5 (4-level paging): at each level read the
 entry, check P and the reserved bits, accumulate RW/US/NX, stop at a leaf.
 Accessed and Dirty bits are set the way QEMU's MMU (the project's oracle)
 sets them: A in each entry as the walk uses it, A and D in the leaf only when
 the access is allowed (SDM Vol.3A §4.8 allows either order).
+
+The VMM reads paging structures too, and counts nothing there: its own
+shadow and EPT tables (hv.vmm.shadow, hv.vmm.ept), and the guest's through a
+`Walker.peeker` (code scanning, crash reports).
 """
 from __future__ import annotations
 
@@ -13,7 +16,9 @@ from ..arch import ept
 from ..arch.ept import EptQual
 from ..arch.paging import (A, ADDR_MASK, D, G, NX, P, PS, RSVD_HIGH, RW, US, PFErr, Level,
                            level_shift, reserved_mask)
-from ..errors import HvError
+from ..errors import GuestEscape
+from ..events import EptMisconfig, EptViolation, Fault, NonCanonical, PageFault
+from ..stats import Stats
 
 READ, WRITE, FETCH = 0, 1, 2        # access kinds, as Unicorn numbers them minus 16
 _SHIFT = (0,) + tuple(level_shift(level) for level in (1, 2, 3, 4))
@@ -28,9 +33,9 @@ _LARGE_LOW = tuple(reserved_mask(level, PS, True) & ~_CHECK_NXE[level] if level 
                    for level in range(5))
 _EPT_SUSPECT = RSVD_HIGH | ept.MT_MASK | ept.LARGE
 _EPT_NEED = (ept.R, ept.W, ept.X)       # the right each access kind needs
-# References by level (index 0 unused) of a walk from the PML4 to a leaf at level i.
-_LEVELS_READ = [None] + [tuple(int(lv >= leaf) for lv in range(5)) for leaf in (1, 2, 3, 4)]
+_EPT_QUAL = (int(EptQual.READ), int(EptQual.WRITE), int(EptQual.FETCH))
 ACCESS_NAMES = ("read", "write", "fetch")
+LEVEL_NAMES = {lv.value: lv.name for lv in Level}
 
 
 class Translation:
@@ -45,147 +50,30 @@ class Translation:
     def paddr(self, vaddr: int) -> int:
         return self.pbase | (vaddr & ((1 << self.shift) - 1))
 
+    def piece(self, vaddr: int) -> "Translation":
+        """The 4 KiB piece of this translation that holds `vaddr`."""
+        return Translation(vaddr & ~0xFFF, self.paddr(vaddr) & ~0xFFF, 12, self.writable,
+                           self.user, self.nx, self.global_, self.dirty)
+
     def __repr__(self):
         flags = "".join(c for c, on in (("W", self.writable), ("U", self.user), ("X", not self.nx),
                                         ("G", self.global_), ("D", self.dirty)) if on)
         return f"<{self.vbase:#x}->{self.pbase:#x} {1 << self.shift:#x} {flags}>"
 
 
-class Fault(Exception):
-    """A translation the architecture answers with an exception."""
-    vector = 0
-
-    def __init__(self, vaddr: int, error_code: int):
-        super().__init__(f"vector {self.vector} at {vaddr:#x}, error code {error_code:#x}")
-        self.vaddr, self.error_code = vaddr, error_code
+def pf_error_code(access: int, user: bool, nxe: bool) -> int:
+    """The access bits of a #PF error code (SDM Vol.3A §4.7): W, U, and I
+    for a fetch with EFER.NXE."""
+    return ((_PF_W if access == WRITE else 0) | (_PF_U if user else 0)
+            | (_PF_I if access == FETCH and nxe else 0))
 
 
-class PageFault(Fault):
-    """#PF, with the error code of SDM Vol.3A §4.7."""
-    vector = 14
-
-
-class GeneralProtection(Fault):
-    """#GP(0): a non-canonical address, or an instruction the VMM refuses
-    before it runs (a reserved bit in MOV to CR)."""
-    vector = 13
-
-    def __init__(self, vaddr: int = 0):
-        super().__init__(vaddr, 0)
-
-
-class NonCanonical(GeneralProtection):
-    """A non-canonical address is #GP(0), before any walk (SDM Vol.3A §6.15,
-    "Interrupt 13"); QEMU, the oracle, raises #GP for stack accesses too."""
-
-
-class EmulateWrite(Exception):
-    """The access is a guest write the VMM must emulate (a write to a
-    write-protected guest page table under shadow paging)."""
-
-    def __init__(self, vaddr: int, gfn: int):
-        super().__init__(f"emulate the write to {vaddr:#x} (guest frame {gfn:#x})")
-        self.vaddr, self.gfn = vaddr, gfn
-
-
-class EptViolation(Exception):
-    """An EPT walk found no entry, or one without the rights the access needs:
-    an EPT_VIOLATION exit (SDM Vol.3C §29.3.3.2)."""
-
-    def __init__(self, gpa: int, qualification: int):
-        super().__init__(f"EPT violation at guest-physical {gpa:#x} (qualification {qualification:#x})")
-        self.gpa, self.qualification = gpa, qualification
-
-
-class EptMisconfig(Exception):
-    """An EPT entry the processor refuses: an EPT_MISCONFIG exit."""
-
-    def __init__(self, gpa: int, level: int, entry: int):
-        super().__init__(f"EPT misconfiguration at guest-physical {gpa:#x}: level-{level} "
-                         f"entry {entry:#x}")
-        self.gpa, self.level, self.entry = gpa, level, entry
-
-
-class GuestEscape(HvError):
-    """A guest paging structure points outside the guest's memory."""
-
-
-class WalkMemo:
-    """The results of one VM's recent walks, each served again (counted as
-    the same walk) until an entry it read may have changed.
-
-    A walk costs microseconds of Python; a TLB-bound guest walks the same
-    tables over and over. A replayed walk reads nothing, so it must be the
-    walk the tables would give now: same references, same result, and no
-    A/D bit left to set (an entry the walk would change is one it changed
-    already, unless it was written since).
-
-    Invariant: a result is kept only while no entry its walk read (guest
-    tables, shadow tables, EPT) was written since. The VMM's writes reach
-    `written` through PhysMem.on_write, entry by entry; the guest's are
-    caught by frame: the fill path grants no write right to a frame in
-    `frames` (the first write fills again and drops the whole frame), and a
-    frame newly watched makes every engine of the VM drop its
-    translations, so none keeps one with W. Walks with page-walk caches are
-    never replayed: their references depend on the caches' state.
-    """
-    LIMIT = 1 << 16         # results kept; all are dropped beyond (speed only)
-
-    def __init__(self, engines: list):
-        self.engines = engines      # the VM's engines (Engine.flush_tlb)
-        self.results: dict[int, tuple] = {}
-        self.readers: dict[int, list[int]] = {}     # entry address -> keys of walks that read it
-        self.frames: dict[int, list[int]] = {}      # frame number -> entry addresses watched in it
-        self.recording: list[int] | None = None     # entries read by the walk being recorded
-
-    def put(self, key: int, result: tuple, entries: list[int]) -> None:
-        if len(self.results) >= self.LIMIT or len(self.readers) >= 4 * self.LIMIT:
-            self.clear()
-        self.results[key] = result
-        readers, frames = self.readers, self.frames
-        new_frame = False
-        for addr in entries:
-            keys = readers.get(addr)
-            if keys is not None:
-                keys.append(key)
-                continue
-            readers[addr] = [key]
-            watched = frames.get(addr >> 12)
-            if watched is None:
-                frames[addr >> 12] = [addr]
-                new_frame = True
-            else:
-                watched.append(addr)
-        if new_frame:
-            for engine in self.engines:
-                engine.flush_tlb()      # no alias may keep W on a watched frame
-
-    def written(self, addr: int, length: int = 8) -> None:
-        """The VMM wrote [addr, addr+length): forget the walks that read it."""
-        if length == 8:
-            self._forget(addr & ~7)
-        else:
-            for frame in range(addr >> 12, ((addr + length - 1) >> 12) + 1):
-                for entry in self.frames.get(frame, ()):
-                    if addr <= entry < addr + length:
-                        self._forget(entry)
-
-    def guest_writes(self, frame: int) -> None:
-        """The guest may now write frame `frame`: forget every walk that read it."""
-        for entry in self.frames.pop(frame, ()):
-            self._forget(entry)
-
-    def _forget(self, addr: int) -> None:
-        keys = self.readers.pop(addr, None)
-        if keys is not None:
-            results = self.results
-            for key in keys:
-                results.pop(key, None)
-
-    def clear(self) -> None:
-        self.results.clear()
-        self.readers.clear()
-        self.frames.clear()
+def denied(user: bool, access: int, wp: bool, writable: bool, usable: bool, nx: bool) -> bool:
+    """Whether a walk's accumulated rights refuse the access (SDM Vol.3A §4.6):
+    user access to a supervisor page, a fetch from an NX page, a write to a
+    read-only page at CPL 3 or with CR0.WP."""
+    return ((user and not usable) or (access == FETCH and nx)
+            or (access == WRITE and not writable and (user or wp)))
 
 
 class Walker:
@@ -213,7 +101,7 @@ class Walker:
         self.mem, self.stats, self.limit, self.dim = mem, stats, limit, dim
         self.nested = nested
         # Paging-structure caches (pwc.WalkCache) of the CPU, and the ASID
-        # its entries are tagged with; set by the MMU with --pwc.
+        # its entries are tagged with (--pwc).
         self.pwc, self.asid = None, 0
         self._counters = stats.counters
         self.by_level = stats.level_refs(dim) if hardware else [0] * 5
@@ -222,8 +110,14 @@ class Walker:
         self._walks, self._refs, self._ad = (f"{prefix}walks", f"{prefix}walk_refs",
                                              f"{prefix}ad_writes")
         self._word = mem.word           # word(addr >> 3): the 8-byte entry at addr
-        self.memo: WalkMemo | None = None   # hardware walkers of a VM, set by the MMU
+        self.memo = None                # the VM's WalkMemo, for the hardware's walkers
         self.nested_by_level: list[int] | None = None   # the EPT walker's, with `nested`
+
+    @classmethod
+    def peeker(cls, mem, limit: int) -> "Walker":
+        """A walker for the VMM's own look at a guest's tables: it sets no
+        A/D bit and counts nowhere."""
+        return cls(_ReadOnly(mem), Stats(), limit)
 
     def _escape(self, table_addr: int, level: int) -> GuestEscape:
         return GuestEscape(f"level-{level} paging structure at {table_addr:#x} is outside "
@@ -241,54 +135,74 @@ class Walker:
         """Translate `vaddr` for `access` at CPL 3 (`user`) or CPL 0..2.
 
         Raises PageFault with the architectural error code (SDM Vol.3A §4.7),
-        or NonCanonical. `path`, if given, receives (level, entry address,
-        entry) for every entry read, the leaf last. A nested walk returns the
-        host-physical translation, at the smaller of the two page sizes.
+        or NonCanonical; a nested walk raises EptViolation or EptMisconfig.
+        `path`, if given, receives (level, entry address, entry) for every
+        entry read, the leaf last. A nested walk returns the host-physical
+        translation, at the smaller of the two page sizes.
         """
         top = vaddr >> 47
         if top and top != 0x1FFFF:
             raise NonCanonical(vaddr)
-        counters = self._counters
         memo = self.memo
-        if memo is not None and path is None and self.pwc is None:
-            key = ((vaddr >> 12) << 64 | (cr3 & ADDR_MASK) | access | user << 2 | wp << 3
-                   | nxe << 4)
-            hit = memo.results.get(key)
-            if hit is not None:
-                # Count the walk again, as it counted itself.
-                tr, refs, own, ept = hit
-                counters[self._walks] += 1
-                counters[self._refs] += refs
-                self._hist[refs] += 1
-                b = self.by_level
-                b[1] += own[1]
-                b[2] += own[2]
-                b[3] += own[3]
-                b[4] += own[4]
-                if ept is not None:
-                    b = self.nested_by_level
-                    b[1] += ept[1]
-                    b[2] += ept[2]
-                    b[3] += ept[3]
-                    b[4] += ept[4]
-                return tr
-            ept_before = None if self.nested is None else list(self.nested_by_level)
-        else:
-            memo = None
+        if memo is None or path is not None or self.pwc is not None:
+            return self._walk(cr3, vaddr, access, user, wp, nxe, path, None)
+        key = (vaddr >> 12) << 64 | (cr3 & ADDR_MASK) | access | user << 2 | wp << 3 | nxe << 4
+        hit = memo.results.get(key)
+        if hit is None:
+            return self._remember(memo, key, cr3, vaddr, access, user, wp, nxe)
+        # Count the walk again, as it counted itself.
+        tr, refs, own, ept_refs = hit
+        counters = self._counters
+        counters[self._walks] += 1
+        counters[self._refs] += refs
+        self._hist[refs] += 1
+        b = self.by_level
+        b[1] += own[1]
+        b[2] += own[2]
+        b[3] += own[3]
+        b[4] += own[4]
+        if ept_refs is not None:
+            b = self.nested_by_level
+            b[1] += ept_refs[1]
+            b[2] += ept_refs[2]
+            b[3] += ept_refs[3]
+            b[4] += ept_refs[4]
+        return tr
+
+    def _remember(self, memo, key: int, cr3: int, vaddr: int, access: int, user: bool,
+                  wp: bool, nxe: bool) -> Translation:
+        """Walk, and keep the result in the memo with what the walk counted
+        (references in all, by level, and by level of its EPT steps) and
+        the address of every entry it read."""
+        refs_before = self._counters[self._refs]
+        own_before = list(self.by_level)
+        ept_before = None if self.nested is None else list(self.nested_by_level)
+        memo.recording = read = []
+        try:
+            tr = self._walk(cr3, vaddr, access, user, wp, nxe, None, read)
+        finally:
+            memo.recording = None
+        own = tuple(a - b for a, b in zip(self.by_level, own_before))
+        ept_refs = None if ept_before is None else tuple(
+            a - b for a, b in zip(self.nested_by_level, ept_before))
+        memo.put(key, (tr, self._counters[self._refs] - refs_before, own, ept_refs), read)
+        return tr
+
+    def _walk(self, cr3: int, vaddr: int, access: int, user: bool, wp: bool, nxe: bool,
+              path: list | None, read: list | None) -> Translation:
+        """The walk itself; `read` receives the address of every entry read
+        (guest and, nested, EPT entries: the memo's watch list)."""
+        counters = self._counters
         refs_before = counters[self._refs]
-        # Plain ints in the hot path (IntFlag arithmetic costs microseconds).
-        err = (_PF_W if access == WRITE else 0) | (_PF_U if user else 0)
-        if access == FETCH and nxe:
-            err |= _PF_I
         check = _CHECK_NXE if nxe else _CHECK_NO_NXE
-        word, by_level, nested, limit = self._word, self.by_level, self.nested, self.limit
+        word, by_level, nested, limit, pwc = (self._word, self.by_level, self.nested,
+                                              self.limit, self.pwc)
         refs = 0
         table = cr3 & ADDR_MASK
         level = 4
         # RW and US must be set at every level, NX at none: AND and OR of
         # the entries read (SDM Vol.3A §4.6).
         all_and, any_or = -1, 0
-        pwc = self.pwc
         if pwc is not None:
             hit = pwc.lookup(self.asid, vaddr)
             if hit is not None:
@@ -296,8 +210,6 @@ class Walker:
                 level, table, all_and, any_or = hit
                 level -= 1
         try:
-            if memo is not None:
-                memo.recording = []
             while True:
                 entry_addr = table + ((vaddr >> _SHIFT[level]) & 0x1FF) * 8
                 if nested is not None:
@@ -307,10 +219,11 @@ class Walker:
                 entry = word(entry_addr >> 3)
                 by_level[level] += 1
                 refs += 1
-                if memo is not None:
-                    memo.recording.append(entry_addr)
+                if read is not None:
+                    read.append(entry_addr)
                 if entry & check[level] != P:
                     # Not present, or a reserved bit set (reserved_mask).
+                    err = pf_error_code(access, user, nxe)
                     raise PageFault(vaddr, err if not entry & P else err | _PF_P | _PF_RSVD)
                 all_and &= entry
                 any_or |= entry
@@ -324,50 +237,48 @@ class Walker:
                 if pwc is not None:
                     pwc.insert(self.asid, level, vaddr, (table, all_and, any_or))
                 level -= 1
-            if level == 3:
-                # QEMU sets A in a PDPTE before it looks at PS, so a 1 GiB
-                # leaf is accessed even if the access then faults, for its
-                # rights or for the reserved low bits of its address.
-                entry = self._set_bits(entry_addr, entry, A)
-            if level > 1 and entry & _LARGE_LOW[level]:
-                raise PageFault(vaddr, err | _PF_P | _PF_RSVD)
-            writable, usable = bool(all_and & RW), bool(all_and & US)
-            nx = bool(nxe and any_or & NX)
-            # SDM Vol.3A §4.6: access rights of the whole walk.
-            if (user and not usable) or (access == FETCH and nx) or (
-                    access == WRITE and not writable and (user or wp)):
-                raise PageFault(vaddr, err | _PF_P)
-            bits = A | D if access == WRITE else A
-            if entry & bits != bits:
-                entry = self._set_bits(entry_addr, entry, bits)
-            if path is not None:
-                path.append((level, entry_addr, entry))
-            # A large page may reach past the end of RAM; the MMU checks each
-            # frame it caches (see NativeMMU._miss).
-            shift = _SHIFT[level]
-            low = (1 << shift) - 1
-            paddr = (entry & ADDR_MASK & ~low) | (vaddr & low)
-            if nested is not None:
-                paddr, ept_shift = nested(paddr, access, True)
-                if ept_shift < shift:
-                    shift = ept_shift
-                    low = (1 << shift) - 1
-            tr = Translation(vaddr & ~low, paddr & ~low, shift,
-                             writable, usable, nx, bool(entry & G), bool(entry & D))
-            if memo is not None:
-                ept = None if nested is None else tuple(
-                    a - b for a, b in zip(self.nested_by_level, ept_before))
-                total = counters[self._refs] + refs - refs_before
-                memo.put(key, (tr, total, _LEVELS_READ[level], ept), memo.recording)
-            return tr
+            return self._leaf(vaddr, access, user, wp, nxe, level, entry_addr, entry,
+                              all_and, any_or, path)
         finally:
-            if memo is not None:
-                memo.recording = None
             counters[self._walks] += 1
             counters[self._refs] += refs
             if self._hist is not None:
                 # A nested walk's EPT steps added theirs to the same counter.
                 self._hist[counters[self._refs] - refs_before] += 1
+
+    def _leaf(self, vaddr: int, access: int, user: bool, wp: bool, nxe: bool, level: int,
+              entry_addr: int, entry: int, all_and: int, any_or: int,
+              path: list | None) -> Translation:
+        """The walk reached its leaf at `level`: check the rights the walk
+        accumulated, set A (and D), translate."""
+        if level == 3:
+            # QEMU sets A in a PDPTE before it looks at PS, so a 1 GiB
+            # leaf is accessed even if the access then faults, for its
+            # rights or for the reserved low bits of its address.
+            entry = self._set_bits(entry_addr, entry, A)
+        if entry & _LARGE_LOW[level]:
+            raise PageFault(vaddr, pf_error_code(access, user, nxe) | _PF_P | _PF_RSVD)
+        writable, usable = bool(all_and & RW), bool(all_and & US)
+        nx = bool(nxe and any_or & NX)
+        if denied(user, access, wp, writable, usable, nx):
+            raise PageFault(vaddr, pf_error_code(access, user, nxe) | _PF_P)
+        bits = A | D if access == WRITE else A
+        if entry & bits != bits:
+            entry = self._set_bits(entry_addr, entry, bits)
+        if path is not None:
+            path.append((level, entry_addr, entry))
+        # A large page may reach past the end of RAM; the MMU checks each
+        # frame it caches (HardwareMMU._miss).
+        shift = _SHIFT[level]
+        low = (1 << shift) - 1
+        paddr = (entry & ADDR_MASK & ~low) | (vaddr & low)
+        if self.nested is not None:
+            paddr, ept_shift = self.nested(paddr, access, True)
+            if ept_shift < shift:
+                shift = ept_shift
+                low = (1 << shift) - 1
+        return Translation(vaddr & ~low, paddr & ~low, shift,
+                           writable, usable, nx, bool(entry & G), bool(entry & D))
 
     def walk_ept(self, eptp: int, gpa: int, access: int, final: bool) -> tuple[int, int]:
         """Translate guest-physical `gpa` through EPT: (host-physical address,
@@ -378,7 +289,7 @@ class Walker:
         rights = ept.RWX
         level = 4
         word, by_level, limit = self._word, self.by_level, self.limit
-        recording = None if self.memo is None else self.memo.recording
+        read = None if self.memo is None else self.memo.recording
         refs = 0
         try:
             while True:
@@ -388,8 +299,8 @@ class Walker:
                 entry = word(entry_addr >> 3)
                 by_level[level] += 1
                 refs += 1
-                if recording is not None:
-                    recording.append(entry_addr)
+                if read is not None:
+                    read.append(entry_addr)
                 if not entry & ept.RWX:
                     rights = 0
                     break
@@ -407,10 +318,8 @@ class Walker:
         finally:
             self._counters[self._refs] += refs
         if not rights & _EPT_NEED[access]:
-            qual = ((EptQual.READ, EptQual.WRITE, EptQual.FETCH)[access]
-                    | (rights & ept.RWX) << 3 | EptQual.GLA_VALID
-                    | (EptQual.GLA_TRANSLATION if final else 0))
-            raise EptViolation(gpa, qual)
+            raise EptViolation(gpa, _EPT_QUAL[access] | (rights & ept.RWX) << 3
+                               | EptQual.GLA_VALID | (EptQual.GLA_TRANSLATION if final else 0))
         bits = ept.EA | ept.ED if access == WRITE else ept.EA
         if entry & bits != bits:
             self._set_bits(entry_addr, entry, bits)
@@ -426,4 +335,11 @@ class Walker:
         return paddr if paddr < self.limit else None
 
 
-LEVEL_NAMES = {lv.value: lv.name for lv in Level}
+class _ReadOnly:
+    """Memory seen by a peeking walker: A/D updates are dropped."""
+
+    def __init__(self, mem):
+        self.read_u64, self.word = mem.read_u64, mem.word
+
+    def write_u64(self, addr: int, value: int) -> None:
+        pass

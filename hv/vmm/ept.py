@@ -19,17 +19,11 @@ Invariants:
 from __future__ import annotations
 
 from ..arch import ept
-from ..arch.paging import ADDR_MASK, PAGE_SIZE, level_shift
-from ..errors import InvariantError
-from .exits import Exit, dispatch
-from ..arch.vmx import ExitReason
-from ..memory import CHUNK, GuestMemory, VmmFrames
+from ..arch.paging import ADDR_MASK, PAGE_SIZE, level_shift, table_index
+from ..errors import GuestEscape, InvariantError
+from ..memory import CHUNK, GiB, GuestMemory, VmmFrames
 from ..stats import Stats
-from ..hw.mmu import NativeMMU
-from ..hw.tlb import TLB
-from ..hw.walker import EptMisconfig, EptViolation, GuestEscape, Translation, Walker
-
-GiB = 1 << 30
+from .paging import Paging
 
 
 class EptTables:
@@ -57,7 +51,7 @@ class EptTables:
                     break
         table = self.root
         for level in range(4, leaf_level, -1):
-            addr = table + ((gpa >> level_shift(level)) & 0x1FF) * 8
+            addr = table + table_index(gpa, level) * 8
             entry = self.host.read_u64(addr)
             if not entry & ept.RWX:
                 entry = self.frames.alloc() | ept.RWX
@@ -66,11 +60,10 @@ class EptTables:
             table = entry & ADDR_MASK
         size = 1 << level_shift(leaf_level)
         hpa = self.guest.hpa(gpa & ~(size - 1))
-        addr = table + ((gpa >> level_shift(leaf_level)) & 0x1FF) * 8
+        addr = table + table_index(gpa, leaf_level) * 8
         self.host.write_u64(addr, hpa | ept.RWX | ept.MT_WB | int(ept.EPTE.IPAT)
                             | (ept.LARGE if leaf_level > 1 else 0))
         c[("pages_4k", "pages_2m", "pages_1g")[leaf_level - 1]] += 1
-
 
     def check(self) -> None:
         """Every EPT leaf maps a guest frame to its own host frame; every EPT
@@ -85,7 +78,7 @@ class EptTables:
                 if not entry & ept.RWX:
                     continue
                 here = gpa | (i << level_shift(level))
-                if level == 1 or entry & ept.LARGE:
+                if ept.is_leaf(level, entry):
                     size = 1 << level_shift(level)
                     if (entry & ADDR_MASK & ~(size - 1)) != self.guest.hpa(here) or \
                             not self.guest.owns(self.guest.hpa(here), size):
@@ -96,48 +89,14 @@ class EptTables:
         visit(self.root, 4, 0)
 
 
-class EptMMU(NativeMMU):
-    name = "ept"
-    intercepts = NativeMMU.intercepts | {ExitReason.EPT_VIOLATION, ExitReason.EPT_MISCONFIG}
+class EptPaging(Paging):
+    """One vCPU's paging under EPT: the guest's tables are the hardware's
+    first dimension (Paging); EPT violations exit to the VMM, which maps
+    the guest frame in the VM's EPT."""
 
-    def __init__(self, vcpu, tables: EptTables, stats: Stats, tlb: TLB, asid: int = 0):
-        super().__init__(tables.guest, stats, tlb, asid)
-        self.frame_limit = self.mem.size    # host-physical: EPT maps only guest frames
-        self.vcpu, self.ept = vcpu, tables
-        self.ept_walker = Walker(self.mem, stats, self.mem.size, dim="ept")
-        self.walker = Walker(self.mem, stats, self.mem.size, dim="guest", nested=self._nested)
-        self.walker.nested_by_level = self.ept_walker.by_level
-        self.use_walk_cache(self.walker)
-
-    def hardware_walkers(self) -> list[Walker]:
-        return [self.walker, self.ept_walker]
-
-    def _nested(self, gpa: int, access: int, final: bool) -> tuple[int, int]:
-        """One EPT step of the two-dimensional walk, through the nested TLB
-        if there is one."""
-        ntlb = self.tlb.walk_cache
-        if ntlb is not None:
-            hit = ntlb.nested_lookup(self.asid, gpa)
-            if hit is not None:
-                self.counters["pwc.ntlb_hits"] += 1
-                return hit[0] | (gpa & 0xFFF), hit[1]
-        hpa, shift = self.ept_walker.walk_ept(self.ept.eptp, gpa, access, final)
-        if ntlb is not None:
-            ntlb.nested_insert(self.asid, gpa, hpa, shift)
-        return hpa, shift
-
-    def hw_walk(self, vaddr: int, access: int, user: bool) -> Translation:
-        """The two-dimensional walk; an EPT violation exits, the VMM maps the
-        frame, and the walk starts again from the top, as after VM entry."""
-        while True:
-            try:
-                return self.walker.walk(self.cr3, vaddr, access, user, self._wp, self._nxe)
-            except EptViolation as v:
-                dispatch(self.vcpu, Exit(ExitReason.EPT_VIOLATION, v.qualification, 0,
-                                         value=v.gpa))
-            except EptMisconfig as m:
-                dispatch(self.vcpu, Exit(ExitReason.EPT_MISCONFIG, 0, 0, value=m.gpa))
-                raise GuestEscape(str(m)) from None
+    def __init__(self, hw, guest: GuestMemory, ept: EptTables, stats: Stats):
+        super().__init__(hw, guest)
+        self.ept, self.counters = ept, stats.counters
 
     def ept_violation(self, gpa: int) -> None:
         self.ept.map(self.counters, gpa)

@@ -1,18 +1,19 @@
-"""VM exits: one record type and one dispatch table of handlers.
+"""VM exits: the one dispatch table of handlers.
 
-Every event that leaves the guest (or would, on real hardware, in some
-mode) becomes an `Exit` and goes through `dispatch`. Statistics are composed
-around the handlers there, once: an event counts as a VM exit only if the
-vCPU's MMU mode intercepts that reason (on bare metal a MOV to CR3 is no
-exit; under shadow paging it is).
+The vCPU (hv.vmm.vcpu) dispatches an event only when its mode intercepts
+it: every call of `dispatch` is a VM exit, counted here and nowhere else.
+Handlers call into the VMM (the vCPU's paging, the VM, its devices) and
+return; what the guest must see next (an injected #PF, an emulated write)
+they record on the vCPU (`VCpu.inject`). After every handler the vCPU
+resumes the guest (`VCpu.resume`: the TLB flush of a CPU without VPIDs, the
+MMU reload, the --check invariants).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
 from ..arch.vmx import ExitReason, Hypercall
-from ..arch.x86 import MSR_EFER
+from ..events import Exit
 
 if TYPE_CHECKING:
     from .vcpu import VCpu
@@ -23,20 +24,6 @@ PORT_CONSOLE_LSR = 0x3FD    # 16550 line status: transmitter empty
 PORT_EXIT = 0xF4            # isa-debug-exit style: the value is the exit code
 HYPERCALL_ENOSYS = -1000 & (2**64 - 1)   # KVM's -KVM_ENOSYS
 HYPERCALL_E2BIG = -7 & (2**64 - 1)       # -E2BIG: no room for another mark id
-
-
-@dataclass(frozen=True, slots=True)
-class Exit:
-    """One exit: the reason and its qualification (SDM Vol.3C §28.2.1),
-    plus the operand value hv's handlers need: the byte written (IO), the
-    new register value (CR_ACCESS, MSR_WRITE), the vector (EXCEPTION_NMI)."""
-    reason: ExitReason
-    qualification: int = 0
-    rip: int = 0
-    insn_len: int = 0
-    value: int = 0
-    error_code: int | None = None
-
 
 Handler = Callable[["VCpu", Exit], None]
 HANDLERS: dict[ExitReason, Handler] = {}
@@ -50,17 +37,10 @@ def handles(reason: ExitReason) -> Callable[[Handler], Handler]:
 
 
 def dispatch(vcpu: "VCpu", ex: Exit) -> None:
-    mmu = vcpu.mmu
-    is_exit = ex.reason in mmu.intercepts or (
-        ex.reason == ExitReason.EXCEPTION_NMI and ex.value in mmu.exception_bitmap)
-    if is_exit:
-        vcpu.stats.exits[ex.reason] += 1
-        vcpu.stats.counters["exits"] += 1
+    vcpu.stats.exits[ex.reason] += 1
+    vcpu.stats.counters["exits"] += 1
     HANDLERS[ex.reason](vcpu, ex)
-    if is_exit and not vcpu.vm.config.asid and mmu.tlb is not None:
-        vcpu.flush_tlb()        # first-generation VT-x: no VPID, exits flush
-    if vcpu.vm.config.check_invariants:
-        vcpu.vm.check_invariants()
+    vcpu.resume()
 
 
 # Qualification of IO_INSTRUCTION (SDM Vol.3C Table 28-5): size-1 in bits
@@ -112,20 +92,17 @@ def _invlpg(vcpu: "VCpu", ex: Exit) -> None:
 
 @handles(ExitReason.MSR_WRITE)
 def _wrmsr(vcpu: "VCpu", ex: Exit) -> None:
-    if ex.qualification == MSR_EFER:
-        vcpu.mmu.write_efer(ex.value)
+    vcpu.mmu.wrmsr(ex.qualification, ex.value)
 
 
 @handles(ExitReason.EXCEPTION_NMI)
 def _exception(vcpu: "VCpu", ex: Exit) -> None:
-    # `value` is the vector; for #PF the qualification is the faulting
-    # linear address (SDM Vol.3C §28.2.1). An intercepted vector is the
-    # MMU mode's to handle (shadow paging's hidden faults); any other is
-    # delivered to the guest as the CPU would.
-    if ex.value in vcpu.mmu.exception_bitmap:
-        vcpu.mmu.intercepted_exception(ex)
-    else:
-        vcpu.deliver(ex.value, ex.error_code, ex.rip, cr2=ex.qualification)
+    # An intercepted #PF (shadow paging's): the qualification is the
+    # faulting linear address (SDM Vol.3C §28.2.1). The MMU fixes a hidden
+    # fault, or names what the guest gets instead.
+    event = vcpu.mmu.page_fault(ex.qualification, ex.error_code)
+    if event is not None:
+        vcpu.inject(event)
 
 
 @handles(ExitReason.EPT_VIOLATION)

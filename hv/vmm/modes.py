@@ -1,13 +1,126 @@
-"""MMU modes. Each provides fill/translate/peek and the paging-control
-events (write_cr, write_efer, invlpg); see native.py for the interface."""
+"""The MMU modes: one object each, in one table (`MODES`).
+
+A mode says how the VM's guest RAM is placed in host memory, what MMU
+state the VM keeps (shadow pages, EPT), how each vCPU's hardware MMU is
+configured and which VMM paging object answers for it, which events exit
+(the intercepts and the exception bitmap, as a VMCS would say), and what
+`--check` verifies. Nothing outside this module asks a mode for its name.
+"""
 from __future__ import annotations
 
-MODES = ("native", "shadow", "ept", "qemu")
-MODE_HELP = {
-    "native": "the guest on bare metal: hv's walker and TLB model, no MMU exits",
-    "shadow": "shadow paging: the VMM's shadow tables, exits on CR3 loads, INVLPG, "
-              "page-table writes and hidden page faults",
-    "ept": "EPT/nested paging: two-dimensional walks of the guest's tables and the VMM's EPT, "
-           "exits on EPT violations",
-    "qemu": "Unicorn's own MMU (QEMU's walker): the correctness oracle, nothing modelled",
-}
+from ..arch.vmx import ExitReason
+from ..arch.x86 import Vector
+from ..hw.mmu import HardwareMMU, QemuMMU
+from ..memory import CHUNK, GiB, MiB, GuestMemory
+from .ept import EptPaging, EptTables
+from .paging import Paging, QemuPaging
+from .shadow import ShadowCache, ShadowPaging
+
+# The platform's devices, HLT and hypercalls exit in every mode, and a
+# triple fault always ends the VM: every mode's table lists them alike.
+BASE_INTERCEPTS = frozenset({ExitReason.IO_INSTRUCTION, ExitReason.HLT, ExitReason.VMCALL,
+                             ExitReason.TRIPLE_FAULT})
+
+
+class Mode:
+    name = ""
+    help = ""
+    intercepts: frozenset[ExitReason] = BASE_INTERCEPTS
+    # Vectors that exit as EXCEPTION_NMI instead of reaching the guest (the
+    # VMCS exception bitmap, SDM Vol.3C §25.6.3).
+    exception_bitmap: frozenset[int] = frozenset()
+    tlb_model = True        # hv's walker and TLB model translate (False: QEMU's own MMU)
+    virtualized = True      # a VMM runs the guest: its exits are priced (hv.cost)
+    needs_ept = False       # only on a CPU with EPT
+
+    def memory(self, config) -> tuple[GuestMemory, object]:
+        """Guest RAM placed in host memory, and the VM's MMU state."""
+        return GuestMemory.identity(config.ram), None
+
+    def vcpu_mmu(self, vm, cpu) -> Paging:
+        """vCPU `cpu`'s paging, over the hardware MMU its mode configures."""
+        return Paging(self._hardware(vm, cpu), vm.guest)
+
+    def _hardware(self, vm, cpu, **config) -> HardwareMMU:
+        hw = HardwareMMU(vm.mem, cpu.stats, vm.machine.tlbs[cpu.index], vm.asid,
+                         exception_bitmap=self.exception_bitmap, **config)
+        if vm.memo is not None:
+            hw.use_memo(vm.memo)
+        return hw
+
+    def check(self, vm) -> None:
+        """The mode's invariants on the VM's MMU state (--check)."""
+
+
+def vmm_size(config) -> int:
+    """The VMM's area below guest RAM (shadow or EPT tables): an eighth of
+    RAM, at least 8 MiB, in whole chunks."""
+    return max(8 * MiB, config.ram // 8 // CHUNK * CHUNK)
+
+
+class Native(Mode):
+    name = "native"
+    help = "the guest on bare metal: hv's walker and TLB model, no MMU exits"
+    virtualized = False
+
+
+class Shadow(Mode):
+    name = "shadow"
+    help = ("shadow paging: the VMM's shadow tables, exits on CR3 loads, INVLPG, "
+            "page-table writes and hidden page faults")
+    # The VMM keeps the guest's paging registers: MOV to CR, INVLPG and
+    # WRMSR(EFER) exit, and every #PF the hardware takes on the shadow tables.
+    intercepts = BASE_INTERCEPTS | {ExitReason.CR_ACCESS, ExitReason.INVLPG,
+                                    ExitReason.MSR_WRITE}
+    exception_bitmap = frozenset({Vector.PF})
+
+    def memory(self, config):
+        size = vmm_size(config)
+        guest = GuestMemory.scattered(config.ram, size)
+        return guest, ShadowCache(guest, size)
+
+    def vcpu_mmu(self, vm, cpu):
+        return ShadowPaging(self._hardware(vm, cpu, dim="shadow"), vm.mmu, cpu.stats)
+
+    def check(self, vm):
+        vm.mmu.check()
+
+
+class Ept(Mode):
+    name = "ept"
+    help = ("EPT/nested paging: two-dimensional walks of the guest's tables and the VMM's EPT, "
+            "exits on EPT violations")
+    intercepts = BASE_INTERCEPTS | {ExitReason.EPT_VIOLATION, ExitReason.EPT_MISCONFIG}
+    needs_ept = True
+
+    def memory(self, config):
+        # With large pages, RAM is placed by 1 GiB blocks above a 1 GiB VMM
+        # area (untouched pages cost no host memory), so EPT can map whole
+        # GiBs where the guest has them.
+        block = GiB if config.ept_large_pages else CHUNK
+        size = -(-vmm_size(config) // block) * block
+        guest = GuestMemory.scattered(config.ram, size, block)
+        return guest, EptTables(guest, size, config.ept_large_pages)
+
+    def vcpu_mmu(self, vm, cpu):
+        return EptPaging(self._hardware(vm, cpu, eptp=vm.mmu.eptp), vm.guest, vm.mmu, cpu.stats)
+
+    def check(self, vm):
+        vm.mmu.check()
+
+
+class Qemu(Mode):
+    name = "qemu"
+    help = "Unicorn's own MMU (QEMU's walker): the correctness oracle, nothing modelled"
+    tlb_model = False
+    virtualized = False
+
+    def vcpu_mmu(self, vm, cpu):
+        return QemuPaging(QemuMMU(cpu.engine, vm.mem))
+
+
+MODES: dict[str, Mode] = {m.name: m for m in (Native(), Shadow(), Ept(), Qemu())}
+BASELINE = "native"         # what hv compare measures overheads against
+MODE_HELP = {name: m.help for name, m in MODES.items()}
+# The modes hv compare can price: those whose TLB and walks hv models.
+COUNTING_MODES = tuple(name for name, m in MODES.items() if m.tlb_model)

@@ -21,26 +21,41 @@ Invariants:
   (frame, level), so the shadow tables never loop.
 - Whenever an spte is zapped or loses rights, the TLB of every vCPU of the
   VM is flushed before it runs again (remote flushes are counted).
+- A vCPU whose root was zapped gets a new one before its hardware walks
+  again (`ShadowPaging.reload`, at every VM entry); the hardware's CR3 is
+  its root's frame.
 """
 from __future__ import annotations
 
 from ..arch.paging import (ADDR_MASK, D, ENTRIES_PER_TABLE, G, NX, P, PAGE_SIZE, PFErr, RW,
-                           US, level_shift)
-from ..arch.vmx import ExitReason
-from ..arch.x86 import Vector
-from ..errors import InvariantError
-from .exits import Exit, dispatch
+                           US, large_frame, level_shift, table_index)
+from ..arch.x86 import CR0, EFER, MSR_EFER, TlbFlush, efer_write_flush, mov_to_cr_flush
+from ..errors import GuestEscape, InvariantError
+from ..events import EmulateWrite, PageFault
+from ..hw.walker import FETCH, READ, WRITE, Walker
 from ..memory import GuestMemory, VmmFrames
 from ..stats import Stats
-from ..hw.mmu import PROT_R, PROT_W, NativeMMU
-from ..hw.tlb import TLB
-from ..hw.walker import FETCH, READ, WRITE, EmulateWrite, GuestEscape, PageFault, Translation, Walker
+from .paging import Paging
 
 ACC_W, ACC_U, ACC_X = 1, 2, 4
 ACC_ALL = ACC_W | ACC_U | ACC_X
 FLOOD_LIMIT = 3         # emulated writes with no use in between (KVM's detect_write_flooding)
 RESERVE = 8             # free shadow frames kept for one fault's path
 _PF_W, _PF_U, _PF_I = int(PFErr.W), int(PFErr.U), int(PFErr.I)     # plain ints: hot path
+
+
+def make_spte(hpa: int, acc: int, global_: bool, writable: bool) -> int:
+    """A shadow leaf for host frame `hpa` (KVM's make_spte): the rights the
+    guest's walk allows (`acc`), W only when `writable` (see the module's
+    invariants), G as the guest's leaf has it."""
+    return (hpa | P | (RW if writable else 0) | (US if acc & ACC_U else 0)
+            | (0 if acc & ACC_X else NX) | (G if global_ else 0))
+
+
+def make_link(hpa: int) -> int:
+    """A non-leaf spte pointing at the shadow page at `hpa`: it allows
+    everything, the leaf decides."""
+    return hpa | P | RW | US
 
 
 def _acc(entry: int) -> int:
@@ -86,7 +101,7 @@ class ShadowCache:
         self.leaf_gfn: dict[int, int] = {}                       # leaf spte -> gfn
         self.flood: dict[int, int] = {}                          # gfn -> emulated writes
         self.frames = VmmFrames(self.host, vmm_size)
-        self.vcpus: list[ShadowMMU] = []
+        self.vcpus: list[ShadowPaging] = []
 
     # -- shadow pages --------------------------------------------------------
     def get_page(self, c, gfn: int, level: int, direct: bool, access: int,
@@ -121,7 +136,7 @@ class ShadowCache:
         # (A shadow page may sit at host-physical 0: an empty spte's address
         # bits match it too.)
         if not spte & P or spte & ADDR_MASK != child.hpa:
-            self.host.write_u64(spte_addr, child.hpa | P | RW | US)
+            self.host.write_u64(spte_addr, make_link(child.hpa))
             child.parents[spte_addr] = None
 
     def set_leaf(self, sp: ShadowPage, index: int, gfn: int, spte: int) -> None:
@@ -165,9 +180,9 @@ class ShadowCache:
         self.frames.free(sp.hpa)
         c["mmu_shadow_zapped"] += 1
         c[f"mmu_shadow_pages.L{sp.level}"] -= 1
-        for mmu in self.vcpus:
-            if mmu.root is sp:
-                mmu.root = None
+        for paging in self.vcpus:
+            if paging.root is sp:
+                paging.root = None      # reloaded before it walks again
 
     # -- write protection ------------------------------------------------------
     def write_protect(self, c, gfn: int) -> None:
@@ -222,187 +237,112 @@ class ShadowCache:
                 if spte & RW and gfn in self.shadowed:
                     raise InvariantError(f"guest page table {gfn:#x} is writable through "
                                          f"{spte_addr:#x}")
+        for paging in self.vcpus:
+            root = paging.root
+            if root is not None and (self.pages.get(root.key) is not root
+                                     or paging.hw.cr3 != root.hpa):
+                raise InvariantError(f"a vCPU's hardware walks {paging.hw.cr3:#x}, not its "
+                                     f"shadow root {root.hpa:#x}")
 
     def flush_all(self, c) -> None:
         """Flush the TLB of every vCPU of the VM (KVM's kvm_flush_remote_tlbs)."""
-        for mmu in self.vcpus:
-            mmu.tlb.flush_asid(mmu.asid)
-            mmu.counters["tlb_flush"] += 1
-            if mmu.counters is not c:
+        for paging in self.vcpus:
+            paging.hw.flush(TlbFlush.ALL)
+            if paging.counters is not c:
                 c["remote_tlb_flush"] += 1
 
 
-class ShadowMMU(NativeMMU):
-    name = "shadow"
-    intercepts = NativeMMU.intercepts | {ExitReason.CR_ACCESS, ExitReason.INVLPG}
-    exception_bitmap = frozenset({Vector.PF})
 
-    def __init__(self, vcpu, cache: ShadowCache, stats: Stats, tlb: TLB, asid: int = 0):
-        super().__init__(cache.guest, stats, tlb, asid)
-        self.frame_limit = self.mem.size    # host-physical: leaves map only guest frames
-        self.vcpu, self.cache, self.host = vcpu, cache, cache.host
+
+class ShadowPaging(Paging):
+    """One vCPU's paging under shadow paging. The guest's paging registers
+    are the VMM's to keep: the hardware runs with the shadow root in CR3,
+    CR0.WP set (a read-only shadow leaf stops every write, so the VMM sees
+    those the guest's CR0.WP=0 allows) and EFER.NXE set (shadow leaves
+    carry NX). MOV to CR, INVLPG, WRMSR(EFER) and the hardware's #PF exit
+    to the handlers here."""
+
+    def __init__(self, hw, cache: ShadowCache, stats: Stats):
+        super().__init__(hw, cache.guest)
+        self.cache, self.host = cache, cache.host
+        self.counters = stats.counters
         # The VMM's software walks of guest tables, counted apart from the
         # hardware's walks of the shadow tables.
         self.walker = Walker(cache.guest, stats, cache.guest.ram, dim="guest", hardware=False)
-        self.hw = Walker(self.host, stats, self.host.size, dim="shadow")
-        self.use_walk_cache(self.hw)
         self.root: ShadowPage | None = None
-        # Pages the instruction being emulated may write: virtual page ->
-        # host frame. More than one when it writes across a page boundary
-        # onto two write-protected guest tables (emulate_write nests).
-        self.emulating: dict[int, int] = {}
+        self.cr0 = self.cr3 = self.cr4 = self.efer = 0
         cache.vcpus.append(self)
 
-    def hardware_walkers(self) -> list[Walker]:
-        return [self.hw]
+    @property
+    def _wp(self) -> bool:
+        return bool(self.cr0 & CR0.WP)
 
-    def load_state(self, cr0: int, cr3: int, cr4: int, efer: int) -> None:
-        super().load_state(cr0, cr3, cr4, efer)
-        self._hw_wp = True      # the VMM runs the guest with CR0.WP=1 in hardware
+    @property
+    def _nxe(self) -> bool:
+        return bool(self.efer & EFER.NXE)
+
+    def guest_tables(self) -> tuple[int, bool]:
+        return self.cr3, self._nxe
+
+    def boot(self, cr0: int, cr3: int, cr4: int, efer: int) -> None:
+        self.cr0, self.cr3, self.cr4, self.efer = cr0, cr3, cr4, efer
         self.root = None
 
-    # -- the hardware walks the shadow tables ----------------------------------
-    def _root(self) -> ShadowPage:
+    def reload(self) -> None:
+        """Find or build the shadow root of the guest's CR3 if the vCPU has
+        none (it was zapped, or the guest switched CR3 or NXE), and load it."""
         if self.root is None:
             self.cache.ensure_free(self.counters)
             self.root = self.cache.get_page(self.counters, self.cr3 >> 12, 4, False, ACC_ALL,
                                             self._nxe)
-        return self.root
+            self._load()
 
-    def hw_walk(self, vaddr: int, access: int, user: bool) -> Translation:
-        try:
-            return self.hw.walk(self._root().hpa, vaddr, access, user, True, True)
-        except PageFault as hw:
-            # A #PF in hardware: an EXCEPTION_NMI exit. The handler fixes the
-            # shadow tables (a hidden fault) or raises what the guest gets.
-            dispatch(self.vcpu, Exit(ExitReason.EXCEPTION_NMI, vaddr, 0, value=Vector.PF,
-                                     error_code=hw.error_code))
-        try:
-            return self.hw.walk(self._root().hpa, vaddr, access, user, True, True)
-        except PageFault as again:
-            # Fixed, yet faulting: a VMM bug, never the guest's #PF.
-            raise InvariantError(f"the shadow tables still fault at {vaddr:#x} (error code "
-                                 f"{again.error_code:#x}) after the hidden fault was fixed") from None
+    def _load(self) -> None:
+        """The registers the hardware runs the guest with (this class's
+        docstring)."""
+        if self.root is not None:
+            self.hw.load(self.cr0 | CR0.WP, self.root.hpa, self.cr4, self.efer | EFER.NXE)
 
-    def fill(self, vaddr: int, access: int, user: bool) -> tuple[int, int]:
-        if access == WRITE and self.emulating:
-            hpa = self.emulating.get(vaddr & ~(PAGE_SIZE - 1))
-            if hpa is not None:
-                return hpa, PROT_R | PROT_W     # the one write being emulated
-        return super().fill(vaddr, access, user)
-
-    def intercepted_exception(self, ex) -> None:
-        """#PF exit: fix a hidden fault, or raise the guest's own fault."""
-        err = ex.error_code
-        access = FETCH if err & _PF_I else WRITE if err & _PF_W else READ
-        self.fix(ex.qualification, access, bool(err & _PF_U))
-
-    def fix(self, vaddr: int, access: int, user: bool) -> None:
-        c, cache = self.counters, self.cache
-        path: list = []
-        # The guest's own walk (it sets A/D in the guest's tables, as the
-        # hardware would have). A fault here is the guest's: raised as is.
-        self.walker.walk(self.cr3, vaddr, access, user, self._wp, self._nxe, path)
-        cache.ensure_free(c)
-        sp = self._root()
-        acc = ACC_ALL
-        for level, _addr, entry in path[:-1]:
-            acc &= _acc(entry)
-            gfn = (entry & ADDR_MASK) >> 12
-            child = cache.get_page(c, gfn, level - 1, False, acc, self._nxe)
-            cache.flood.pop(gfn, None)          # used as a table: not flooded
-            cache.link(sp, (vaddr >> level_shift(level)) & 0x1FF, child)
-            sp = child
-        leaf_level, _addr, leaf = path[-1]
-        acc &= _acc(leaf)
-        # A guest large page is shadowed by direct pages down to 4 KiB. Its
-        # frame is the address bits above the page size: bit 12 of a large
-        # leaf is PAT, not an address bit (SDM Vol.3A §4.5.4, Tables 4-17/4-19).
-        frame = leaf & ADDR_MASK & ~((1 << level_shift(leaf_level)) - 1)
-        gfn = (frame >> 12) + ((vaddr >> 12) & ((1 << 9 * (leaf_level - 1)) - 1))
-        for level in range(leaf_level, 1, -1):
-            span = 1 << 9 * (level - 1)         # 4 KiB frames under one entry
-            base = gfn & ~(span - 1)
-            child = cache.get_page(c, base, level - 1, True, acc, self._nxe)
-            cache.link(sp, (vaddr >> level_shift(level)) & 0x1FF, child)
-            sp = child
-        hpa = cache.guest.hpa(gfn << 12)
-        if hpa is None:
-            raise GuestEscape(f"{vaddr:#x} maps guest-physical {gfn << 12:#x}, outside guest "
-                              f"memory [0, {cache.guest.ram:#x})")
-        writable = acc & ACC_W and leaf & D and gfn not in cache.shadowed
-        if access == WRITE and not writable:
-            # A write the guest allows but the shadow must not: to a guest
-            # page table, or to a read-only page with the guest's CR0.WP=0.
-            c["insn_emulation"] += 1
-            raise EmulateWrite(vaddr, gfn)
-        spte = (hpa | P | (RW if writable else 0) | (US if acc & ACC_U else 0)
-                | (0 if acc & ACC_X else NX) | (leaf & G))
-        cache.set_leaf(sp, (vaddr >> 12) & 0x1FF, gfn, spte)
-        c["pf_fixed"] += 1
-
-    def emulate_write(self, vcpu, em: EmulateWrite) -> int:
-        """Run the faulting instruction once with the page writable, then
-        see which guest PTEs it changed (any writing instruction works).
-        Returns the instructions that ran."""
-        hpa = self.cache.guest.hpa(em.gfn << 12)
-        before = self.host.read(hpa, PAGE_SIZE)
-        # A write that crosses into a second write-protected table faults
-        # there inside vcpu.run(1) and comes back here for that page: both
-        # pages stay writable for the one instruction (replacing the first
-        # recursed forever, each page's run faulting on the other).
-        page = em.vaddr & ~(PAGE_SIZE - 1)
-        self.emulating[page] = hpa
-        try:
-            ran = vcpu.run(1)
-        finally:
-            del self.emulating[page]
-            vcpu.engine.flush_page(page)    # its one writable mapping
-        self._table_written(em.gfn, before)
-        return ran
-
-    def vmm_write(self, em: EmulateWrite, data: bytes) -> None:
-        """A write the VMM makes for the guest (an exception frame) that
-        lands on a write-protected page: done directly, then accounted as an
-        emulated write."""
-        hpa = self.cache.guest.hpa(em.gfn << 12)
-        before = self.host.read(hpa, PAGE_SIZE)
-        self.host.write(hpa | (em.vaddr & (PAGE_SIZE - 1)), data)
-        self._table_written(em.gfn, before)
-
-    def _table_written(self, gfn: int, before: bytes) -> None:
-        cache = self.cache
-        if gfn not in cache.shadowed:
-            return
-        after = self.host.read(cache.guest.hpa(gfn << 12), PAGE_SIZE)
-        self.counters["mmu_pte_write"] += 1
-        cache.pte_write(self.counters, gfn, changed_entries(before, after))
-
-    # -- intercepted paging events -------------------------------------------------
+    # -- exit handlers: the guest's paging registers ----------------------------
     def write_cr(self, cr: int, value: int) -> None:
+        """MOV to CR0/CR3/CR4 (a CR_ACCESS exit): the register, a root for a
+        new CR3 (found again in the cache: KVM's kvm_mmu_new_pgd), and the
+        TLB invalidation the guest expects."""
+        flush = mov_to_cr_flush(cr, {0: self.cr0, 3: self.cr3, 4: self.cr4}[cr], value,
+                                self.cr4)
         if cr == 3:
             self.counters["cr3_loads"] += 1
             self.cr3 = value
-            self.root = None                    # found again in the cache on use
-            self.cache.ensure_free(self.counters)
-            self._root()
-            self._flush(self._cr3_flush())
+            self.root = None
+            self.reload()
+        elif cr == 0:
+            self.cr0 = value
+            self._load()
         else:
-            super().write_cr(cr, value)
-            self._hw_wp = True
+            self.cr4 = value
+            self._load()
+        self.hw.flush(flush)
 
-    def write_efer(self, value: int) -> None:
-        super().write_efer(value)
-        self._hw_wp = True
+    def wrmsr(self, msr: int, value: int) -> None:
+        """WRMSR to EFER (an MSR_WRITE exit): shadow pages are kept by NXE
+        (ShadowPage), so a change of NXE takes another root."""
+        if msr != MSR_EFER:
+            return
+        flush = efer_write_flush(self.efer, value)
+        if (self.efer ^ value) & EFER.NXE:
+            self.root = None
+        self.efer = value
+        self.reload()
+        self._load()
+        self.hw.flush(flush)
 
     def invlpg(self, vaddr: int) -> None:
-        """Zap the leaf spte for `vaddr` (rebuilt from the guest's PTE on the
-        next hidden fault) and drop the TLB entry."""
-        self.counters["invlpg"] += 1
+        """INVLPG (an exit): zap the leaf spte for `vaddr` (rebuilt from the
+        guest's PTE on the next hidden fault) and drop the TLB entry."""
         if self.root is not None:
             table = self.root.hpa
             for level in range(4, 0, -1):
-                spte_addr = table + ((vaddr >> level_shift(level)) & 0x1FF) * 8
+                spte_addr = table + table_index(vaddr, level) * 8
                 spte = self.host.read_u64(spte_addr)
                 if not spte & P:
                     break
@@ -410,4 +350,79 @@ class ShadowMMU(NativeMMU):
                     self.cache.zap_spte(self.counters, spte_addr, 1)
                     break
                 table = spte & ADDR_MASK
-        self.tlb.invlpg(self.asid, vaddr)
+        self.hw.invlpg(vaddr)
+
+    # -- the hardware's #PF on the shadow tables ----------------------------------
+    def page_fault(self, vaddr: int, error_code: int) -> PageFault | EmulateWrite | None:
+        """An EXCEPTION_NMI exit for #PF: walk the guest's tables. If they
+        fault, that fault is the guest's (returned, to inject); else the
+        fault was hidden, and the shadow path is built (None), unless the
+        access is a write the shadow must not allow (EmulateWrite)."""
+        access = FETCH if error_code & _PF_I else WRITE if error_code & _PF_W else READ
+        user = bool(error_code & _PF_U)
+        c, cache = self.counters, self.cache
+        path: list = []
+        # The guest's own walk (it sets A/D in the guest's tables, as the
+        # hardware would have).
+        try:
+            self.walker.walk(self.cr3, vaddr, access, user, self._wp, self._nxe, path)
+        except PageFault as fault:
+            return fault
+        cache.ensure_free(c)
+        self.reload()
+        sp = self.root
+        acc = ACC_ALL
+        for level, _addr, entry in path[:-1]:
+            acc &= _acc(entry)
+            gfn = (entry & ADDR_MASK) >> 12
+            child = cache.get_page(c, gfn, level - 1, False, acc, self._nxe)
+            cache.flood.pop(gfn, None)          # used as a table: not flooded
+            cache.link(sp, table_index(vaddr, level), child)
+            sp = child
+        leaf_level, _addr, leaf = path[-1]
+        acc &= _acc(leaf)
+        # A guest large page is shadowed by direct pages down to 4 KiB.
+        gfn = (large_frame(leaf, leaf_level) >> 12) + (
+            (vaddr >> 12) & ((1 << 9 * (leaf_level - 1)) - 1))
+        for level in range(leaf_level, 1, -1):
+            span = 1 << 9 * (level - 1)         # 4 KiB frames under one entry
+            child = cache.get_page(c, gfn & ~(span - 1), level - 1, True, acc, self._nxe)
+            cache.link(sp, table_index(vaddr, level), child)
+            sp = child
+        hpa = cache.guest.hpa(gfn << 12)
+        if hpa is None:
+            raise GuestEscape(f"{vaddr:#x} maps guest-physical {gfn << 12:#x}, outside guest "
+                              f"memory [0, {cache.guest.ram:#x})")
+        writable = bool(acc & ACC_W and leaf & D) and gfn not in cache.shadowed
+        if access == WRITE and not writable:
+            # A write the guest allows but the shadow must not: to a guest
+            # page table, or to a read-only page with the guest's CR0.WP=0.
+            c["insn_emulation"] += 1
+            return EmulateWrite(vaddr, gfn)
+        cache.set_leaf(sp, table_index(vaddr, 1), gfn,
+                       make_spte(hpa, acc, bool(leaf & G), writable))
+        c["pf_fixed"] += 1
+        return None
+
+    # -- writes to shadowed guest tables ------------------------------------------
+    def table_written(self, gfn: int, before: bytes) -> None:
+        """Guest frame `gfn` was written (an emulated write, or one the VMM
+        made for the guest); `before` is the page as it was. If it is a
+        shadowed table, zap the sptes of the entries that changed."""
+        cache = self.cache
+        if gfn not in cache.shadowed:
+            return
+        after = self.host.read(cache.guest.hpa(gfn << 12), PAGE_SIZE)
+        self.counters["mmu_pte_write"] += 1
+        cache.pte_write(self.counters, gfn, changed_entries(before, after))
+
+    def vmm_write(self, em: EmulateWrite, data: bytes) -> None:
+        """A write the VMM makes for the guest (an exception frame) that lands
+        on a write-protected page: done directly, then accounted as an
+        emulated write. The root may have gone with it: reloaded at once, as
+        the delivery goes on."""
+        hpa = self.cache.guest.hpa(em.gfn << 12)
+        before = self.host.read(hpa, PAGE_SIZE)
+        self.host.write(hpa | (em.vaddr & (PAGE_SIZE - 1)), data)
+        self.table_written(em.gfn, before)
+        self.reload()

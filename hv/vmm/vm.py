@@ -15,18 +15,14 @@ from dataclasses import dataclass
 
 from ..arch.paging import P, PAGE_SIZE, PS, RW
 from ..arch.x86 import CR0, CR4, EFER, GDT_CODE64, GDT_DATA, MSR_EFER, RFLAGS
+from ..errors import GuestEscape, HvError, InvariantError
 from ..hw.engine import EngineError
-from ..errors import HvError, InvariantError
-from ..memory import CHUNK, GiB, GuestMemory, MiB
-from .modes import MODES
-from .ept import EptMMU, EptTables
-from ..hw.mmu import NativeMMU
-from ..hw.qemu import QemuMMU
-from .shadow import ShadowCache, ShadowMMU
+from ..hw.memo import WalkMemo
 from ..hw.pwc import WalkCache
 from ..hw.tlb import TLB
-from ..hw.walker import GuestEscape, WalkMemo
+from ..memory import GiB, MiB
 from ..stats import Stats
+from .modes import MODES
 from .vcpu import VCpu
 
 LOAD_ADDR = 0x10_0000
@@ -93,33 +89,22 @@ class VM:
         self.machine.vms.append(self)
         # The VPID: 0 is the host's; without tags every VM shares it.
         self.asid = self.index + 1 if config.asid else 0
-        self.mmu_mode = config.mmu
+        self.mode = MODES[config.mmu]
         if LOAD_ADDR + len(image) > config.ram:
             raise HvError(f"a guest of {len(image)} bytes does not fit in {config.ram // MiB} MiB "
                           f"of RAM at {LOAD_ADDR:#x}")
-        vmm_size = max(8 * MiB, config.ram // 8 // CHUNK * CHUNK)
-        if config.mmu == "shadow":
-            self.guest = GuestMemory.scattered(config.ram, vmm_size)
-            self.shadow = ShadowCache(self.guest, vmm_size)
-        elif config.mmu == "ept":
-            # With large pages, RAM is placed by 1 GiB blocks above a 1 GiB
-            # VMM area (untouched pages cost no host memory), so EPT can map
-            # whole GiBs where the guest has them.
-            block = GiB if config.ept_large_pages else CHUNK
-            vmm_size = -(-vmm_size // block) * block
-            self.guest = GuestMemory.scattered(config.ram, vmm_size, block)
-            self.ept = EptTables(self.guest, vmm_size, config.ept_large_pages)
-        else:
-            self.guest = GuestMemory.identity(config.ram)
+        # Guest RAM placed in host memory, and the VM's MMU state (shadow
+        # pages, EPT), as the mode has them.
+        self.guest, self.mmu = self.mode.memory(config)
         # Host-physical memory: what the engines map and the VMM addresses
         # with the host-physical addresses its MMU hands out.
         self.mem = self.guest.host
         self.guest.write(LOAD_ADDR, image)
         self._build_boot_tables()
-        # Walk results replayed until a table they read is written (its
-        # engines are added by the vCPUs).
-        self.memo = WalkMemo([]) if config.memo and config.mmu != "qemu" else None
-        # Host frames any vCPU fetched code from (hv/vmm/vcpu.py, VCpu._scan).
+        self.engines: list = []         # every vCPU's (VCpu adds its own)
+        # Walk results replayed until a table they read is written.
+        self.memo = WalkMemo(self.engines) if config.memo and self.mode.tlb_model else None
+        # Host frames any vCPU fetched code from (hv/hw/codescan.py).
         self.code_frames: set[int] = set()
         self.vcpus: list[VCpu] = []
         self.mem.on_write = self._vmm_wrote
@@ -133,21 +118,6 @@ class VM:
         self.vcpus.extend(VCpu(self, i) for i in range(config.vcpus))
         for cpu in self.vcpus:
             self._boot(cpu)
-
-    def make_mmu(self, vcpu: VCpu):
-        if self.mmu_mode == "qemu":
-            return QemuMMU(vcpu.engine, self.mem, self.config.ram)
-        tlb = self.machine.tlbs[vcpu.index]     # the physical CPU's TLB
-        if self.mmu_mode == "shadow":
-            mmu = ShadowMMU(vcpu, self.shadow, vcpu.stats, tlb, self.asid)
-        elif self.mmu_mode == "ept":
-            mmu = EptMMU(vcpu, self.ept, vcpu.stats, tlb, self.asid)
-        else:
-            mmu = NativeMMU(self.guest, vcpu.stats, tlb, self.asid)
-        if self.memo is not None:
-            mmu.use_memo(self.memo)
-            self.memo.engines.append(vcpu.engine)
-        return mmu
 
     def _build_boot_tables(self) -> None:
         m = self.guest
@@ -166,8 +136,7 @@ class VM:
         e.set_reg("cr4", BOOT_CR4)
         e.set_reg("cr3", PML4_ADDR)
         e.set_reg("cr0", BOOT_CR0)
-        if isinstance(cpu.mmu, NativeMMU):
-            cpu.mmu.load_state(BOOT_CR0, PML4_ADDR, BOOT_CR4, BOOT_EFER)
+        cpu.mmu.boot(BOOT_CR0, PML4_ADDR, BOOT_CR4, BOOT_EFER)
         e.set_reg("cs", CODE_SEL)
         for seg in ("ss", "ds", "es"):
             e.set_reg(seg, DATA_SEL)
@@ -183,7 +152,7 @@ class VM:
         under `qemu` no fetch is seen, so any write may be to code."""
         if self.memo is not None:
             self.memo.written(addr, length)
-        if self.mmu_mode == "qemu":
+        if not self.mode.tlb_model:
             for cpu in self.vcpus:
                 cpu.engine.invalidate_code(addr, length)
         elif self.code_frames:
@@ -199,7 +168,7 @@ class VM:
         goes in every engine but `by`, whose own store QEMU sees."""
         addr, length = written or (frame, PAGE_SIZE)
         for cpu in self.vcpus:
-            cpu.code_written(frame)
+            cpu.code.written(frame)
             cpu.engine.flush_tlb()
             if cpu.engine is not by:
                 cpu.engine.invalidate_code(addr, length)
@@ -245,16 +214,13 @@ class VM:
         memory; its shadow or EPT tables keep their invariants. (Each VM has
         its own host memory, which only its engines map, so no translation
         of one VM can reach another's.) Raises InvariantError."""
-        for cpu in self.vcpus:
-            tlb = cpu.mmu.tlb
-            for tr in tlb.held(self.asid) if tlb is not None else ():
-                if not self.guest.owns(tr.pbase, 1 << tr.shift):
-                    raise InvariantError(f"a TLB entry maps {tr.vbase:#x} to host {tr.pbase:#x}, "
-                                         "outside the VM's memory")
-        if self.mmu_mode == "shadow":
-            self.shadow.check()
-        elif self.mmu_mode == "ept":
-            self.ept.check()
+        if self.mode.tlb_model:
+            for cpu in self.vcpus:
+                for tr in cpu.hw.tlb.held(self.asid):
+                    if not self.guest.owns(tr.pbase, 1 << tr.shift):
+                        raise InvariantError(f"a TLB entry maps {tr.vbase:#x} to host "
+                                             f"{tr.pbase:#x}, outside the VM's memory")
+        self.mode.check(self)
 
     def run_slice(self, cpu: VCpu) -> None:
         """One quantum of `cpu`; the VM ends on a runaway, escape or error."""
@@ -263,6 +229,7 @@ class VM:
                         "(--max-insns)")
             return
         try:
+            cpu.enter()
             # A slice that only delivers faults runs no instruction; it still
             # spends budget, so a fault loop ends too.
             self.budget -= max(1, cpu.run(min(self.config.quantum, self.budget)))
@@ -321,6 +288,4 @@ class Machine:
                 for cpu in runnable:
                     if vm.ended or cpu.halted:
                         continue
-                    if not self.config.asid and cpu.mmu.tlb is not None:
-                        cpu.flush_tlb()         # VM entry without a VPID
                     vm.run_slice(cpu)

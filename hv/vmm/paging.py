@@ -1,0 +1,61 @@
+"""A vCPU's paging as the VMM sees it (KVM's per-vCPU `struct kvm_mmu`).
+
+`Paging` serves the modes whose hardware walks the guest's own tables
+(native, and the first dimension of ept): the guest's paging registers are
+the hardware's, and its MOV to CR, INVLPG and WRMSR run on the hardware
+(hv.hw.mmu) without exits. Shadow paging (hv.vmm.shadow) and EPT
+(hv.vmm.ept) extend it; `QemuPaging` serves mode qemu.
+"""
+from __future__ import annotations
+
+from ..arch.x86 import EFER, MSR_EFER
+from ..hw.walker import Walker
+
+
+class Paging:
+    def __init__(self, hw, guest):
+        self.hw, self.guest = hw, guest
+        self._peeker = Walker.peeker(guest, guest.ram)
+
+    def boot(self, cr0: int, cr3: int, cr4: int, efer: int) -> None:
+        """The paging registers the boot ABI starts the vCPU with."""
+        self.hw.load(cr0, cr3, cr4, efer)
+
+    def reload(self) -> None:
+        """Before the guest runs again (KVM's kvm_mmu_reload): make sure the
+        hardware has a root to walk. Here it always has: the guest's CR3."""
+
+    def guest_tables(self) -> tuple[int, bool]:
+        """The guest's CR3 and EFER.NXE: what its own tables say."""
+        return self.hw.cr3, bool(self.hw.efer & EFER.NXE)
+
+    def peek(self, vaddr: int, tlb: bool = True) -> int | None:
+        """The host address `vaddr` points at now, or None; no side effect,
+        nothing counted (the VMM's own inspection: code scanning, crash
+        reports). With `tlb`, the TLB's translation if it holds one (what the
+        CPU fetches through), else the guest's tables' (what QEMU's MMU, the
+        oracle, would say)."""
+        tr = self.hw.lookup(vaddr) if tlb else None
+        if tr is not None:
+            return tr.paddr(vaddr)
+        cr3, nxe = self.guest_tables()
+        gpa = self._peeker.peek(cr3, vaddr, nxe)
+        return None if gpa is None else self.guest.hpa(gpa)
+
+
+class QemuPaging:
+    """Mode qemu: QEMU's MMU translates, and the registers are the engine's."""
+
+    def __init__(self, hw):
+        self.hw = hw
+        self._peeker = Walker.peeker(hw.walker.mem, hw.walker.limit)
+
+    def boot(self, cr0: int, cr3: int, cr4: int, efer: int) -> None:
+        pass            # the engine holds them (VM._boot sets them there)
+
+    def reload(self) -> None:
+        pass
+
+    def peek(self, vaddr: int, tlb: bool = True) -> int | None:
+        e = self.hw.engine
+        return self._peeker.peek(e.reg("cr3"), vaddr, bool(e.msr(MSR_EFER) & EFER.NXE))
