@@ -194,3 +194,54 @@ def test_the_scanner_finds_vex_forms_and_knows_when_the_next_page_matters():
     assert not ends_open(bytes(page), 4096)
     for tail in (b"\x0f", b"\x48", b"\x0f\x01"):         # an opcode or prefix at the end
         assert ends_open(bytes(page[:4096 - len(tail)]) + tail, 4096)
+
+
+# One code frame (0x600000: `mov cr3, rax; ret`) behind 32 virtual pages
+# (0x3000000 + i * 4 KiB, through a page table at 0x500000), each called
+# twice.
+ALIASES_SRC = """
+    mov dword ptr [0x600000], 0xC3D8220F
+    mov rdi, 0x500000
+    mov rcx, 32
+    mov rax, 0x600003
+fill:
+    mov qword ptr [rdi], rax
+    add rdi, 8
+    dec rcx
+    jnz fill
+    mov rax, 0x500003
+    mov qword ptr [0x4000 + 24 * 8], rax
+    mov rax, cr3
+    mov cr3, rax
+    mov r8, 2
+again:
+    mov rbx, 0x3000000
+    mov rcx, 32
+call_each:
+    call rbx
+    add rbx, 0x1000
+    dec rcx
+    jnz call_each
+    dec r8
+    jnz again
+    xor eax, eax
+    mov dx, 0xf4
+    out dx, al
+"""
+
+
+@pytest.mark.parametrize("mmu", ["native", "shadow", "ept"])
+def test_code_scans_are_bounded_and_a_page_scanned_again_hooks_nothing_twice(mmu, monkeypatch):
+    """The scans a vCPU keeps are bounded (hv/hw/codescan.py): with room
+    for 4, 32 aliases push out the oldest, and the second call through each
+    scans it again without hooking its MOV to CR3 twice (a second hook
+    would report the instruction twice)."""
+    from hv.hw import codescan
+    from hv.vmm.vm import VM, Config
+    from conftest import image
+    monkeypatch.setattr(codescan, "MAX_PAGES", 4)
+    vm = VM(image(ALIASES_SRC), Config(mmu=mmu))
+    vm.run()
+    assert (vm.reason, vm.exit_code) == ("exit", 0), vm.detail
+    assert vm.vcpus[0].stats.counters["cr3_loads"] == 1 + 2 * 32
+    assert len(vm.vcpus[0].code._pages) <= 4

@@ -282,3 +282,22 @@ def test_a_walk_that_faults_after_its_fix_ends_the_vm_as_an_hv_bug(monkeypatch):
     r = hv.run("hello", mmu="shadow")
     assert r.reason == "invariant" and "EXCEPTION_NMI came back" in r.detail, r.detail
     assert r.counters["pf_guest"] == 0
+
+
+def test_efer_writes_exit_under_shadow_paging_only(mode):
+    """The shadow VMM keeps the guest's EFER (shadow pages are kept by
+    NXE): WRMSR to EFER is an MSR_WRITE exit under shadow paging, as in
+    KVM, and no exit where the guest's tables are the hardware's. MOV to
+    CR2 is no paging control and exits nowhere."""
+    from conftest import run_src
+    r = run_src(mark(1) + """
+        mov ecx, 0xC0000080
+        rdmsr
+        wrmsr
+        mov rax, cr2
+        mov cr2, rax
+    """ + mark(2) + EXIT, mode)
+    d = r.between(1, 2)
+    assert r.exit_code == 0
+    assert d.get("exit.MSR_WRITE", 0) == (mode == "shadow")
+    assert d.get("exit.CR_ACCESS", 0) == 0
