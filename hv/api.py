@@ -83,9 +83,10 @@ def run(guest: str | Path | list, mmu: str = "native", *, ram: int | str = "64M"
     or `image` bytes) and run it to the end.
 
     `vms` runs that many VMs (the guests repeated) on one machine.
-    `options` are the fields of hv.vmm.vm.Config (vcpus, tlb_entries, tlb_ways,
-    max_insns, quantum, ept_large_pages, asid). `on_console(vm, byte)` sees
-    each byte a guest prints, as it is printed.
+    `options` are the fields of hv.vmm.vm.Config: vcpus, tlb_entries,
+    tlb_ways, max_insns, quantum, ept_large_pages, asid, pwc,
+    check_invariants (the CLI's --check), timeout, memo (False: --no-memo).
+    `on_console(vm, byte)` sees each byte a guest prints, as it is printed.
     """
     if image is not None:
         guests = [(str(guest), image)]

@@ -1,6 +1,6 @@
 """Guest assembler: keystone Intel syntax in, a flat binary image out.
 
-keystone 0.9.2 cannot be trusted on its own (DESIGN.md, "Measured facts"):
+keystone 0.9.2 cannot be trusted on its own (tests/test_asm.py pins it):
 it reports no line numbers, silently ignores or mis-handles some directives,
 mangles expressions that contain symbols (``mov rax, sym + 8`` loses the
 ``+ 8``), and silently mis-encodes some operands (``[0x300000]`` becomes

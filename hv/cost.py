@@ -45,7 +45,7 @@ DEFAULT_PROFILE = "nehalem-2009"
 CYCLE_KEYS = {
     "cpi": "cycles per guest instruction, walks and exits aside",
     "walk_ref": "one page-walk memory reference (a PTE or EPT entry read)",
-    "pwc_hit": "one reference a paging-structure cache or nested TLB saved",
+    "pwc_hit": "one paging-structure-cache or nested-TLB hit (the references it skips are not counted)",
     "exit": "VM exit plus VM entry, the hardware world switch",
     "handler": "the VMM's work on the simplest exit (read the reason, dispatch, resume)",
     "pte_write": "emulating one guest page-table write (shadow), beyond the handler",

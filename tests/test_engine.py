@@ -1,5 +1,5 @@
-"""Pins of the Unicorn behaviours hv's engine works around (DESIGN.md,
-"Measured facts"). If an upgrade changes one, these fail first."""
+"""Pins of the Unicorn behaviours hv's engine works around (listed at the
+top of hv/hw/engine.py). If an upgrade changes one, these fail first."""
 import keystone
 import pytest
 
@@ -201,3 +201,16 @@ def test_qemu_marks_an_int_n_as_a_software_interrupt():
                        or e.stop())
         e.run(BASE, 10)
     assert seen == {"int 0x0e\nhlt": True, "xor eax, eax\ndiv eax\nhlt": False}
+
+
+def test_the_interrupt_hook_sees_an_int_n_after_it_and_a_fault_at_it():
+    """Unicorn moves RIP past an INT n before its interrupt hook runs (the
+    INT's own address is lost: VCpu._interrupt takes the length of CC or
+    CD n off), and leaves it at a faulting instruction."""
+    for src, at in (("nop\nint3\nhlt", 2), ("nop\nint 3\nhlt", 3), ("nop\nint 0x21\nhlt", 3),
+                    ("nop\nxor eax, eax\ndiv eax\nhlt", 3)):
+        e = engine(src)
+        seen = []
+        e.on_interrupt(lambda vector, e=e, seen=seen: seen.append(e.reg("rip")) or e.stop())
+        e.run(BASE, 10)
+        assert seen == [BASE + at], src

@@ -1,4 +1,4 @@
-"""The TLB model: lookup by page size, tags, LRU, and architectural flushes."""
+"""The TLB model: lookup by page size, tags, FIFO replacement, and architectural flushes."""
 import pytest
 
 from hv.hw.tlb import TLB

@@ -74,8 +74,11 @@ class TlbFlush(IntEnum):
     ALL = 2         # every entry, global ones too
 
 
+# Plain ints: these run on exit paths (IntFlag arithmetic costs a microsecond).
+WP, PGE, NXE = int(CR0.WP), int(CR4.PGE), int(EFER.NXE)
 _CR0_FLUSH = int(CR0.PG | CR0.WP)
 _CR4_FLUSH = int(CR4.PGE | CR4.PAE | CR4.PSE | CR4.PCIDE | CR4.SMEP)
+_NONE, _NONGLOBAL, _ALL = TlbFlush.NONE, TlbFlush.NONGLOBAL, TlbFlush.ALL
 
 
 def mov_to_cr_flush(cr: int, old: int, new: int, cr4: int) -> TlbFlush:
@@ -84,15 +87,14 @@ def mov_to_cr_flush(cr: int, old: int, new: int, cr4: int) -> TlbFlush:
     with PGE, §4.10.2.4); MOV to CR0 or CR4 all of them when it changes
     CR0.PG or WP, or CR4.PGE, PAE, PSE, PCIDE or SMEP."""
     if cr == 3:
-        return TlbFlush.NONGLOBAL if cr4 & CR4.PGE else TlbFlush.ALL
-    changed = (old ^ new) & (_CR0_FLUSH if cr == 0 else _CR4_FLUSH)
-    return TlbFlush.ALL if changed else TlbFlush.NONE
+        return _NONGLOBAL if cr4 & PGE else _ALL
+    return _ALL if (old ^ new) & (_CR0_FLUSH if cr == 0 else _CR4_FLUSH) else _NONE
 
 
 def efer_write_flush(old: int, new: int) -> TlbFlush:
     """A WRMSR to IA32_EFER that changes NXE changes what every entry
     means: all of them go."""
-    return TlbFlush.ALL if (old ^ new) & EFER.NXE else TlbFlush.NONE
+    return _ALL if (old ^ new) & NXE else _NONE
 
 
 class Vector(IntEnum):

@@ -4,8 +4,8 @@ One Engine per vCPU. It maps the VM's memory, installs hooks that call
 plain Python callables, reads and writes registers by name, runs the guest
 for a bounded number of instructions and reports how many it started.
 
-These facts about Unicorn 2.1.4 shape this module (see DESIGN.md and the
-tests in tests/test_engine.py that pin them):
+These facts about Unicorn 2.1.4 shape this module (tests/test_engine.py
+pins each; ARCHITECTURE.md, "Exceptions", says why they matter):
 
 - unicorn#1883: CPUX86State.old_exception is never cleared, so the second
   exception is reported as #DF and the third stops the guest silently.
@@ -18,6 +18,8 @@ tests in tests/test_engine.py that pin them):
   address is in `uc_struct.invalid_addr` (`fault_address()`), found once
   per process by `_fault_offset()`.
 - Writing CS or SS does not change QEMU's CPL (hflags); `set_cpl` does.
+- For INT n the interrupt hook sees RIP after the instruction (QEMU's
+  exception_next_eip), for a fault RIP at it; `software_interrupt()` tells them apart.
 - Writes through host memory (the VMM's) leave QEMU's translated code of
   that memory stale; QEMU's tb_invalidate_phys_range is exported and takes
   the uc_struct and physical addresses (RAM is mapped at 0): `invalidate_code`.

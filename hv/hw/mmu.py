@@ -16,7 +16,8 @@ The vCPU catches both (hv.vmm.vcpu). `QemuMMU` stands in for it in mode
 from __future__ import annotations
 
 from ..arch.paging import PAGE_SIZE
-from ..arch.x86 import CR0, EFER, MSR_EFER, TlbFlush, Vector, efer_write_flush, mov_to_cr_flush
+from ..arch.x86 import (MSR_EFER, NXE, WP, TlbFlush, Vector, efer_write_flush,
+                        mov_to_cr_flush)
 from ..errors import GuestEscape
 from ..events import PageFault, page_fault_exit
 from ..memory import PhysMem
@@ -72,8 +73,8 @@ class HardwareMMU:
         """Load the paging registers (VM entry, or the VMM's reload); no TLB
         operation."""
         self.cr0, self.cr3, self.cr4, self.efer = cr0, cr3, cr4, efer
-        self.wp = bool(cr0 & CR0.WP)
-        self.nxe = bool(efer & EFER.NXE)
+        self.wp = bool(cr0 & WP)
+        self.nxe = bool(efer & NXE)
 
     def mov_to_cr(self, cr: int, value: int) -> None:
         """MOV to CR0, CR3 or CR4 as the CPU runs it: the register, and the
@@ -102,9 +103,9 @@ class HardwareMMU:
 
     def flush(self, what: TlbFlush) -> None:
         """Invalidate this vCPU's address space (its ASID), counted."""
-        if what == TlbFlush.NONE:
+        if not what:
             return
-        if what == TlbFlush.NONGLOBAL:
+        if what is TlbFlush.NONGLOBAL:
             self.tlb.flush_nonglobal(self.asid)
         else:
             self.tlb.flush_asid(self.asid)
@@ -209,5 +210,5 @@ class QemuMMU:
 
     def translate(self, vaddr: int, access: int, user: bool = False, retry: bool = False) -> int:
         e = self.engine
-        return self.walker.walk(e.reg("cr3"), vaddr, access, user, bool(e.reg("cr0") & CR0.WP),
-                                bool(e.msr(MSR_EFER) & EFER.NXE)).paddr(vaddr)
+        return self.walker.walk(e.reg("cr3"), vaddr, access, user, bool(e.reg("cr0") & WP),
+                                bool(e.msr(MSR_EFER) & NXE)).paddr(vaddr)

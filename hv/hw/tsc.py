@@ -8,6 +8,8 @@ from typing import Callable
 
 from ..arch.x86 import CR4
 
+_TSD = int(CR4.TSD)
+
 
 class Tsc:
     def __init__(self, engine, now: Callable[[], int]):
@@ -18,7 +20,7 @@ class Tsc:
     def before(self, rip: int, size: int, cr4: int) -> None:
         """RDTSC or RDTSCP of `size` bytes at `rip` is about to run."""
         e = self.engine
-        if e.cpl() != 0 and cr4 & CR4.TSD:
+        if e.cpl() != 0 and cr4 & _TSD:
             return          # it will #GP (SDM Vol.2B "RDTSC")
         self._after = (rip + size, self.now())
         if rip + size not in self._hooks:

@@ -61,6 +61,12 @@ class Translation:
         return f"<{self.vbase:#x}->{self.pbase:#x} {1 << self.shift:#x} {flags}>"
 
 
+def _counted(by_level: list[int], before: list[int]) -> tuple[int, ...]:
+    """What a walk added to references by level (index 0 unused)."""
+    return (0, by_level[1] - before[1], by_level[2] - before[2], by_level[3] - before[3],
+            by_level[4] - before[4])
+
+
 def pf_error_code(access: int, user: bool, nxe: bool) -> int:
     """The access bits of a #PF error code (SDM Vol.3A §4.7): W, U, and I
     for a fetch with EFER.NXE."""
@@ -175,16 +181,15 @@ class Walker:
         (references in all, by level, and by level of its EPT steps) and
         the address of every entry it read."""
         refs_before = self._counters[self._refs]
-        own_before = list(self.by_level)
-        ept_before = None if self.nested is None else list(self.nested_by_level)
+        own_before = self.by_level[:]
+        ept_before = None if self.nested is None else self.nested_by_level[:]
         memo.recording = read = []
         try:
             tr = self._walk(cr3, vaddr, access, user, wp, nxe, None, read)
         finally:
             memo.recording = None
-        own = tuple(a - b for a, b in zip(self.by_level, own_before))
-        ept_refs = None if ept_before is None else tuple(
-            a - b for a, b in zip(self.nested_by_level, ept_before))
+        own = _counted(self.by_level, own_before)
+        ept_refs = None if ept_before is None else _counted(self.nested_by_level, ept_before)
         memo.put(key, (tr, self._counters[self._refs] - refs_before, own, ept_refs), read)
         return tr
 
@@ -210,6 +215,7 @@ class Walker:
                 level, table, all_and, any_or = hit
                 level -= 1
         try:
+            # arch.paging's table_index and is_leaf, inline: the hottest loop.
             while True:
                 entry_addr = table + ((vaddr >> _SHIFT[level]) & 0x1FF) * 8
                 if nested is not None:
@@ -292,6 +298,7 @@ class Walker:
         read = None if self.memo is None else self.memo.recording
         refs = 0
         try:
+            # arch's table_index and ept.is_leaf, inline: a hot loop.
             while True:
                 entry_addr = table + ((gpa >> _SHIFT[level]) & 0x1FF) * 8
                 if entry_addr + 8 > limit:

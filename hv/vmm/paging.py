@@ -8,7 +8,7 @@ the hardware's, and its MOV to CR, INVLPG and WRMSR run on the hardware
 """
 from __future__ import annotations
 
-from ..arch.x86 import EFER, MSR_EFER
+from ..arch.x86 import MSR_EFER, NXE
 from ..hw.walker import Walker
 
 
@@ -21,13 +21,14 @@ class Paging:
         """The paging registers the boot ABI starts the vCPU with."""
         self.hw.load(cr0, cr3, cr4, efer)
 
-    def reload(self) -> None:
-        """Before the guest runs again (KVM's kvm_mmu_reload): make sure the
-        hardware has a root to walk. Here it always has: the guest's CR3."""
+    # Before the guest runs again (KVM's kvm_mmu_reload): give the hardware
+    # a root again if the VMM dropped it. None: the root is the guest's CR3,
+    # never dropped (ShadowPaging has one).
+    reload = None
 
     def guest_tables(self) -> tuple[int, bool]:
         """The guest's CR3 and EFER.NXE: what its own tables say."""
-        return self.hw.cr3, bool(self.hw.efer & EFER.NXE)
+        return self.hw.cr3, self.hw.nxe
 
     def peek(self, vaddr: int, tlb: bool = True) -> int | None:
         """The host address `vaddr` points at now, or None; no side effect,
@@ -50,12 +51,11 @@ class QemuPaging:
         self.hw = hw
         self._peeker = Walker.peeker(hw.walker.mem, hw.walker.limit)
 
+    reload = None
+
     def boot(self, cr0: int, cr3: int, cr4: int, efer: int) -> None:
         pass            # the engine holds them (VM._boot sets them there)
 
-    def reload(self) -> None:
-        pass
-
     def peek(self, vaddr: int, tlb: bool = True) -> int | None:
         e = self.hw.engine
-        return self._peeker.peek(e.reg("cr3"), vaddr, bool(e.msr(MSR_EFER) & EFER.NXE))
+        return self._peeker.peek(e.reg("cr3"), vaddr, bool(e.msr(MSR_EFER) & NXE))

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from ..arch.paging import (ADDR_MASK, D, ENTRIES_PER_TABLE, G, NX, P, PAGE_SIZE, PFErr, RW,
                            US, large_frame, level_shift, table_index)
-from ..arch.x86 import CR0, EFER, MSR_EFER, TlbFlush, efer_write_flush, mov_to_cr_flush
+from ..arch.x86 import MSR_EFER, NXE, WP, TlbFlush, efer_write_flush, mov_to_cr_flush
 from ..errors import GuestEscape, InvariantError
 from ..events import EmulateWrite, PageFault
 from ..hw.walker import FETCH, READ, WRITE, Walker
@@ -275,11 +275,11 @@ class ShadowPaging(Paging):
 
     @property
     def _wp(self) -> bool:
-        return bool(self.cr0 & CR0.WP)
+        return bool(self.cr0 & WP)
 
     @property
     def _nxe(self) -> bool:
-        return bool(self.efer & EFER.NXE)
+        return bool(self.efer & NXE)
 
     def guest_tables(self) -> tuple[int, bool]:
         return self.cr3, self._nxe
@@ -301,7 +301,7 @@ class ShadowPaging(Paging):
         """The registers the hardware runs the guest with (this class's
         docstring)."""
         if self.root is not None:
-            self.hw.load(self.cr0 | CR0.WP, self.root.hpa, self.cr4, self.efer | EFER.NXE)
+            self.hw.load(self.cr0 | WP, self.root.hpa, self.cr4, self.efer | NXE)
 
     # -- exit handlers: the guest's paging registers ----------------------------
     def write_cr(self, cr: int, value: int) -> None:
@@ -329,7 +329,7 @@ class ShadowPaging(Paging):
         if msr != MSR_EFER:
             return
         flush = efer_write_flush(self.efer, value)
-        if (self.efer ^ value) & EFER.NXE:
+        if (self.efer ^ value) & NXE:
             self.root = None
         self.efer = value
         self.reload()

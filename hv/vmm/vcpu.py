@@ -65,6 +65,8 @@ class VCpu:
         # onto two write-protected guest tables (_emulate_write nests).
         self._emulating: dict[int, int] = {}
         self._exit_flush = not vm.config.asid and self.mode.tlb_model
+        self._reload = self.mmu.reload          # None: nothing to reload
+        self._check = vm.config.check_invariants
         self._code_frames = vm.code_frames
         self.tsc = Tsc(e, lambda: self.stats.counters["insns"] + e.started() - 1)
         self.delivery = Delivery(e, self._read_linear, self._write_linear, self.stats.counters)
@@ -250,7 +252,8 @@ class VCpu:
         the MMU reloads what the VMM dropped since."""
         if self._exit_flush:
             self.hw.flush_physical()
-        self.mmu.reload()
+        if self._reload is not None:
+            self._reload()
 
     def resume(self) -> None:
         """Back to the guest after an exit's handler (hv.vmm.exits.dispatch):
@@ -259,8 +262,9 @@ class VCpu:
         invariants."""
         if self._exit_flush:
             self.hw.flush_physical()
-        self.mmu.reload()
-        if self.vm.config.check_invariants:
+        if self._reload is not None:
+            self._reload()
+        if self._check:
             self.vm.check_invariants()
 
     def request_stop(self) -> None:
