@@ -53,8 +53,9 @@ def level_shift(level: int) -> int:
 
 
 def table_index(vaddr: int, level: int) -> int:
-    """Index of `vaddr`'s entry in a table at `level` (SDM Vol.3A §4.5.4)."""
-    return (vaddr >> level_shift(level)) & 0x1FF
+    """Index of `vaddr`'s entry in a table at `level` (SDM Vol.3A §4.5.4):
+    bits level_shift(level)+8 : level_shift(level) of the address."""
+    return (vaddr >> (3 + 9 * level)) & 0x1FF
 
 
 def is_leaf(level: int, entry: int) -> bool:

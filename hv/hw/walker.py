@@ -36,6 +36,8 @@ _EPT_NEED = (ept.R, ept.W, ept.X)       # the right each access kind needs
 _EPT_QUAL = (int(EptQual.READ), int(EptQual.WRITE), int(EptQual.FETCH))
 ACCESS_NAMES = ("read", "write", "fetch")
 LEVEL_NAMES = {lv.value: lv.name for lv in Level}
+# References by level (index 0 unused) of a walk from the PML4 to a leaf at level i.
+_LEVELS_READ = [None] + [tuple(int(lv >= leaf) for lv in range(5)) for leaf in (1, 2, 3, 4)]
 
 
 class Translation:
@@ -72,14 +74,6 @@ def pf_error_code(access: int, user: bool, nxe: bool) -> int:
     for a fetch with EFER.NXE."""
     return ((_PF_W if access == WRITE else 0) | (_PF_U if user else 0)
             | (_PF_I if access == FETCH and nxe else 0))
-
-
-def denied(user: bool, access: int, wp: bool, writable: bool, usable: bool, nx: bool) -> bool:
-    """Whether a walk's accumulated rights refuse the access (SDM Vol.3A §4.6):
-    user access to a supervisor page, a fetch from an NX page, a write to a
-    read-only page at CPL 3 or with CR0.WP."""
-    return ((user and not usable) or (access == FETCH and nx)
-            or (access == WRITE and not writable and (user or wp)))
 
 
 class Walker:
@@ -181,16 +175,18 @@ class Walker:
         (references in all, by level, and by level of its EPT steps) and
         the address of every entry it read."""
         refs_before = self._counters[self._refs]
-        own_before = self.by_level[:]
         ept_before = None if self.nested is None else self.nested_by_level[:]
         memo.recording = read = []
         try:
             tr = self._walk(cr3, vaddr, access, user, wp, nxe, None, read)
         finally:
             memo.recording = None
-        own = _counted(self.by_level, own_before)
+        refs = self._counters[self._refs] - refs_before
         ept_refs = None if ept_before is None else _counted(self.nested_by_level, ept_before)
-        memo.put(key, (tr, self._counters[self._refs] - refs_before, own, ept_refs), read)
+        # Without page-walk caches a walk reads its levels from 4 down to
+        # its leaf: its own references say which.
+        own = _LEVELS_READ[5 - refs + (0 if ept_refs is None else sum(ept_refs))]
+        memo.put(key, (tr, refs, own, ept_refs), read)
         return tr
 
     def _walk(self, cr3: int, vaddr: int, access: int, user: bool, wp: bool, nxe: bool,
@@ -266,7 +262,10 @@ class Walker:
             raise PageFault(vaddr, pf_error_code(access, user, nxe) | _PF_P | _PF_RSVD)
         writable, usable = bool(all_and & RW), bool(all_and & US)
         nx = bool(nxe and any_or & NX)
-        if denied(user, access, wp, writable, usable, nx):
+        # SDM Vol.3A §4.6: a user access to a supervisor page, a fetch from
+        # an NX page, a write to a read-only page at CPL 3 or with CR0.WP.
+        if (user and not usable) or (access == FETCH and nx) or (
+                access == WRITE and not writable and (user or wp)):
             raise PageFault(vaddr, pf_error_code(access, user, nxe) | _PF_P)
         bits = A | D if access == WRITE else A
         if entry & bits != bits:

@@ -268,7 +268,8 @@ class ShadowPaging(Paging):
         self.counters = stats.counters
         # The VMM's software walks of guest tables, counted apart from the
         # hardware's walks of the shadow tables.
-        self.walker = Walker(cache.guest, stats, cache.guest.ram, dim="guest", hardware=False)
+        self.guest_walker = Walker(cache.guest, stats, cache.guest.ram, dim="guest",
+                                   hardware=False)
         self.root: ShadowPage | None = None
         self.cr0 = self.cr3 = self.cr4 = self.efer = 0
         cache.vcpus.append(self)
@@ -360,12 +361,12 @@ class ShadowPaging(Paging):
         access is a write the shadow must not allow (EmulateWrite)."""
         access = FETCH if error_code & _PF_I else WRITE if error_code & _PF_W else READ
         user = bool(error_code & _PF_U)
-        c, cache = self.counters, self.cache
+        c, cache, nxe = self.counters, self.cache, self._nxe
         path: list = []
         # The guest's own walk (it sets A/D in the guest's tables, as the
         # hardware would have).
         try:
-            self.walker.walk(self.cr3, vaddr, access, user, self._wp, self._nxe, path)
+            self.guest_walker.walk(self.cr3, vaddr, access, user, self._wp, nxe, path)
         except PageFault as fault:
             return fault
         cache.ensure_free(c)
@@ -375,7 +376,7 @@ class ShadowPaging(Paging):
         for level, _addr, entry in path[:-1]:
             acc &= _acc(entry)
             gfn = (entry & ADDR_MASK) >> 12
-            child = cache.get_page(c, gfn, level - 1, False, acc, self._nxe)
+            child = cache.get_page(c, gfn, level - 1, False, acc, nxe)
             cache.flood.pop(gfn, None)          # used as a table: not flooded
             cache.link(sp, table_index(vaddr, level), child)
             sp = child
@@ -386,7 +387,7 @@ class ShadowPaging(Paging):
             (vaddr >> 12) & ((1 << 9 * (leaf_level - 1)) - 1))
         for level in range(leaf_level, 1, -1):
             span = 1 << 9 * (level - 1)         # 4 KiB frames under one entry
-            child = cache.get_page(c, gfn & ~(span - 1), level - 1, True, acc, self._nxe)
+            child = cache.get_page(c, gfn & ~(span - 1), level - 1, True, acc, nxe)
             cache.link(sp, table_index(vaddr, level), child)
             sp = child
         hpa = cache.guest.hpa(gfn << 12)
