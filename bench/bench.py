@@ -71,6 +71,10 @@ again:
 IO = "    mov dx, 0x80\n    out dx, al\n"
 VMCALL = "    mov eax, 99\n    vmcall\n"
 CR3 = "    mov rax, cr3\n    mov cr3, rax\n"
+# A store to a fresh 4 KiB page each time (from 16 MiB on), or to the same one.
+TOUCH_SETUP = "    mov rbx, 0x1000000\n"
+TOUCH = "    mov qword ptr [rbx], rax\n    add rbx, 0x1000\n"
+TOUCH_SAME = "    mov qword ptr [rbx], rax\n    add rbx, 0\n"
 # A live 4 KiB page table at 0x500000 (PD entry 24) whose first PTE is rewritten.
 PT_SETUP = """
     mov r14, 0x500000
@@ -240,12 +244,17 @@ class Bench:
     def exits(self) -> list[dict]:
         """Cost of one exit: (run with n events - run without) / events."""
         n = 200 if self.quick else 20000
+        pages = min(n, 4096)        # 16 MiB of fresh pages in the default 64 MiB
         cases = [  # (name, mode, guest, baseline guest, the counter of the events)
             ("IO_INSTRUCTION exit", "native", events(n, IO), events(n, ""), "io_exits"),
             ("VMCALL exit", "native", events(n, VMCALL), events(n, ""), "hypercalls"),
             ("CR_ACCESS exit", "shadow", events(n, CR3), events(n, ""), "cr3_loads"),
             ("PTE write emulation", "shadow", events(n, PTE_WRITE, PT_SETUP),
              events(n, PTE_USE, PT_SETUP), "mmu_pte_write"),
+            ("hidden page fault (a page's first touch)", "shadow", events(pages, TOUCH, TOUCH_SETUP),
+             events(pages, TOUCH_SAME, TOUCH_SETUP), "pf_fixed"),
+            ("EPT violation (a page's first touch)", "ept", events(pages, TOUCH, TOUCH_SETUP),
+             events(pages, TOUCH_SAME, TOUCH_SETUP), "pages_4k"),
         ]
         rows = []
         for name, mode, guest, base, what in cases:
