@@ -75,6 +75,9 @@ CR3 = "    mov rax, cr3\n    mov cr3, rax\n"
 TOUCH_SETUP = "    mov rbx, 0x1000000\n"
 TOUCH = "    mov qword ptr [rbx], rax\n    add rbx, 0x1000\n"
 TOUCH_SAME = "    mov qword ptr [rbx], rax\n    add rbx, 0\n"
+# A counter bumped every round, then a hypercall (the next instruction is
+# looked up again): in the loop's own page, or in a page of its own.
+MIXED = "    inc qword ptr [rip + counter]\n" + VMCALL
 # A live 4 KiB page table at 0x500000 (PD entry 24) whose first PTE is rewritten.
 PT_SETUP = """
     mov r14, 0x500000
@@ -255,6 +258,9 @@ class Bench:
              events(pages, TOUCH_SAME, TOUCH_SETUP), "pf_fixed"),
             ("EPT violation (a page's first touch)", "ept", events(pages, TOUCH, TOUCH_SETUP),
              events(pages, TOUCH_SAME, TOUCH_SETUP), "pages_4k"),
+            ("code page written, then run (a rescan)", "native",
+             events(n, MIXED) + "counter: .quad 0\n",
+             events(n, MIXED) + ".align 4096\ncounter: .quad 0\n", "code_rescans"),
         ]
         rows = []
         for name, mode, guest, base, what in cases:

@@ -245,3 +245,88 @@ def test_code_scans_are_bounded_and_a_page_scanned_again_hooks_nothing_twice(mmu
     assert (vm.reason, vm.exit_code) == ("exit", 0), vm.detail
     assert vm.vcpus[0].stats.counters["cr3_loads"] == 1 + 2 * 32
     assert len(vm.vcpus[0].code._pages) <= 4
+
+
+# Frame 0x700000 runs as code at VA 0x700000 and is written through an alias
+# at VA 0x3005000 (page-table entry 5 of MAP_4K's table).
+ALIAS_SETUP = MAP_4K + """
+    mov rax, 0x700003
+    mov qword ptr [rbx + 5 * 8], rax
+    add rcx, 0x5000
+    invlpg [rcx]
+    mov rdi, 0x700000
+    mov dword ptr [rdi], 0xc3909090     ; nop; nop; nop; ret
+    call rdi
+"""
+
+
+@pytest.mark.parametrize("mmu", ["native", "shadow", "ept"])
+def test_a_write_through_an_alias_takes_execute_from_the_code_page(mmu):
+    """New code written through a data alias, then run at the code page's
+    address: the write took X from the code page, so running it scans the
+    page again. (Without the walk memo, whose flushes of every TLB would
+    hide a missing one.)"""
+    r = run_src(ALIAS_SETUP + """
+        mov dword ptr [rcx + 0x100], 0xc3d8220f     ; mov cr3, rax; ret
+        mov rax, cr3
+        lea rdi, [rdi + 0x100]
+        call rdi
+        xor eax, eax
+    """ + EXIT, mmu, memo=False)
+    assert (r.reason, r.counters["cr3_loads"]) == ("exit", 1)
+
+
+@pytest.mark.parametrize("mmu", ["native", "shadow", "ept"])
+def test_a_scan_takes_write_from_every_alias_again(mmu):
+    """After the code page is scanned again, the alias that wrote it has no
+    W left: its next write must take X from the code page again."""
+    r = run_src(ALIAS_SETUP + """
+        mov dword ptr [rcx + 0x100], 0xc3909090     ; harmless code, through the alias
+        lea rsi, [rdi + 0x100]
+        call rsi                                    ; scanned again here
+        mov dword ptr [rcx + 0x200], 0xc3d8220f     ; mov cr3, rax; ret
+        mov rax, cr3
+        lea rsi, [rdi + 0x200]
+        call rsi
+        xor eax, eax
+    """ + EXIT, mmu, memo=False)
+    assert (r.reason, r.counters["cr3_loads"]) == ("exit", 1)
+    assert r.counters["code_rescans"] == 2
+
+
+# A counter in the page of the loop that increments it, and a hypercall
+# every round (an exit: the next instruction is looked up again).
+MIXED_PAGE = """
+    mov rcx, 100
+again:
+    inc qword ptr [rip + counter]
+    mov eax, 99
+    vmcall
+    dec rcx
+    jnz again
+    mov rax, qword ptr [rip + counter]
+    mov dx, 0xf4
+    out dx, al
+counter:
+    .quad 0
+"""
+
+
+def test_data_in_a_code_page_costs_a_rescan_per_round(mode):
+    """Each round writes the page, then runs it: one scan again each
+    (`code_rescans`), of only the bytes that changed (no instruction near
+    them: no new hook). qemu scans nothing."""
+    r = run_src(MIXED_PAGE, mode)
+    assert (r.reason, r.exit_code) == ("exit", 100)
+    assert r.counters.get("code_rescans", 0) == (0 if mode == "qemu" else 100)
+
+
+def test_changed_span():
+    from hv.hw.codescan import changed_span
+    a = bytes(64)
+    assert changed_span(a, a) is None
+    b = bytearray(a)
+    b[3], b[40] = 1, 0x80
+    assert changed_span(a, bytes(b)) == (3, 40)
+    b[63] = 1
+    assert changed_span(bytes(b), a) == (3, 63)

@@ -67,13 +67,13 @@ class VCpu:
         self._exit_flush = not vm.config.asid and self.mode.tlb_model
         self._reload = self.mmu.reload          # None: nothing to reload
         self._check = vm.config.check_invariants
-        self._code_frames = vm.code_frames
+        self._code_frames = vm.code.frames
         self.tsc = Tsc(e, lambda: self.stats.counters["insns"] + e.started() - 1)
         self.delivery = Delivery(e, self._read_linear, self._write_linear, self.stats.counters)
         if self.mode.tlb_model:
             self.hw.tlb.attach(self.hw.asid, e)
-            self.code = CodeScan(e, vm.mem.read, self.mmu.peek, self.read_code, vm.engines,
-                                 vm.code_frames, self._insn)
+            self.code = CodeScan(e, vm.code, vm.mem.read, self.mmu.peek, self.read_code,
+                                 self._insn, self.stats.counters)
             e.on_fill(self._fill)
         e.on_out(self._out)
         e.on_in(self._in)
@@ -102,7 +102,8 @@ class VCpu:
         elif paddr in self._code_frames:
             if access == WRITE:
                 # Revoke X from every alias on every vCPU before the code changes.
-                self.vm.code_written(paddr, by=self.engine)
+                self.vm.code.written(paddr, paddr, PAGE_SIZE, by=self.engine,
+                                     vpage=vaddr & ~(PAGE_SIZE - 1))
             else:
                 perms &= ~PROT_W
         return paddr, perms

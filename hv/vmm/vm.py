@@ -13,9 +13,10 @@ import struct
 import time
 from dataclasses import dataclass
 
-from ..arch.paging import P, PAGE_SIZE, PS, RW
+from ..arch.paging import P, PS, RW
 from ..arch.x86 import CR0, CR4, EFER, GDT_CODE64, GDT_DATA, MSR_EFER, RFLAGS
 from ..errors import GuestEscape, HvError, InvariantError
+from ..hw.codescan import CodeFrames
 from ..hw.engine import EngineError
 from ..hw.memo import WalkMemo
 from ..hw.pwc import WalkCache
@@ -104,8 +105,8 @@ class VM:
         self.engines: list = []         # every vCPU's (VCpu adds its own)
         # Walk results replayed until a table they read is written.
         self.memo = WalkMemo(self.engines) if config.memo and self.mode.tlb_model else None
-        # Host frames any vCPU fetched code from (hv/hw/codescan.py).
-        self.code_frames: set[int] = set()
+        # The frames any vCPU fetched code from, and who may write them.
+        self.code = CodeFrames(self.engines)
         self.vcpus: list[VCpu] = []
         self.mem.on_write = self._vmm_wrote
         self.console = bytearray()
@@ -155,23 +156,10 @@ class VM:
         if not self.mode.tlb_model:
             for cpu in self.vcpus:
                 cpu.engine.invalidate_code(addr, length)
-        elif self.code_frames:
+        elif self.code.frames:
             for frame in range(addr & ~0xFFF, addr + length, 0x1000):
-                if frame in self.code_frames:
-                    self.code_written(frame, (addr, length))
-
-    def code_written(self, frame: int, written: tuple[int, int] | None = None,
-                     by=None) -> None:
-        """Code frame `frame` may change: every vCPU drops its translations
-        (an alias may fetch) and scans it again at its next fetch; the code
-        Unicorn translated from `written` (addr, length; default the frame)
-        goes in every engine but `by`, whose own store QEMU sees."""
-        addr, length = written or (frame, PAGE_SIZE)
-        for cpu in self.vcpus:
-            cpu.code.written(frame)
-            cpu.engine.flush_tlb()
-            if cpu.engine is not by:
-                cpu.engine.invalidate_code(addr, length)
+                if frame in self.code.frames:
+                    self.code.written(frame, addr, length)
 
     # -- events from vCPUs ---------------------------------------------------
     def finish(self, reason: str, detail: str, exit_code: int | None = None) -> None:
