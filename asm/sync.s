@@ -4,10 +4,11 @@
 ;
 ; Every shared variable here has a single writer, and readers only wait for
 ; it to reach a value: plain loads and stores do, on x86 (stores become
-; visible in program order, loads are not reordered with older loads) and
-; in hv, whose vCPUs take turns on shared memory but where a `lock` prefix
-; makes nothing atomic across vCPUs. So these routines are correct
-; whatever the interleaving, one instruction at a time. Waits spin with
+; visible in program order, loads are not reordered with older loads). So
+; these routines are correct whatever the interleaving, one instruction at
+; a time, and need no `lock`. (In hv the vCPUs take turns, and a turn ends
+; between two instructions, so every instruction is atomic across vCPUs
+; there, locked or not: hardware gives that only to locked ones.) Waits spin with
 ; `pause`; a vCPU that waits burns the rest of its time slice (hv has no
 ; PAUSE-loop exiting), so with long slices every wait costs about one slice
 ; per vCPU.

@@ -68,12 +68,9 @@ POOL_PAGES      = 128
 POOL_END        = POOL_BASE + POOL_PAGES * PAGE_SIZE
 ; Virtual: the parent's (and each child's) region. Its page numbers modulo
 ; 256 (0xa0-0xdf) are clear of those of the image, the boot stack and the
-; pool, so that the parent's check after the wait (64 region pages, then
-; their 64 frames) keeps well over 30% of the 256 entries of QEMU's
-; direct-mapped software TLB in use. QEMU shrinks that TLB at a flush when
-; less was in use during the last 100 ms of host time (cputlb.c,
-; tlb_mmu_resize_locked), which would make hv's tlb.fills and tlb.hits (its
-; misses and what the model then finds) depend on the host's speed.
+; pool. (This once kept counts of QEMU's software TLB, which shrinks with
+; host time, independent of the host's speed; hv counts only its own TLB
+; model now, whose counts never depend on it: hv/hw/tlb.py.)
 REGION_VA       = 0x400A0000
 PAGES           = 64
 REGION_END      = REGION_VA + PAGES * PAGE_SIZE

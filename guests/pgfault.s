@@ -27,14 +27,10 @@
 ;
 ; The read pass is written inline on a code page of its own, touching
 ; nothing but the region pages (no calls, no stack, counts in registers)
-; unless a check fails, and no code runs on that page after it. This keeps
-; hv's tlb.fills (misses of QEMU's software TLB in front of hv's MMU)
-; independent of the host's speed: that TLB is direct-mapped, and QEMU
-; shrinks it from 256 to 64 entries at a flush once 100 ms of host time
-; have passed at low use (cputlb.c, tlb_mmu_resize_locked), for instance at
-; the read pass's CR3 load on a slower host. A page in use before the read
-; pass and again after it, or between two region pages, would collide with
-; one region page at 256 entries but with four at 64.
+; unless a check fails, and no code runs on that page after it. (This once
+; kept counts of QEMU's software TLB, which shrinks with host time,
+; independent of the host's speed; hv counts only its own TLB model now,
+; whose counts never depend on it: hv/hw/tlb.py.)
 ;
 ; Every check is counted (asm/check.s). One line per phase, then
 ; "pgfault: ok (256 pages, 256 faults)" and exit code 0; if any check failed,
