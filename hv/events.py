@@ -87,8 +87,13 @@ class Fault(Exception):
 
 
 class PageFault(Fault):
-    """#PF, with the error code of SDM Vol.3A §4.7."""
+    """#PF, with the error code of SDM Vol.3A §4.7. `nested`: raised in the
+    guest's own tables of a two-dimensional walk (under agile paging such a
+    fault is the guest's, whatever the exception bitmap says)."""
     vector = Vector.PF
+
+    def __init__(self, vaddr: int, error_code: int, nested: bool = False):
+        self.vaddr, self.error_code, self.nested = vaddr, error_code, nested
 
 
 class GeneralProtection(Fault):

@@ -28,13 +28,14 @@ NTLB_ENTRIES = 32
 class WalkCache:
     def __init__(self, psc_entries: int = PSC_ENTRIES, ntlb_entries: int = NTLB_ENTRIES):
         self.psc_entries, self.ntlb_entries = psc_entries, ntlb_entries
-        # level -> (asid, vaddr bits) -> (next table, AND and OR of the entries above)
+        # level -> (asid, vaddr bits) -> (next table, AND and OR of the entries above, switched)
         self.psc = {level: OrderedDict() for level in (4, 3, 2)}
         self.ntlb: OrderedDict = OrderedDict()      # (asid, gfn) -> (hpa page, shift)
 
     def lookup(self, asid: int, vaddr: int):
         """The deepest cached non-leaf entry for `vaddr`: (its level, next
-        table, AND and OR of the entries down to it), or None."""
+        table, AND and OR of the entries down to it, whether the walk had
+        switched to the guest's tables by then: agile paging), or None."""
         for level in (2, 3, 4):
             hit = self.psc[level].get((asid, vaddr >> level_shift(level)))
             if hit is not None:

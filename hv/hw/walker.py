@@ -111,7 +111,14 @@ class Walker:
                                              f"{prefix}ad_writes")
         self._word = mem.word           # word(addr >> 3): the 8-byte entry at addr
         self.memo = None                # the VM's WalkMemo, for the hardware's walkers
-        self.nested_by_level: list[int] | None = None   # the EPT walker's, with `nested`
+        self.nested_by_level: list[int] | None = None   # the EPT walker's, with EPT
+        # Agile paging (`switch`): a non-leaf entry with this bit holds the
+        # guest-physical address of the guest's next table, and the walk
+        # goes on there in two dimensions: through `switch_nested`, its
+        # references counted in `switch_by_level` ("guest").
+        self.switch = 0
+        self.switch_nested = None
+        self.switch_by_level: list[int] | None = None
 
     @classmethod
     def peeker(cls, mem, limit: int) -> "Walker":
@@ -151,7 +158,7 @@ class Walker:
         if hit is None:
             return self._remember(memo, key, cr3, vaddr, access, user, wp, nxe)
         # Count the walk again, as it counted itself.
-        tr, refs, own, ept_refs = hit
+        tr, refs, own, ept_refs, switched = hit
         counters = self._counters
         counters[self._walks] += 1
         counters[self._refs] += refs
@@ -167,6 +174,12 @@ class Walker:
             b[2] += ept_refs[2]
             b[3] += ept_refs[3]
             b[4] += ept_refs[4]
+        if switched is not None:
+            b = self.switch_by_level
+            b[1] += switched[1]
+            b[2] += switched[2]
+            b[3] += switched[3]
+            b[4] += switched[4]
         return tr
 
     def _remember(self, memo, key: int, cr3: int, vaddr: int, access: int, user: bool,
@@ -175,7 +188,9 @@ class Walker:
         (references in all, by level, and by level of its EPT steps) and
         the address of every entry it read."""
         refs_before = self._counters[self._refs]
-        ept_before = None if self.nested is None else self.nested_by_level[:]
+        ept_before = None if self.nested_by_level is None else self.nested_by_level[:]
+        if self.switch:
+            own_before, guest_before = self.by_level[:], self.switch_by_level[:]
         memo.recording = read = []
         try:
             tr = self._walk(cr3, vaddr, access, user, wp, nxe, None, read)
@@ -183,10 +198,17 @@ class Walker:
             memo.recording = None
         refs = self._counters[self._refs] - refs_before
         ept_refs = None if ept_before is None else _counted(self.nested_by_level, ept_before)
-        # Without page-walk caches a walk reads its levels from 4 down to
-        # its leaf: its own references say which.
-        own = _LEVELS_READ[5 - refs + (0 if ept_refs is None else sum(ept_refs))]
-        memo.put(key, (tr, refs, own, ept_refs), read)
+        switched = None
+        if self.switch:
+            own = _counted(self.by_level, own_before)
+            switched = _counted(self.switch_by_level, guest_before)
+            if not any(switched):
+                switched = None
+        else:
+            # Without page-walk caches a walk reads its levels from 4 down
+            # to its leaf: its own references say which.
+            own = _LEVELS_READ[5 - refs + (0 if ept_refs is None else sum(ept_refs))]
+        memo.put(key, (tr, refs, own, ept_refs, switched), read)
         return tr
 
     def _walk(self, cr3: int, vaddr: int, access: int, user: bool, wp: bool, nxe: bool,
@@ -196,8 +218,8 @@ class Walker:
         counters = self._counters
         refs_before = counters[self._refs]
         check = _CHECK_NXE if nxe else _CHECK_NO_NXE
-        word, by_level, nested, limit, pwc = (self._word, self.by_level, self.nested,
-                                              self.limit, self.pwc)
+        word, by_level, nested, limit, pwc, switch = (self._word, self.by_level, self.nested,
+                                                      self.limit, self.pwc, self.switch)
         refs = 0
         table = cr3 & ADDR_MASK
         level = 4
@@ -208,7 +230,9 @@ class Walker:
             hit = pwc.lookup(self.asid, vaddr)
             if hit is not None:
                 counters["pwc.hits"] += 1
-                level, table, all_and, any_or = hit
+                level, table, all_and, any_or, switched = hit
+                if switched:
+                    nested, by_level = self.switch_nested, self.switch_by_level
                 level -= 1
         try:
             # arch.paging's table_index and is_leaf, inline: the hottest loop.
@@ -226,7 +250,8 @@ class Walker:
                 if entry & check[level] != P:
                     # Not present, or a reserved bit set (reserved_mask).
                     err = pf_error_code(access, user, nxe)
-                    raise PageFault(vaddr, err if not entry & P else err | _PF_P | _PF_RSVD)
+                    raise PageFault(vaddr, err if not entry & P else err | _PF_P | _PF_RSVD,
+                                    nested is not None)
                 all_and &= entry
                 any_or |= entry
                 if level == 1 or entry & PS:
@@ -236,11 +261,15 @@ class Walker:
                 if path is not None:
                     path.append((level, entry_addr, entry))
                 table = entry & ADDR_MASK
+                if entry & switch and nested is None:
+                    # Agile paging: on in the guest's own tables, through EPT.
+                    nested, by_level = self.switch_nested, self.switch_by_level
                 if pwc is not None:
-                    pwc.insert(self.asid, level, vaddr, (table, all_and, any_or))
+                    pwc.insert(self.asid, level, vaddr,
+                               (table, all_and, any_or, nested is not self.nested))
                 level -= 1
             return self._leaf(vaddr, access, user, wp, nxe, level, entry_addr, entry,
-                              all_and, any_or, path)
+                              all_and, any_or, path, nested)
         finally:
             counters[self._walks] += 1
             counters[self._refs] += refs
@@ -250,7 +279,7 @@ class Walker:
 
     def _leaf(self, vaddr: int, access: int, user: bool, wp: bool, nxe: bool, level: int,
               entry_addr: int, entry: int, all_and: int, any_or: int,
-              path: list | None) -> Translation:
+              path: list | None, nested) -> Translation:
         """The walk reached its leaf at `level`: check the rights the walk
         accumulated, set A (and D), translate."""
         if level == 3:
@@ -259,14 +288,15 @@ class Walker:
             # rights or for the reserved low bits of its address.
             entry = self._set_bits(entry_addr, entry, A)
         if entry & _LARGE_LOW[level]:
-            raise PageFault(vaddr, pf_error_code(access, user, nxe) | _PF_P | _PF_RSVD)
+            raise PageFault(vaddr, pf_error_code(access, user, nxe) | _PF_P | _PF_RSVD,
+                            nested is not None)
         writable, usable = bool(all_and & RW), bool(all_and & US)
         nx = bool(nxe and any_or & NX)
         # SDM Vol.3A §4.6: a user access to a supervisor page, a fetch from
         # an NX page, a write to a read-only page at CPL 3 or with CR0.WP.
         if (user and not usable) or (access == FETCH and nx) or (
                 access == WRITE and not writable and (user or wp)):
-            raise PageFault(vaddr, pf_error_code(access, user, nxe) | _PF_P)
+            raise PageFault(vaddr, pf_error_code(access, user, nxe) | _PF_P, nested is not None)
         bits = A | D if access == WRITE else A
         if entry & bits != bits:
             entry = self._set_bits(entry_addr, entry, bits)
@@ -277,8 +307,8 @@ class Walker:
         shift = _SHIFT[level]
         low = (1 << shift) - 1
         paddr = (entry & ADDR_MASK & ~low) | (vaddr & low)
-        if self.nested is not None:
-            paddr, ept_shift = self.nested(paddr, access, True)
+        if nested is not None:
+            paddr, ept_shift = nested(paddr, access, True)
             if ept_shift < shift:
                 shift = ept_shift
                 low = (1 << shift) - 1
