@@ -50,7 +50,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _add_config_options(r: argparse.ArgumentParser) -> None:
-    """The hv.vmm.vm.Config options `run` and `compare` share."""
+    """The hv.vmm.vm.Config options `run` and `compare` share, each named as
+    its field (--tlb-entries is tlb_entries; --no-memo is memo=False)."""
     r.add_argument("--ram", type=_size, default="64M", help="guest RAM, e.g. 64M, 1G (default 64M)")
     r.add_argument("--tlb-entries", type=_positive, default=1536,
                    help="TLB model capacity (default 1536)")
@@ -66,7 +67,7 @@ def _add_config_options(r: argparse.ArgumentParser) -> None:
                    help="page-walk caches and a nested TLB (fewer references per walk)")
     r.add_argument("--timeout", type=float, default=0,
                    help="stop after this many wall-clock seconds (default: no limit)")
-    r.add_argument("--check", action="store_true",
+    r.add_argument("--check-invariants", action="store_true",
                    help="check the VMM's isolation invariants after every exit (slow)")
     r.add_argument("--no-memo", dest="memo", action="store_false",
                    help="walk every TLB miss in full instead of replaying walks whose "
@@ -77,7 +78,7 @@ def _config(args) -> dict:
     return dict(ram=args.ram, tlb_entries=args.tlb_entries, tlb_ways=args.tlb_ways,
                 max_insns=args.max_insns, quantum=args.quantum,
                 ept_large_pages=args.ept_large_pages, pwc=args.pwc, timeout=args.timeout,
-                check_invariants=args.check, memo=args.memo)
+                check_invariants=args.check_invariants, memo=args.memo)
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from . import api
 from .cost import PARTS, Profile, cycles
 from .errors import HvError
-from .stats import TLB_NAMES
 from .vmm.modes import BASELINE, COUNTING_MODES, MODES
 
 
@@ -79,19 +78,9 @@ def cases(guests: list[str], vcpus: list[int], options: dict,
 
 
 def figures(result: api.Result, window: tuple[int, int] | None) -> dict[str, int]:
-    """Every counter of the run, or of the window between two marks, as one
+    """Every count of the run, or of the window between two marks, as one
     flat dict (the marks' form: insns, exit.<REASON>, tlb.walk_refs, ...)."""
-    if window is None:
-        flat = dict(result.counters)
-        flat.update((f"exit.{k}", n) for k, n in result.exits.items())
-        flat.update((f"tlb.{k}", result.tlb[k]) for k in TLB_NAMES)
-        return dict(sorted(flat.items()))
-    for m in window:
-        if m not in result.marks:
-            raise HvError(f"{result.guest} ({result.mmu}) recorded no mark {m} "
-                          f"(its marks: {sorted(result.marks) or 'none'})")
-    a, b = (result.marks[m] for m in window)
-    return {k: b.get(k, 0) - a.get(k, 0) for k in sorted(set(a) | set(b))}
+    return (result if window is None else result.between(*window)).flat()
 
 
 def _run_json(mode: str, profile: Profile, result: api.Result, window) -> dict:
