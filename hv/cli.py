@@ -33,6 +33,8 @@ def _mark_pair(text: str) -> tuple[int, int]:
     if len(parts) != 2:
         raise argparse.ArgumentTypeError(f"two mark ids, e.g. 1,2, not {text!r}")
     a, b = (_positive(t) if t.strip() != "0" else 0 for t in parts)
+    if a == b:
+        raise argparse.ArgumentTypeError(f"two different mark ids, e.g. 1,2, not {text!r}")
     return a, b
 
 
@@ -114,8 +116,8 @@ def _parser() -> argparse.ArgumentParser:
                         f"({', '.join(bundled_profiles())}) or a .toml file "
                         f"(default {DEFAULT_PROFILE})")
     c.add_argument("--between", type=_mark_pair, metavar="A,B",
-                   help="price only what happened between vmcall marks A and B of the named "
-                        "guests (default: the whole run; the sample suite has its own)")
+                   help="price only what happened from vmcall mark A to mark B of the named "
+                        "guests (default: a sample guest's own window, else the whole run)")
     c.add_argument("--plot", metavar="FILE", help="draw the modelled cycles to a .png or .svg")
     _add_config_options(c)
     c.add_argument("--json", action="store_true", help="print one JSON document on stdout")
@@ -187,7 +189,8 @@ def _cmd_compare(args) -> int:
             bar.update(task, completed=done, description=f"{label} [{mode}]")
 
         doc = compare.compare(case_list, args.mmu, profile, progress=step)
-    if args.plot:
+    plotted = bool(args.plot and doc["cases"])
+    if plotted:
         compare.plot(doc, args.plot)
     if args.json:
         json.dump(doc, sys.stdout, indent=2)
@@ -195,8 +198,10 @@ def _cmd_compare(args) -> int:
     else:
         from .report import print_compare
         print_compare(doc, Console())
-        if args.plot:
+        if plotted:
             print(f"plot: {args.plot}")
+    if args.plot and not plotted:
+        print(f"hv: no case finished: no plot written to {args.plot}", file=sys.stderr)
     if doc["interrupted"]:
         print("hv: interrupted: the cases finished before Ctrl-C are shown", file=sys.stderr)
         return 130
