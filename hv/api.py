@@ -9,24 +9,96 @@ from .errors import HvError
 from .memory import parse_size
 from .hw.walker import LEVEL_NAMES
 from .paths import bundled_guests
-from .stats import TLB_NAMES
-from .stats import Stats
+from .arch.vmx import ExitReason
+from .stats import COUNTER_NAMES, OTHER_COUNTERS, TLB_NAMES, Stats
 from .vmm.modes import MODES
 from .vmm.vm import MAX_VMS, VM, Config, Machine
 
 
+class Counts(dict):
+    """{name: count}, as JSON has it, that reads 0 for a name it knows but
+    never counted (an exit reason, a counter) and KeyError for any other."""
+    known: frozenset[str] = frozenset()
+    what = "name"
+
+    def __missing__(self, name):
+        if name in self.known:
+            return 0
+        raise KeyError(f"no {self.what} {name!r}")
+
+
+class Exits(Counts):
+    known = frozenset(ExitReason.__members__)
+    what = "exit reason"
+
+
+class Counters(Counts):
+    known = frozenset(COUNTER_NAMES + OTHER_COUNTERS)
+    what = "counter"
+
+
+class Figures:
+    """What a whole run (Result) and a window of it (Window) both have:
+    `exits` {reason: count}, `counters` {name: count}, `tlb` {figure: value}."""
+    exits: Exits
+    counters: Counters
+    tlb: dict
+
+    def flat(self) -> dict[str, int]:
+        """Every count as one flat dict, the form marks record (insns,
+        exit.<REASON>, tlb.walk_refs, ...): what hv.cost prices."""
+        flat = dict(self.counters)
+        flat.update((f"exit.{k}", n) for k, n in self.exits.items())
+        flat.update((f"tlb.{k}", self.tlb[k]) for k in TLB_NAMES if k in self.tlb)
+        return dict(sorted(flat.items()))
+
+
+def _split(flat: dict[str, int], mode: str) -> tuple[Exits, Counters, dict]:
+    """A flat dict of counts (a mark's form) -> (exits, counters, tlb)."""
+    exits = Exits(sorted(((k[5:], n) for k, n in flat.items() if k.startswith("exit.")),
+                         key=lambda kv: ExitReason[kv[0]]))       # by the SDM's number
+    counters = Counters((k, n) for k, n in flat.items() if not k.startswith(("tlb.", "exit.")))
+    tlb = ({n: flat.get(f"tlb.{n}", 0) for n in TLB_NAMES} if MODES[mode].tlb_model
+           else {"modelled": False})
+    return exits, counters, tlb
+
+
 @dataclass
-class Result:
-    """What a run produced. Every field is plain data (JSON-ready)."""
+class Window(Figures):
+    """What happened from mark `start` to mark `end` (Result.between): a
+    Result's `exits` (those that occurred), `counters` and `tlb` (its
+    counts; the walk histograms are the whole run's only)."""
+    start: int
+    end: int
+    exits: Exits
+    counters: Counters
+    tlb: dict
+
+    def __getitem__(self, name: str) -> int:
+        """A count by its flat name (exit.CR_ACCESS, tlb.walks, pf_guest),
+        the form between() returned before it had a Result's shape."""
+        if name.startswith("exit."):
+            return self.exits[name[5:]]
+        if name.startswith("tlb."):
+            return self.tlb[name[4:]]
+        return self.counters[name]
+
+    __iter__ = None     # not a dict: `name in window` would look a count up by 0, 1, ...
+
+
+@dataclass
+class Result(Figures):
+    """What a run produced. Every field is plain data (JSON-ready); `exits`
+    and `counters` read 0 for a reason or counter that never counted."""
     guest: str
     mmu: str
     exit_code: int | None
     reason: str             # why the VM ended: exit, halted, triple_fault, max_insns, escape
     detail: str             # the same in a sentence
     console: str
-    exits: dict[str, int]
-    counters: dict[str, int]
-    tlb: dict
+    exits: Exits
+    counters: Counters
+    tlb: dict               # walk_refs_hist: {references per walk: walks}
     marks: dict[int, dict[str, int]] = field(default_factory=dict)
     config: dict = field(default_factory=dict)
     vcpus: list[dict] = field(default_factory=list)     # per vCPU: exits, counters, tlb
@@ -40,21 +112,41 @@ class Result:
             return all(Result(**vm).ok for vm in self.vms)
         return (self.reason == "exit" and self.exit_code == 0) or self.reason == "halted"
 
-    def between(self, a: int, b: int) -> dict[str, int]:
-        """Counter differences from mark `a` to mark `b` (only non-zero ones)."""
+    def between(self, a: int, b: int) -> Window:
+        """What happened from mark `a` to mark `b`, shaped like a Result
+        (`exits`, `counters`, `tlb`). HvError if the guest did not record
+        both, or recorded `b` before `a`."""
         for m in (a, b):
             if m not in self.marks:
-                raise KeyError(f"no mark {m} (the guest recorded {sorted(self.marks)})")
+                raise HvError(f"{self.guest} ({self.mmu}) recorded no mark {m} "
+                              f"(its marks: {', '.join(map(str, sorted(self.marks))) or 'none'})")
         ma, mb = self.marks[a], self.marks[b]
-        diff = {k: mb.get(k, 0) - ma.get(k, 0) for k in sorted(set(ma) | set(mb))}
-        return {k: v for k, v in diff.items() if v}
+        # A VM's instruction count only grows, and a mark counts its vmcall.
+        if mb["insns"] < ma["insns"]:
+            raise HvError(f"{self.guest} ({self.mmu}) recorded mark {b} before mark {a}: "
+                          f"a window runs from the earlier mark to the later")
+        exits, counters, tlb = _split({k: mb.get(k, 0) - ma.get(k, 0)
+                                       for k in sorted(set(ma) | set(mb))}, self.mmu)
+        return Window(a, b, Exits((k, n) for k, n in exits.items() if n), counters, tlb)
 
     def to_json(self) -> dict:
-        d = dict(self.__dict__)
-        d["marks"] = {str(k): v for k, v in sorted(self.marks.items())}
-        d["vms"] = [dict(vm, marks={str(k): v for k, v in sorted(vm["marks"].items())})
-                    for vm in self.vms]
-        return d
+        return _json(self.__dict__)
+
+
+def _json(result: dict) -> dict:
+    """A result's fields as JSON has them: mark ids and references per walk
+    are strings there."""
+    def tlb(t: dict) -> dict:
+        if "walk_refs_hist" not in t:
+            return t
+        return dict(t, walk_refs_hist={str(k): n for k, n in t["walk_refs_hist"].items()})
+
+    d = dict(result, tlb=tlb(result["tlb"]),
+             marks={str(k): v for k, v in sorted(result["marks"].items())},
+             vcpus=[dict(c, tlb=tlb(c["tlb"])) for c in result["vcpus"]])
+    if "vms" in d:
+        d["vms"] = [_json(vm) for vm in d["vms"]]
+    return d
 
 
 def load_guest(guest: str | Path) -> tuple[str, bytes]:
@@ -78,15 +170,34 @@ def load_guest(guest: str | Path) -> tuple[str, bytes]:
 
 
 def run(guest: str | Path | list, mmu: str = "native", *, ram: int | str = "64M",
-        image: bytes | None = None, on_console=None, vms: int = 1, **options) -> Result:
+        vcpus: int = Config.vcpus, vms: int = 1, tlb_entries: int = Config.tlb_entries,
+        tlb_ways: int = Config.tlb_ways, max_insns: int = Config.max_insns,
+        quantum: int = Config.quantum, ept_large_pages: bool = Config.ept_large_pages,
+        asid: bool = Config.asid, pwc: bool = Config.pwc,
+        check_invariants: bool = Config.check_invariants, timeout: float = Config.timeout,
+        memo: bool = Config.memo, image: bytes | None = None, on_console=None) -> Result:
     """Boot `guest` (a path or bundled name, a list of them for one VM each,
-    or `image` bytes) and run it to the end.
+    or `image` bytes) in MMU mode `mmu` and run it to the end.
 
-    `vms` runs that many VMs (the guests repeated) on one machine.
-    `options` are the fields of hv.vmm.vm.Config: vcpus, tlb_entries,
-    tlb_ways, max_insns, quantum, ept_large_pages, asid, pwc,
-    check_invariants (the CLI's --check), timeout, memo (False: --no-memo).
-    `on_console(vm, byte)` sees each byte a guest prints, as it is printed.
+    Each option is the `hv run` option of the same name (tlb_entries is
+    --tlb-entries; one that is on by default is turned off by --no-...):
+
+    ram               guest RAM: bytes, or a size such as "64M" or "1G"
+    vcpus             vCPUs of each VM
+    vms               VMs on the machine (the guests repeated)
+    tlb_entries       the TLB model's capacity, and tlb_ways its associativity
+    max_insns         stop the VM after this many instructions (reason max_insns)
+    quantum           instructions per vCPU time slice
+    ept_large_pages   ept: map guest memory with 2 MiB and 1 GiB EPT pages where it can
+    asid              tag TLB entries with the VM's VPID (False: every VM entry
+                      and exit flushes the TLB)
+    pwc               page-walk caches and a nested TLB
+    check_invariants  check the VMM's isolation invariants after every exit (slow)
+    timeout           stop after this many wall-clock seconds (0: no limit)
+    memo              replay walks whose tables did not change (False: walk every
+                      TLB miss in full; slower, the counts are the same)
+    image             the guest's bytes, instead of loading `guest` (then a name)
+    on_console        on_console(vm, byte) sees each byte a guest prints, as printed
     """
     if image is not None:
         guests = [(str(guest), image)]
@@ -94,11 +205,10 @@ def run(guest: str | Path | list, mmu: str = "native", *, ram: int | str = "64M"
         guests = [load_guest(g) for g in (guest if isinstance(guest, list) else [guest])]
     if not 1 <= vms <= MAX_VMS:
         raise HvError(f"--vms must be from 1 to {MAX_VMS}, not {vms}")
-    unknown = set(options) - {f.name for f in fields(Config)}
-    if unknown:
-        raise HvError(f"unknown option {', '.join(sorted(unknown))} (options: "
-                      f"{', '.join(f.name for f in fields(Config) if f.name != 'mmu')})")
-    config = Config(mmu=mmu, ram=parse_size(ram) if isinstance(ram, str) else ram, **options)
+    config = Config(mmu=mmu, ram=parse_size(ram) if isinstance(ram, str) else ram, vcpus=vcpus,
+                    tlb_entries=tlb_entries, tlb_ways=tlb_ways, max_insns=max_insns,
+                    quantum=quantum, ept_large_pages=ept_large_pages, asid=asid, pwc=pwc,
+                    check_invariants=check_invariants, timeout=timeout, memo=memo)
     machine = Machine(config)
     for i in range(max(vms, len(guests))):
         name, img = guests[i % len(guests)]
@@ -108,18 +218,16 @@ def run(guest: str | Path | list, mmu: str = "native", *, ram: int | str = "64M"
     return machine_result(machine)
 
 
-def _figures(total: Stats, mode: str) -> tuple[dict, dict, dict]:
+def _figures(total: Stats, mode: str) -> tuple[Exits, Counters, dict]:
     """(exits, counters, tlb) of some counters, in the report's form."""
-    snap = total.snapshot()
-    counters = {k: v for k, v in snap.items() if not k.startswith(("tlb.", "exit."))}
-    tlb = {n: snap[f"tlb.{n}"] for n in TLB_NAMES}
-    tlb["walk_refs_hist"] = {str(k): v for k, v in sorted(total.walk_hist.items())}
-    # "guest.PML4", "ept.PT", ...: by dimension (whose tables), then level.
-    tlb["walk_refs_by_level"] = {f"{dim}.{LEVEL_NAMES[lv]}": n for (dim, lv), n in
-                                 sorted(total.refs_by_tag.items(), key=lambda t: (t[0][0], -t[0][1]))}
-    if not MODES[mode].tlb_model:
-        tlb = {"modelled": False}
-    return {r.name: n for r, n in sorted(total.exits.items())}, counters, tlb
+    exits, counters, tlb = _split(total.snapshot(), mode)
+    if MODES[mode].tlb_model:
+        tlb["walk_refs_hist"] = dict(sorted(total.walk_hist.items()))
+        # "guest.PML4", "ept.PT", ...: by dimension (whose tables), then level.
+        tlb["walk_refs_by_level"] = {
+            f"{dim}.{LEVEL_NAMES[lv]}": n for (dim, lv), n in
+            sorted(total.refs_by_tag.items(), key=lambda t: (t[0][0], -t[0][1]))}
+    return exits, counters, tlb
 
 
 def make_result(name: str, vm: VM) -> Result:

@@ -33,6 +33,8 @@ def _mark_pair(text: str) -> tuple[int, int]:
     if len(parts) != 2:
         raise argparse.ArgumentTypeError(f"two mark ids, e.g. 1,2, not {text!r}")
     a, b = (_positive(t) if t.strip() != "0" else 0 for t in parts)
+    if a == b:
+        raise argparse.ArgumentTypeError(f"two different mark ids, e.g. 1,2, not {text!r}")
     return a, b
 
 
@@ -50,7 +52,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _add_config_options(r: argparse.ArgumentParser) -> None:
-    """The hv.vmm.vm.Config options `run` and `compare` share."""
+    """The hv.vmm.vm.Config options `run` and `compare` share, each named as
+    its field (--tlb-entries is tlb_entries; --no-memo is memo=False)."""
     r.add_argument("--ram", type=_size, default="64M", help="guest RAM, e.g. 64M, 1G (default 64M)")
     r.add_argument("--tlb-entries", type=_positive, default=1536,
                    help="TLB model capacity (default 1536)")
@@ -66,7 +69,7 @@ def _add_config_options(r: argparse.ArgumentParser) -> None:
                    help="page-walk caches and a nested TLB (fewer references per walk)")
     r.add_argument("--timeout", type=float, default=0,
                    help="stop after this many wall-clock seconds (default: no limit)")
-    r.add_argument("--check", action="store_true",
+    r.add_argument("--check-invariants", action="store_true",
                    help="check the VMM's isolation invariants after every exit (slow)")
     r.add_argument("--no-memo", dest="memo", action="store_false",
                    help="walk every TLB miss in full instead of replaying walks whose "
@@ -77,7 +80,7 @@ def _config(args) -> dict:
     return dict(ram=args.ram, tlb_entries=args.tlb_entries, tlb_ways=args.tlb_ways,
                 max_insns=args.max_insns, quantum=args.quantum,
                 ept_large_pages=args.ept_large_pages, pwc=args.pwc, timeout=args.timeout,
-                check_invariants=args.check, memo=args.memo)
+                check_invariants=args.check_invariants, memo=args.memo)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -113,8 +116,8 @@ def _parser() -> argparse.ArgumentParser:
                         f"({', '.join(bundled_profiles())}) or a .toml file "
                         f"(default {DEFAULT_PROFILE})")
     c.add_argument("--between", type=_mark_pair, metavar="A,B",
-                   help="price only what happened between vmcall marks A and B of the named "
-                        "guests (default: the whole run; the sample suite has its own)")
+                   help="price only what happened from vmcall mark A to mark B of the named "
+                        "guests (default: a sample guest's own window, else the whole run)")
     c.add_argument("--plot", metavar="FILE", help="draw the modelled cycles to a .png or .svg")
     _add_config_options(c)
     c.add_argument("--json", action="store_true", help="print one JSON document on stdout")
@@ -186,7 +189,8 @@ def _cmd_compare(args) -> int:
             bar.update(task, completed=done, description=f"{label} [{mode}]")
 
         doc = compare.compare(case_list, args.mmu, profile, progress=step)
-    if args.plot:
+    plotted = bool(args.plot and doc["cases"])
+    if plotted:
         compare.plot(doc, args.plot)
     if args.json:
         json.dump(doc, sys.stdout, indent=2)
@@ -194,8 +198,10 @@ def _cmd_compare(args) -> int:
     else:
         from .report import print_compare
         print_compare(doc, Console())
-        if args.plot:
+        if plotted:
             print(f"plot: {args.plot}")
+    if args.plot and not plotted:
+        print(f"hv: no case finished: no plot written to {args.plot}", file=sys.stderr)
     if doc["interrupted"]:
         print("hv: interrupted: the cases finished before Ctrl-C are shown", file=sys.stderr)
         return 130

@@ -8,11 +8,11 @@ must be the same in every mode; `same_output` says whether they were.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from . import api
 from .cost import PARTS, Profile, cycles
 from .errors import HvError
-from .stats import TLB_NAMES
 from .vmm.modes import BASELINE, COUNTING_MODES, MODES
 
 
@@ -65,40 +65,75 @@ def parse_modes(text: str) -> tuple[str, ...]:
 
 
 def runnable(modes: tuple[str, ...], profile: Profile) -> tuple[str, ...]:
-    """The modes the profile's CPU can run (ept needs EPT)."""
-    return tuple(m for m in modes if profile.ept or not MODES[m].needs_ept)
+    """The modes the profile's CPU can run (ept needs EPT); HvError if none."""
+    run = tuple(m for m in modes if profile.ept or not MODES[m].needs_ept)
+    if not run:
+        raise HvError(f"profile {profile.name} ({profile.cpu}) has no EPT: --mmu "
+                      f"{','.join(modes)} leaves nothing to run (add native or shadow, or "
+                      f"choose a profile with EPT)")
+    return run
+
+
+# The window of each sample guest, which a guest named on the command line
+# is measured over too (hugepages has the same window with large EPT pages).
+SUITE_WINDOWS = {c.guest: c.window for c in SUITE}
 
 
 def cases(guests: list[str], vcpus: list[int], options: dict,
           window: tuple[int, int] | None = None) -> list[Case]:
     """The suite when no guest is named, else each guest at each vCPU count,
-    priced over `window`; `options` (hv.vmm.vm.Config fields) apply to every run."""
+    priced over `window`, or a sample guest's over its suite window, or the
+    whole run; `options` (hv.vmm.vm.Config fields) apply to every run."""
     if not guests:
+        if window:
+            raise HvError("--between applies to the guests named: the sample suite prices "
+                          "each guest over its own window (name guests to choose theirs)")
         return [Case(c.guest, {**options, **c.options}, c.window) for c in SUITE]
-    return [Case(g, {**options, "vcpus": n}, window) for g in guests for n in vcpus]
+    return [Case(g, {**options, "vcpus": n}, window or _suite_window(g))
+            for g in guests for n in vcpus]
 
 
-def figures(result: api.Result, window: tuple[int, int] | None) -> dict[str, int]:
-    """Every counter of the run, or of the window between two marks, as one
-    flat dict (the marks' form: insns, exit.<REASON>, tlb.walk_refs, ...)."""
+def _suite_window(guest: str) -> tuple[int, int] | None:
+    """A sample guest's window, if `guest` names it (as hv.load_guest reads
+    names: a file of that name comes first)."""
+    return None if Path(guest).exists() else SUITE_WINDOWS.get(guest)
+
+
+def figures(result: api.Result, window: tuple[int, int] | None) -> dict[str, int] | None:
+    """Every count of the run, or of the window between two marks, as one
+    flat dict (the marks' form: insns, exit.<REASON>, tlb.walk_refs, ...);
+    None if the guest ended badly before it recorded the window's marks.
+    HvError if a guest that ended well lacks them, or if the window runs
+    backwards."""
     if window is None:
-        flat = dict(result.counters)
-        flat.update((f"exit.{k}", n) for k, n in result.exits.items())
-        flat.update((f"tlb.{k}", result.tlb[k]) for k in TLB_NAMES)
-        return dict(sorted(flat.items()))
-    for m in window:
-        if m not in result.marks:
-            raise HvError(f"{result.guest} ({result.mmu}) recorded no mark {m} "
-                          f"(its marks: {sorted(result.marks) or 'none'})")
-    a, b = (result.marks[m] for m in window)
-    return {k: b.get(k, 0) - a.get(k, 0) for k in sorted(set(a) | set(b))}
+        return result.flat()
+    if not result.ok and not all(m in result.marks for m in window):
+        return None
+    return result.between(*window).flat()
+
+
+def ending(run: dict) -> str:
+    """How a run ended, in a few words: "exit code 3", "halted", "triple_fault"."""
+    return f"exit code {run['exit_code']}" if run["reason"] == "exit" else run["reason"]
+
+
+def console_diff(consoles: dict[str, str]) -> dict | None:
+    """Where the modes' consoles first differ: the line (from 1) and each
+    mode's text of it (None: no such line). None if they are the same."""
+    if len(set(consoles.values())) <= 1:
+        return None
+    lines = {m: c.splitlines(keepends=True) for m, c in consoles.items()}
+    n = 0
+    while len({tuple(ls[n:n + 1]) for ls in lines.values()}) == 1:
+        n += 1
+    return dict(line=n + 1, text={m: ls[n] if n < len(ls) else None for m, ls in lines.items()})
 
 
 def _run_json(mode: str, profile: Profile, result: api.Result, window) -> dict:
-    fig = figures(result, window) if result.ok else {}
+    fig = figures(result, window)
     return dict(ok=result.ok, reason=result.reason, detail=result.detail,
                 exit_code=result.exit_code, figures=fig,
-                cycles=cycles(profile, mode, fig))
+                cycles=None if fig is None else cycles(profile, mode, fig))
 
 
 def compare(case_list: list[Case], modes: tuple[str, ...], profile: Profile,
@@ -124,7 +159,7 @@ def compare(case_list: list[Case], modes: tuple[str, ...], profile: Profile,
                             "TLB at every VM entry and exit (asid=False)")
     done = 0
     for case in case_list:
-        runs, outputs = {}, set()
+        runs, outputs, consoles = {}, set(), {}
         for mode in modes:
             if progress:
                 progress(case.label, mode, done)
@@ -138,14 +173,17 @@ def compare(case_list: list[Case], modes: tuple[str, ...], profile: Profile,
                 return doc
             runs[mode] = _run_json(mode, profile, result, case.window)
             outputs.add((result.console, result.exit_code, result.reason))
+            consoles[mode] = result.console
         base = runs.get(BASELINE)
         for run in runs.values():
-            fair = base and base["ok"] and run["ok"] and base["cycles"]["total"]
+            # Priced against native whenever both have the window's counts;
+            # the case's table says how each run ended.
+            fair = base and base["cycles"] and run["cycles"] and base["cycles"]["total"]
             run["overhead_pct"] = (100 * (run["cycles"]["total"] / base["cycles"]["total"] - 1)
                                    if fair else None)
         doc["cases"].append(dict(guest=case.guest, label=case.label, options=case.options,
                                  window=case.window, same_output=len(outputs) == 1,
-                                 runs=runs))
+                                 console_diff=console_diff(consoles), runs=runs))
     return doc
 
 
@@ -157,7 +195,7 @@ def all_ok(doc: dict) -> bool:
 def plot(doc: dict, path: str) -> None:
     """One panel per case, one bar per mode, each bar the modelled cycles
     split into PARTS, relative to the case's native total. Panels have their
-    own scales: overheads range from none to a hundredfold."""
+    own scales, and say so: overheads range from none to a hundredfold."""
     import matplotlib
     matplotlib.use("Agg")               # headless: no display needed
     import matplotlib.pyplot as plt
@@ -165,25 +203,35 @@ def plot(doc: dict, path: str) -> None:
     if not path.endswith((".png", ".svg")):
         raise HvError(f"--plot writes .png or .svg files, not {path!r}")
     modes, cases_ = doc["modes"], doc["cases"]
+    if not cases_:
+        raise HvError("no case finished: nothing to plot")
     base_mode = BASELINE if BASELINE in modes else modes[0]
     colours = dict(guest="#4c72b0", walks="#dd8452", exits="#c44e52")
     ncols = min(4, len(cases_))
     nrows = -(-len(cases_) // ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(3 * ncols, 2.6 * nrows + 0.6),
-                             squeeze=False)
+    # Wide enough for the title and the legend however few the panels.
+    fig, axes = plt.subplots(nrows, ncols, figsize=(max(7.0, 3 * ncols), 2.6 * nrows + 1.2),
+                             squeeze=False, layout="constrained")
     for ax, case in zip(axes.flat, cases_):
-        base = case["runs"][base_mode]["cycles"]["total"] or 1
-        bottoms = [0.0] * len(modes)
-        for part in PARTS:
-            heights = [case["runs"][m]["cycles"][part] / base for m in modes]
-            ax.bar(modes, heights, 0.6, bottom=bottoms, color=colours[part], label=part)
-            bottoms = [b + h for b, h in zip(bottoms, heights)]
-        for x, (mode, top) in enumerate(zip(modes, bottoms)):
-            ok = case["runs"][mode]["ok"]
-            ax.text(x, top, f"{top:.2f}×" if ok else case["runs"][mode]["reason"],
-                    ha="center", va="bottom", fontsize=7)
-        ax.set_ylim(0, max(bottoms) * 1.18 or 1)
-        ax.axhline(1.0, color="grey", linewidth=0.6, linestyle=":")
+        runs = case["runs"]
+        base = runs[base_mode]["cycles"]
+        if not base or not base["total"]:
+            ax.text(0.5, 0.5, f"no {base_mode} figures:\n{ending(runs[base_mode])}",
+                    ha="center", va="center", fontsize=8, transform=ax.transAxes)
+        else:
+            bottoms = [0.0] * len(modes)
+            for part in PARTS:
+                heights = [runs[m]["cycles"][part] / base["total"] if runs[m]["cycles"] else 0
+                           for m in modes]
+                ax.bar(modes, heights, 0.6, bottom=bottoms, color=colours[part], label=part)
+                bottoms = [b + h for b, h in zip(bottoms, heights)]
+            for x, (mode, top) in enumerate(zip(modes, bottoms)):
+                run = runs[mode]
+                label = "\n".join(([f"{top:.2f}×"] if run["cycles"] else [])
+                                  + ([] if run["ok"] else [ending(run)]))
+                ax.text(x, top, label, ha="center", va="bottom", fontsize=7)
+            ax.set_ylim(0, max(bottoms) * 1.25 or 1)
+            ax.axhline(1.0, color="grey", linewidth=0.6, linestyle=":")
         ax.set_title(case["label"], fontsize=9)
         ax.tick_params(labelsize=7)
     for ax in axes.flat[len(cases_):]:
@@ -191,12 +239,13 @@ def plot(doc: dict, path: str) -> None:
     for ax in axes[:, 0]:
         ax.set_ylabel(f"cycles / {base_mode}", fontsize=8)
     p = doc["profile"]
-    fig.suptitle(f"hv compare: modelled cycles on the {p['cpu']} (profile {p['name']})",
-                 fontsize=10)
-    handles, labels = axes.flat[0].get_legend_handles_labels()
-    fig.legend(handles, [f"cycles in {lb}" for lb in labels], loc="lower right",
+    scales = "each panel has its own scale" if len(cases_) > 1 else ""
+    fig.suptitle(f"hv compare: modelled cycles on the {p['cpu']}\n(profile {p['name']}; "
+                 f"bars relative to {base_mode}{'; ' + scales if scales else ''})",
+                 fontsize=9)
+    fig.legend([plt.Rectangle((0, 0), 1, 1, color=colours[part]) for part in PARTS],
+               [f"cycles in {part}" for part in PARTS], loc="outside lower center",
                fontsize=8, ncol=len(PARTS))
-    fig.tight_layout(rect=(0, 0.04, 1, 0.97))
     try:
         fig.savefig(path)
     except OSError as e:

@@ -22,7 +22,7 @@ class AsmError(HvError):
 
 class InvariantError(HvError):
     """A VMM invariant does not hold: a bug in hv (checked after every exit
-    with --check, and always where the code states it)."""
+    with --check-invariants, and always where the code states it)."""
 
 
 class GuestEscape(HvError):

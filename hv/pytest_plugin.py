@@ -25,9 +25,9 @@ Per-mode runs: a test that uses the fixture runs once per MMU mode of its
 else once, in `native`, and unparametrized. The test's id names the mode:
 `test_x[shadow]`.
 
-`hv.assert_exits(actual, expected)` compares exit tables (a Result, its
-`exits`, or a `between()` difference against {reason: count}) and a failure
-shows each reason that differs.
+`hv.assert_exits(actual, expected)` compares exit tables (a Result or a
+window of one, `r.between(a, b)`, or their `exits`, against {reason: count})
+and a failure shows each reason that differs.
 """
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ from pathlib import Path
 import pytest
 
 from . import api
-from .api import Result
+from .api import Figures, Result
 from .arch.vmx import ExitReason
 from .asm import assemble_source
 from .errors import AsmError, HvError
@@ -93,8 +93,8 @@ class HvFixture:
 
     def assert_exits(self, actual, expected: dict[str, int]) -> None:
         """Assert an exit table is `expected` ({reason: count}; a reason left
-        out must not occur). `actual` is a Result, its `exits`, or a
-        `Result.between()` difference (its `exit.*` entries)."""
+        out must not occur). `actual` is a Result, a window of one
+        (`Result.between()`), or their `exits`."""
         __tracebackhide__ = True
         assert ExitTable.of(actual) == ExitTable.of(expected)
 
@@ -124,9 +124,10 @@ class ExitTable(dict):
 
     @classmethod
     def of(cls, table) -> ExitTable:
-        """From a Result, an exit table, or a between() difference."""
+        """From a Result or a window of one (between()), their `exits`, or
+        a flat dict of counts (exit.<REASON>: the marks' form)."""
         __tracebackhide__ = True
-        if isinstance(table, Result):
+        if isinstance(table, Figures):
             table = table.exits
         elif any(k.startswith("exit.") or k == "exits" for k in table):  # counters
             table = {k[5:]: v for k, v in table.items() if k.startswith("exit.")}

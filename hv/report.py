@@ -2,10 +2,14 @@
 `perf kvm stat report`, then counters and the TLB model's figures."""
 from __future__ import annotations
 
+import json
+
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .api import Result
+from .compare import ending
 from .cost import PARTS, UNPRICED_EXITS
 from .stats import TLB_NAMES
 
@@ -88,6 +92,10 @@ def _pct(x: float | None) -> str:
     return "-" if x is None else f"{x:+.1f}%"
 
 
+def _ending(run: dict) -> str:
+    return f"[{'green' if run['ok'] else 'red'}]{ending(run)}[/]"
+
+
 def _case_table(case: dict, modes: list[str]) -> Table:
     runs = case["runs"]
     window = case["window"]
@@ -99,10 +107,11 @@ def _case_table(case: dict, modes: list[str]) -> Table:
         t.add_column(m, justify="right")
 
     def row(name: str, value, style: str = "") -> None:
-        t.add_row(name, *(value(runs[m]["figures"], runs[m]) if runs[m]["ok"] else "-"
+        t.add_row(name, *("-" if runs[m]["figures"] is None else value(runs[m]["figures"], runs[m])
                           for m in modes), style=style)
 
-    reasons = sorted({k for r in runs.values() for k in r["figures"] if k.startswith("exit.")})
+    reasons = sorted({k for r in runs.values() for k in r["figures"] or ()
+                      if k.startswith("exit.")})
     row("exits", lambda f, r: f"{sum(f.get(k, 0) for k in reasons):,}", "bold")
     for k in reasons:
         unpriced = " (not priced)" if k[5:] in UNPRICED_EXITS else ""
@@ -116,10 +125,28 @@ def _case_table(case: dict, modes: list[str]) -> Table:
         row(f"Mcycles in {part}", lambda f, r: _mcycles(r["cycles"][part]))
     row("Mcycles total", lambda f, r: _mcycles(r["cycles"]["total"]), "bold")
     row("overhead vs native", lambda f, r: _pct(r["overhead_pct"]), "bold")
-    if not all(runs[m]["ok"] for m in modes):
-        t.add_row("ended", *(f"[{'green' if runs[m]['ok'] else 'red'}]{runs[m]['reason']}[/]"
-                             for m in modes))
+    if not case["same_output"] or not all(runs[m]["ok"] for m in modes):
+        t.add_row("ended", *(_ending(runs[m]) for m in modes))
     return t
+
+
+def _case_notes(case: dict) -> list[str]:
+    """What the table cannot say: a run without the window's counts, and
+    the first console line the modes differ on, with each mode's text."""
+    notes = []
+    missing = [m for m, r in case["runs"].items() if r["figures"] is None]
+    if missing:
+        a, b = case["window"]
+        notes.append(f"{', '.join(missing)}: ended before recording marks {a} and {b}")
+    diff = case["console_diff"]
+    if diff:
+        width = max(len(m) for m in diff["text"])
+        notes.append(f"[red]console line {diff['line']} differs:[/]")
+        for m, text in diff["text"].items():
+            shown = "(no such line)" if text is None else json.dumps(
+                text if len(text) <= 100 else text[:100] + "...")
+            notes.append(f"  {m:<{width}}  {escape(shown)}")
+    return notes
 
 
 def _summary_table(doc: dict) -> Table:
@@ -130,10 +157,14 @@ def _summary_table(doc: dict) -> Table:
     for m in modes:
         t.add_column(m, justify="right")
     t.add_column("same output", justify="center")
+
+    def cell(run: dict) -> str:
+        pct = _pct(run["overhead_pct"])
+        return pct if run["ok"] else f"{pct}\n[red]{ending(run)}[/]"
+
     for c in doc["cases"]:
-        cells = [_pct(c["runs"][m]["overhead_pct"]) if c["runs"][m]["ok"]
-                 else f"[red]{c['runs'][m]['reason']}[/]" for m in modes]
-        t.add_row(c["label"], *cells, "[green]yes[/]" if c["same_output"] else "[red]NO[/]")
+        t.add_row(c["label"], *(cell(c["runs"][m]) for m in modes),
+                  "[green]yes[/]" if c["same_output"] else "[red]NO[/]")
     return t
 
 
@@ -145,5 +176,7 @@ def print_compare(doc: dict, console: Console) -> None:
     for case in doc["cases"]:
         console.print()
         console.print(_case_table(case, doc["modes"]))
+        for note in _case_notes(case):
+            console.print(note, highlight=False)
     console.print()
     console.print(_summary_table(doc))

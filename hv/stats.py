@@ -15,6 +15,17 @@ COUNTER_NAMES = (
     "insns", "exits", "io_exits", "halt_exits", "hypercalls",
     "pf_guest", "exceptions", "tlb_flush", "invlpg", "cr3_loads",
 )
+# Every other counter hv keeps, by who counts it: a Result reads 0 for any
+# of these that never counted (hv.api.Counts). A new counter goes here.
+OTHER_COUNTERS = (
+    "console_dropped", "insn_emulation", "code_rescans",            # the VM, the vCPU
+    "pf_fixed", "mmu_pte_write", "mmu_flooded", "mmu_cache_miss",   # shadow paging
+    "mmu_shadow_zapped", "mmu_pde_zapped", "mmu_recycled", "remote_tlb_flush",
+    *(f"mmu_shadow_pages.L{level}" for level in range(1, 5)),
+    "vmm.guest_walks", "vmm.guest_walk_refs", "vmm.guest_ad_writes",
+    "ept_tables", "pages_4k", "pages_2m", "pages_1g",               # EPT
+    "pwc.hits", "pwc.ntlb_hits",                                    # --pwc
+)
 # Only what is the same on every host: how often Unicorn's own TLB refills
 # depends on wall-clock time (see hv/hw/tlb.py), so refills are not counted.
 TLB_NAMES = ("misses", "walks", "walk_refs", "ad_writes", "evictions")

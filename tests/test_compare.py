@@ -7,7 +7,8 @@ import re
 
 import pytest
 
-from hv import cli, compare
+from hv import api, cli, compare
+from hv.api import Counters
 from hv.cost import (CYCLE_KEYS, DEFAULT_PROFILE, bundled_profiles, cycles, load_profile,
                      priced_exits)
 from hv.errors import HvError
@@ -137,6 +138,13 @@ def _case(doc, label):
     return next(c for c in doc["cases"] if c["label"] == label)
 
 
+def test_every_counter_the_suite_counts_reads_zero_when_never_counted(suite):
+    names = {k for c in suite["cases"] for r in c["runs"].values() for k in r["figures"]
+             if not k.startswith(("exit.", "tlb."))}
+    assert {"pf_fixed", "mmu_pte_write", "pages_4k", "pages_2m"} <= names
+    assert names <= Counters.known
+
+
 def test_the_suite_runs_clean(suite):
     assert [c["label"] for c in suite["cases"]] == [c.label for c in compare.SUITE]
     for c in suite["cases"]:
@@ -225,8 +233,8 @@ def test_cli_table_and_plot(tmp_path, capsys):
     png, svg = tmp_path / "c.png", tmp_path / "c.svg"
     assert cli.main(["compare", "pgfault", "--vcpus", "1", "--plot", str(png)]) == 0
     out = capsys.readouterr().out
-    assert "pgfault: the whole run" in out and "overhead vs native" in out
-    assert "IO_INSTRUCTION (not priced)" in out
+    assert "pgfault: marks 1 to 2" in out and "overhead vs native" in out
+    assert "VMCALL (not priced)" in out          # the vmcall of mark 2
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert cli.main(["compare", "smp", "--vcpus", "1,2", "--mmu", "shadow,ept",
                      "--quantum", "100", "--plot", str(svg), "--json"]) == 0
@@ -243,6 +251,12 @@ def test_cli_table_and_plot(tmp_path, capsys):
     (["compare", "nosuchguest"], "no guest 'nosuchguest'"),
     (["compare", "hello", "--between", "1"], "two mark ids"),
     (["compare", "hello", "--between", "1,2", "--mmu", "native"], "recorded no mark 1"),
+    (["compare", "ptemod", "--between", "2,1", "--mmu", "native"],
+     "recorded mark 1 before mark 2: a window runs from the earlier mark to the later"),
+    (["compare", "ptemod", "--between", "2,2"], "two different mark ids"),
+    (["compare", "--between", "1,2"], "--between applies to the guests named"),
+    (["compare", "hello", "--profile", "prescott-2006", "--mmu", "ept"],
+     "profile prescott-2006 (Intel Pentium 4 672 (Prescott 2M, 3.8 GHz)) has no EPT"),
     (["compare", "hello", "--mmu", "native", "--plot", "x.pdf"], ".png or .svg"),
     (["compare", "--vcpus", "0"], "must be positive"),
 ])
@@ -251,3 +265,200 @@ def test_cli_bad_input(capsys, argv, message):
     err = capsys.readouterr().err
     assert err.startswith("hv: error: ") and message in err
     assert "Traceback" not in err
+
+
+# -- when things differ --------------------------------------------------------------
+
+# Rewrites a page-directory entry of the boot tables with its own value, then
+# prints the time-stamp counter and exits with its low bit. The TSC counts
+# instructions, and under shadow paging the write to a shadowed table is
+# emulated and counted twice (README, "Shadow paging"): shadow's line 2 is
+# one more than the others', and one of the exit codes is 1.
+TSC_GUEST = """
+    jmp main
+.include "serial.s"
+.include "hv.s"
+main:
+    mov rbx, 1
+    call hv_mark
+    lea rsi, [rip + same]
+    call puts
+    mov rax, qword ptr [0x4000 + 8 * 100]
+    mov qword ptr [0x4000 + 8 * 100], rax
+    rdtsc
+    shl rdx, 32
+    or rax, rdx
+    mov rdx, rax
+    lea rsi, [rip + fmt]
+    call putf
+    mov rbx, 2
+    call hv_mark
+    mov rax, rdx
+    and al, 1
+    out 0xf4, al
+same: .asciz "same\\n"
+fmt: .asciz "tsc %d\\n"
+"""
+
+# Marks 1 and 2, then exit code 3: the guest's own failure, in every mode.
+EXIT3_GUEST = """
+    jmp main
+.include "hv.s"
+main:
+    mov rbx, 1
+    call hv_mark
+    mov rcx, 100
+spin:
+    dec rcx
+    jnz spin
+    mov rbx, 2
+    call hv_mark
+    mov al, 3
+    out 0xf4, al
+"""
+
+
+@pytest.fixture(scope="module")
+def guests(tmp_path_factory):
+    d = tmp_path_factory.mktemp("guests")
+    (d / "tsc.s").write_text(TSC_GUEST)
+    (d / "exit3.s").write_text(EXIT3_GUEST)
+    return d
+
+
+def test_a_guest_that_fails_everywhere_keeps_its_figures(guests, capsys):
+    doc = compare.compare([compare.Case(str(guests / "exit3.s"), window=(1, 2))],
+                          compare.COUNTING_MODES, load_profile(DEFAULT_PROFILE))
+    (case,) = doc["cases"]
+    assert case["same_output"] and case["console_diff"] is None
+    assert not compare.all_ok(doc)
+    for mode, run in case["runs"].items():
+        assert (run["ok"], run["exit_code"]) == (False, 3), mode
+        # the window: the loop and the vmcall of mark 2
+        assert run["figures"]["insns"] >= 200 and run["figures"]["exit.VMCALL"] == 1, mode
+        assert run["cycles"]["total"] > 0 and run["overhead_pct"] is not None, mode
+    from hv.report import print_compare
+    from rich.console import Console
+    print_compare(doc, Console(width=200))
+    out = capsys.readouterr().out
+    assert out.count("exit code 3") == 2 * len(compare.COUNTING_MODES)  # case and summary
+    assert "Mcycles total" in out and "ended before" not in out
+
+
+def test_a_guest_whose_output_differs_shows_where(guests, capsys):
+    assert cli.main(["compare", str(guests / "tsc.s"), "--mmu", "native,shadow,ept",
+                     "--json"]) == 1
+    (case,) = json.loads(capsys.readouterr().out)["cases"]
+    assert not case["same_output"]
+    diff = case["console_diff"]
+    assert diff["line"] == 2
+    n = int(re.fullmatch(r"tsc (\d+)\n", diff["text"]["native"]).group(1))
+    assert diff["text"] == {"native": f"tsc {n}\n", "shadow": f"tsc {n + 1}\n",
+                            "ept": f"tsc {n}\n"}
+    runs = case["runs"]
+    assert [runs[m]["exit_code"] for m in ("native", "shadow", "ept")] == [n & 1, ~n & 1, n & 1]
+    assert all(r["figures"]["insns"] > 0 and r["cycles"] for r in runs.values())
+
+    assert cli.main(["compare", str(guests / "tsc.s"), "--mmu", "native,shadow"]) == 1
+    out = capsys.readouterr().out
+    assert re.search(r"ended +│ +exit code \d +│ +exit code \d", out)
+    assert "console line 2 differs:" in out
+    assert f'native  "tsc {n}\\n"' in out and f'shadow  "tsc {n + 1}\\n"' in out
+
+
+def test_a_run_that_ends_before_its_window(guests, capsys, tmp_path):
+    png = tmp_path / "w.png"
+    assert cli.main(["compare", str(guests / "exit3.s"), "--mmu", "native,shadow",
+                     "--between", "1,5", "--plot", str(png)]) == 1
+    out = capsys.readouterr().out
+    assert "native, shadow: ended before recording marks 1 and 5" in out
+    assert png.exists()
+    assert cli.main(["compare", str(guests / "exit3.s"), "--mmu", "native",
+                     "--between", "1,5", "--json"]) == 1
+    run = json.loads(capsys.readouterr().out)["cases"][0]["runs"]["native"]
+    assert run["figures"] is None and run["cycles"] is None and run["overhead_pct"] is None
+
+
+def test_a_sample_guest_named_is_measured_over_its_suite_window(tmp_path, monkeypatch):
+    windows = {c.guest: c.window for c in compare.SUITE}
+    own = tmp_path / "mine.s"
+    own.write_text(EXIT3_GUEST)
+    got = compare.cases(["ptemod", "forkwait", "tlbstress", str(own)], [1, 2], {})
+    assert [(c.guest, c.options["vcpus"], c.window) for c in got] == [
+        (g, n, windows.get(g)) for g in ("ptemod", "forkwait", "tlbstress", str(own))
+        for n in (1, 2)]
+    assert windows["forkwait"] == (1, 3) and windows["tlbstress"] == (2, 3)
+    # --between says otherwise, for every guest named
+    assert {c.window for c in compare.cases(["forkwait", str(own)], [1], {}, (1, 2))} == {(1, 2)}
+    # a file of a sample's name is that file, as for hv.run: the whole run
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "ptemod").write_bytes(b"\xf4")
+    assert compare.cases(["ptemod"], [1], {})[0].window is None
+    with pytest.raises(HvError, match="--between applies to the guests named"):
+        compare.cases([], [1], {}, (1, 2))
+
+
+def test_the_readme_example_measures_the_samples_windows(capsys):
+    assert cli.main(["compare", "ptemod", "forkwait", "--mmu", "shadow,ept", "--json"]) == 0
+    cases = json.loads(capsys.readouterr().out)["cases"]
+    assert [(c["guest"], c["window"]) for c in cases] == [("ptemod", [1, 2]), ("forkwait", [1, 3])]
+    # ptemod's window: 2,000 PTE updates, each an INVLPG exit under shadow paging
+    assert cases[0]["runs"]["shadow"]["figures"]["exit.INVLPG"] == 2000
+
+
+# -- the plot ------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def hello_doc():
+    return compare.compare([compare.Case("hello"), compare.Case("hello", {"vcpus": 2})],
+                           compare.COUNTING_MODES, load_profile(DEFAULT_PROFILE))
+
+
+def _plotted(monkeypatch, doc, path):
+    """compare.plot(doc, path) -> (the figure's box, its title's, its
+    legends', its title's text), as saved."""
+    from matplotlib.figure import Figure
+    saved, savefig = [], Figure.savefig
+
+    def save(fig, *args, **kw):
+        savefig(fig, *args, **kw)
+        renderer = fig.canvas.get_renderer()
+        saved.append((fig.bbox, fig._suptitle.get_window_extent(renderer),
+                      [lg.get_window_extent(renderer) for lg in fig.legends],
+                      fig._suptitle.get_text()))
+
+    monkeypatch.setattr(Figure, "savefig", save)
+    compare.plot(doc, str(path))
+    (figure,) = saved
+    return figure
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_the_plot_of_one_or_two_guests_shows_its_title_and_legend(n, hello_doc, monkeypatch,
+                                                                  tmp_path):
+    doc = dict(hello_doc, cases=hello_doc["cases"][:n])
+    inside, title_box, legends, title = _plotted(monkeypatch, doc, tmp_path / "p.png")
+    assert legends
+    for box in (title_box, *legends):
+        assert (inside.x0 <= box.x0 and box.x1 <= inside.x1
+                and inside.y0 <= box.y0 and box.y1 <= inside.y1), box
+    assert doc["profile"]["cpu"] in title and doc["profile"]["name"] in title
+    # panels with their own y-scales say so
+    assert ("each panel has its own scale" in title) == (n > 1)
+
+
+def test_no_plot_when_no_case_finished(monkeypatch, tmp_path, capsys):
+    """Ctrl-C during the first case: the comparison ends with no case."""
+    def interrupted(guest, mmu, **options):
+        return api.Result(guest=guest, mmu=mmu, exit_code=None, reason="interrupted",
+                          detail="interrupted (Ctrl-C)", console="", exits={}, counters={},
+                          tlb={})
+
+    monkeypatch.setattr(api, "run", interrupted)
+    png = tmp_path / "x.png"
+    assert cli.main(["compare", "hello", "--plot", str(png)]) == 130
+    err = capsys.readouterr().err
+    assert f"no case finished: no plot written to {png}" in err
+    assert not png.exists()
+    with pytest.raises(HvError, match="no case finished"):
+        compare.plot(dict(profile={}, modes=["native"], cases=[]), str(png))

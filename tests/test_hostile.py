@@ -263,7 +263,7 @@ BIG_PAGE_SRC = (PROLOGUE + MAP_H + setq(PDPT_H + 8 * 2, P | RW | PS) + FLUSH
 
 def test_large_page_reaching_past_ram(mode):
     """The TLB caches such a page by its 4 KiB pieces inside RAM (native:
-    NativeMMU._miss), so no entry maps outside the VM (--check)."""
+    NativeMMU._miss), so no entry maps outside the VM (--check-invariants)."""
     r = run(BIG_PAGE_SRC, mode, check_invariants=True)
     assert outcome(r) == ("exit", 0, lines(0xE1E1, 0x1111)), r.detail
 

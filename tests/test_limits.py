@@ -1,5 +1,6 @@
-"""Limits and the --check debug mode: runaway guests stop with a reason and
-their counters; the VMM's invariants are checked after every exit."""
+"""Limits and the --check-invariants debug mode: runaway guests stop with a
+reason and their counters; the VMM's invariants are checked after every
+exit."""
 import json
 from collections import Counter
 import signal

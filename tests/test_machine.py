@@ -58,10 +58,11 @@ def test_without_vpids_every_exit_and_every_entry_flushes(guest):
     longer than the run, nothing else ends one."""
     tagged = hv.run(guest, mmu="shadow", quantum=10**9).between(1, 2)
     flat = hv.run(guest, mmu="shadow", quantum=10**9, asid=False).between(1, 2)
-    entries = flat.get("insn_emulation", 0) + flat.get("pf_guest", 0)
+    entries = flat.counters["insn_emulation"] + flat.counters["pf_guest"]
     assert entries > 100
-    assert flat["exits"] == tagged["exits"]
-    assert flat["tlb_flush"] - tagged.get("tlb_flush", 0) == flat["exits"] + entries
+    assert flat.counters["exits"] == tagged.counters["exits"]
+    assert (flat.counters["tlb_flush"] - tagged.counters["tlb_flush"]
+            == flat.counters["exits"] + entries)
 
 
 def test_identical_guest_physical_layouts_stay_apart(mode):

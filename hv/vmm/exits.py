@@ -6,7 +6,7 @@ Handlers call into the VMM (the vCPU's paging, the VM, its devices) and
 return; what the guest must see next (an injected #PF, an emulated write)
 they record on the vCPU (`VCpu.inject`). After every handler the vCPU
 resumes the guest (`VCpu.resume`: the TLB flush of a CPU without VPIDs, the
-MMU reload, the --check invariants).
+MMU reload, the invariants with --check-invariants).
 """
 from __future__ import annotations
 

@@ -4,7 +4,8 @@ A mode says how the VM's guest RAM is placed in host memory, what MMU
 state the VM keeps (shadow pages, EPT), how each vCPU's hardware MMU is
 configured and which VMM paging object answers for it, which events exit
 (the intercepts and the exception bitmap, as a VMCS would say), and what
-`--check` verifies. Nothing outside this module asks a mode for its name.
+`--check-invariants` verifies. Nothing outside this module asks a mode for
+its name.
 """
 from __future__ import annotations
 
@@ -49,7 +50,7 @@ class Mode:
         return hw
 
     def check(self, vm) -> None:
-        """The mode's invariants on the VM's MMU state (--check)."""
+        """The mode's invariants on the VM's MMU state (--check-invariants)."""
 
 
 def vmm_size(config) -> int:

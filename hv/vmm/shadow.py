@@ -215,7 +215,7 @@ class ShadowCache:
             self.flush_all(c)
 
     def check(self) -> None:
-        """Assert the invariants at the top of this module (tests, --check)."""
+        """Assert the invariants at the top of this module (tests, --check-invariants)."""
         for sp in self.pages.values():
             for i in range(ENTRIES_PER_TABLE):
                 spte_addr = sp.hpa + i * 8

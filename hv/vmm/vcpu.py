@@ -259,8 +259,8 @@ class VCpu:
     def resume(self) -> None:
         """Back to the guest after an exit's handler (hv.vmm.exits.dispatch):
         without VPIDs the TLB is flushed (first-generation VT-x: exits flush);
-        the MMU reloads what the handler dropped; --check checks the
-        invariants."""
+        the MMU reloads what the handler dropped; --check-invariants checks
+        the invariants."""
         if self._exit_flush:
             self.hw.flush_physical()
         if self._reload is not None:

@@ -49,6 +49,8 @@ BOOT_EFER = int(EFER.SCE | EFER.LME | EFER.LMA | EFER.NXE)
 
 @dataclass(frozen=True)
 class Config:
+    """A run's options: each is hv.run's keyword and `hv run`'s option of
+    the same name (tlb_entries: --tlb-entries; memo=False: --no-memo)."""
     mmu: str = "native"
     ram: int = 64 * MiB
     vcpus: int = 1
@@ -59,7 +61,7 @@ class Config:
     ept_large_pages: bool = False
     asid: bool = True           # tag TLB entries by VM (VPID); False: flush at every entry/exit
     pwc: bool = False           # page-walk caches and a nested TLB (hv/hw/pwc.py)
-    check_invariants: bool = False  # check the VMM's invariants after every exit (--check)
+    check_invariants: bool = False  # check the VMM's invariants after every exit (slow)
     timeout: float = 0          # wall-clock seconds before the run is stopped (0: none)
     memo: bool = True           # replay unchanged walks (speed only: the counts are the same)
 
@@ -198,10 +200,10 @@ class VM:
         self.machine.run()
 
     def check_invariants(self) -> None:
-        """Isolation (--check): every TLB entry of this VM maps its own guest
-        memory; its shadow or EPT tables keep their invariants. (Each VM has
-        its own host memory, which only its engines map, so no translation
-        of one VM can reach another's.) Raises InvariantError."""
+        """Isolation (--check-invariants): every TLB entry of this VM maps its
+        own guest memory; its shadow or EPT tables keep their invariants.
+        (Each VM has its own host memory, which only its engines map, so no
+        translation of one VM can reach another's.) Raises InvariantError."""
         if self.mode.tlb_model:
             for cpu in self.vcpus:
                 for tr in cpu.hw.tlb.held(self.asid):
