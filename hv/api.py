@@ -175,7 +175,8 @@ def run(guest: str | Path | list, mmu: str = "native", *, ram: int | str = "64M"
         quantum: int = Config.quantum, ept_large_pages: bool = Config.ept_large_pages,
         asid: bool = Config.asid, pwc: bool = Config.pwc,
         check_invariants: bool = Config.check_invariants, timeout: float = Config.timeout,
-        memo: bool = Config.memo, image: bytes | None = None, on_console=None) -> Result:
+        memo: bool = Config.memo, agile_policy: str = Config.agile_policy,
+        image: bytes | None = None, on_console=None) -> Result:
     """Boot `guest` (a path or bundled name, a list of them for one VM each,
     or `image` bytes) in MMU mode `mmu` and run it to the end.
 
@@ -196,6 +197,9 @@ def run(guest: str | Path | list, mmu: str = "native", *, ram: int | str = "64M"
     timeout           stop after this many wall-clock seconds (0: no limit)
     memo              replay walks whose tables did not change (False: walk every
                       TLB miss in full; slower, the counts are the same)
+    agile_policy      agile: "dynamic" (subtrees go nested where the guest writes
+                      its tables), "shadow" (never: `shadow`'s counts), "nested"
+                      (everything: `ept`'s counts)
     image             the guest's bytes, instead of loading `guest` (then a name)
     on_console        on_console(vm, byte) sees each byte a guest prints, as printed
     """
@@ -208,7 +212,8 @@ def run(guest: str | Path | list, mmu: str = "native", *, ram: int | str = "64M"
     config = Config(mmu=mmu, ram=parse_size(ram) if isinstance(ram, str) else ram, vcpus=vcpus,
                     tlb_entries=tlb_entries, tlb_ways=tlb_ways, max_insns=max_insns,
                     quantum=quantum, ept_large_pages=ept_large_pages, asid=asid, pwc=pwc,
-                    check_invariants=check_invariants, timeout=timeout, memo=memo)
+                    check_invariants=check_invariants, timeout=timeout, memo=memo,
+                    agile_policy=agile_policy)
     machine = Machine(config)
     for i in range(max(vms, len(guests))):
         name, img = guests[i % len(guests)]

@@ -10,7 +10,7 @@ from . import api, asm, compare
 from .cost import DEFAULT_PROFILE, bundled_profiles, load_profile
 from .errors import HvError
 from .memory import parse_size
-from .vmm.modes import MODE_HELP, MODES
+from .vmm.modes import AGILE_POLICIES, MODE_HELP, MODES
 from .paths import bundled_guests
 
 
@@ -74,13 +74,17 @@ def _add_config_options(r: argparse.ArgumentParser) -> None:
     r.add_argument("--no-memo", dest="memo", action="store_false",
                    help="walk every TLB miss in full instead of replaying walks whose "
                         "tables did not change (slower; the counts are the same)")
+    r.add_argument("--agile-policy", choices=AGILE_POLICIES, default="dynamic",
+                   help="agile: when subtrees go nested: dynamic (where the guest writes its "
+                        "tables), shadow (never: shadow's counts), nested (all: ept's counts)")
 
 
 def _config(args) -> dict:
     return dict(ram=args.ram, tlb_entries=args.tlb_entries, tlb_ways=args.tlb_ways,
                 max_insns=args.max_insns, quantum=args.quantum,
                 ept_large_pages=args.ept_large_pages, pwc=args.pwc, timeout=args.timeout,
-                check_invariants=args.check_invariants, memo=args.memo)
+                check_invariants=args.check_invariants, memo=args.memo,
+                agile_policy=args.agile_policy)
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -142,12 +142,12 @@ class GuestMemory:
 
 
 class VmmFrames:
-    """The VMM's own 4 KiB frames in host memory [0, size): shadow or EPT
-    tables. The guest reaches none of them (GuestMemory places RAM above)."""
+    """The VMM's own 4 KiB frames in host memory [base, base+size): shadow or
+    EPT tables. The guest reaches none of them (GuestMemory places RAM above)."""
 
-    def __init__(self, host: PhysMem, size: int):
+    def __init__(self, host: PhysMem, size: int, base: int = 0):
         self.host = host
-        self._free = list(range(size - 4096, -1, -4096))
+        self._free = list(range(base + size - 4096, base - 1, -4096))
 
     def __len__(self) -> int:
         return len(self._free)

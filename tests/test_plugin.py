@@ -95,10 +95,11 @@ def test_default(hv):
         "*::test_all[[]native[]] PASSED*",
         "*::test_all[[]shadow[]] PASSED*",
         "*::test_all[[]ept[]] PASSED*",
+        "*::test_all[[]agile[]] PASSED*",
         "*::test_all[[]qemu[]] PASSED*",
         "*::test_default PASSED*",
     ])
-    result.assert_outcomes(passed=7)
+    result.assert_outcomes(passed=8)
 
 
 def test_option_runs_each_test_once_per_mode(pytester, run_pytest):
@@ -133,7 +134,7 @@ def test_x(hv):
 ''')
     result = run_pytest("--hv-mmu=native,nested")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
-    result.stderr.fnmatch_lines(["*--hv-mmu: no MMU mode 'nested' (modes: native, shadow, ept, qemu, all)"])
+    result.stderr.fnmatch_lines(["*--hv-mmu: no MMU mode 'nested' (modes: native, shadow, ept, agile, qemu, all)"])
     result = run_pytest()
     result.stdout.fnmatch_lines(["*test_x: @pytest.mark.hv_modes: no MMU mode 'shadw'*"])
     result.assert_outcomes(errors=1)

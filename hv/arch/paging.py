@@ -38,6 +38,11 @@ class PTE(IntFlag):
 P, RW, US, A, D, PS, G, NX = (int(PTE.P), int(PTE.RW), int(PTE.US), int(PTE.A),
                               int(PTE.D), int(PTE.PS), int(PTE.G), int(PTE.NX))
 
+# Agile paging's switch bit in a non-leaf shadow entry (hardware no CPU
+# ships; hv.vmm.agile): one of the bits 62:52 that 4-level paging ignores
+# (SDM Vol.3A §4.5.4, Tables 4-15..4-19).
+SWITCH = 1 << 52
+
 
 class Level(IntEnum):
     """Paging-structure levels, named as in the SDM; the value is the level number."""

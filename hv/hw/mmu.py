@@ -15,7 +15,7 @@ The vCPU catches both (hv.vmm.vcpu). `QemuMMU` stands in for it in mode
 """
 from __future__ import annotations
 
-from ..arch.paging import PAGE_SIZE
+from ..arch.paging import ADDR_MASK, P, PAGE_SIZE, PS, SWITCH, table_index
 from ..arch.x86 import (MSR_EFER, NXE, WP, TlbFlush, Vector, efer_write_flush,
                         mov_to_cr_flush)
 from ..errors import GuestEscape
@@ -27,6 +27,10 @@ from .walker import FETCH, WRITE, Translation, Walker
 
 # Rights granted to Unicorn's TLB (UC_PROT_*).
 PROT_R, PROT_W, PROT_X = 1, 2, 4
+# Tags an agile CPU's CR3 that holds the guest's own (guest-physical) root:
+# walks from it are nested from the top, and the walk memo keeps them apart
+# from walks of a shadow root at the same number.
+NESTED_ROOT = 1 << 63
 
 
 class HardwareMMU:
@@ -37,7 +41,11 @@ class HardwareMMU:
     and sets CR0.WP and EFER.NXE (hv.vmm.shadow). `dim` tags the references
     of the tables at CR3 ("guest" or "shadow"); `eptp` makes every walk
     two-dimensional; `exception_bitmap` lists the vectors that exit instead
-    of reaching the guest (SDM Vol.3C §25.6.3).
+    of reaching the guest (SDM Vol.3C §25.6.3). An `agile` CPU (with an
+    EPTP) walks a shadow root down to an entry with the switch bit and the
+    guest's tables below it in two dimensions, or, loaded with a nested
+    root, the guest's tables from the top; a #PF in the guest's tables is
+    the guest's, whatever the exception bitmap says.
 
     Invariant: the TLB holds only translations into this machine's memory
     below `mem.size`: a large page that reaches past it is cached by its
@@ -46,20 +54,27 @@ class HardwareMMU:
     """
 
     def __init__(self, mem: PhysMem, stats: Stats, tlb: TLB, asid: int, *, dim: str = "guest",
-                 eptp: int | None = None, exception_bitmap: frozenset[int] = frozenset()):
+                 eptp: int | None = None, exception_bitmap: frozenset[int] = frozenset(),
+                 agile: bool = False):
         self.mem, self.tlb, self.asid = mem, tlb, asid
         self.counters = stats.counters
-        self.eptp = eptp
-        self.walker = Walker(mem, stats, mem.size, dim=dim,
-                             nested=None if eptp is None else self._nested)
-        self.walker.pwc, self.walker.asid = tlb.walk_cache, asid
+        self.eptp, self.agile = eptp, agile
+        self.walker = w = Walker(mem, stats, mem.size, dim=dim,
+                                 nested=None if eptp is None or agile else self._nested)
+        w.pwc, w.asid = tlb.walk_cache, asid
         self.ept_walker = None
         if eptp is not None:
             self.ept_walker = Walker(mem, stats, mem.size, dim="ept")
-            self.walker.nested_by_level = self.ept_walker.by_level
+            w.nested_by_level = self.ept_walker.by_level
+        if agile:
+            w.switch, w.switch_nested = SWITCH, self._nested
+            w.switch_by_level = stats.level_refs("guest")
+            self._root_by_level = w.by_level
         self._pf_exits = Vector.PF in exception_bitmap
         self.cr0 = self.cr3 = self.cr4 = self.efer = 0
         self.wp = self.nxe = False
+        self.nested_root = False
+        self._root = 0          # what walks start from: CR3, tagged NESTED_ROOT if it is
         self.memo = None        # the VM's WalkMemo (use_memo)
 
     def use_memo(self, memo) -> None:
@@ -69,12 +84,19 @@ class HardwareMMU:
             self.ept_walker.memo = memo
 
     # -- registers, and what changing them invalidates ---------------------
-    def load(self, cr0: int, cr3: int, cr4: int, efer: int) -> None:
+    def load(self, cr0: int, cr3: int, cr4: int, efer: int, nested_root: bool = False) -> None:
         """Load the paging registers (VM entry, or the VMM's reload); no TLB
-        operation."""
+        operation. `nested_root` (agile): CR3 is the guest's own root."""
         self.cr0, self.cr3, self.cr4, self.efer = cr0, cr3, cr4, efer
         self.wp = bool(cr0 & WP)
         self.nxe = bool(efer & NXE)
+        self._root = cr3 | NESTED_ROOT if nested_root else cr3
+        if nested_root != self.nested_root:
+            w = self.walker
+            w.nested = self._nested if nested_root else None
+            w.by_level = w.switch_by_level if nested_root else self._root_by_level
+            w.switch = 0 if nested_root else SWITCH
+            self.nested_root = nested_root
 
     def mov_to_cr(self, cr: int, value: int) -> None:
         """MOV to CR0, CR3 or CR4 as the CPU runs it: the register, and the
@@ -83,18 +105,18 @@ class HardwareMMU:
         flush = mov_to_cr_flush(cr, old, value, self.cr4)
         if cr == 3:
             self.counters["cr3_loads"] += 1
-            self.load(self.cr0, value, self.cr4, self.efer)
+            self.load(self.cr0, value, self.cr4, self.efer, self.nested_root)
         elif cr == 0:
-            self.load(value, self.cr3, self.cr4, self.efer)
+            self.load(value, self.cr3, self.cr4, self.efer, self.nested_root)
         else:
-            self.load(self.cr0, self.cr3, value, self.efer)
+            self.load(self.cr0, self.cr3, value, self.efer, self.nested_root)
         self.flush(flush)
 
     def wrmsr(self, msr: int, value: int) -> None:
         """WRMSR as the CPU runs it (only EFER reaches the MMU)."""
         if msr == MSR_EFER:
             flush = efer_write_flush(self.efer, value)
-            self.load(self.cr0, self.cr3, self.cr4, value)
+            self.load(self.cr0, self.cr3, self.cr4, value, self.nested_root)
             self.flush(flush)
 
     def invlpg(self, vaddr: int) -> None:
@@ -147,6 +169,25 @@ class HardwareMMU:
             tr = self._miss(vaddr, access, user, not retry)
         return tr.paddr(vaddr)
 
+    def below_switch(self, vaddr: int) -> bool:
+        """Agile: whether `vaddr`'s walk goes through a switch entry (or a
+        nested root), where the guest's tables are the hardware's: an
+        INVLPG there needs no exit. (A look down the shadow entries, as the
+        CPU's INVLPG would take; not counted as a walk.)"""
+        if not self.agile:
+            return False
+        if self.nested_root:
+            return True
+        table, word = self.cr3 & ADDR_MASK, self.mem.word
+        for level in (4, 3, 2):
+            entry = word((table + table_index(vaddr, level) * 8) >> 3)
+            if not entry & P or entry & PS:
+                return False
+            if entry & SWITCH:
+                return True
+            table = entry & ADDR_MASK
+        return False
+
     def lookup(self, vaddr: int) -> Translation | None:
         """The TLB's translation of `vaddr`, if it holds one (no side effect)."""
         return self.tlb.lookup(self.asid, vaddr)
@@ -168,9 +209,9 @@ class HardwareMMU:
         if count:
             self.counters["tlb.misses"] += 1
         try:
-            tr = self.walker.walk(self.cr3, vaddr, access, user, self.wp, self.nxe)
+            tr = self.walker.walk(self._root, vaddr, access, user, self.wp, self.nxe)
         except PageFault as pf:
-            if not self._pf_exits:
+            if not self._pf_exits or pf.nested:
                 raise
             raise page_fault_exit(vaddr, pf.error_code) from None
         limit = self.mem.size

@@ -153,7 +153,7 @@ class Walker:
         memo = self.memo
         if memo is None or path is not None or self.pwc is not None:
             return self._walk(cr3, vaddr, access, user, wp, nxe, path, None)
-        key = (vaddr >> 12) << 64 | (cr3 & ADDR_MASK) | access | user << 2 | wp << 3 | nxe << 4
+        key = (vaddr >> 12) << 64 | (cr3 & ~0xFFF) | access | user << 2 | wp << 3 | nxe << 4
         hit = memo.results.get(key)
         if hit is None:
             return self._remember(memo, key, cr3, vaddr, access, user, wp, nxe)

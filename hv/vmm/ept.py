@@ -29,9 +29,9 @@ from .paging import Paging
 class EptTables:
     """The EPT of one VM, shared by its vCPUs."""
 
-    def __init__(self, guest: GuestMemory, vmm_size: int, large_pages: bool):
+    def __init__(self, guest: GuestMemory, vmm_size: int, large_pages: bool, base: int = 0):
         self.guest, self.host = guest, guest.host
-        self.frames = VmmFrames(self.host, vmm_size)
+        self.frames = VmmFrames(self.host, vmm_size, base)
         self.large_pages = large_pages
         self.root = self.frames.alloc()
         self.eptp = ept.eptp(self.root)

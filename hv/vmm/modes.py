@@ -13,6 +13,7 @@ from ..arch.vmx import ExitReason
 from ..arch.x86 import Vector
 from ..hw.mmu import HardwareMMU, QemuMMU
 from ..memory import CHUNK, GiB, MiB, GuestMemory
+from .agile import POLICIES, AgileMMU, AgilePaging, AgilePolicy
 from .ept import EptPaging, EptTables
 from .paging import Paging, QemuPaging
 from .shadow import ShadowCache, ShadowPaging
@@ -39,7 +40,13 @@ class Mode:
         return GuestMemory.identity(config.ram), None
 
     def vcpu_mmu(self, vm, cpu) -> Paging:
-        """vCPU `cpu`'s paging, over the hardware MMU its mode configures."""
+        """vCPU `cpu`'s paging, over the hardware MMU its mode configures,
+        with the mode's intercepts (the VMM may change them: agile)."""
+        paging = self._paging(vm, cpu)
+        paging.intercepts = self.intercepts
+        return paging
+
+    def _paging(self, vm, cpu) -> Paging:
         return Paging(self._hardware(vm, cpu), vm.guest)
 
     def _hardware(self, vm, cpu, **config) -> HardwareMMU:
@@ -80,7 +87,7 @@ class Shadow(Mode):
         guest = GuestMemory.scattered(config.ram, size)
         return guest, ShadowCache(guest, size)
 
-    def vcpu_mmu(self, vm, cpu):
+    def _paging(self, vm, cpu):
         return ShadowPaging(self._hardware(vm, cpu, dim="shadow"), vm.mmu, cpu.stats)
 
     def check(self, vm):
@@ -103,7 +110,7 @@ class Ept(Mode):
         guest = GuestMemory.scattered(config.ram, size, block)
         return guest, EptTables(guest, size, config.ept_large_pages)
 
-    def vcpu_mmu(self, vm, cpu):
+    def _paging(self, vm, cpu):
         return EptPaging(self._hardware(vm, cpu, eptp=vm.mmu.eptp), vm.guest, vm.mmu, cpu.stats)
 
     def check(self, vm):
@@ -116,11 +123,44 @@ class Qemu(Mode):
     tlb_model = False
     virtualized = False
 
-    def vcpu_mmu(self, vm, cpu):
+    def _paging(self, vm, cpu):
         return QemuPaging(QemuMMU(cpu.engine, vm.mem))
 
 
-MODES: dict[str, Mode] = {m.name: m for m in (Native(), Shadow(), Ept(), Qemu())}
+class Agile(Mode):
+    name = "agile"
+    help = ("agile paging: shadow tables where the guest's tables stay still, below a switch "
+            "its own tables through EPT where they change (Gandhi et al., ISCA 2016)")
+    intercepts = Shadow.intercepts | Ept.intercepts
+    exception_bitmap = Shadow.exception_bitmap
+    needs_ept = True
+
+    def memory(self, config):
+        # Shadow pages and EPT each get the VMM area its own mode would (so
+        # the degenerate policies count exactly as `shadow` and `ept`).
+        block = GiB if config.ept_large_pages else CHUNK
+        shadow_size = vmm_size(config)
+        size = -(-2 * shadow_size // block) * block
+        guest = GuestMemory.scattered(config.ram, size, block)
+        cache = ShadowCache(guest, shadow_size)
+        ept = EptTables(guest, size - shadow_size, config.ept_large_pages, base=shadow_size)
+        return guest, AgileMMU(cache, ept, AgilePolicy(config.agile_policy, cache))
+
+    def _paging(self, vm, cpu):
+        state = vm.mmu
+        # The policy's clock: the VM's instructions, counted by slices.
+        state.policy.elapsed = lambda: vm.config.max_insns - vm.budget
+        hw = self._hardware(vm, cpu, dim="shadow", eptp=state.ept.eptp, agile=True)
+        paging = AgilePaging(hw, state, cpu.stats)
+        paging.agile_intercepts = self.intercepts
+        return paging
+
+    def check(self, vm):
+        vm.mmu.check()
+
+
+MODES: dict[str, Mode] = {m.name: m for m in (Native(), Shadow(), Ept(), Agile(), Qemu())}
+AGILE_POLICIES = POLICIES
 BASELINE = "native"         # what hv compare measures overheads against
 MODE_HELP = {name: m.help for name, m in MODES.items()}
 # The modes hv compare can price: those whose TLB and walks hv models.

@@ -13,6 +13,8 @@ from ..hw.walker import Walker
 
 
 class Paging:
+    intercepts: frozenset = frozenset()     # the exits the VMM asks for (the mode's)
+
     def __init__(self, hw, guest):
         self.hw, self.guest = hw, guest
         self._peeker = Walker.peeker(guest, guest.ram)
@@ -46,6 +48,7 @@ class Paging:
 
 class QemuPaging:
     """Mode qemu: QEMU's MMU translates, and the registers are the engine's."""
+    intercepts: frozenset = frozenset()
 
     def __init__(self, hw):
         self.hw = hw

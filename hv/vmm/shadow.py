@@ -27,8 +27,8 @@ Invariants:
 """
 from __future__ import annotations
 
-from ..arch.paging import (ADDR_MASK, D, ENTRIES_PER_TABLE, G, NX, P, PAGE_SIZE, PFErr, RW,
-                           US, large_frame, level_shift, table_index)
+from ..arch.paging import (ADDR_MASK, D, ENTRIES_PER_TABLE, G, NX, P, PAGE_SIZE, SWITCH, PFErr,
+                           RW, US, large_frame, level_shift, table_index)
 from ..arch.x86 import MSR_EFER, NXE, WP, TlbFlush, efer_write_flush, mov_to_cr_flush
 from ..errors import GuestEscape, InvariantError
 from ..events import EmulateWrite, PageFault
@@ -56,6 +56,12 @@ def make_link(hpa: int) -> int:
     """A non-leaf spte pointing at the shadow page at `hpa`: it allows
     everything, the leaf decides."""
     return hpa | P | RW | US
+
+
+def make_switch(gpa: int) -> int:
+    """Agile paging: a non-leaf spte whose walk goes on in the guest's table
+    at guest-physical `gpa`, through EPT (hv.vmm.agile)."""
+    return gpa | P | RW | US | SWITCH
 
 
 def _acc(entry: int) -> int:
@@ -100,6 +106,7 @@ class ShadowCache:
         self.rmap: dict[int, dict[int, None]] = {}               # gfn -> leaf sptes
         self.leaf_gfn: dict[int, int] = {}                       # leaf spte -> gfn
         self.flood: dict[int, int] = {}                          # gfn -> emulated writes
+        self.switches: dict[int, dict[int, None]] = {}           # gfn -> switch sptes (agile)
         self.frames = VmmFrames(self.host, vmm_size)
         self.vcpus: list[ShadowPaging] = []
 
@@ -126,9 +133,26 @@ class ShadowCache:
         (KVM zaps the oldest pages; hv starts over, which is rare and simple)."""
         if len(self.frames) < RESERVE:
             c["mmu_recycled"] += 1
-            for sp in list(self.pages.values()):
-                self.zap_page(c, sp)
-            self.flush_all(c)
+            self.zap_all(c)
+
+    def zap_all(self, c) -> None:
+        """Zap every shadow page, then flush every vCPU's TLB."""
+        for sp in list(self.pages.values()):
+            self.zap_page(c, sp)
+        self.flush_all(c)
+
+    def unshadow(self, c, gfn: int) -> None:
+        """Guest frame `gfn` is no page table to shadow any more: zap its
+        shadow pages (its leaves become writable at their next fault)."""
+        for sp in list(self.shadowed.get(gfn, {}).values()):
+            self.zap_page(c, sp)
+        self.flush_all(c)
+
+    def drop_switches(self, c, gfn: int) -> None:
+        """Agile: zap the switch entries into guest table `gfn`; walks that
+        reach it fault again and build shadow pages (hv.vmm.agile)."""
+        for spte_addr in list(self.switches.get(gfn, ())):
+            self.zap_spte(c, spte_addr, 2)
 
     def link(self, parent: ShadowPage, index: int, child: ShadowPage) -> None:
         spte_addr = parent.hpa + index * 8
@@ -138,6 +162,14 @@ class ShadowCache:
         if not spte & P or spte & ADDR_MASK != child.hpa:
             self.host.write_u64(spte_addr, make_link(child.hpa))
             child.parents[spte_addr] = None
+
+    def link_switch(self, c, parent: ShadowPage, index: int, gfn: int) -> None:
+        """Agile paging: the walk goes on from `parent`'s entry `index` in the
+        guest's table `gfn`, in two dimensions."""
+        spte_addr = parent.hpa + index * 8
+        self.zap_spte(c, spte_addr, parent.level)
+        self.host.write_u64(spte_addr, make_switch(gfn << 12))
+        self.switches.setdefault(gfn, {})[spte_addr] = None
 
     def set_leaf(self, sp: ShadowPage, index: int, gfn: int, spte: int) -> None:
         spte_addr = sp.hpa + index * 8
@@ -157,7 +189,11 @@ class ShadowCache:
         if not spte & P:
             return False
         if level > 1:
-            self.by_hpa[spte & ADDR_MASK].parents.pop(spte_addr, None)
+            if spte & SWITCH:
+                switches = self.switches[(spte & ADDR_MASK) >> 12]
+                del switches[spte_addr]
+            else:
+                self.by_hpa[spte & ADDR_MASK].parents.pop(spte_addr, None)
             c["mmu_pde_zapped"] += 1
         else:
             self._unmap_leaf(spte_addr)
@@ -223,6 +259,12 @@ class ShadowCache:
                 if not spte & P:
                     continue
                 target = spte & ADDR_MASK
+                if sp.level > 1 and spte & SWITCH:
+                    if spte_addr not in self.switches.get(target >> 12, ()) or \
+                            target >> 12 in self.shadowed or self.guest.hpa(target) is None:
+                        raise InvariantError(f"switch spte {spte_addr:#x} points at {target:#x}, "
+                                             "no unshadowed guest table")
+                    continue
                 if sp.level > 1:
                     child = self.by_hpa.get(target)
                     if child is None or spte_addr not in child.parents:
@@ -285,6 +327,11 @@ class ShadowPaging(Paging):
     def guest_tables(self) -> tuple[int, bool]:
         return self.cr3, self._nxe
 
+    def nested_table(self, gfn: int, level: int) -> bool:
+        """Whether the guest's table `gfn` at `level` is walked nested
+        (agile paging, hv.vmm.agile); never under shadow paging."""
+        return False
+
     def boot(self, cr0: int, cr3: int, cr4: int, efer: int) -> None:
         self.cr0, self.cr3, self.cr4, self.efer = cr0, cr3, cr4, efer
         self.root = None
@@ -345,7 +392,7 @@ class ShadowPaging(Paging):
             for level in range(4, 0, -1):
                 spte_addr = table + table_index(vaddr, level) * 8
                 spte = self.host.read_u64(spte_addr)
-                if not spte & P:
+                if not spte & P or spte & SWITCH:
                     break
                 if level == 1:
                     self.cache.zap_spte(self.counters, spte_addr, 1)
@@ -376,6 +423,10 @@ class ShadowPaging(Paging):
         for level, _addr, entry in path[:-1]:
             acc &= _acc(entry)
             gfn = (entry & ADDR_MASK) >> 12
+            if self.nested_table(gfn, level - 1):
+                # Agile: from here on the hardware walks the guest's tables.
+                cache.link_switch(c, sp, table_index(vaddr, level), gfn)
+                return None
             child = cache.get_page(c, gfn, level - 1, False, acc, nxe)
             cache.flood.pop(gfn, None)          # used as a table: not flooded
             cache.link(sp, table_index(vaddr, level), child)

@@ -147,7 +147,8 @@ class VCpu:
     def event(self, ex: Exit) -> None:
         """An event the mode may intercept: an exit if it does, else the
         hardware's to carry out (an exception is delivered by `deliver`)."""
-        if ex.reason in self.mode.intercepts:
+        if ex.reason in self.mmu.intercepts and not (
+                ex.reason == ExitReason.INVLPG and self.hw.below_switch(ex.qualification)):
             dispatch(self, ex)
         elif ex.reason == ExitReason.CR_ACCESS:
             self.hw.mov_to_cr(ex.qualification & 0xF, ex.value)

@@ -23,7 +23,7 @@ from ..hw.pwc import WalkCache
 from ..hw.tlb import TLB
 from ..memory import GiB, MiB
 from ..stats import Stats
-from .modes import MODES
+from .modes import AGILE_POLICIES, MODES
 from .vcpu import VCpu
 
 LOAD_ADDR = 0x10_0000
@@ -64,10 +64,14 @@ class Config:
     check_invariants: bool = False  # check the VMM's invariants after every exit (slow)
     timeout: float = 0          # wall-clock seconds before the run is stopped (0: none)
     memo: bool = True           # replay unchanged walks (speed only: the counts are the same)
+    agile_policy: str = "dynamic"  # agile: when subtrees go nested (hv/vmm/agile.py)
 
     def check(self) -> None:
         if self.mmu not in MODES:
             raise HvError(f"unknown MMU mode {self.mmu!r} (choose from {', '.join(MODES)})")
+        if self.agile_policy not in AGILE_POLICIES:
+            raise HvError(f"unknown agile policy {self.agile_policy!r} (choose from "
+                          f"{', '.join(AGILE_POLICIES)})")
         if not 4 * MiB <= self.ram <= MAX_RAM or self.ram % (2 * MiB):
             raise HvError(f"RAM must be a multiple of 2 MiB from 4 MiB to 64 GiB, not {self.ram:#x}")
         if not 1 <= self.vcpus <= MAX_VCPUS:

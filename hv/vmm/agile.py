@@ -1,0 +1,180 @@
+"""`agile`: agile paging (Gandhi, Hill and Swift, "Agile Paging: Exceeding the
+Best of Nested and Shadow Paging", ISCA 2016): shadow paging where the
+guest's tables stay still, nested paging where they change.
+
+The VMM keeps shadow tables as under `shadow` (hv.vmm.shadow) and the VM's
+EPT as under `ept` (hv.vmm.ept). A non-leaf shadow entry may carry the
+switch bit (arch.paging.SWITCH) and the guest-physical address of a guest
+table: the hardware walks shadow entries down to it, one reference each,
+then that table and the ones below it in two dimensions, every
+guest-physical address through EPT (hv.hw.walker): from 4 references (all
+shadow) to 24 (all nested), 3 + (4 + 1) + 4 = 12 when only the last level
+is nested. Below a switch the guest's tables are not write-protected, so
+writing them costs no exit; a #PF there is the guest's own, delivered
+without an exit; an INVLPG there needs none either. Where the guest loads
+CR3 often, the root itself switches: the hardware walks from the guest's
+CR3, nested from the top, and MOV to CR3 exits no more (as under `ept`).
+
+Invariants (besides shadow paging's and EPT's):
+- A guest table frame is shadowed or walked nested, never both: a switch
+  entry points at a frame no shadow page shadows (ShadowCache.check).
+- Every vCPU's root is the policy's: nested or a shadow root, the same for
+  all vCPUs of the VM before any of them runs again (`AgilePaging.reload`).
+
+Hardware no CPU ships, so hv decides what the paper leaves open: the
+switch bit is one of the bits 4-level paging ignores; finding that an
+INVLPG's address lies below a switch is the CPU's, and costs nothing here.
+"""
+from __future__ import annotations
+
+from ..arch.vmx import ExitReason
+from ..errors import InvariantError
+from .shadow import ShadowCache, ShadowPaging
+
+# The VMM's controls with a nested root: `ept`'s (the modes table's Ept).
+NESTED_INTERCEPTS = frozenset({ExitReason.IO_INSTRUCTION, ExitReason.HLT, ExitReason.VMCALL,
+                               ExitReason.TRIPLE_FAULT, ExitReason.EPT_VIOLATION,
+                               ExitReason.EPT_MISCONFIG})
+POLICIES = ("dynamic", "shadow", "nested")
+
+
+class AgilePolicy:
+    """Which guest tables are walked nested, in one place (`--agile-policy`).
+
+    "dynamic": every table starts shadowed. A guest table frame that takes
+    SWITCH_WRITES write-protection exits (emulated writes) within one window
+    of WINDOW guest instructions goes nested: the shadow entries above it
+    get the switch bit. SWITCH_CR3 CR3 loads within a window make the root
+    nested. Every TRIAL windows whatever is nested is tried back as shadow:
+    write-protected again, it goes nested again at the same rates.
+    "shadow": nothing is ever nested (the `shadow` mode's counts).
+    "nested": the root is nested from the start (the `ept` mode's counts).
+    """
+    SWITCH_WRITES = 2
+    SWITCH_CR3 = 16
+    WINDOW = 1 << 20
+    TRIAL = 8
+
+    def __init__(self, kind: str, cache: ShadowCache):
+        self.cache = cache
+        self.dynamic = kind == "dynamic"
+        self.elapsed = lambda: 0            # the VM's clock (the mode sets it)
+        self.nested: set[int] = set()       # guest table frames walked nested
+        self.root_nested = kind == "nested"
+        self._writes: dict[int, int] = {}   # gfn -> emulated writes this window
+        self._cr3_loads = 0
+        self._window_end = self.WINDOW
+        self._windows = 0
+
+    def table_written(self, c, gfn: int) -> None:
+        """An emulated write to shadowed table `gfn` (a write-protection exit)."""
+        if not self.dynamic:
+            return
+        n = self._writes[gfn] = self._writes.get(gfn, 0) + 1
+        shadows = self.cache.shadowed.get(gfn)
+        if n < self.SWITCH_WRITES or not shadows:
+            return
+        if any(level == 4 for _gfn, level, *_role in shadows):
+            self._nest_root(c)              # a root has no entry above it to switch
+        else:
+            self.nested.add(gfn)
+            self.cache.unshadow(c, gfn)
+            c["agile.to_nested"] += 1
+
+    def cr3_loaded(self, c) -> None:
+        if not self.dynamic:
+            return
+        self._cr3_loads += 1
+        if self._cr3_loads >= self.SWITCH_CR3:
+            self._nest_root(c)
+
+    def _nest_root(self, c) -> None:
+        if not self.root_nested:
+            self.root_nested = True
+            self.cache.zap_all(c)           # nothing is write-protected now
+            c["agile.to_nested"] += 1
+
+    def tick(self, c) -> None:
+        """At VM entry: a new window, and every TRIAL windows a trial."""
+        now = self.elapsed()
+        if now < self._window_end:
+            return
+        self._window_end = now + self.WINDOW
+        self._windows += 1
+        self._writes.clear()
+        self._cr3_loads = 0
+        if self._windows % self.TRIAL or not (self.nested or self.root_nested):
+            return
+        c["agile.to_shadow"] += len(self.nested) + self.root_nested
+        for gfn in self.nested:
+            self.cache.drop_switches(c, gfn)
+        self.nested.clear()
+        self.root_nested = False
+        self.cache.flush_all(c)
+
+
+class AgileMMU:
+    """The VM's state under agile paging: its shadow pages, its EPT, the policy."""
+
+    def __init__(self, shadow: ShadowCache, ept, policy: AgilePolicy):
+        self.shadow, self.ept, self.policy = shadow, ept, policy
+
+    def check(self) -> None:
+        self.shadow.check()
+        self.ept.check()
+        for gfn in self.policy.nested:
+            if gfn in self.shadow.shadowed:
+                raise InvariantError(f"guest table {gfn:#x} is both nested and shadowed")
+
+
+class AgilePaging(ShadowPaging):
+    """One vCPU's paging under agile paging: shadow paging's, with switch
+    entries below which the hardware walks the guest's tables, and a root
+    that may be nested."""
+
+    def __init__(self, hw, state: AgileMMU, stats):
+        super().__init__(hw, state.shadow, stats)
+        self.ept, self.policy = state.ept, state.policy
+        self.root_nested = False
+
+    def nested_table(self, gfn: int, level: int) -> bool:
+        return gfn in self.policy.nested
+
+    def ept_violation(self, gpa: int) -> None:
+        self.ept.map(self.counters, gpa)
+
+    def reload(self) -> None:
+        """At VM entry: the policy's windows, then the root it wants."""
+        self.policy.tick(self.counters)
+        if self.policy.root_nested != self.root_nested:
+            self._switch_root()
+        if not self.root_nested:
+            super().reload()
+
+    def _switch_root(self) -> None:
+        hw = self.hw
+        if self.policy.root_nested:
+            # The hardware walks the guest's CR3 in two dimensions, and runs
+            # its MOV to CR itself: nothing here to keep.
+            self.root = None
+            hw.load(self.cr0, self.cr3, self.cr4, self.efer, nested_root=True)
+            self.intercepts = NESTED_INTERCEPTS
+        else:
+            self.cr0, self.cr3, self.cr4, self.efer = hw.cr0, hw.cr3, hw.cr4, hw.efer
+            self.root = None                # built and loaded by ShadowPaging.reload
+            self.intercepts = self.agile_intercepts
+        self.root_nested = self.policy.root_nested
+
+    def boot(self, cr0: int, cr3: int, cr4: int, efer: int) -> None:
+        super().boot(cr0, cr3, cr4, efer)
+        if self.policy.root_nested:         # "nested": `ept` from the first instruction
+            self._switch_root()
+
+    def write_cr(self, cr: int, value: int) -> None:
+        super().write_cr(cr, value)
+        if cr == 3:
+            self.policy.cr3_loaded(self.counters)
+
+    def table_written(self, gfn: int, before: bytes) -> None:
+        super().table_written(gfn, before)
+        self.policy.table_written(self.counters, gfn)
