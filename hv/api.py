@@ -31,6 +31,7 @@ class Result:
     config: dict = field(default_factory=dict)
     vcpus: list[dict] = field(default_factory=list)     # per vCPU: exits, counters, tlb
     vms: list[dict] = field(default_factory=list)       # with several VMs: each VM's result
+    crash: dict | None = None   # a triple fault: vm, vcpu, rip, where, insn, chain, registers
 
     @property
     def ok(self) -> bool:
@@ -77,10 +78,19 @@ def load_guest(guest: str | Path) -> tuple[str, bytes]:
         raise HvError(f"cannot read {path}: {e.strerror}") from None
 
 
+def _load_with_symbols(guest: str | Path) -> tuple[str, bytes, dict[str, int]]:
+    """load_guest, and the labels of a .s guest (a .bin has none)."""
+    name, code = load_guest(guest)
+    path = Path(guest) if Path(guest).exists() else bundled_guests().get(str(guest))
+    return name, code, asm.assemble_file(path).symbols if path.suffix == ".s" else {}
+
+
 def run(guest: str | Path | list, mmu: str = "native", *, ram: int | str = "64M",
-        image: bytes | None = None, on_console=None, vms: int = 1, **options) -> Result:
+        image: bytes | None = None, symbols: dict[str, int] | None = None, on_console=None,
+        vms: int = 1, **options) -> Result:
     """Boot `guest` (a path or bundled name, a list of them for one VM each,
-    or `image` bytes) and run it to the end.
+    or `image` bytes, with the `symbols` of its source if it has one) and run
+    it to the end.
 
     `vms` runs that many VMs (the guests repeated) on one machine.
     `options` are the fields of hv.vmm.vm.Config: vcpus, tlb_entries,
@@ -89,9 +99,9 @@ def run(guest: str | Path | list, mmu: str = "native", *, ram: int | str = "64M"
     `on_console(vm, byte)` sees each byte a guest prints, as it is printed.
     """
     if image is not None:
-        guests = [(str(guest), image)]
+        guests = [(str(guest), image, symbols or {})]
     else:
-        guests = [load_guest(g) for g in (guest if isinstance(guest, list) else [guest])]
+        guests = [_load_with_symbols(g) for g in (guest if isinstance(guest, list) else [guest])]
     if not 1 <= vms <= MAX_VMS:
         raise HvError(f"--vms must be from 1 to {MAX_VMS}, not {vms}")
     unknown = set(options) - {f.name for f in fields(Config)}
@@ -101,9 +111,9 @@ def run(guest: str | Path | list, mmu: str = "native", *, ram: int | str = "64M"
     config = Config(mmu=mmu, ram=parse_size(ram) if isinstance(ram, str) else ram, **options)
     machine = Machine(config)
     for i in range(max(vms, len(guests))):
-        name, img = guests[i % len(guests)]
+        name, img, syms = guests[i % len(guests)]
         echo = None if on_console is None else (lambda b, i=i: on_console(i, b))
-        VM(img, config, echo, machine=machine, name=name)
+        VM(img, config, echo, machine=machine, name=name, symbols=syms)
     machine.run()
     return machine_result(machine)
 
@@ -129,11 +139,12 @@ def make_result(name: str, vm: VM) -> Result:
         e, c, t = _figures(cpu.stats, vm.mode.name)
         vcpus.append({"index": cpu.index, "exits": e, "counters": c, "tlb": t})
     c = vm.config
+    crash = next((cpu.crash for cpu in vm.vcpus if cpu.crash is not None), None)
     return Result(
         guest=name, mmu=vm.mode.name, exit_code=vm.exit_code, reason=vm.reason, detail=vm.detail,
         console=vm.console.decode("utf-8", "replace"), exits=exits, counters=counters, tlb=tlb,
         marks=dict(vm.marks), config={f.name: getattr(c, f.name) for f in fields(c)},
-        vcpus=vcpus)
+        vcpus=vcpus, crash=crash)
 
 
 def machine_result(machine: Machine) -> Result:
@@ -150,5 +161,5 @@ def machine_result(machine: Machine) -> Result:
     return Result(
         guest=",".join(r.guest for r in results), mmu=first.mmu, exit_code=first.exit_code,
         reason=first.reason, detail=first.detail, console=first.console, exits=exits,
-        counters=counters, tlb=tlb, marks=first.marks, config=first.config,
+        counters=counters, tlb=tlb, marks=first.marks, config=first.config, crash=first.crash,
         vms=[{k: v for k, v in r.__dict__.items() if k != "vms"} for r in results])

@@ -126,6 +126,8 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("-o", "--output", required=True, help="the .bin file to write")
     a.add_argument("--base", type=lambda t: int(t, 0), default=0x100000,
                    help="load address (default 0x100000)")
+    a.add_argument("--listing", action="store_true",
+                   help="print each statement's address, bytes and file:line, and the labels")
 
     d = sub.add_parser("disasm", help="disassemble a flat binary (or a .s file's output)")
     d.add_argument("binary")
@@ -135,7 +137,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _cmd_run(args) -> int:
-    from rich.console import Console
+    from .report import make_console, print_report
 
     streaming = not args.json
     out = sys.stdout
@@ -156,10 +158,9 @@ def _cmd_run(args) -> int:
         json.dump(result.to_json(), out, indent=2)
         out.write("\n")
     else:
-        from .report import print_report
         if not all(at_line_start.values()):
             out.write("\n")
-        print_report(result, Console())
+        print_report(result, make_console())
     if result.reason == "interrupted":
         return 130
     return 0 if result.ok else 1
@@ -227,6 +228,8 @@ def _cmd_guests(args) -> int:
 
 def _cmd_asm(args) -> int:
     image = asm.assemble_file(args.source, base=args.base)
+    if args.listing:
+        print("\n".join(asm.listing(image)))
     try:
         Path(args.output).write_bytes(image.code)
     except OSError as e:
@@ -237,14 +240,16 @@ def _cmd_asm(args) -> int:
 
 def _cmd_disasm(args) -> int:
     path = Path(args.binary)
+    symbols = None
     if path.suffix == ".s":
-        code = asm.assemble_file(path, base=args.base).code
+        image = asm.assemble_file(path, base=args.base)
+        code, symbols = image.code, image.symbols
     else:
         try:
             code = path.read_bytes()
         except OSError as e:
             raise HvError(f"cannot read {path}: {e.strerror}") from None
-    for line in asm.disassemble(code, args.base):
+    for line in asm.disassemble(code, args.base, symbols):
         print(line)
     return 0
 

@@ -1,13 +1,26 @@
 """Terminal reports of a run, with rich: exits laid out like
-`perf kvm stat report`, then counters and the TLB model's figures."""
+`perf kvm stat report`, then counters and the TLB model's figures.
+
+What the guest or its source named (a crash report's instruction, a guest's
+name) is shown as text, never read as rich markup: `[rsi + 8]` would be a
+tag."""
 from __future__ import annotations
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .api import Result
 from .cost import PARTS, UNPRICED_EXITS
 from .stats import TLB_NAMES
+
+
+def make_console(stderr: bool = False) -> Console:
+    """A console for reports: on a terminal, its width; piped or redirected,
+    no width limit (rich would fold tables into 80 columns, cutting
+    numbers short)."""
+    c = Console(stderr=stderr)
+    return c if c.is_terminal else Console(stderr=stderr, width=1_000_000)
 
 
 def _exits_table(r: Result) -> Table:
@@ -54,11 +67,30 @@ def _vms_table(r: Result) -> Table:
         t.add_column(col, justify="left" if col in ("guest", "ended") else "right")
     for i, vm in enumerate(r.vms):
         ok = Result(**vm).ok
-        t.add_row(str(i), vm["guest"], f"[{'green' if ok else 'red'}]{vm['reason']}[/]",
+        t.add_row(str(i), escape(vm["guest"]), f"[{'green' if ok else 'red'}]{vm['reason']}[/]",
                   "-" if vm["exit_code"] is None else str(vm["exit_code"]),
                   f"{vm['counters']['exits']:,}", f"{vm['tlb'].get('misses', 0):,}",
                   f"{vm['tlb'].get('walk_refs', 0):,}")
     return t
+
+
+def _crash(r: Result) -> list[str]:
+    """The chain of events of a triple fault, and the registers at the end."""
+    c = r.crash
+    who = f"VM {c['vm']} vCPU {c['vcpu']}" if r.vms else f"vCPU {c['vcpu']}"
+    width = max(len(s["name"]) for s in c["chain"]) if c["chain"] else 0
+    lines = [f"Exception chain ({who}):"]
+    lines += [f"  {s['name']:<{width}}  {s['why']}" for s in c["chain"]] + ["  shutdown", ""]
+    regs = c["registers"]
+    gprs = [f"{k:>3} {regs[k]:016x}" for k in
+            "rax rbx rcx rdx rsi rdi rbp rsp r8 r9 r10 r11 r12 r13 r14 r15".split()]
+    where = f" <{c['where']}>" if c["where"] else ""
+    lines += [f"Registers at the end ({who}):"]
+    lines += ["  " + "  ".join(gprs[i:i + 4]) for i in range(0, len(gprs), 4)]
+    lines += [f"  rip {regs['rip']:#x}{where}  rflags {regs['rflags']:#x}  cs {regs['cs']:#x}  "
+              f"ss {regs['ss']:#x}",
+              "  " + "  ".join(f"{k} {regs[k]:#x}" for k in ("cr0", "cr2", "cr3", "cr4", "efer"))]
+    return lines
 
 
 def print_report(r: Result, console: Console) -> None:
@@ -67,7 +99,12 @@ def print_report(r: Result, console: Console) -> None:
     else:
         style = "green" if r.ok else "red"
         code = "" if r.exit_code is None else f" with exit code {r.exit_code}"
-        console.print(f"[{style}]VM ended ({r.reason}){code}:[/] {r.detail}", highlight=False)
+        console.print(f"[{style}]VM ended ({r.reason}){code}:[/] {escape(r.detail)}",
+                      highlight=False)
+    if r.crash:
+        console.print()
+        for line in _crash(r):
+            console.print(line, markup=False, highlight=False)
     console.print()
     console.print(_exits_table(r))
     console.print()

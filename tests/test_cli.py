@@ -97,3 +97,67 @@ def test_no_memo_walks_every_miss_and_counts_the_same(capsys):
     a, b = json.loads(with_memo), json.loads(without)
     assert status == 0 and a["config"]["memo"] is True and b["config"]["memo"] is False
     assert a["tlb"] == b["tlb"] and a["counters"] == b["counters"]
+
+
+def test_asm_listing_prints_every_statement_and_still_writes_the_binary(capsys, tmp_path):
+    src, out = tmp_path / "t.s", tmp_path / "t.bin"
+    src.write_text("start:\n    mov rax, cr3\n    hlt\n")
+    status, text, _ = hv(capsys, "asm", str(src), "-o", str(out), "--listing")
+    assert status == 0 and out.read_bytes() == bytes.fromhex("0f20d8f4")
+    lines = text.splitlines()
+    assert lines[0].split() == ["0x100000", "start:"]
+    assert lines[1].split() == ["0x100000", "0f", "20", "d8", "t.s:2", "mov", "rax,", "cr3"]
+    assert lines[2].split() == ["0x100003", "f4", "t.s:3", "hlt"]
+    assert lines[3] == f"{out}: 4 bytes at 0x100000"
+
+
+def test_disasm_of_a_source_shows_its_labels(capsys, tmp_path):
+    src = tmp_path / "t.s"
+    src.write_text("start:\n    jmp start\n")
+    status, text, _ = hv(capsys, "disasm", str(src))
+    assert status == 0
+    assert text.splitlines() == ["0x100000 <start>:",
+                                 "0x100000:  eb fe                  jmp 0x100000 <start>"]
+
+
+# rsi is non-canonical: the load is #GP(0); with no IDT, delivering it is
+# #GP(0x6b) (gate 13 beyond the limit), and #GP during #GP is #DF, whose
+# gate is beyond it too: a triple fault. The load is at 10 + 7 bytes.
+BRACKETS = """
+    mov rsi, 0x8000000000000000
+    mov rbx, 0x77
+crash:
+    mov rax, qword ptr [rsi + 8]
+"""
+
+
+def test_run_reports_a_crash_with_its_operands_chain_and_registers(capsys, tmp_path):
+    src = tmp_path / "crash.s"
+    src.write_text(BRACKETS)
+    status, out, _ = hv(capsys, "run", str(src))
+    assert status == 1
+    lines = [line.rstrip() for line in out.splitlines()]
+    assert lines[0] == ("VM ended (triple_fault): triple fault at rip=0x100011 <crash>: "
+                        "mov rax, qword ptr [rsi + 8]; #GP(0x0) → #DF(0x0) → "
+                        "shutdown: no IDT loaded")
+    chain = lines[lines.index("Exception chain (vCPU 0):") + 1:][:3]
+    assert [line.split() for line in chain] == [["#GP(0x0)", "no", "IDT", "loaded"],
+                                                ["#DF(0x0)", "no", "IDT", "loaded"], ["shutdown"]]
+    regs = " ".join(lines[lines.index("Registers at the end (vCPU 0):") + 1:][:6]).split()
+    assert regs[regs.index("rbx") + 1] == f"{0x77:016x}"
+    assert regs[regs.index("rsi") + 1] == "8000000000000000"
+    assert regs[regs.index("rip") + 1:regs.index("rip") + 3] == ["0x100011", "<crash>"]
+    status, out, _ = hv(capsys, "run", str(src), "--json")
+    doc = json.loads(out)
+    assert doc["crash"]["where"] == "crash" and doc["crash"]["registers"]["rbx"] == 0x77
+    assert doc["detail"] == lines[0].split(": ", 1)[1]
+
+
+def test_piped_output_is_not_cut_at_80_columns(capsys):
+    _, out, _ = hv(capsys, "run", "pagetouch", "--mmu", "ept")
+    _, doc, _ = hv(capsys, "run", "pagetouch", "--mmu", "ept", "--json")
+    hist = json.loads(doc)["tlb"]["walk_refs_hist"]
+    hist = ", ".join(f"{k} refs: {v:,}" for k, v in hist.items())
+    [row] = [line for line in out.splitlines() if line.startswith("walks by refs")]
+    assert len(hist) > 80 and row.split(None, 3)[3].strip() == hist
+    assert "…" not in out

@@ -13,6 +13,7 @@ import struct
 import time
 from dataclasses import dataclass
 
+from .. import asm
 from ..arch.paging import P, PAGE_SIZE, PS, RW
 from ..arch.x86 import CR0, CR4, EFER, GDT_CODE64, GDT_DATA, MSR_EFER, RFLAGS
 from ..errors import GuestEscape, HvError, InvariantError
@@ -79,9 +80,12 @@ class Config:
 
 class VM:
     def __init__(self, image: bytes, config: Config = Config(), on_console=None,
-                 machine: "Machine | None" = None, name: str = "guest"):
+                 machine: "Machine | None" = None, name: str = "guest",
+                 symbols: dict[str, int] | None = None):
         config.check()
         self.config, self.name = config, name
+        # The guest's labels (an assembled .s's), to name the RIPs hv reports.
+        self.symbols = asm.Symbols(symbols or {}, LOAD_ADDR, LOAD_ADDR + len(image))
         self.machine = machine if machine is not None else Machine(config)
         self.index = len(self.machine.vms)
         if self.index >= MAX_VMS:
