@@ -11,6 +11,7 @@ from .hw.walker import LEVEL_NAMES
 from .paths import bundled_guests
 from .stats import TLB_NAMES
 from .stats import Stats
+from .vmm.exits import Trace
 from .vmm.modes import MODES
 from .vmm.vm import MAX_VMS, VM, Config, Machine
 
@@ -87,7 +88,7 @@ def _load_with_symbols(guest: str | Path) -> tuple[str, bytes, dict[str, int]]:
 
 def run(guest: str | Path | list, mmu: str = "native", *, ram: int | str = "64M",
         image: bytes | None = None, symbols: dict[str, int] | None = None, on_console=None,
-        vms: int = 1, **options) -> Result:
+        vms: int = 1, trace=None, **options) -> Result:
     """Boot `guest` (a path or bundled name, a list of them for one VM each,
     or `image` bytes, with the `symbols` of its source if it has one) and run
     it to the end.
@@ -97,18 +98,23 @@ def run(guest: str | Path | list, mmu: str = "native", *, ram: int | str = "64M"
     tlb_ways, max_insns, quantum, ept_large_pages, asid, pwc,
     check_invariants (the CLI's --check), timeout, memo (False: --no-memo).
     `on_console(vm, byte)` sees each byte a guest prints, as it is printed.
+    `trace` sees every exit: a callable gets each as a dict, a text file
+    gets each as a line, and a hv.vmm.exits.Trace picks the reasons.
     """
     if image is not None:
         guests = [(str(guest), image, symbols or {})]
     else:
         guests = [_load_with_symbols(g) for g in (guest if isinstance(guest, list) else [guest])]
+    if trace is not None and not isinstance(trace, Trace):
+        trace = Trace(trace)
     if not 1 <= vms <= MAX_VMS:
         raise HvError(f"--vms must be from 1 to {MAX_VMS}, not {vms}")
     unknown = set(options) - {f.name for f in fields(Config)}
     if unknown:
         raise HvError(f"unknown option {', '.join(sorted(unknown))} (options: "
                       f"{', '.join(f.name for f in fields(Config) if f.name != 'mmu')})")
-    config = Config(mmu=mmu, ram=parse_size(ram) if isinstance(ram, str) else ram, **options)
+    config = Config(mmu=mmu, ram=parse_size(ram) if isinstance(ram, str) else ram, trace=trace,
+                    **options)
     machine = Machine(config)
     for i in range(max(vms, len(guests))):
         name, img, syms = guests[i % len(guests)]
@@ -143,7 +149,8 @@ def make_result(name: str, vm: VM) -> Result:
     return Result(
         guest=name, mmu=vm.mode.name, exit_code=vm.exit_code, reason=vm.reason, detail=vm.detail,
         console=vm.console.decode("utf-8", "replace"), exits=exits, counters=counters, tlb=tlb,
-        marks=dict(vm.marks), config={f.name: getattr(c, f.name) for f in fields(c)},
+        marks=dict(vm.marks),
+        config={f.name: getattr(c, f.name) for f in fields(c) if f.name != "trace"},
         vcpus=vcpus, crash=crash)
 
 

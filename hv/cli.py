@@ -10,6 +10,7 @@ from . import api, asm, compare
 from .cost import DEFAULT_PROFILE, bundled_profiles, load_profile
 from .errors import HvError
 from .memory import parse_size
+from .vmm.exits import Trace, parse_reasons
 from .vmm.modes import MODE_HELP, MODES
 from .paths import bundled_guests
 
@@ -99,6 +100,13 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--vcpus", type=_positive, default=1, help="vCPUs sharing the VM (default 1)")
     _add_config_options(r)
     r.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    r.add_argument("--trace", action="store_true",
+                   help="trace every exit (vCPU, instructions, RIP, reason, qualification) "
+                        "to stderr")
+    r.add_argument("--trace-json", action="store_true", help="trace as JSON lines")
+    r.add_argument("--trace-file", metavar="FILE", help="trace to FILE instead of stderr")
+    r.add_argument("--trace-reason", metavar="REASON,...",
+                   help="trace only these exit reasons, e.g. EPT_VIOLATION,CR_ACCESS")
 
     c = sub.add_parser("compare", help="run guests in several MMU modes and compare "
                                        "exits, walks and modelled cycles")
@@ -136,6 +144,21 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _trace(args):
+    """The run's Trace (None without a --trace option), and the file it
+    writes, which the caller closes."""
+    if not (args.trace or args.trace_json or args.trace_file or args.trace_reason):
+        return None, None
+    reasons = parse_reasons(args.trace_reason) if args.trace_reason else None
+    out = sys.stderr
+    if args.trace_file:
+        try:
+            out = open(args.trace_file, "w")
+        except OSError as e:
+            raise HvError(f"cannot write {args.trace_file}: {e.strerror}") from None
+    return Trace(out, reasons, json_lines=args.trace_json), out
+
+
 def _cmd_run(args) -> int:
     from .report import make_console, print_report
 
@@ -152,8 +175,14 @@ def _cmd_run(args) -> int:
         out.write(chr(byte))
         out.flush()
 
-    result = api.run(args.guest, mmu=args.mmu, vcpus=args.vcpus, asid=args.asid,
-                     vms=args.vms, on_console=echo if streaming else None, **_config(args))
+    trace, trace_out = _trace(args)
+    try:
+        result = api.run(args.guest, mmu=args.mmu, vcpus=args.vcpus, asid=args.asid,
+                         vms=args.vms, on_console=echo if streaming else None, trace=trace,
+                         **_config(args))
+    finally:
+        if trace_out is not None and trace_out is not sys.stderr:
+            trace_out.close()
     if args.json:
         json.dump(result.to_json(), out, indent=2)
         out.write("\n")

@@ -63,6 +63,8 @@ class VCpu:
         self._event: Fault | EmulateWrite | None = None   # what a handler recorded (inject)
         self._stop = False                        # a handler asked the slice to end
         self._faulted = False                     # QEMU raised an exception this slice
+        self._running = False                     # inside the engine's run (hooks)
+        self.trace = vm.config.trace              # hv.vmm.exits.Trace, or None
         self._chain = None                        # the last delivery's triple-fault chain
         self.crash: dict | None = None            # the triple fault's report, as data
         # Pages the instruction being emulated may write: virtual page ->
@@ -304,7 +306,11 @@ class VCpu:
         self._stop = self._faulted = False
         self._pending = None
         e = self.engine
-        ran = e.run(e.reg("rip"), budget)
+        self._running = True
+        try:
+            ran = e.run(e.reg("rip"), budget)
+        finally:
+            self._running = False
         self.stats.counters["insns"] += ran
         if self._pending is not None:
             (event, access), self._pending = self._pending, None
@@ -392,6 +398,12 @@ class VCpu:
         self.vm.mem.write(hpa, data)
 
     # -- reports -------------------------------------------------------------
+    def insns(self) -> int:
+        """Instructions this vCPU started so far (at an exit from a hook,
+        the exiting one included, as a mark counts it)."""
+        n = self.stats.counters["insns"]
+        return n + self.engine.started() if self._running else n
+
     def registers(self) -> dict[str, int]:
         """The guest's registers (the engine's are the guest's in every mode:
         the VMM's paging registers are the MMU's, never the engine's)."""

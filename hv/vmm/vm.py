@@ -23,6 +23,7 @@ from ..hw.pwc import WalkCache
 from ..hw.tlb import TLB
 from ..memory import GiB, MiB
 from ..stats import Stats
+from .exits import Trace
 from .modes import MODES
 from .vcpu import VCpu
 
@@ -62,6 +63,7 @@ class Config:
     check_invariants: bool = False  # check the VMM's invariants after every exit (--check)
     timeout: float = 0          # wall-clock seconds before the run is stopped (0: none)
     memo: bool = True           # replay unchanged walks (speed only: the counts are the same)
+    trace: Trace | None = None  # where exits are traced (--trace); no count depends on it
 
     def check(self) -> None:
         if self.mmu not in MODES:
@@ -76,6 +78,8 @@ class Config:
             raise HvError("--max-insns and --quantum must be positive")
         if self.timeout < 0:
             raise HvError("--timeout must not be negative")
+        if self.trace is not None and not isinstance(self.trace, Trace):
+            raise HvError(f"trace must be a hv.vmm.exits.Trace, not {self.trace!r}")
 
 
 class VM:
