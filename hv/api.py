@@ -143,7 +143,9 @@ def make_result(name: str, vm: VM) -> Result:
     vcpus = []
     for cpu in vm.vcpus:
         e, c, t = _figures(cpu.stats, vm.mode.name)
-        vcpus.append({"index": cpu.index, "exits": e, "counters": c, "tlb": t})
+        rip = cpu.engine.reg("rip")
+        vcpus.append({"index": cpu.index, "exits": e, "counters": c, "tlb": t,
+                      "halted": cpu.halted, "rip": rip, "where": vm.symbols.name(rip)})
     c = vm.config
     crash = next((cpu.crash for cpu in vm.vcpus if cpu.crash is not None), None)
     return Result(

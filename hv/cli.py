@@ -100,6 +100,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--vcpus", type=_positive, default=1, help="vCPUs sharing the VM (default 1)")
     _add_config_options(r)
     r.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    r.add_argument("--between", type=_mark_pair, metavar="A,B",
+                   help="also show what happened between vmcall marks A and B")
     r.add_argument("--trace", action="store_true",
                    help="trace every exit (vCPU, instructions, RIP, reason, qualification) "
                         "to stderr")
@@ -183,13 +185,23 @@ def _cmd_run(args) -> int:
     finally:
         if trace_out is not None and trace_out is not sys.stderr:
             trace_out.close()
+    between = args.between
+    missing = [m for m in between or () if m not in result.marks]
+    if missing:
+        between = None      # the report still shows, then the error
     if args.json:
-        json.dump(result.to_json(), out, indent=2)
+        doc = result.to_json()
+        if between:
+            doc["between"] = {"marks": list(between), "differences": result.between(*between)}
+        json.dump(doc, out, indent=2)
         out.write("\n")
     else:
         if not all(at_line_start.values()):
             out.write("\n")
-        print_report(result, make_console())
+        print_report(result, make_console(), between)
+    if missing:
+        raise HvError(f"--between: the guest recorded no mark {missing[0]} "
+                      f"(its marks: {', '.join(map(str, sorted(result.marks))) or 'none'})")
     if result.reason == "interrupted":
         return 130
     return 0 if result.ok else 1

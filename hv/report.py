@@ -74,6 +74,60 @@ def _vms_table(r: Result) -> Table:
     return t
 
 
+def _vcpus_table(r: Result) -> Table:
+    """A line per vCPU: what it ran, and where it was at the end."""
+    t = Table(title="vCPUs", title_justify="left", box=None, pad_edge=False)
+    several = bool(r.vms)
+    for col in ("VM",) * several + ("vCPU", "insns", "exits", "TLB misses", "walk refs"):
+        t.add_column(col, justify="right")
+    t.add_column("at the end")
+    for i, vm in enumerate(r.vms or [r.__dict__]):
+        for cpu in vm["vcpus"]:
+            where = f" <{cpu['where']}>" if cpu["where"] else ""
+            state = "halted at" if cpu["halted"] else "rip"
+            t.add_row(*(str(i),) * several, str(cpu["index"]), f"{cpu['counters']['insns']:,}",
+                      f"{cpu['counters']['exits']:,}", _tlb_figure(cpu["tlb"], "misses"),
+                      _tlb_figure(cpu["tlb"], "walk_refs"),
+                      escape(f"{state} {cpu['rip']:#x}{where}"))
+    return t
+
+
+def _tlb_figure(tlb: dict, name: str) -> str:
+    return f"{tlb[name]:,}" if tlb.get("modelled", True) else "-"
+
+
+def _whose(r: Result) -> str:
+    """Which VM's marks a result has: with several, the first that did not
+    end well, or VM 0 (hv.api.machine_result)."""
+    if not r.vms:
+        return ""
+    return f" (VM {next((i for i, vm in enumerate(r.vms) if not Result(**vm).ok), 0)})"
+
+
+def _marks_table(r: Result) -> Table:
+    """The VM's totals at each vmcall mark."""
+    t = Table(title=f"Marks: the totals at each{_whose(r)}", title_justify="left", box=None,
+              pad_edge=False)
+    for col in ("mark", "insns", "exits", "TLB misses", "walk refs"):
+        t.add_column(col, justify="right")
+    modelled = r.tlb.get("modelled", True)
+    for ident, snap in sorted(r.marks.items()):
+        t.add_row(str(ident), f"{snap['insns']:,}", f"{snap['exits']:,}",
+                  *((f"{snap['tlb.misses']:,}", f"{snap['tlb.walk_refs']:,}") if modelled
+                    else ("-", "-")))
+    return t
+
+
+def _between_table(r: Result, a: int, b: int) -> Table:
+    t = Table(title=f"Between marks {a} and {b}{_whose(r)}", title_justify="left", box=None,
+              pad_edge=False)
+    t.add_column("counter")
+    t.add_column("difference", justify="right")
+    for name, n in r.between(a, b).items():
+        t.add_row(name, f"{n:,}")
+    return t
+
+
 def _crash(r: Result) -> list[str]:
     """The chain of events of a triple fault, and the registers at the end."""
     c = r.crash
@@ -93,7 +147,9 @@ def _crash(r: Result) -> list[str]:
     return lines
 
 
-def print_report(r: Result, console: Console) -> None:
+def print_report(r: Result, console: Console, between: tuple[int, int] | None = None) -> None:
+    """The report of `hv run`; `between`: also the differences between two
+    marks (which the caller checked exist)."""
     if r.vms:
         console.print(_vms_table(r))
     else:
@@ -114,6 +170,14 @@ def print_report(r: Result, console: Console) -> None:
         console.print(_tlb_table(r))
     else:
         console.print("\n(mmu qemu: Unicorn's own MMU, no TLB model and no walks counted)")
+    console.print()
+    console.print(_vcpus_table(r))
+    if r.marks:
+        console.print()
+        console.print(_marks_table(r))
+    if between is not None:
+        console.print()
+        console.print(_between_table(r, *between))
 
 
 

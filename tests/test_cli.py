@@ -161,3 +161,60 @@ def test_piped_output_is_not_cut_at_80_columns(capsys):
     [row] = [line for line in out.splitlines() if line.startswith("walks by refs")]
     assert len(hist) > 80 and row.split(None, 3)[3].strip() == hist
     assert "…" not in out
+
+
+def test_run_shows_a_line_per_vcpu_and_the_marks(capsys):
+    status, out, _ = hv(capsys, "run", "smp", "--vcpus", "2")
+    _, doc, _ = hv(capsys, "run", "smp", "--vcpus", "2", "--json")
+    doc = json.loads(doc)
+    lines = [line.rstrip() for line in out.splitlines()]
+    head = lines.index("vCPUs")
+    assert lines[head + 1].split()[:2] == ["vCPU", "insns"]
+    for cpu, line in zip(doc["vcpus"], lines[head + 2:head + 4]):
+        cells = line.split()
+        assert cells[:3] == [str(cpu["index"]), f"{cpu['counters']['insns']:,}",
+                             f"{cpu['counters']['exits']:,}"]
+        assert f"{cpu['rip']:#x}" in cells
+        assert ("halted" in cells) == cpu["halted"]
+        assert (f"<{cpu['where']}>" in cells) == (cpu["where"] is not None)
+    marks = lines.index("Marks: the totals at each")
+    rows = [line.split() for line in lines[marks + 2:marks + 2 + len(doc["marks"])]]
+    assert [(r[0], r[1]) for r in rows] == [(k, f"{m['insns']:,}") for k, m in doc["marks"].items()]
+
+
+def test_run_between_two_marks(capsys):
+    status, out, _ = hv(capsys, "run", "pagetouch", "--between", "1,2")
+    _, doc, _ = hv(capsys, "run", "pagetouch", "--between", "1,2", "--json")
+    diff = json.loads(doc)["between"]
+    assert status == 0 and diff["marks"] == [1, 2]
+    a, b = (json.loads(doc)["marks"][k] for k in ("1", "2"))
+    assert diff["differences"] == {k: b[k] - a.get(k, 0) for k in b if b[k] != a.get(k, 0)}
+    lines = [line.rstrip() for line in out.splitlines()]
+    head = lines.index("Between marks 1 and 2")
+    shown = {line.split()[0]: line.split()[1] for line in lines[head + 2:]}
+    assert shown == {k: f"{v:,}" for k, v in diff["differences"].items()}
+
+
+def test_run_between_an_unknown_mark_is_an_error_after_the_report(capsys):
+    status, out, err = hv(capsys, "run", "pagetouch", "--between", "1,9")
+    assert status == 2 and "VM-EXIT" in out and "Between marks" not in out
+    assert err == ("hv: error: --between: the guest recorded no mark 9 "
+                   "(its marks: 1, 2, 3, 4, 5, 6)\n")
+
+
+def test_several_vms_report_the_crash_of_the_one_that_crashed(capsys, tmp_path):
+    good, bad = tmp_path / "good.s", tmp_path / "bad.s"
+    good.write_text("mov al, 0\nmov dx, 0xf4\nout dx, al\n")
+    bad.write_text("nop\nboom:\nud2\n")
+    status, out, _ = hv(capsys, "run", str(good), str(bad), "--json")
+    doc = json.loads(out)
+    assert status == 1 and doc["vms"][0]["crash"] is None
+    assert doc["crash"] == doc["vms"][1]["crash"]
+    assert (doc["crash"]["vm"], doc["crash"]["where"], doc["crash"]["insn"]) == (1, "boom", "ud2")
+    status, out, _ = hv(capsys, "run", str(good), str(bad))
+    lines = [line.rstrip() for line in out.splitlines()]
+    assert "Exception chain (VM 1 vCPU 0):" in lines
+    assert "Registers at the end (VM 1 vCPU 0):" in lines
+    vcpus = lines.index("vCPUs")
+    assert [line.split()[:2] for line in lines[vcpus + 2:vcpus + 4]] == [["0", "0"], ["1", "0"]]
+    assert lines[vcpus + 3].endswith("rip 0x100001 <boom>")
