@@ -341,9 +341,10 @@ def main(argv=None) -> int:
     if args.child:
         child(args.child)
         return 0
-    from rich.console import Console
     from rich.table import Table
-    err = Console(stderr=True)
+
+    from hv.report import make_console
+    err = make_console(stderr=True)
     with err.status("") as status:
         b = Bench(args.repeat, args.quick, lambda what: status.update(f"bench: {what}"))
         result = {"machine": {"python": sys.version.split()[0], "platform": platform.platform(),
@@ -356,7 +357,7 @@ def main(argv=None) -> int:
         json.dump(result, sys.stdout, indent=2)
         print()
         return 0
-    out = Console()
+    out = make_console()      # piped (make bench > file): as wide as the tables, no cut numbers
 
     def table(title, columns, rows):
         t = Table(title=title, title_justify="left")

@@ -11,6 +11,7 @@ from .hw.walker import LEVEL_NAMES
 from .paths import bundled_guests
 from .arch.vmx import ExitReason
 from .stats import COUNTER_NAMES, OTHER_COUNTERS, TLB_NAMES, Stats
+from .vmm.exits import Trace
 from .vmm.modes import MODES
 from .vmm.vm import MAX_VMS, VM, Config, Machine
 
@@ -103,6 +104,7 @@ class Result(Figures):
     config: dict = field(default_factory=dict)
     vcpus: list[dict] = field(default_factory=list)     # per vCPU: exits, counters, tlb
     vms: list[dict] = field(default_factory=list)       # with several VMs: each VM's result
+    crash: dict | None = None   # a triple fault: vm, vcpu, rip, where, insn, chain, registers
 
     @property
     def ok(self) -> bool:
@@ -169,6 +171,13 @@ def load_guest(guest: str | Path) -> tuple[str, bytes]:
         raise HvError(f"cannot read {path}: {e.strerror}") from None
 
 
+def _load_with_symbols(guest: str | Path) -> tuple[str, bytes, dict[str, int]]:
+    """load_guest, and the labels of a .s guest (a .bin has none)."""
+    name, code = load_guest(guest)
+    path = Path(guest) if Path(guest).exists() else bundled_guests().get(str(guest))
+    return name, code, asm.assemble_file(path).symbols if path.suffix == ".s" else {}
+
+
 def run(guest: str | Path | list, mmu: str = "native", *, ram: int | str = "64M",
         vcpus: int = Config.vcpus, vms: int = 1, tlb_entries: int = Config.tlb_entries,
         tlb_ways: int = Config.tlb_ways, max_insns: int = Config.max_insns,
@@ -176,9 +185,11 @@ def run(guest: str | Path | list, mmu: str = "native", *, ram: int | str = "64M"
         asid: bool = Config.asid, pwc: bool = Config.pwc,
         check_invariants: bool = Config.check_invariants, timeout: float = Config.timeout,
         memo: bool = Config.memo, agile_policy: str = Config.agile_policy,
-        image: bytes | None = None, on_console=None) -> Result:
+        image: bytes | None = None, symbols: dict[str, int] | None = None, on_console=None,
+        trace=None) -> Result:
     """Boot `guest` (a path or bundled name, a list of them for one VM each,
-    or `image` bytes) in MMU mode `mmu` and run it to the end.
+    or `image` bytes, with the `symbols` of its source if it has one) in MMU
+    mode `mmu` and run it to the end.
 
     Each option is the `hv run` option of the same name (tlb_entries is
     --tlb-entries; one that is on by default is turned off by --no-...):
@@ -202,23 +213,27 @@ def run(guest: str | Path | list, mmu: str = "native", *, ram: int | str = "64M"
                       (everything: `ept`'s counts)
     image             the guest's bytes, instead of loading `guest` (then a name)
     on_console        on_console(vm, byte) sees each byte a guest prints, as printed
+    trace             sees every exit: a callable gets each as a dict, a text file
+                      gets each as a line, and a hv.vmm.exits.Trace picks the reasons
     """
     if image is not None:
-        guests = [(str(guest), image)]
+        guests = [(str(guest), image, symbols or {})]
     else:
-        guests = [load_guest(g) for g in (guest if isinstance(guest, list) else [guest])]
+        guests = [_load_with_symbols(g) for g in (guest if isinstance(guest, list) else [guest])]
+    if trace is not None and not isinstance(trace, Trace):
+        trace = Trace(trace)
     if not 1 <= vms <= MAX_VMS:
         raise HvError(f"--vms must be from 1 to {MAX_VMS}, not {vms}")
     config = Config(mmu=mmu, ram=parse_size(ram) if isinstance(ram, str) else ram, vcpus=vcpus,
                     tlb_entries=tlb_entries, tlb_ways=tlb_ways, max_insns=max_insns,
                     quantum=quantum, ept_large_pages=ept_large_pages, asid=asid, pwc=pwc,
                     check_invariants=check_invariants, timeout=timeout, memo=memo,
-                    agile_policy=agile_policy)
+                    agile_policy=agile_policy, trace=trace)
     machine = Machine(config)
     for i in range(max(vms, len(guests))):
-        name, img = guests[i % len(guests)]
+        name, img, syms = guests[i % len(guests)]
         echo = None if on_console is None else (lambda b, i=i: on_console(i, b))
-        VM(img, config, echo, machine=machine, name=name)
+        VM(img, config, echo, machine=machine, name=name, symbols=syms)
     machine.run()
     return machine_result(machine)
 
@@ -240,13 +255,17 @@ def make_result(name: str, vm: VM) -> Result:
     vcpus = []
     for cpu in vm.vcpus:
         e, c, t = _figures(cpu.stats, vm.mode.name)
-        vcpus.append({"index": cpu.index, "exits": e, "counters": c, "tlb": t})
+        rip = cpu.engine.reg("rip")
+        vcpus.append({"index": cpu.index, "exits": e, "counters": c, "tlb": t,
+                      "halted": cpu.halted, "rip": rip, "where": vm.symbols.name(rip)})
     c = vm.config
+    crash = next((cpu.crash for cpu in vm.vcpus if cpu.crash is not None), None)
     return Result(
         guest=name, mmu=vm.mode.name, exit_code=vm.exit_code, reason=vm.reason, detail=vm.detail,
         console=vm.console.decode("utf-8", "replace"), exits=exits, counters=counters, tlb=tlb,
-        marks=dict(vm.marks), config={f.name: getattr(c, f.name) for f in fields(c)},
-        vcpus=vcpus)
+        marks=dict(vm.marks),
+        config={f.name: getattr(c, f.name) for f in fields(c) if f.name != "trace"},
+        vcpus=vcpus, crash=crash)
 
 
 def machine_result(machine: Machine) -> Result:
@@ -263,5 +282,5 @@ def machine_result(machine: Machine) -> Result:
     return Result(
         guest=",".join(r.guest for r in results), mmu=first.mmu, exit_code=first.exit_code,
         reason=first.reason, detail=first.detail, console=first.console, exits=exits,
-        counters=counters, tlb=tlb, marks=first.marks, config=first.config,
+        counters=counters, tlb=tlb, marks=first.marks, config=first.config, crash=first.crash,
         vms=[{k: v for k, v in r.__dict__.items() if k != "vms"} for r in results])

@@ -24,6 +24,7 @@ there, so write ``[label]`` for a memory operand.
 """
 from __future__ import annotations
 
+import bisect
 import functools
 import operator
 import re
@@ -109,16 +110,112 @@ def _stamp(path: Path) -> tuple[int, int] | None:
     return st.st_mtime_ns, st.st_size
 
 
-def disassemble(code: bytes, base=DEFAULT_BASE) -> list[str]:
-    """One line per instruction; bytes capstone cannot decode become `.byte`."""
-    lines, offset = [], 0
-    while offset < len(code):
-        for address, size, mnemonic, op_str in _cs().disasm_lite(code[offset:], base + offset):
-            lines.append(_listing(address, code[offset:offset + size], f"{mnemonic} {op_str}"))
-            offset += size
-        if offset < len(code):
-            lines.append(_listing(base + offset, code[offset:offset + 1], f".byte {code[offset]:#04x}"))
-            offset += 1
+class Symbols:
+    """Names addresses inside an image by its labels, as objdump does:
+    `main`, `main+0x3`. An address outside the image has no name."""
+
+    def __init__(self, labels: dict[str, int], start: int, end: int):
+        first: dict[int, str] = {}
+        for name, address in labels.items():     # in the order they are defined
+            if start <= address < end:
+                first.setdefault(address, name)
+        self._addresses = sorted(first)
+        self._names = [first[a] for a in self._addresses]
+        self.end = end
+
+    @classmethod
+    def of(cls, image: Image) -> Symbols:
+        return cls(image.symbols, image.base, image.base + len(image.code))
+
+    def name(self, address: int) -> str | None:
+        i = bisect.bisect_right(self._addresses, address) - 1
+        if i < 0 or address >= self.end:
+            return None
+        offset = address - self._addresses[i]
+        return self._names[i] if offset == 0 else f"{self._names[i]}+{offset:#x}"
+
+    def at(self, address: int) -> str:
+        """`0x100003 <main+0x3>`, or the plain address."""
+        name = self.name(address)
+        return f"{address:#x}" if name is None else f"{address:#x} <{name}>"
+
+
+# A branch's target, and a RIP-relative operand, as capstone writes them.
+_TARGET_RE = re.compile(r"0x[0-9a-f]+")
+_RIP_RE = re.compile(r"\[rip ([+-]) (0x[0-9a-f]+|\d+)\]")
+
+
+def disassemble(code: bytes, base=DEFAULT_BASE, symbols: dict[str, int] | None = None) -> list[str]:
+    """One line per instruction; bytes capstone cannot decode become `.byte`.
+    With `symbols` (an Image's), each label heads the code it names,
+    decoding starts again at every label (data before it is not run into
+    its code), and branch targets and RIP-relative operands are named."""
+    symbols = symbols or {}
+    names = Symbols(symbols, base, base + len(code))
+    labels: dict[int, list[str]] = {}
+    for name, address in symbols.items():
+        if base <= address < base + len(code):
+            labels.setdefault(address - base, []).append(name)
+    starts = sorted(labels.keys() | {0})
+    lines = []
+    for begin, end in zip(starts, starts[1:] + [len(code)]):
+        lines += [f"{base + begin:#x} <{name}>:" for name in labels.get(begin, ())]
+        offset = begin
+        while offset < end:
+            for address, size, mnemonic, op_str in _cs().disasm_lite(code[offset:end],
+                                                                     base + offset):
+                if symbols:
+                    op_str += _named_operand(names, address + size, mnemonic, op_str)
+                lines.append(_listing(address, code[offset:offset + size], f"{mnemonic} {op_str}"))
+                offset += size
+            if offset < end:
+                lines.append(_listing(base + offset, code[offset:offset + 1],
+                                      f".byte {code[offset]:#04x}"))
+                offset += 1
+    return lines
+
+
+def _named_operand(names: Symbols, next_address: int, mnemonic: str, op_str: str) -> str:
+    """` <label+off>` after a branch target, `  ; 0x... <label>` after a
+    RIP-relative operand (relative to the next instruction), or nothing."""
+    if (mnemonic.startswith(("j", "loop")) or mnemonic in ("call", "xbegin")) \
+            and _TARGET_RE.fullmatch(op_str):
+        name = names.name(int(op_str, 16))
+        return "" if name is None else f" <{name}>"
+    m = _RIP_RE.search(op_str)
+    if m:
+        disp = int(m[2], 0)
+        target = (next_address + (disp if m[1] == "+" else -disp)) & (2**64 - 1)
+        if names.name(target) is not None:
+            return f"  ; {names.at(target)}"
+    return ""
+
+
+def listing(image: Image) -> list[str]:
+    """The assembled program as GNU as lists it: each statement's address,
+    bytes (8 a line; of a longer run of data, the first 8 and its length)
+    and file:line; labels on lines of their own."""
+    labels = sorted(image.symbols.items(), key=lambda kv: kv[1])     # stable: definition order
+    where = [f"{Path(file).name}:{line}" for _, file, line, _ in image.source_map]
+    width = max(map(len, where), default=0)
+    ends = [address for address, *_ in image.source_map[1:]] + [image.base + len(image.code)]
+
+    def line(address, data: str, loc: str, text: str) -> str:
+        at = "" if address is None else f"{address:#x}"
+        return f"{at:<10}  {data:<23}  {loc:<{width}}  {text}".rstrip()
+
+    lines = []
+    for (address, _, _, text), loc, end in zip(image.source_map, where, ends):
+        while labels and labels[0][1] <= address:
+            name, at = labels.pop(0)
+            lines.append(line(at, "", "", f"{name}:"))
+        data = image.code[address - image.base:end - image.base]
+        lines.append(line(address, data[:8].hex(" "), loc, "    " + text))
+        if 8 < len(data) <= 16:
+            lines.append(line(None, data[8:].hex(" "), "", ""))
+        elif len(data) > 16:
+            lines.append(line(None, f"... {len(data)} bytes", "", ""))
+    lines += [line(at, "", "", f"{name}:") for name, at in labels]
     return lines
 
 

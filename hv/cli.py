@@ -10,6 +10,7 @@ from . import api, asm, compare
 from .cost import DEFAULT_PROFILE, bundled_profiles, load_profile
 from .errors import HvError
 from .memory import parse_size
+from .vmm.exits import Trace, parse_reasons
 from .vmm.modes import AGILE_POLICIES, MODE_HELP, MODES
 from .paths import bundled_guests
 
@@ -106,6 +107,15 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--vcpus", type=_positive, default=1, help="vCPUs sharing the VM (default 1)")
     _add_config_options(r)
     r.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    r.add_argument("--between", type=_mark_pair, metavar="A,B",
+                   help="also show what happened between vmcall marks A and B")
+    r.add_argument("--trace", action="store_true",
+                   help="trace every exit (vCPU, instructions, RIP, reason, qualification) "
+                        "to stderr")
+    r.add_argument("--trace-json", action="store_true", help="trace as JSON lines")
+    r.add_argument("--trace-file", metavar="FILE", help="trace to FILE instead of stderr")
+    r.add_argument("--trace-reason", metavar="REASON,...",
+                   help="trace only these exit reasons, e.g. EPT_VIOLATION,CR_ACCESS")
 
     c = sub.add_parser("compare", help="run guests in several MMU modes and compare "
                                        "exits, walks and modelled cycles")
@@ -133,6 +143,8 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("-o", "--output", required=True, help="the .bin file to write")
     a.add_argument("--base", type=lambda t: int(t, 0), default=0x100000,
                    help="load address (default 0x100000)")
+    a.add_argument("--listing", action="store_true",
+                   help="print each statement's address, bytes and file:line, and the labels")
 
     d = sub.add_parser("disasm", help="disassemble a flat binary (or a .s file's output)")
     d.add_argument("binary")
@@ -141,8 +153,23 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _trace(args):
+    """The run's Trace (None without a --trace option), and the file it
+    writes, which the caller closes."""
+    if not (args.trace or args.trace_json or args.trace_file or args.trace_reason):
+        return None, None
+    reasons = parse_reasons(args.trace_reason) if args.trace_reason else None
+    out = sys.stderr
+    if args.trace_file:
+        try:
+            out = open(args.trace_file, "w")
+        except OSError as e:
+            raise HvError(f"cannot write {args.trace_file}: {e.strerror}") from None
+    return Trace(out, reasons, json_lines=args.trace_json), out
+
+
 def _cmd_run(args) -> int:
-    from rich.console import Console
+    from .report import make_console, print_report
 
     streaming = not args.json
     out = sys.stdout
@@ -157,16 +184,33 @@ def _cmd_run(args) -> int:
         out.write(chr(byte))
         out.flush()
 
-    result = api.run(args.guest, mmu=args.mmu, vcpus=args.vcpus, asid=args.asid,
-                     vms=args.vms, on_console=echo if streaming else None, **_config(args))
+    trace, trace_out = _trace(args)
+    try:
+        result = api.run(args.guest, mmu=args.mmu, vcpus=args.vcpus, asid=args.asid,
+                         vms=args.vms, on_console=echo if streaming else None, trace=trace,
+                         **_config(args))
+    finally:
+        if trace_out is not None and trace_out is not sys.stderr:
+            trace_out.close()
+    between = args.between
+    missing = [m for m in between or () if m not in result.marks]
+    if missing:
+        between = None      # the report still shows, then the error
     if args.json:
-        json.dump(result.to_json(), out, indent=2)
+        doc = result.to_json()
+        if between:
+            window = result.between(*between).flat()
+            doc["between"] = {"marks": list(between),
+                              "differences": {k: n for k, n in window.items() if n}}
+        json.dump(doc, out, indent=2)
         out.write("\n")
     else:
-        from .report import print_report
         if not all(at_line_start.values()):
             out.write("\n")
-        print_report(result, Console())
+        print_report(result, make_console(), between)
+    if missing:
+        raise HvError(f"--between: the guest recorded no mark {missing[0]} "
+                      f"(its marks: {', '.join(map(str, sorted(result.marks))) or 'none'})")
     if result.reason == "interrupted":
         return 130
     return 0 if result.ok else 1
@@ -237,6 +281,8 @@ def _cmd_guests(args) -> int:
 
 def _cmd_asm(args) -> int:
     image = asm.assemble_file(args.source, base=args.base)
+    if args.listing:
+        print("\n".join(asm.listing(image)))
     try:
         Path(args.output).write_bytes(image.code)
     except OSError as e:
@@ -247,14 +293,16 @@ def _cmd_asm(args) -> int:
 
 def _cmd_disasm(args) -> int:
     path = Path(args.binary)
+    symbols = None
     if path.suffix == ".s":
-        code = asm.assemble_file(path, base=args.base).code
+        image = asm.assemble_file(path, base=args.base)
+        code, symbols = image.code, image.symbols
     else:
         try:
             code = path.read_bytes()
         except OSError as e:
             raise HvError(f"cannot read {path}: {e.strerror}") from None
-    for line in asm.disassemble(code, args.base):
+    for line in asm.disassemble(code, args.base, symbols):
         print(line)
     return 0
 

@@ -81,8 +81,9 @@ class HvFixture:
         mmu = self.mmu if mmu is None else mmu
         try:
             if is_source(guest):
-                image = assemble_source(guest, name=INLINE).code
-                result = api.run(INLINE, mmu=mmu, image=image, **options)
+                image = assemble_source(guest, name=INLINE)
+                result = api.run(INLINE, mmu=mmu, image=image.code, symbols=image.symbols,
+                                 **options)
             else:
                 result = api.run(guest, mmu=mmu, **options)
         except HvError as e:

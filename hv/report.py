@@ -1,5 +1,9 @@
 """Terminal reports of a run, with rich: exits laid out like
-`perf kvm stat report`, then counters and the TLB model's figures."""
+`perf kvm stat report`, then counters and the TLB model's figures.
+
+What the guest or its source named (a crash report's instruction, a guest's
+name) is shown as text, never read as rich markup: `[rsi + 8]` would be a
+tag."""
 from __future__ import annotations
 
 import json
@@ -12,6 +16,14 @@ from .api import Result
 from .compare import ending
 from .cost import PARTS, UNPRICED_EXITS
 from .stats import TLB_NAMES
+
+
+def make_console(stderr: bool = False) -> Console:
+    """A console for reports: on a terminal, its width; piped or redirected,
+    no width limit (rich would fold tables into 80 columns, cutting
+    numbers short)."""
+    c = Console(stderr=stderr)
+    return c if c.is_terminal else Console(stderr=stderr, width=1_000_000)
 
 
 def _exits_table(r: Result) -> Table:
@@ -58,20 +70,101 @@ def _vms_table(r: Result) -> Table:
         t.add_column(col, justify="left" if col in ("guest", "ended") else "right")
     for i, vm in enumerate(r.vms):
         ok = Result(**vm).ok
-        t.add_row(str(i), vm["guest"], f"[{'green' if ok else 'red'}]{vm['reason']}[/]",
+        t.add_row(str(i), escape(vm["guest"]), f"[{'green' if ok else 'red'}]{vm['reason']}[/]",
                   "-" if vm["exit_code"] is None else str(vm["exit_code"]),
                   f"{vm['counters']['exits']:,}", f"{vm['tlb'].get('misses', 0):,}",
                   f"{vm['tlb'].get('walk_refs', 0):,}")
     return t
 
 
-def print_report(r: Result, console: Console) -> None:
+def _vcpus_table(r: Result) -> Table:
+    """A line per vCPU: what it ran, and where it was at the end."""
+    t = Table(title="vCPUs", title_justify="left", box=None, pad_edge=False)
+    several = bool(r.vms)
+    for col in ("VM",) * several + ("vCPU", "insns", "exits", "TLB misses", "walk refs"):
+        t.add_column(col, justify="right")
+    t.add_column("at the end")
+    for i, vm in enumerate(r.vms or [r.__dict__]):
+        for cpu in vm["vcpus"]:
+            where = f" <{cpu['where']}>" if cpu["where"] else ""
+            state = "halted at" if cpu["halted"] else "rip"
+            t.add_row(*(str(i),) * several, str(cpu["index"]), f"{cpu['counters']['insns']:,}",
+                      f"{cpu['counters']['exits']:,}", _tlb_figure(cpu["tlb"], "misses"),
+                      _tlb_figure(cpu["tlb"], "walk_refs"),
+                      escape(f"{state} {cpu['rip']:#x}{where}"))
+    return t
+
+
+def _tlb_figure(tlb: dict, name: str) -> str:
+    return f"{tlb[name]:,}" if tlb.get("modelled", True) else "-"
+
+
+def _whose(r: Result) -> str:
+    """Which VM's marks a result has: with several, the first that did not
+    end well, or VM 0 (hv.api.machine_result)."""
+    if not r.vms:
+        return ""
+    return f" (VM {next((i for i, vm in enumerate(r.vms) if not Result(**vm).ok), 0)})"
+
+
+def _marks_table(r: Result) -> Table:
+    """The VM's totals at each vmcall mark."""
+    t = Table(title=f"Marks: the totals at each{_whose(r)}", title_justify="left", box=None,
+              pad_edge=False)
+    for col in ("mark", "insns", "exits", "TLB misses", "walk refs"):
+        t.add_column(col, justify="right")
+    modelled = r.tlb.get("modelled", True)
+    for ident, snap in sorted(r.marks.items()):
+        t.add_row(str(ident), f"{snap['insns']:,}", f"{snap['exits']:,}",
+                  *((f"{snap['tlb.misses']:,}", f"{snap['tlb.walk_refs']:,}") if modelled
+                    else ("-", "-")))
+    return t
+
+
+def _between_table(r: Result, a: int, b: int) -> Table:
+    t = Table(title=f"Between marks {a} and {b}{_whose(r)}", title_justify="left", box=None,
+              pad_edge=False)
+    t.add_column("counter")
+    t.add_column("difference", justify="right")
+    for name, n in r.between(a, b).flat().items():
+        if n:
+            t.add_row(name, f"{n:,}")
+    return t
+
+
+def _crash(r: Result) -> list[str]:
+    """The chain of events of a triple fault, and the registers at the end."""
+    c = r.crash
+    who = f"VM {c['vm']} vCPU {c['vcpu']}" if r.vms else f"vCPU {c['vcpu']}"
+    width = max(len(s["name"]) for s in c["chain"]) if c["chain"] else 0
+    lines = [f"Exception chain ({who}):"]
+    lines += [f"  {s['name']:<{width}}  {s['why']}" for s in c["chain"]] + ["  shutdown", ""]
+    regs = c["registers"]
+    gprs = [f"{k:>3} {regs[k]:016x}" for k in
+            "rax rbx rcx rdx rsi rdi rbp rsp r8 r9 r10 r11 r12 r13 r14 r15".split()]
+    where = f" <{c['where']}>" if c["where"] else ""
+    lines += [f"Registers at the end ({who}):"]
+    lines += ["  " + "  ".join(gprs[i:i + 4]) for i in range(0, len(gprs), 4)]
+    lines += [f"  rip {regs['rip']:#x}{where}  rflags {regs['rflags']:#x}  cs {regs['cs']:#x}  "
+              f"ss {regs['ss']:#x}",
+              "  " + "  ".join(f"{k} {regs[k]:#x}" for k in ("cr0", "cr2", "cr3", "cr4", "efer"))]
+    return lines
+
+
+def print_report(r: Result, console: Console, between: tuple[int, int] | None = None) -> None:
+    """The report of `hv run`; `between`: also the differences between two
+    marks (which the caller checked exist)."""
     if r.vms:
         console.print(_vms_table(r))
     else:
         style = "green" if r.ok else "red"
         code = "" if r.exit_code is None else f" with exit code {r.exit_code}"
-        console.print(f"[{style}]VM ended ({r.reason}){code}:[/] {r.detail}", highlight=False)
+        console.print(f"[{style}]VM ended ({r.reason}){code}:[/] {escape(r.detail)}",
+                      highlight=False)
+    if r.crash:
+        console.print()
+        for line in _crash(r):
+            console.print(line, markup=False, highlight=False)
     console.print()
     console.print(_exits_table(r))
     console.print()
@@ -81,6 +174,14 @@ def print_report(r: Result, console: Console) -> None:
         console.print(_tlb_table(r))
     else:
         console.print("\n(mmu qemu: Unicorn's own MMU, no TLB model and no walks counted)")
+    console.print()
+    console.print(_vcpus_table(r))
+    if r.marks:
+        console.print()
+        console.print(_marks_table(r))
+    if between is not None:
+        console.print()
+        console.print(_between_table(r, *between))
 
 
 

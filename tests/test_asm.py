@@ -9,7 +9,8 @@ import pytest
 from capstone import CS_ARCH_X86, CS_MODE_64, Cs
 
 import hv.asm
-from hv.asm import Image, assemble_file, assemble_source, describe_insn, disassemble
+from hv.asm import (Image, Symbols, assemble_file, assemble_source, describe_insn, disassemble,
+                    listing)
 from hv.errors import AsmError, HvError
 
 BASE = 0x100000
@@ -368,6 +369,69 @@ def test_disassemble_tolerates_trailing_data():
         "0x100008:  ff                     .byte 0xff",
         "0x100009:  ff                     .byte 0xff",
         "0x10000a:  48                     .byte 0x48",
+    ]
+
+
+def test_disassemble_with_symbols_heads_labels_restarts_at_them_and_names_targets():
+    image = assemble_source(
+        "main:   lea rsi, [rip + data]\n"
+        "        call f\n"
+        "        jmp main\n"
+        "data:   .byte 0xb8\n"            # mov eax, imm32: without labels it swallows f
+        "f:      ret\n"
+        "        nop\n        nop\n        nop\n        nop\n", "k.s")
+    assert disassemble(image.code, image.base, image.symbols) == [
+        "0x100000 <main>:",
+        "0x100000:  48 8d 35 07 00 00 00   lea rsi, [rip + 7]  ; 0x10000e <data>",
+        "0x100007:  e8 03 00 00 00         call 0x10000f <f>",
+        "0x10000c:  eb f2                  jmp 0x100000 <main>",
+        "0x10000e <data>:",
+        "0x10000e:  b8                     .byte 0xb8",
+        "0x10000f <f>:",
+        "0x10000f:  c3                     ret",
+        "0x100010:  90                     nop",
+        "0x100011:  90                     nop",
+        "0x100012:  90                     nop",
+        "0x100013:  90                     nop",
+    ]
+    # Without them, as before: plain addresses, and the data runs into f.
+    plain = disassemble(image.code, image.base)
+    assert plain[3] == "0x10000e:  b8 c3 90 90 90         mov eax, 0x909090c3"
+    assert "<" not in "".join(plain)
+
+
+def test_symbols_name_addresses_by_the_label_at_or_before_them():
+    image = assemble_source("a:\nb:     nop\n        nop\nc:     hlt\nend:\n", "k.s")
+    names = Symbols.of(image)
+    assert names.name(BASE) == "a"              # two labels at one address: the first
+    assert names.name(BASE + 1) == "a+0x1"
+    assert names.name(BASE + 2) == "c"
+    assert names.name(BASE - 1) is None         # before the first label
+    assert names.name(BASE + 3) is None         # past the image (`end` names nothing in it)
+    assert names.at(BASE + 1) == "0x100001 <a+0x1>" and names.at(0x5000) == "0x5000"
+    assert Symbols({}, BASE, BASE + 3).at(BASE) == "0x100000"     # a .bin: no labels
+
+
+def test_listing_shows_address_bytes_file_line_and_labels():
+    image = assemble_source(
+        "start:  mov rax, 1\n"
+        "        jmp done\n"
+        "table:  .quad start, 4\n"
+        "        .fill 20, 1, 0xab\n"
+        "done:   hlt\n"
+        "end:\n", "k.s")
+    assert listing(image) == [
+        "0x100000                                    start:",
+        "0x100000    48 c7 c0 01 00 00 00     k.s:1      mov rax, 1",
+        "0x100007    eb 24                    k.s:2      jmp done",
+        "0x100009                                    table:",
+        "0x100009    00 00 10 00 00 00 00 00  k.s:3      .quad start, 4",
+        "            04 00 00 00 00 00 00 00",
+        "0x100019    ab ab ab ab ab ab ab ab  k.s:4      .fill 20, 1, 0xab",
+        "            ... 20 bytes",
+        "0x10002d                                    done:",
+        "0x10002d    f4                       k.s:5      hlt",
+        "0x10002e                                    end:",
     ]
 
 

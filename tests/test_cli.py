@@ -97,3 +97,124 @@ def test_no_memo_walks_every_miss_and_counts_the_same(capsys):
     a, b = json.loads(with_memo), json.loads(without)
     assert status == 0 and a["config"]["memo"] is True and b["config"]["memo"] is False
     assert a["tlb"] == b["tlb"] and a["counters"] == b["counters"]
+
+
+def test_asm_listing_prints_every_statement_and_still_writes_the_binary(capsys, tmp_path):
+    src, out = tmp_path / "t.s", tmp_path / "t.bin"
+    src.write_text("start:\n    mov rax, cr3\n    hlt\n")
+    status, text, _ = hv(capsys, "asm", str(src), "-o", str(out), "--listing")
+    assert status == 0 and out.read_bytes() == bytes.fromhex("0f20d8f4")
+    lines = text.splitlines()
+    assert lines[0].split() == ["0x100000", "start:"]
+    assert lines[1].split() == ["0x100000", "0f", "20", "d8", "t.s:2", "mov", "rax,", "cr3"]
+    assert lines[2].split() == ["0x100003", "f4", "t.s:3", "hlt"]
+    assert lines[3] == f"{out}: 4 bytes at 0x100000"
+
+
+def test_disasm_of_a_source_shows_its_labels(capsys, tmp_path):
+    src = tmp_path / "t.s"
+    src.write_text("start:\n    jmp start\n")
+    status, text, _ = hv(capsys, "disasm", str(src))
+    assert status == 0
+    assert text.splitlines() == ["0x100000 <start>:",
+                                 "0x100000:  eb fe                  jmp 0x100000 <start>"]
+
+
+# rsi is non-canonical: the load is #GP(0); with no IDT, delivering it is
+# #GP(0x6b) (gate 13 beyond the limit), and #GP during #GP is #DF, whose
+# gate is beyond it too: a triple fault. The load is at 10 + 7 bytes.
+BRACKETS = """
+    mov rsi, 0x8000000000000000
+    mov rbx, 0x77
+crash:
+    mov rax, qword ptr [rsi + 8]
+"""
+
+
+def test_run_reports_a_crash_with_its_operands_chain_and_registers(capsys, tmp_path):
+    src = tmp_path / "crash.s"
+    src.write_text(BRACKETS)
+    status, out, _ = hv(capsys, "run", str(src))
+    assert status == 1
+    lines = [line.rstrip() for line in out.splitlines()]
+    assert lines[0] == ("VM ended (triple_fault): triple fault at rip=0x100011 <crash>: "
+                        "mov rax, qword ptr [rsi + 8]; #GP(0x0) → #DF(0x0) → "
+                        "shutdown: no IDT loaded")
+    chain = lines[lines.index("Exception chain (vCPU 0):") + 1:][:3]
+    assert [line.split() for line in chain] == [["#GP(0x0)", "no", "IDT", "loaded"],
+                                                ["#DF(0x0)", "no", "IDT", "loaded"], ["shutdown"]]
+    regs = " ".join(lines[lines.index("Registers at the end (vCPU 0):") + 1:][:6]).split()
+    assert regs[regs.index("rbx") + 1] == f"{0x77:016x}"
+    assert regs[regs.index("rsi") + 1] == "8000000000000000"
+    assert regs[regs.index("rip") + 1:regs.index("rip") + 3] == ["0x100011", "<crash>"]
+    status, out, _ = hv(capsys, "run", str(src), "--json")
+    doc = json.loads(out)
+    assert doc["crash"]["where"] == "crash" and doc["crash"]["registers"]["rbx"] == 0x77
+    assert doc["detail"] == lines[0].split(": ", 1)[1]
+
+
+def test_piped_output_is_not_cut_at_80_columns(capsys):
+    _, out, _ = hv(capsys, "run", "pagetouch", "--mmu", "ept")
+    _, doc, _ = hv(capsys, "run", "pagetouch", "--mmu", "ept", "--json")
+    hist = json.loads(doc)["tlb"]["walk_refs_hist"]
+    hist = ", ".join(f"{k} refs: {v:,}" for k, v in hist.items())
+    [row] = [line for line in out.splitlines() if line.startswith("walks by refs")]
+    assert len(hist) > 80 and row.split(None, 3)[3].strip() == hist
+    assert "…" not in out
+
+
+def test_run_shows_a_line_per_vcpu_and_the_marks(capsys):
+    status, out, _ = hv(capsys, "run", "smp", "--vcpus", "2")
+    _, doc, _ = hv(capsys, "run", "smp", "--vcpus", "2", "--json")
+    doc = json.loads(doc)
+    lines = [line.rstrip() for line in out.splitlines()]
+    head = lines.index("vCPUs")
+    assert lines[head + 1].split()[:2] == ["vCPU", "insns"]
+    for cpu, line in zip(doc["vcpus"], lines[head + 2:head + 4]):
+        cells = line.split()
+        assert cells[:3] == [str(cpu["index"]), f"{cpu['counters']['insns']:,}",
+                             f"{cpu['counters']['exits']:,}"]
+        assert f"{cpu['rip']:#x}" in cells
+        assert ("halted" in cells) == cpu["halted"]
+        assert (f"<{cpu['where']}>" in cells) == (cpu["where"] is not None)
+    marks = lines.index("Marks: the totals at each")
+    rows = [line.split() for line in lines[marks + 2:marks + 2 + len(doc["marks"])]]
+    assert [(r[0], r[1]) for r in rows] == [(k, f"{m['insns']:,}") for k, m in doc["marks"].items()]
+
+
+def test_run_between_two_marks(capsys):
+    status, out, _ = hv(capsys, "run", "pagetouch", "--between", "1,2")
+    _, doc, _ = hv(capsys, "run", "pagetouch", "--between", "1,2", "--json")
+    diff = json.loads(doc)["between"]
+    assert status == 0 and diff["marks"] == [1, 2]
+    a, b = (json.loads(doc)["marks"][k] for k in ("1", "2"))
+    assert diff["differences"] == {k: b[k] - a.get(k, 0) for k in b if b[k] != a.get(k, 0)}
+    lines = [line.rstrip() for line in out.splitlines()]
+    head = lines.index("Between marks 1 and 2")
+    shown = {line.split()[0]: line.split()[1] for line in lines[head + 2:]}
+    assert shown == {k: f"{v:,}" for k, v in diff["differences"].items()}
+
+
+def test_run_between_an_unknown_mark_is_an_error_after_the_report(capsys):
+    status, out, err = hv(capsys, "run", "pagetouch", "--between", "1,9")
+    assert status == 2 and "VM-EXIT" in out and "Between marks" not in out
+    assert err == ("hv: error: --between: the guest recorded no mark 9 "
+                   "(its marks: 1, 2, 3, 4, 5, 6)\n")
+
+
+def test_several_vms_report_the_crash_of_the_one_that_crashed(capsys, tmp_path):
+    good, bad = tmp_path / "good.s", tmp_path / "bad.s"
+    good.write_text("mov al, 0\nmov dx, 0xf4\nout dx, al\n")
+    bad.write_text("nop\nboom:\nud2\n")
+    status, out, _ = hv(capsys, "run", str(good), str(bad), "--json")
+    doc = json.loads(out)
+    assert status == 1 and doc["vms"][0]["crash"] is None
+    assert doc["crash"] == doc["vms"][1]["crash"]
+    assert (doc["crash"]["vm"], doc["crash"]["where"], doc["crash"]["insn"]) == (1, "boom", "ud2")
+    status, out, _ = hv(capsys, "run", str(good), str(bad))
+    lines = [line.rstrip() for line in out.splitlines()]
+    assert "Exception chain (VM 1 vCPU 0):" in lines
+    assert "Registers at the end (VM 1 vCPU 0):" in lines
+    vcpus = lines.index("vCPUs")
+    assert [line.split()[:2] for line in lines[vcpus + 2:vcpus + 4]] == [["0", "0"], ["1", "0"]]
+    assert lines[vcpus + 3].endswith("rip 0x100001 <boom>")

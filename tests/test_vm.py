@@ -218,3 +218,70 @@ def test_a_gate_with_a_null_selector_is_gp_with_ext_alone(mode):
     #GP(EXT). QEMU's do_interrupt64 says #GP(0); the SDM decides."""
     r = run_src(GATE_SELECTOR_SRC.format(selector=0, dpl=0), mode)
     assert " exception 13 " in r.console and " err=0x1 " in r.console, r.console
+
+
+# -- crash reports -------------------------------------------------------------------
+
+# No IDT (the boot ABI): #UD needs gate 6, beyond the IDT's limit of 0: #GP
+# naming gate 6 (6 * 8 + IDT 2 + EXT 1 = 0x33); #GP needs gate 13, beyond it
+# too: #GP during #GP is #DF (SDM Vol.3A Table 6-5); #DF needs gate 8: shutdown.
+# CR3 is a copy of the boot PML4, so shadow paging's root is not the guest's.
+NO_IDT_SRC = """
+    mov rsi, 0x2000
+    mov rdi, 0x8000
+    mov rcx, 512
+    rep movsq
+    mov rax, 0x8000
+    mov cr3, rax
+    mov rax, 0x1234
+    mov r15, -2
+main:
+    nop
+boom:
+    ud2
+"""
+
+
+def test_a_triple_fault_reports_the_chain_and_the_registers(mode):
+    from hv.asm import assemble_source
+    labels = assemble_source(NO_IDT_SRC, name="<test>").symbols
+    r = run_src(NO_IDT_SRC, mode)
+    c = r.crash
+    assert [s["name"] for s in c["chain"]] == ["#UD", "#GP(0x33)", "#DF(0x0)"]
+    assert [(s["vector"], s["error_code"]) for s in c["chain"]] == [(6, None), (13, 0x33), (8, 0)]
+    assert {s["why"] for s in c["chain"]} == {"no IDT loaded"}
+    assert r.detail.endswith(": ud2; #UD → #GP(0x33) → #DF(0x0) → shutdown: no IDT loaded")
+    assert "\n" not in r.detail
+    regs = c["registers"]
+    assert c["rip"] == regs["rip"] == labels["boom"] and c["insn"] == "ud2"
+    assert (regs["rax"], regs["r15"], regs["cr3"]) == (0x1234, 2**64 - 2, 0x8000)
+    assert (c["vm"], c["vcpu"]) == (0, 0)
+    # The same report as the oracle's, registers and all.
+    assert c == run_src(NO_IDT_SRC, "qemu").crash
+
+
+def test_a_chain_through_page_faults_names_each_fault(mode):
+    """The IDT on a page nothing maps: each gate read is a #PF (supervisor
+    read, not present: error code 0). #UD's becomes #PF (#UD is benign);
+    the #PF's, #DF (SDM Vol.3A Table 6-5); the #DF's, shutdown."""
+    r = run_src("""
+        lidt [rip + idtr]
+        ud2
+    idtr:
+        .word 0xfff
+        .quad 0x700000000000
+    """, mode)
+    assert [s["name"] for s in r.crash["chain"]] == [
+        "#UD", "#PF(0x0) at 0x700000000060", "#DF(0x0)"]
+    assert r.crash["chain"][1]["cr2"] == 0x700000000060
+    assert [s["why"] for s in r.crash["chain"]] == [
+        f"#PF(0x0) at {0x700000000000 + 16 * v:#x} reading the IDT gate" for v in (6, 14, 8)]
+    assert r.detail.endswith("; #UD (#PF(0x0) at 0x700000000060 reading the IDT gate) → "
+                             "#PF(0x0) at 0x700000000060 (#PF(0x0) at 0x7000000000e0 reading "
+                             "the IDT gate) → #DF(0x0) (#PF(0x0) at 0x700000000080 reading the "
+                             "IDT gate) → shutdown")
+
+
+def test_no_crash_report_when_the_guest_ends_well():
+    r = run_src("mov al, 0\n" + EXIT)
+    assert r.ok and r.crash is None

@@ -3,23 +3,56 @@
 
 A fault while delivering becomes the exception delivered instead, or #DF
 (Table 6-5); a fault while delivering #DF is a triple fault, which the
-caller turns into the TRIPLE_FAULT exit. Every linear access goes through
-the two functions the vCPU hands over, like any access the CPU makes.
+caller turns into the TRIPLE_FAULT exit, with the chain of events that led
+to it (each a `Step`: what was delivered, and why that failed). Every linear
+access goes through the two functions the vCPU hands over, like any access
+the CPU makes.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, NamedTuple
 
 from ..arch.x86 import (GATE_INTERRUPT, GATE_TRAP, HAS_ERROR_CODE, IDT_GATE_SIZE, RFLAGS,
                         TSS_IST1, TSS_RSP0, Vector, causes_double_fault, decode_idt_gate)
 from ..events import Fault
 
 
-class _Raised(Exception):
-    """Delivering raised another exception (SDM Vol.3A §6.15)."""
+class Step(NamedTuple):
+    """One event of a chain that ended in a triple fault: the event whose
+    delivery failed (its error code, None if it has none; CR2 for a #PF)
+    and why it failed."""
+    vector: int
+    error_code: int | None
+    cr2: int
+    why: str
 
-    def __init__(self, vector: int, error_code: int = 0, cr2: int = 0):
-        self.vector, self.error_code, self.cr2 = vector, error_code, cr2
+    @property
+    def name(self) -> str:
+        """`#UD`, `#GP(0x32)`, `#PF(0x2) at 0x7000`; `vector 0x80` (INT 0x80)."""
+        try:
+            name = f"#{Vector(self.vector).name}"
+        except ValueError:
+            name = f"vector {self.vector:#x}"
+        if self.error_code is None:
+            return name
+        at = f" at {self.cr2:#x}" if self.vector == Vector.PF else ""
+        return f"{name}({self.error_code:#x}){at}"
+
+    def data(self) -> dict:
+        """The step as plain data (CR2 only for a #PF)."""
+        d = {"vector": self.vector, "name": self.name, "error_code": self.error_code,
+             "why": self.why}
+        if self.vector == Vector.PF:
+            d["cr2"] = self.cr2
+        return d
+
+
+class _Raised(Exception):
+    """Delivering raised another exception (SDM Vol.3A §6.15); `why` says
+    what failed, for the chain of a triple fault."""
+
+    def __init__(self, vector: int, error_code: int, why: str, cr2: int = 0):
+        self.vector, self.error_code, self.why, self.cr2 = vector, error_code, why, cr2
 
 
 def selector_error(index: int, idt: bool, ext: int) -> int:
@@ -39,14 +72,16 @@ class Delivery:
         self.engine, self.read, self.write, self.counters = engine, read, write, counters
 
     def deliver(self, vector: int, error_code: int | None, rip: int, cr2: int = 0,
-                int_rip: int | None = None) -> bool:
+                int_rip: int | None = None) -> list[Step] | None:
         """Deliver `vector`, its frame returning to `rip`. `int_rip` makes it
         a software interrupt (INT n or INT3 at that address, returning to
         `rip`): the gate's DPL is checked, no error code is pushed, CR2 is
         left alone, and a fault while delivering it is the instruction's.
-        False if delivery ended in a triple fault."""
+        None when delivered; a triple fault returns the chain it went
+        through, #DF last."""
         c = self.counters
         software = int_rip is not None
+        chain: list[Step] = []
         while True:
             if vector == Vector.PF and not software:
                 c["pf_guest"] += 1
@@ -55,10 +90,12 @@ class Delivery:
                 c["exceptions"] += 1
             try:
                 self._push_frame(vector, error_code, rip, software)
-                return True
+                return None
             except _Raised as second:
+                chain.append(Step(vector, error_code if vector in HAS_ERROR_CODE else None,
+                                  cr2 if vector == Vector.PF and not software else 0, second.why))
                 if vector == Vector.DF:
-                    return False
+                    return chain
                 if not software and causes_double_fault(vector, second.vector):
                     vector, error_code, cr2 = Vector.DF, 0, 0
                 else:
@@ -67,11 +104,11 @@ class Delivery:
                     # The fault is the INT instruction's, which did not run.
                     rip, software = int_rip, False
 
-    def _read(self, vaddr: int, length: int) -> bytes:
+    def _read(self, vaddr: int, length: int, what: str) -> bytes:
         try:
             return self.read(vaddr, length)
         except Fault as f:
-            raise _Raised(f.vector, f.error_code, f.vaddr) from None
+            raise _Raised(f.vector, f.error_code, _faulted(f, f"reading {what}"), f.vaddr) from None
 
     def _push_frame(self, vector: int, error_code: int | None, rip: int, software: bool) -> None:
         """SDM Vol.2A "INT n/INTO/INT3/INT1" (IA-32e mode), in its order of checks."""
@@ -79,25 +116,31 @@ class Delivery:
         ext = 0 if software else 1
         gate_error = selector_error(vector << 3, True, ext)
         idt_base, idt_limit = e.idtr()
+        # The reasons (`why`) name no vector: the chain's step does.
         if vector * IDT_GATE_SIZE + IDT_GATE_SIZE - 1 > idt_limit:
-            raise _Raised(Vector.GP, gate_error)
+            raise _Raised(Vector.GP, gate_error, "no IDT loaded" if idt_base == idt_limit == 0
+                          else f"the gate is beyond the IDT's limit {idt_limit:#x}")
         offset, selector, ist, gtype, present, dpl = decode_idt_gate(
-            self._read(idt_base + vector * IDT_GATE_SIZE, IDT_GATE_SIZE))
+            self._read(idt_base + vector * IDT_GATE_SIZE, IDT_GATE_SIZE, "the IDT gate"))
         if gtype not in (GATE_INTERRUPT, GATE_TRAP):
-            raise _Raised(Vector.GP, gate_error)
+            raise _Raised(Vector.GP, gate_error, f"the gate's type {gtype:#x} is no interrupt "
+                          "or trap gate")
         old_cpl = e.cpl()
         if software and dpl < old_cpl:
-            raise _Raised(Vector.GP, selector_error(vector << 3, True, 0))
+            raise _Raised(Vector.GP, selector_error(vector << 3, True, 0),
+                          f"the gate's DPL {dpl} is below CPL {old_cpl}")
         if not present:
-            raise _Raised(Vector.NP, gate_error)
+            raise _Raised(Vector.NP, gate_error, "the gate is not present")
         if selector & ~3 == 0:
-            raise _Raised(Vector.GP, ext)
+            raise _Raised(Vector.GP, ext, "the gate's code selector is NULL")
         new_cpl = self._handler_cpl(selector, ext, old_cpl)
         rsp = e.reg("rsp")
         if ist:
-            rsp = int.from_bytes(self._read(e.tr_base() + TSS_IST1 + 8 * (ist - 1), 8), "little")
+            rsp = int.from_bytes(self._read(e.tr_base() + TSS_IST1 + 8 * (ist - 1), 8,
+                                            "the TSS's IST pointer"), "little")
         elif new_cpl < old_cpl:
-            rsp = int.from_bytes(self._read(e.tr_base() + TSS_RSP0 + 8 * new_cpl, 8), "little")
+            rsp = int.from_bytes(self._read(e.tr_base() + TSS_RSP0 + 8 * new_cpl, 8,
+                                            "the TSS's RSP0"), "little")
         rsp &= ~0xF
         frame = [e.reg("ss"), e.reg("rsp"), e.reg("rflags"), e.reg("cs"), rip]
         if error_code is not None and vector in HAS_ERROR_CODE:
@@ -107,7 +150,8 @@ class Delivery:
             try:
                 self.write(rsp, (value & (2**64 - 1)).to_bytes(8, "little"))
             except Fault as f:
-                raise _Raised(f.vector, f.error_code, f.vaddr) from None
+                raise _Raised(f.vector, f.error_code, _faulted(f, "pushing the exception frame"),
+                              f.vaddr) from None
         flags = e.reg("rflags") & ~(RFLAGS.TF | RFLAGS.NT | RFLAGS.RF | RFLAGS.VM)
         if gtype == GATE_INTERRUPT:
             flags &= ~RFLAGS.IF
@@ -126,11 +170,18 @@ class Delivery:
         error = selector_error(selector & ~3, False, ext)
         gdt_base, gdt_limit = self.engine.gdtr()
         if (selector | 7) > gdt_limit:
-            raise _Raised(Vector.GP, error)
-        desc = int.from_bytes(self._read(gdt_base + (selector & ~7), 8), "little")
+            raise _Raised(Vector.GP, error, f"code selector {selector:#x} is beyond the GDT's "
+                          f"limit {gdt_limit:#x}")
+        desc = int.from_bytes(self._read(gdt_base + (selector & ~7), 8,
+                                         "the handler's code segment descriptor"), "little")
         dpl = desc >> 45 & 3
         if dpl > cpl:
-            raise _Raised(Vector.GP, error)
+            raise _Raised(Vector.GP, error, f"code segment {selector:#x} has DPL {dpl}, "
+                          f"less privileged than CPL {cpl}")
         if not desc >> 47 & 1:
-            raise _Raised(Vector.NP, error)
+            raise _Raised(Vector.NP, error, f"code segment {selector:#x} is not present")
         return dpl
+
+
+def _faulted(f: Fault, doing: str) -> str:
+    return f"#{Vector(f.vector).name}({f.error_code:#x}) at {f.vaddr:#x} {doing}"

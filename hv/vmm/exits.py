@@ -7,12 +7,17 @@ return; what the guest must see next (an injected #PF, an emulated write)
 they record on the vCPU (`VCpu.inject`). After every handler the vCPU
 resumes the guest (`VCpu.resume`: the TLB flush of a CPU without VPIDs, the
 MMU reload, the invariants with --check-invariants).
+
+`dispatch` is also the trace point (hv run --trace, hv.run(trace=...)): a
+record of each exit, in the spirit of KVM's `kvm_exit` tracepoint.
 """
 from __future__ import annotations
 
+import json
 from typing import TYPE_CHECKING, Callable
 
 from ..arch.vmx import ExitReason, Hypercall
+from ..errors import HvError
 from ..events import Exit
 
 if TYPE_CHECKING:
@@ -39,8 +44,97 @@ def handles(reason: ExitReason) -> Callable[[Handler], Handler]:
 def dispatch(vcpu: "VCpu", ex: Exit) -> None:
     vcpu.stats.exits[ex.reason] += 1
     vcpu.stats.counters["exits"] += 1
+    if vcpu.trace is not None:
+        vcpu.trace.exit(vcpu, ex)
     HANDLERS[ex.reason](vcpu, ex)
     vcpu.resume()
+
+
+class Trace:
+    """Where exits are traced: each exit whose reason is in `reasons` (names;
+    default all) becomes a record (a dict of plain data: `record`) handed
+    to `to`, a callable, or written to `to`, a text file, one line each:
+    text like `trace_line`, or JSON lines with `json_lines`."""
+
+    def __init__(self, to, reasons=None, json_lines: bool = False):
+        if hasattr(to, "write"):
+            line = _json_line if json_lines else trace_line
+            self.emit = lambda rec: to.write(line(rec) + "\n")
+        elif callable(to):
+            self.emit = to
+        else:
+            raise HvError(f"trace to a callable or a writable file, not {to!r}")
+        self.reasons = frozenset(ExitReason) if reasons is None else parse_reasons(reasons)
+
+    def exit(self, vcpu: "VCpu", ex: Exit) -> None:
+        if ex.reason in self.reasons:
+            self.emit(record(vcpu, ex))
+
+
+def parse_reasons(names) -> frozenset[ExitReason]:
+    """The exit reasons hv handles, by name (a comma-separated string, or
+    names), in any case."""
+    if isinstance(names, str):
+        names = names.split(",")
+    out = set()
+    for name in names:
+        if isinstance(name, ExitReason):
+            out.add(name)
+            continue
+        reason = ExitReason.__members__.get(name.strip().upper())
+        if reason not in HANDLERS:
+            raise HvError(f"unknown exit reason {name.strip()!r} (choose from "
+                          f"{', '.join(r.name for r in HANDLERS)})")
+        out.add(reason)
+    return frozenset(out)
+
+
+def record(vcpu: "VCpu", ex: Exit) -> dict:
+    """An exit as plain data: where (VM, vCPU, instructions started so far,
+    RIP and its label), why, and the reason's qualification by name."""
+    # An exit raised inside a TLB fill has no RIP of its own: the
+    # instruction that made the access is the engine's.
+    rip = ex.rip or vcpu.engine.reg("rip")
+    rec = {"vm": vcpu.vm.index, "vcpu": vcpu.index, "insns": vcpu.insns(), "rip": rip,
+           "where": vcpu.vm.symbols.name(rip), "reason": ex.reason.name}
+    reason, q = ex.reason, ex.qualification
+    if reason == ExitReason.EXCEPTION_NMI:
+        rec.update(vector=ex.value, cr2=q, error_code=ex.error_code)
+    elif reason == ExitReason.EPT_VIOLATION:
+        rec.update(gpa=ex.value, qualification=q)
+    elif reason == ExitReason.EPT_MISCONFIG:
+        rec.update(gpa=ex.value)
+    elif reason == ExitReason.CR_ACCESS:
+        rec.update(cr=q & 0xF, value=ex.value)
+    elif reason == ExitReason.INVLPG:
+        rec.update(address=q)
+    elif reason == ExitReason.MSR_WRITE:
+        rec.update(msr=q, value=ex.value)
+    elif reason == ExitReason.IO_INSTRUCTION:
+        is_in = bool(q & 8)
+        rec.update(port=q >> 16, size=(q & 7) + 1, direction="in" if is_in else "out")
+        if not is_in:
+            rec.update(value=ex.value)
+    elif reason == ExitReason.VMCALL:
+        rec.update(rax=vcpu.engine.reg("rax"), rbx=vcpu.engine.reg("rbx"))
+    return rec
+
+
+_TRACE_HEAD = ("vm", "vcpu", "insns", "rip", "where", "reason")
+_DECIMAL = ("vector", "cr", "size")
+
+
+def trace_line(rec: dict) -> str:
+    """A record as one line of text: `insns vmN/vcpuN REASON rip=... <label> key=value ...`."""
+    where = f" <{rec['where']}>" if rec["where"] else ""
+    rest = " ".join(f"{k}={v if k in _DECIMAL or not isinstance(v, int) else hex(v)}"
+                    for k, v in rec.items() if k not in _TRACE_HEAD)
+    return (f"{rec['insns']:>12} vm{rec['vm']}/vcpu{rec['vcpu']} {rec['reason']:<14} "
+            f"rip={rec['rip']:#x}{where} {rest}").rstrip()
+
+
+def _json_line(rec: dict) -> str:
+    return json.dumps(rec, separators=(",", ":"))
 
 
 # Qualification of IO_INSTRUCTION (SDM Vol.3C Table 28-5): size-1 in bits

@@ -39,6 +39,9 @@ from .exits import PORT_CONSOLE_LSR, dispatch, io_qualification
 VMCALL = b"\x0f\x01\xc1"
 HLT = 0xF4
 INT3 = 0xCC
+# What a crash report shows, in this order (and EFER).
+REGISTERS = ("rax rbx rcx rdx rsi rdi rbp rsp r8 r9 r10 r11 r12 r13 r14 r15 "
+             "rip rflags cs ss cr0 cr2 cr3 cr4").split()
 
 
 class _Ended(Exception):
@@ -60,6 +63,10 @@ class VCpu:
         self._event: Fault | EmulateWrite | None = None   # what a handler recorded (inject)
         self._stop = False                        # a handler asked the slice to end
         self._faulted = False                     # QEMU raised an exception this slice
+        self._running = False                     # inside the engine's run (hooks)
+        self.trace = vm.config.trace              # hv.vmm.exits.Trace, or None
+        self._chain = None                        # the last delivery's triple-fault chain
+        self.crash: dict | None = None            # the triple fault's report, as data
         # Pages the instruction being emulated may write: virtual page ->
         # host frame. More than one when it writes across a page boundary
         # onto two write-protected guest tables (_emulate_write nests).
@@ -301,7 +308,11 @@ class VCpu:
         self._stop = self._faulted = False
         self._pending = None
         e = self.engine
-        ran = e.run(e.reg("rip"), budget)
+        self._running = True
+        try:
+            ran = e.run(e.reg("rip"), budget)
+        finally:
+            self._running = False
         self.stats.counters["insns"] += ran
         if self._pending is not None:
             (event, access), self._pending = self._pending, None
@@ -355,7 +366,8 @@ class VCpu:
         """Deliver an exception (or, with `int_rip`, INT n) through the guest
         IDT, as the CPU would; a triple fault is an exit."""
         self.tsc.cancel()
-        if not self.delivery.deliver(vector, error_code, rip, cr2, int_rip):
+        self._chain = self.delivery.deliver(vector, error_code, rip, cr2, int_rip)
+        if self._chain is not None:
             self.event(Exit(ExitReason.TRIPLE_FAULT, 0, rip if int_rip is None else int_rip))
             self.request_stop()
 
@@ -387,8 +399,34 @@ class VCpu:
             return
         self.vm.mem.write(hpa, data)
 
+    # -- reports -------------------------------------------------------------
+    def insns(self) -> int:
+        """Instructions this vCPU started so far (at an exit from a hook,
+        the exiting one included, as a mark counts it)."""
+        n = self.stats.counters["insns"]
+        return n + self.engine.started() if self._running else n
+
+    def registers(self) -> dict[str, int]:
+        """The guest's registers (the engine's are the guest's in every mode:
+        the VMM's paging registers are the MMU's, never the engine's)."""
+        e = self.engine
+        regs = {name: e.reg(name) for name in REGISTERS}
+        regs["efer"] = e.msr(MSR_EFER)
+        return regs
+
     def describe_fault(self, ex: Exit) -> str:
+        """The triple fault's one-line report; its data (registers, the
+        chain of events) goes in `crash`."""
         # Through the tables, as the oracle reads it: the guest may have
         # changed them since the TLB cached the page.
-        code = self.read_code(ex.rip, tlb=False)
-        return f"triple fault at rip={ex.rip:#x}: {asm.describe_insn(code, ex.rip)}"
+        insn = asm.describe_insn(self.read_code(ex.rip, tlb=False), ex.rip)
+        chain = self._chain or []
+        self.crash = {"vm": self.vm.index, "vcpu": self.index, "rip": ex.rip,
+                      "where": self.vm.symbols.name(ex.rip), "insn": insn,
+                      "chain": [step.data() for step in chain], "registers": self.registers()}
+        whys = {step.why for step in chain}
+        if len(whys) == 1:      # one cause all along (no IDT): said once
+            events = " → ".join(step.name for step in chain) + f" → shutdown: {whys.pop()}"
+        else:
+            events = " → ".join(f"{step.name} ({step.why})" for step in chain) + " → shutdown"
+        return f"triple fault at rip={self.vm.symbols.at(ex.rip)}: {insn}; {events}"

@@ -13,6 +13,7 @@ import struct
 import time
 from dataclasses import dataclass
 
+from .. import asm
 from ..arch.paging import P, PS, RW
 from ..arch.x86 import CR0, CR4, EFER, GDT_CODE64, GDT_DATA, MSR_EFER, RFLAGS
 from ..errors import GuestEscape, HvError, InvariantError
@@ -23,6 +24,7 @@ from ..hw.pwc import WalkCache
 from ..hw.tlb import TLB
 from ..memory import GiB, MiB
 from ..stats import Stats
+from .exits import Trace
 from .modes import AGILE_POLICIES, MODES
 from .vcpu import VCpu
 
@@ -65,6 +67,7 @@ class Config:
     timeout: float = 0          # wall-clock seconds before the run is stopped (0: none)
     memo: bool = True           # replay unchanged walks (speed only: the counts are the same)
     agile_policy: str = "dynamic"  # agile: when subtrees go nested (hv/vmm/agile.py)
+    trace: Trace | None = None  # where exits are traced (--trace); no count depends on it
 
     def check(self) -> None:
         if self.mmu not in MODES:
@@ -82,13 +85,18 @@ class Config:
             raise HvError("--max-insns and --quantum must be positive")
         if self.timeout < 0:
             raise HvError("--timeout must not be negative")
+        if self.trace is not None and not isinstance(self.trace, Trace):
+            raise HvError(f"trace must be a hv.vmm.exits.Trace, not {self.trace!r}")
 
 
 class VM:
     def __init__(self, image: bytes, config: Config = Config(), on_console=None,
-                 machine: "Machine | None" = None, name: str = "guest"):
+                 machine: "Machine | None" = None, name: str = "guest",
+                 symbols: dict[str, int] | None = None):
         config.check()
         self.config, self.name = config, name
+        # The guest's labels (an assembled .s's), to name the RIPs hv reports.
+        self.symbols = asm.Symbols(symbols or {}, LOAD_ADDR, LOAD_ADDR + len(image))
         self.machine = machine if machine is not None else Machine(config)
         self.index = len(self.machine.vms)
         if self.index >= MAX_VMS:
