@@ -9,6 +9,7 @@ vCPU has a 16 KiB stack below 0xA0000; rdi = vCPU index, rsi = vCPU count.
 """
 from __future__ import annotations
 
+import signal
 import struct
 import time
 from dataclasses import dataclass
@@ -257,15 +258,40 @@ class Machine:
             for tlb in self.tlbs:
                 tlb.walk_cache = WalkCache()
         self.vms: list[VM] = []
+        self.interrupted = False        # Ctrl-C while running
+        self._current: VCpu | None = None   # the vCPU of the current slice
 
     def run(self) -> None:
         """Run until every VM ended. Ctrl-C or --timeout end the VMs still
         running, with what they counted so far."""
         deadline = time.monotonic() + self.config.timeout if self.config.timeout else None
+        previous = self._catch_sigint()
         try:
             self._schedule(deadline)
-        except KeyboardInterrupt:
-            self._stop_all("interrupted", "interrupted (Ctrl-C)")
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGINT, previous)
+
+    def _catch_sigint(self):
+        """Handle Ctrl-C while the machine runs: the KeyboardInterrupt of
+        Python's handler may be raised in a ctypes callback (a TLB fill),
+        which swallows it. Not over SIG_IGN or SIG_DFL, and not outside the
+        main thread (signal.signal refuses). The handler to restore, or None."""
+        previous = signal.getsignal(signal.SIGINT)
+        if not callable(previous):
+            return None
+        try:
+            signal.signal(signal.SIGINT, self._sigint)
+        except ValueError:
+            return None
+        return previous
+
+    def _sigint(self, _signum, frame) -> None:
+        """Recorded, and the running slice stopped; the scheduler ends the
+        VMs before the next slice. Raises nothing (see _catch_sigint)."""
+        self.interrupted = True
+        if self._current is not None:
+            self._current.interrupt(frame)
 
     def _stop_all(self, reason: str, detail: str) -> None:
         for vm in self.vms:
@@ -286,6 +312,10 @@ class Machine:
                     vm.finish("halted", "every vCPU ran HLT")
                     continue
                 for cpu in runnable:
+                    if self.interrupted:
+                        self._stop_all("interrupted", "interrupted (Ctrl-C)")
+                        return
                     if vm.ended or cpu.halted:
                         continue
+                    self._current = cpu
                     vm.run_slice(cpu)
