@@ -134,9 +134,17 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _cmd_run(args) -> int:
+def _console(**options):
+    """A rich Console that leaves a broken pipe to main (rich exits 1)."""
     from rich.console import Console
 
+    class Piped(Console):
+        def on_broken_pipe(self) -> None:
+            raise BrokenPipeError
+    return Piped(**options)
+
+
+def _cmd_run(args) -> int:
     streaming = not args.json
     out = sys.stdout
 
@@ -159,7 +167,7 @@ def _cmd_run(args) -> int:
         from .report import print_report
         if not all(at_line_start.values()):
             out.write("\n")
-        print_report(result, Console())
+        print_report(result, _console())
     if result.reason == "interrupted":
         return 130
     return 0 if result.ok else 1
@@ -193,7 +201,7 @@ def _cmd_compare(args) -> int:
         sys.stdout.write("\n")
     else:
         from .report import print_compare
-        print_compare(doc, Console())
+        print_compare(doc, _console())
         if args.plot:
             print(f"plot: {args.plot}")
     if doc["interrupted"]:
@@ -263,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
         print("hv: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:
-        return 0
+        return 0        # the reader went away (hv run | head): as other Unix tools
 
 
 if __name__ == "__main__":

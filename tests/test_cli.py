@@ -97,3 +97,18 @@ def test_no_memo_walks_every_miss_and_counts_the_same(capsys):
     a, b = json.loads(with_memo), json.loads(without)
     assert status == 0 and a["config"]["memo"] is True and b["config"]["memo"] is False
     assert a["tlb"] == b["tlb"] and a["counters"] == b["counters"]
+
+
+@pytest.mark.parametrize("command", [["run"], ["run", "--json"], ["compare", "--mmu", "native"]])
+def test_a_reader_that_goes_away_ends_hv_quietly(tmp_path, command):
+    """`hv run guest | head -1`: status 0 and nothing on stderr, as other
+    Unix tools. The pipe is closed before hv writes (its start-up takes
+    longer); the guest prints nothing, so the first write is the report
+    (rich exited 1 on a broken pipe)."""
+    src = tmp_path / "quiet.s"
+    src.write_text("xor eax, eax\nmov dx, 0xf4\nout dx, al\n")
+    p = subprocess.Popen([sys.executable, "-m", "hv", command[0], str(src), *command[1:]],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p.stdout.close()
+    err = p.stderr.read()
+    assert (p.wait(timeout=60), err) == (0, "")
