@@ -67,6 +67,8 @@ def assemble_file(path, base=DEFAULT_BASE, include_dirs=None) -> Image:
         text = path.read_text()
     except OSError as e:
         raise AsmError(f"cannot read source: {e.strerror}", str(path)) from None
+    except UnicodeDecodeError:
+        raise AsmError("not a source: not UTF-8 text", str(path)) from None
     return assemble_source(text, str(path), base, include_dirs)
 
 
@@ -86,6 +88,8 @@ def assemble_source(text: str, name="<inline>", base=DEFAULT_BASE, include_dirs=
     statements = [st for src in _read(text, name, search, chain, included)
                   for st in _parse_line(src)]
     final = _layout(statements, base)
+    if not final.code:
+        raise AsmError("no code: the source assembles to 0 bytes", name)
     for insn, address, code, operands in final.checks:
         insn.verify(address, code, operands)
     image = Image(bytes(final.code), base, final.labels, tuple(final.source_map))

@@ -2,10 +2,13 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
+import hv as hv_api
 from hv.cli import main
+from hv.errors import HvError
 
 
 def hv(capsys, *args):
@@ -60,6 +63,40 @@ def test_bad_input_is_one_line_and_status_2(capsys, args, message):
     assert status == 2 and out == ""
     assert err.startswith("hv: error: ") and err.count("\n") == 1
     assert message in err
+
+
+ELF = Path("/bin/true").read_bytes()
+
+
+@pytest.mark.parametrize("name,content,message", [
+    ("empty.s", b"", "empty.s: no code: the source assembles to 0 bytes"),
+    ("comment.s", b"; nothing yet\n", "comment.s: no code"),
+    ("empty.bin", b"", "empty.bin is empty: there is nothing to run"),
+    ("true", ELF, "true is an ELF file: hv runs flat images (.bin) and .s sources"),
+    ("true.bin", ELF, "true.bin is an ELF file"),
+    ("true.s", ELF, "true.s: not a source: not UTF-8 text"),
+    ("my.asm", b"mov al, 0\nout 0xf4, al\n", "my.asm is text, not a flat image: hv "
+                                               "assembles sources named .s"),
+    ("my.S", b"mov al, 0\nout 0xf4, al\n", "my.S is text, not a flat image"),
+])
+def test_a_file_that_is_no_guest_is_one_line_and_status_2(capsys, tmp_path, name, content,
+                                                           message):
+    """Run as a flat image, each fell through zeroed RAM to a triple fault."""
+    (tmp_path / name).write_bytes(content)
+    status, out, err = hv(capsys, "run", str(tmp_path / name))
+    assert (status, out) == (2, "") and err.count("\n") == 1
+    assert err.startswith(f"hv: error: {tmp_path}/{message}")
+
+
+def test_asm_refuses_an_empty_source(capsys, tmp_path):
+    (tmp_path / "empty.s").write_text("")
+    status, _, err = hv(capsys, "asm", str(tmp_path / "empty.s"), "-o", str(tmp_path / "e.bin"))
+    assert status == 2 and "no code" in err and not (tmp_path / "e.bin").exists()
+
+
+def test_hv_run_refuses_an_empty_image():
+    with pytest.raises(HvError, match="the image of 'x' is empty"):
+        hv_api.run("x", image=b"")
 
 
 def test_a_broken_source_names_file_and_line(capsys, tmp_path):
