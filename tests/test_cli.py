@@ -2,6 +2,7 @@
 import json
 import subprocess
 import sys
+from importlib import metadata
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,7 @@ import pytest
 import hv as hv_api
 from hv.cli import main
 from hv.errors import HvError
+from hv.memory import format_size, parse_size
 
 
 def hv(capsys, *args):
@@ -52,7 +54,16 @@ def test_a_failing_guest_gives_status_1(capsys, tmp_path):
 @pytest.mark.parametrize("args,message", [
     (["run", "no-such-guest"], "no guest 'no-such-guest'"),
     (["run", "hello", "--ram", "lots"], "invalid size"),
-    (["run", "hello", "--ram", "3M"], "multiple of 2 MiB"),
+    (["run", "hello", "--ram", "3M"], "multiple of 2 MiB from 4 MiB to 64 GiB, not 3 MiB"),
+    (["run", "hello", "--ram", "0x400001"], "not 4194305 bytes"),
+    (["run", "hello", "--ram", "-64M"], "argument --ram: invalid size '-64M'"),
+    (["run", "hello", "--max-insns", "1.5"], "--max-insns: not a whole number up to 1e18: '1.5'"),
+    (["run", "hello", "--max-insns", "1e999999999"], "not a whole number up to 1e18"),
+    (["run", "hello", "--quantum", "2e18"], "--quantum: not a whole number up to 1e18"),
+    (["run", "hello", "--vcpus", "-1"], "--vcpus: must be positive: '-1'"),
+    (["asm", "guests/hello.s", "-o", "/dev/null", "--base", "zzz"],
+     "argument --base: not an address: 'zzz'"),
+    (["disasm", "/dev/null", "--base", "-1"], "argument --base: not an address: '-1'"),
     (["run", "hello", "--vcpus", "99"], "1 to 16 vCPUs"),
     (["run", "hello", "--mmu", "magic"], "invalid choice"),
     (["run", "hello", "--tlb-entries", "10", "--tlb-ways", "3"], "cannot have 3 ways"),
@@ -97,6 +108,43 @@ def test_asm_refuses_an_empty_source(capsys, tmp_path):
 def test_hv_run_refuses_an_empty_image():
     with pytest.raises(HvError, match="the image of 'x' is empty"):
         hv_api.run("x", image=b"")
+
+
+@pytest.mark.parametrize("option,value,expected", [
+    ("--max-insns", "1e3", 1000),           # as --help prints the defaults: 5e8
+    ("--max-insns", "2.5e6", 2_500_000),
+    ("--quantum", "10_000", 10_000),
+    ("--quantum", "0x1000", 4096),
+])
+def test_counts_take_the_forms_help_prints(capsys, option, value, expected):
+    status, out, _ = hv(capsys, "run", "hello", "--json", option, value)
+    assert status == 0 and json.loads(out)["config"][option[2:].replace("-", "_")] == expected
+
+
+@pytest.mark.parametrize("text,size", [
+    ("64M", 64 << 20), ("1G", 1 << 30), ("4096K", 4 << 20), ("64MiB", 64 << 20),
+    ("64 MB", 64 << 20), ("0x4000000", 64 << 20), ("512", 512), ("512B", 512),
+    ("0x400000B", 0x400000B),               # with 0x, B is a hex digit
+    ("0x40KB", 0x40 << 10), ("0x40MiB", 0x40 << 20),
+])
+def test_sizes(text, size):
+    assert parse_size(text) == size
+
+
+def test_sizes_in_messages():
+    assert [format_size(n) for n in (64 << 20, 1 << 30, 1536 << 10, 4194305, 0)] == \
+        ["64 MiB", "1 GiB", "1536 KiB", "4194305 bytes", "0 bytes"]
+
+
+@pytest.mark.parametrize("text", ["-64M", "lots", "64iB", "1.5G", "010", "0x", ""])
+def test_what_is_no_size(text):
+    with pytest.raises(HvError, match="invalid size"):
+        parse_size(text)
+
+
+def test_version():
+    p = subprocess.run([sys.executable, "-m", "hv", "--version"], capture_output=True, text=True)
+    assert (p.returncode, p.stdout, p.stderr) == (0, f"hv {metadata.version('hv')}\n", "")
 
 
 def test_a_broken_source_names_file_and_line(capsys, tmp_path):

@@ -21,7 +21,7 @@ from ..hw.engine import EngineError
 from ..hw.memo import WalkMemo
 from ..hw.pwc import WalkCache
 from ..hw.tlb import TLB
-from ..memory import GiB, MiB
+from ..memory import GiB, MiB, format_size
 from ..stats import Stats
 from .modes import MODES
 from .vcpu import VCpu
@@ -67,7 +67,8 @@ class Config:
         if self.mmu not in MODES:
             raise HvError(f"unknown MMU mode {self.mmu!r} (choose from {', '.join(MODES)})")
         if not 4 * MiB <= self.ram <= MAX_RAM or self.ram % (2 * MiB):
-            raise HvError(f"RAM must be a multiple of 2 MiB from 4 MiB to 64 GiB, not {self.ram:#x}")
+            raise HvError(f"RAM must be a multiple of 2 MiB from 4 MiB to 64 GiB, "
+                          f"not {format_size(self.ram)}")
         if not 1 <= self.vcpus <= MAX_VCPUS:
             raise HvError(f"a VM has 1 to {MAX_VCPUS} vCPUs, not {self.vcpus}")
         if self.tlb_entries < 1 or self.tlb_ways < 1 or self.tlb_entries % self.tlb_ways:
@@ -87,13 +88,18 @@ class VM:
         self.index = len(self.machine.vms)
         if self.index >= MAX_VMS:
             raise HvError(f"a machine runs at most {MAX_VMS} VMs")
+        cpus = len(self.machine.tlbs)
+        if config.vcpus > cpus:
+            # vCPU j runs on physical CPU j (Machine).
+            raise HvError(f"a VM of {config.vcpus} vCPUs on a machine of {cpus} physical CPUs "
+                          f"(give its Config vcpus={config.vcpus})")
         self.machine.vms.append(self)
         # The VPID: 0 is the host's; without tags every VM shares it.
         self.asid = self.index + 1 if config.asid else 0
         self.mode = MODES[config.mmu]
         if LOAD_ADDR + len(image) > config.ram:
-            raise HvError(f"a guest of {len(image)} bytes does not fit in {config.ram // MiB} MiB "
-                          f"of RAM at {LOAD_ADDR:#x}")
+            raise HvError(f"a guest of {len(image)} bytes does not fit in "
+                          f"{format_size(config.ram)} of RAM at {LOAD_ADDR:#x}")
         # Guest RAM placed in host memory, and the VM's MMU state (shadow
         # pages, EPT), as the mode has them.
         self.guest, self.mmu = self.mode.memory(config)
