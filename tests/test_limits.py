@@ -74,18 +74,21 @@ def _interrupted(args: list[str], tries: int, cpu: float) -> list[tuple[int, str
     stdout, stderr) of each; each must end within 10 s of its signal."""
     runs = [subprocess.Popen([sys.executable, "-m", "hv", *args], stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True) for _ in range(tries)]
-    waiting = {p: cpu + 0.05 * i for i, p in enumerate(runs)}
-    while waiting:
-        for p, used in list(waiting.items()):
-            if _cpu_seconds(p.pid) >= used:
-                p.send_signal(signal.SIGINT)
-                del waiting[p]
-        time.sleep(0.01)
-    ends = []
-    for p in runs:
-        out, err = p.communicate(timeout=10)
-        ends.append((p.returncode, out, err))
-    return ends
+    try:
+        waiting = {p: cpu + 0.05 * i for i, p in enumerate(runs)}
+        while waiting:
+            for p, used in list(waiting.items()):
+                if _cpu_seconds(p.pid) >= used:
+                    p.send_signal(signal.SIGINT)
+                    del waiting[p]
+            time.sleep(0.01)
+        ends = [p.communicate(timeout=10) for p in runs]
+        return [(p.returncode, out, err) for p, (out, err) in zip(runs, ends)]
+    finally:
+        for p in runs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
 
 
 @pytest.mark.parametrize("mmu", ["native", "ept"])
