@@ -99,6 +99,14 @@ def test_a_file_that_is_no_guest_is_one_line_and_status_2(capsys, tmp_path, name
     assert err.startswith(f"hv: error: {tmp_path}/{message}")
 
 
+def test_an_included_file_that_is_no_source_is_one_line(capsys, tmp_path):
+    (tmp_path / "true.bin").write_bytes(ELF)
+    (tmp_path / "inc.s").write_text('nop\n.include "true.bin"\n')
+    status, _, err = hv(capsys, "run", str(tmp_path / "inc.s"))
+    assert status == 2 and err.count("\n") == 1
+    assert f'inc.s:2: include file "true.bin": not a source: not UTF-8 text' in err
+
+
 def test_asm_refuses_an_empty_source(capsys, tmp_path):
     (tmp_path / "empty.s").write_text("")
     status, _, err = hv(capsys, "asm", str(tmp_path / "empty.s"), "-o", str(tmp_path / "e.bin"))
