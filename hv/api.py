@@ -166,9 +166,27 @@ def load_guest(guest: str | Path) -> tuple[str, bytes]:
     if path.suffix == ".s":
         return path.stem, asm.assemble_file(path).code
     try:
-        return path.stem, path.read_bytes()
+        image = path.read_bytes()
     except OSError as e:
         raise HvError(f"cannot read {path}: {e.strerror}") from None
+    check_image(image, str(path))
+    return path.stem, image
+
+
+def check_image(image: bytes, what: str) -> None:
+    """Refuse what is no flat image, saying what it is: run, it would fall
+    through zeroed RAM to a triple fault."""
+    if not image:
+        raise HvError(f"{what} is empty: there is nothing to run")
+    if image.startswith(b"\x7fELF"):
+        raise HvError(f"{what} is an ELF file: hv runs flat images (.bin) and .s sources")
+    try:
+        text = image.decode()
+    except UnicodeDecodeError:
+        return
+    if all(c.isprintable() or c.isspace() for c in text):
+        raise HvError(f"{what} is text, not a flat image: hv assembles sources named .s "
+                      "(Intel syntax, no preprocessor)")
 
 
 def _load_with_symbols(guest: str | Path) -> tuple[str, bytes, dict[str, int]]:
@@ -217,6 +235,7 @@ def run(guest: str | Path | list, mmu: str = "native", *, ram: int | str = "64M"
                       gets each as a line, and a hv.vmm.exits.Trace picks the reasons
     """
     if image is not None:
+        check_image(image, f"the image of {str(guest)!r}")
         guests = [(str(guest), image, symbols or {})]
     else:
         guests = [_load_with_symbols(g) for g in (guest if isinstance(guest, list) else [guest])]

@@ -65,10 +65,20 @@ class Image:
 def assemble_file(path, base=DEFAULT_BASE, include_dirs=None) -> Image:
     path = Path(path)
     try:
-        text = path.read_text()
-    except OSError as e:
-        raise AsmError(f"cannot read source: {e.strerror}", str(path)) from None
+        text = _source_text(path)
+    except ValueError as e:
+        raise AsmError(str(e), str(path)) from None
     return assemble_source(text, str(path), base, include_dirs)
+
+
+def _source_text(path: Path) -> str:
+    """A source file's text; ValueError says why there is none."""
+    try:
+        return path.read_text()
+    except OSError as e:
+        raise ValueError(f"cannot read source: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise ValueError("not a source: not UTF-8 text") from None
 
 
 def assemble_source(text: str, name="<inline>", base=DEFAULT_BASE, include_dirs=None) -> Image:
@@ -87,6 +97,8 @@ def assemble_source(text: str, name="<inline>", base=DEFAULT_BASE, include_dirs=
     statements = [st for src in _read(text, name, search, chain, included)
                   for st in _parse_line(src)]
     final = _layout(statements, base)
+    if not final.code:
+        raise AsmError("no code: the source assembles to 0 bytes", name)
     for insn, address, code, operands in final.checks:
         insn.verify(address, code, operands)
     image = Image(bytes(final.code), base, final.labels, tuple(final.source_map))
@@ -300,8 +312,12 @@ def _include(src, argument, folder, search, chain, included):
     key = path.resolve()
     if key in chain:
         raise src.error("include cycle: " + " -> ".join(p.name for p in (*chain, key)))
+    try:
+        text = _source_text(path)
+    except ValueError as e:
+        raise src.error(f'include file "{quoted[1]}": {e}') from None
     included.append(path)
-    yield from _read(path.read_text(), str(path), search, (*chain, key), included)
+    yield from _read(text, str(path), search, (*chain, key), included)
 
 
 def _outside_quotes(text: str):

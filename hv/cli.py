@@ -3,7 +3,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
+from decimal import Decimal, InvalidOperation
+from importlib import metadata
 from pathlib import Path
 
 from . import api, asm, compare
@@ -15,13 +18,37 @@ from .vmm.modes import AGILE_POLICIES, MODE_HELP, MODES
 from .paths import bundled_guests
 
 
+_MAX_COUNT = 10**18
+
+
 def _positive(text: str) -> int:
+    """A whole number as --help prints them (5e8), or 1_000, 0x3e8."""
+    t = text.replace("_", "")
+    try:
+        value = int(t, 0)
+    except ValueError:
+        try:
+            exact = Decimal(t)
+        except InvalidOperation:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        # (adjusted: the exponent, checked before int() spells out 1e999999999)
+        if not exact.is_finite() or exact.adjusted() > 18 or exact % 1:
+            raise argparse.ArgumentTypeError(f"not a whole number up to 1e18: {text!r}")
+        value = int(exact)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
+    if value > _MAX_COUNT:
+        raise argparse.ArgumentTypeError(f"not a whole number up to 1e18: {text!r}")
+    return value
+
+
+def _address(text: str) -> int:
     try:
         value = int(text.replace("_", ""), 0)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
+        value = -1
+    if not 0 <= value < 1 << 64:
+        raise argparse.ArgumentTypeError(f"not an address: {text!r} (e.g. 0x100000)")
     return value
 
 
@@ -47,6 +74,13 @@ def _size(text: str) -> int:
 
 
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # "--ram -64M": a value, as Python 3.13 reads it (before, only -64
+        # and -6.4 were, and -64M an unknown option), so the type says
+        # what is wrong with it.
+        self._negative_number_matcher = re.compile(r"-\.?\d")
+
     def error(self, message: str):
         """Bad arguments: one line, status 2 (argparse would add the usage)."""
         raise HvError(f"{message} (see hv {'-h' if self.prog == 'hv' else self.prog[3:] + ' -h'})")
@@ -88,9 +122,17 @@ def _config(args) -> dict:
                 agile_policy=args.agile_policy)
 
 
+def _version() -> str:
+    try:
+        return metadata.version("hv")
+    except metadata.PackageNotFoundError:
+        return "(not installed)"
+
+
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="hv", description="A toy x86-64 hypervisor that shows "
                                 "what MMU virtualization costs.")
+    p.add_argument("--version", action="version", version=f"hv {_version()}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND",
                            parser_class=_Parser)
 
@@ -141,14 +183,14 @@ def _parser() -> argparse.ArgumentParser:
     a = sub.add_parser("asm", help="assemble a .s file into a flat binary")
     a.add_argument("source")
     a.add_argument("-o", "--output", required=True, help="the .bin file to write")
-    a.add_argument("--base", type=lambda t: int(t, 0), default=0x100000,
+    a.add_argument("--base", type=_address, default=0x100000,
                    help="load address (default 0x100000)")
     a.add_argument("--listing", action="store_true",
                    help="print each statement's address, bytes and file:line, and the labels")
 
     d = sub.add_parser("disasm", help="disassemble a flat binary (or a .s file's output)")
     d.add_argument("binary")
-    d.add_argument("--base", type=lambda t: int(t, 0), default=0x100000,
+    d.add_argument("--base", type=_address, default=0x100000,
                    help="load address (default 0x100000)")
     return p
 
@@ -170,7 +212,6 @@ def _trace(args):
 
 def _cmd_run(args) -> int:
     from .report import make_console, print_report
-
     streaming = not args.json
     out = sys.stdout
 
@@ -244,8 +285,8 @@ def _cmd_compare(args) -> int:
         json.dump(doc, sys.stdout, indent=2)
         sys.stdout.write("\n")
     else:
-        from .report import print_compare
-        print_compare(doc, Console())
+        from .report import make_console, print_compare
+        print_compare(doc, make_console())
         if plotted:
             print(f"plot: {args.plot}")
     if args.plot and not plotted:
@@ -321,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
         print("hv: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:
-        return 0
+        return 0        # the reader went away (hv run | head): as other Unix tools
 
 
 if __name__ == "__main__":

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import ctypes
 import mmap
+import re
 
 from .errors import HvError
 
+KiB = 1 << 10
 MiB = 1 << 20
 GiB = 1 << 30
 
@@ -24,7 +26,8 @@ class PhysMem:
 
     def __init__(self, size: int):
         if size <= 0 or size % (2 * MiB):
-            raise HvError(f"memory size must be a positive multiple of 2 MiB, not {size:#x}")
+            raise HvError(f"memory size must be a positive multiple of 2 MiB, "
+                          f"not {format_size(size)}")
         self.size = size
         self._mm = mmap.mmap(-1, size)
         self._q = memoryview(self._mm).cast("Q")
@@ -163,13 +166,27 @@ class VmmFrames:
         self._free.append(hpa)
 
 
+# A number (0x hex, 0o, 0b or decimal) and a unit: K, M, G (then B or iB
+# maybe), or B. A B right after hex digits is one of them.
+_SIZE = re.compile(r"(0x[0-9a-f_]+|0o[0-7_]+|0b[01_]+|[0-9][0-9_]*)\s*([kmg](?:i?b)?|b)?", re.I)
+_UNITS = {"k": KiB, "m": MiB, "g": GiB}
+
+
 def parse_size(text: str) -> int:
-    """'64M', '1G', '4096K', '0x4000000' -> bytes."""
-    t = text.strip().upper().removesuffix("IB").removesuffix("B")
-    scale = {"K": 1 << 10, "M": MiB, "G": GiB}.get(t[-1:], 1)
-    digits = t[:-1] if scale != 1 else t
+    """'64M', '1G', '4096KiB', '0x4000000' -> bytes."""
+    m = _SIZE.fullmatch(text.strip())
     try:
-        value = int(digits, 0)
+        if m is None:
+            raise ValueError
+        value = int(m[1], 0)        # refuses 010 (leading zeros)
     except ValueError:
         raise HvError(f"invalid size {text!r} (examples: 64M, 1G, 0x4000000)") from None
-    return value * scale
+    return value * _UNITS.get((m[2] or "b")[0].lower(), 1)
+
+
+def format_size(size: int) -> str:
+    """Bytes in the largest unit that holds them whole: '64 MiB', '3 bytes'."""
+    for unit, name in ((GiB, "GiB"), (MiB, "MiB"), (KiB, "KiB")):
+        if size and size % unit == 0:
+            return f"{size // unit} {name}"
+    return f"{size} bytes"

@@ -12,13 +12,10 @@ in pyproject.toml), so any test can ask for the `hv` fixture:
         r = hv.run("pagetouch")             # runs in hv.mmu, the test's mode
         ...
 
-`hv.run(guest)` takes a `Path`, or a `str` that is
-
-- inline assembly source if it contains a newline, or if it is neither an
-  existing file nor a bundled guest's name and does not end in `.s` or
-  `.bin` (so a mistyped file name is an error, not a source);
-- otherwise a path to a `.s`/`.bin` file or a bundled guest's name, as for
-  `hv.run`.
+`hv.run(guest)` takes a `Path`, or a `str` that is inline assembly source
+if it contains a newline, else a path to a `.s`/`.bin` file or a bundled
+guest's name, as for `hv.run` (so a mistyped name is an error that says so,
+not a source of one unknown instruction).
 
 Per-mode runs: a test that uses the fixture runs once per MMU mode of its
 `hv_modes` marker, else of `--hv-mmu` (comma-separated modes, or `all`),
@@ -42,7 +39,6 @@ from .arch.vmx import ExitReason
 from .asm import assemble_source
 from .errors import AsmError, HvError
 from .vmm.modes import MODES
-from .paths import bundled_guests
 
 DEFAULT_MODE = "native"
 MARKER = "hv_modes"
@@ -102,13 +98,7 @@ class HvFixture:
 
 def is_source(guest) -> bool:
     """Whether `hv.run(guest)` treats `guest` as inline assembly source."""
-    if not isinstance(guest, str):
-        return False
-    if "\n" in guest:
-        return True
-    if guest.endswith((".s", ".bin")) or guest in bundled_guests():
-        return False
-    return not Path(guest).exists()
+    return isinstance(guest, str) and "\n" in guest
 
 
 @pytest.fixture

@@ -18,12 +18,19 @@ from .cost import PARTS, UNPRICED_EXITS
 from .stats import TLB_NAMES
 
 
+class _Console(Console):
+    """Leaves a broken pipe to hv's main, which ends quietly (rich exits 1)."""
+
+    def on_broken_pipe(self) -> None:
+        raise BrokenPipeError
+
+
 def make_console(stderr: bool = False) -> Console:
     """A console for reports: on a terminal, its width; piped or redirected,
     no width limit (rich would fold tables into 80 columns, cutting
     numbers short)."""
-    c = Console(stderr=stderr)
-    return c if c.is_terminal else Console(stderr=stderr, width=1_000_000)
+    c = _Console(stderr=stderr)
+    return c if c.is_terminal else _Console(stderr=stderr, width=1_000_000)
 
 
 def _exits_table(r: Result) -> Table:

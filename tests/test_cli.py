@@ -2,10 +2,15 @@
 import json
 import subprocess
 import sys
+from importlib import metadata
+from pathlib import Path
 
 import pytest
 
+import hv as hv_api
 from hv.cli import main
+from hv.errors import HvError
+from hv.memory import format_size, parse_size
 
 
 def hv(capsys, *args):
@@ -49,7 +54,16 @@ def test_a_failing_guest_gives_status_1(capsys, tmp_path):
 @pytest.mark.parametrize("args,message", [
     (["run", "no-such-guest"], "no guest 'no-such-guest'"),
     (["run", "hello", "--ram", "lots"], "invalid size"),
-    (["run", "hello", "--ram", "3M"], "multiple of 2 MiB"),
+    (["run", "hello", "--ram", "3M"], "multiple of 2 MiB from 4 MiB to 64 GiB, not 3 MiB"),
+    (["run", "hello", "--ram", "0x400001"], "not 4194305 bytes"),
+    (["run", "hello", "--ram", "-64M"], "argument --ram: invalid size '-64M'"),
+    (["run", "hello", "--max-insns", "1.5"], "--max-insns: not a whole number up to 1e18: '1.5'"),
+    (["run", "hello", "--max-insns", "1e999999999"], "not a whole number up to 1e18"),
+    (["run", "hello", "--quantum", "2e18"], "--quantum: not a whole number up to 1e18"),
+    (["run", "hello", "--vcpus", "-1"], "--vcpus: must be positive: '-1'"),
+    (["asm", "guests/hello.s", "-o", "/dev/null", "--base", "zzz"],
+     "argument --base: not an address: 'zzz'"),
+    (["disasm", "/dev/null", "--base", "-1"], "argument --base: not an address: '-1'"),
     (["run", "hello", "--vcpus", "99"], "1 to 16 vCPUs"),
     (["run", "hello", "--mmu", "magic"], "invalid choice"),
     (["run", "hello", "--tlb-entries", "10", "--tlb-ways", "3"], "cannot have 3 ways"),
@@ -60,6 +74,85 @@ def test_bad_input_is_one_line_and_status_2(capsys, args, message):
     assert status == 2 and out == ""
     assert err.startswith("hv: error: ") and err.count("\n") == 1
     assert message in err
+
+
+ELF = Path("/bin/true").read_bytes()
+
+
+@pytest.mark.parametrize("name,content,message", [
+    ("empty.s", b"", "empty.s: no code: the source assembles to 0 bytes"),
+    ("comment.s", b"; nothing yet\n", "comment.s: no code"),
+    ("empty.bin", b"", "empty.bin is empty: there is nothing to run"),
+    ("true", ELF, "true is an ELF file: hv runs flat images (.bin) and .s sources"),
+    ("true.bin", ELF, "true.bin is an ELF file"),
+    ("true.s", ELF, "true.s: not a source: not UTF-8 text"),
+    ("my.asm", b"mov al, 0\nout 0xf4, al\n", "my.asm is text, not a flat image: hv "
+                                               "assembles sources named .s"),
+    ("my.S", b"mov al, 0\nout 0xf4, al\n", "my.S is text, not a flat image"),
+])
+def test_a_file_that_is_no_guest_is_one_line_and_status_2(capsys, tmp_path, name, content,
+                                                           message):
+    """Run as a flat image, each fell through zeroed RAM to a triple fault."""
+    (tmp_path / name).write_bytes(content)
+    status, out, err = hv(capsys, "run", str(tmp_path / name))
+    assert (status, out) == (2, "") and err.count("\n") == 1
+    assert err.startswith(f"hv: error: {tmp_path}/{message}")
+
+
+def test_an_included_file_that_is_no_source_is_one_line(capsys, tmp_path):
+    (tmp_path / "true.bin").write_bytes(ELF)
+    (tmp_path / "inc.s").write_text('nop\n.include "true.bin"\n')
+    status, _, err = hv(capsys, "run", str(tmp_path / "inc.s"))
+    assert status == 2 and err.count("\n") == 1
+    assert f'inc.s:2: include file "true.bin": not a source: not UTF-8 text' in err
+
+
+def test_asm_refuses_an_empty_source(capsys, tmp_path):
+    (tmp_path / "empty.s").write_text("")
+    status, _, err = hv(capsys, "asm", str(tmp_path / "empty.s"), "-o", str(tmp_path / "e.bin"))
+    assert status == 2 and "no code" in err and not (tmp_path / "e.bin").exists()
+
+
+def test_hv_run_refuses_an_empty_image():
+    with pytest.raises(HvError, match="the image of 'x' is empty"):
+        hv_api.run("x", image=b"")
+
+
+@pytest.mark.parametrize("option,value,expected", [
+    ("--max-insns", "1e3", 1000),           # as --help prints the defaults: 5e8
+    ("--max-insns", "2.5e6", 2_500_000),
+    ("--quantum", "10_000", 10_000),
+    ("--quantum", "0x1000", 4096),
+])
+def test_counts_take_the_forms_help_prints(capsys, option, value, expected):
+    status, out, _ = hv(capsys, "run", "hello", "--json", option, value)
+    assert status == 0 and json.loads(out)["config"][option[2:].replace("-", "_")] == expected
+
+
+@pytest.mark.parametrize("text,size", [
+    ("64M", 64 << 20), ("1G", 1 << 30), ("4096K", 4 << 20), ("64MiB", 64 << 20),
+    ("64 MB", 64 << 20), ("0x4000000", 64 << 20), ("512", 512), ("512B", 512),
+    ("0x400000B", 0x400000B),               # with 0x, B is a hex digit
+    ("0x40KB", 0x40 << 10), ("0x40MiB", 0x40 << 20),
+])
+def test_sizes(text, size):
+    assert parse_size(text) == size
+
+
+def test_sizes_in_messages():
+    assert [format_size(n) for n in (64 << 20, 1 << 30, 1536 << 10, 4194305, 0)] == \
+        ["64 MiB", "1 GiB", "1536 KiB", "4194305 bytes", "0 bytes"]
+
+
+@pytest.mark.parametrize("text", ["-64M", "lots", "64iB", "1.5G", "010", "0x", ""])
+def test_what_is_no_size(text):
+    with pytest.raises(HvError, match="invalid size"):
+        parse_size(text)
+
+
+def test_version():
+    p = subprocess.run([sys.executable, "-m", "hv", "--version"], capture_output=True, text=True)
+    assert (p.returncode, p.stdout, p.stderr) == (0, f"hv {metadata.version('hv')}\n", "")
 
 
 def test_a_broken_source_names_file_and_line(capsys, tmp_path):
@@ -218,3 +311,16 @@ def test_several_vms_report_the_crash_of_the_one_that_crashed(capsys, tmp_path):
     vcpus = lines.index("vCPUs")
     assert [line.split()[:2] for line in lines[vcpus + 2:vcpus + 4]] == [["0", "0"], ["1", "0"]]
     assert lines[vcpus + 3].endswith("rip 0x100001 <boom>")
+@pytest.mark.parametrize("command", [["run"], ["run", "--json"], ["compare", "--mmu", "native"]])
+def test_a_reader_that_goes_away_ends_hv_quietly(tmp_path, command):
+    """`hv run guest | head -1`: status 0 and nothing on stderr, as other
+    Unix tools. The pipe is closed before hv writes (its start-up takes
+    longer); the guest prints nothing, so the first write is the report
+    (rich exited 1 on a broken pipe)."""
+    src = tmp_path / "quiet.s"
+    src.write_text("xor eax, eax\nmov dx, 0xf4\nout dx, al\n")
+    p = subprocess.Popen([sys.executable, "-m", "hv", command[0], str(src), *command[1:]],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p.stdout.close()
+    err = p.stderr.read()
+    assert (p.wait(timeout=60), err) == (0, "")

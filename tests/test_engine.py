@@ -1,5 +1,7 @@
 """Pins of the Unicorn behaviours hv's engine works around (listed at the
 top of hv/hw/engine.py). If an upgrade changes one, these fail first."""
+import sys
+
 import keystone
 import pytest
 
@@ -50,6 +52,27 @@ def test_instruction_counter_reports_instructions_started():
     e = engine("nop\nnop\nhlt\nnop")
     assert e.run(BASE, 100) == 3                   # HLT ends emu_start silently, counted
     assert e.reg("rip") == BASE + 3
+
+
+def test_interrupt_stops_a_run_from_a_hook_only():
+    """Engine.interrupt, for a SIGINT handler: in a hook's frame the run
+    stops as a hook's stop does, counted at the request; in run's own frame
+    (Python may run a handler between run's bytecodes, around emu_start,
+    which would drop the stop and leave the last run's counter) and outside
+    a run, nothing happens."""
+    e = engine("nop\nmov dx, 0x3f8\nout dx, al\nnop\nnop\nhlt")
+    seen = []
+
+    def out(port, size, value):
+        hook = run = sys._getframe()
+        while run.f_code is not Engine.run.__code__:
+            run = run.f_back
+        seen.append(e.interrupt(run))
+        seen.append(e.interrupt(hook))
+    e.on_out(out)
+    assert e.run(BASE, 100) == 3                   # nop, mov, out
+    assert seen == [False, True] and e.reg("rip") == BASE + 6
+    assert not e.interrupt(sys._getframe())
 
 
 def test_fill_failure_stops_at_the_faulting_instruction():

@@ -2,10 +2,12 @@
 reason and their counters; the VMM's invariants are checked after every
 exit."""
 import json
+import os
 from collections import Counter
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -41,6 +43,97 @@ def test_ctrl_c_still_prints_the_counters(tmp_path):
     doc = json.loads(out)
     assert p.returncode == 130 and doc["reason"] == "interrupted"
     assert doc["counters"]["insns"] > 0 and "Traceback" not in err
+
+
+# A page touched every 4 instructions, 48 MiB of them round and round:
+# Unicorn's TLB misses all the time (under ept each first touch is an EPT
+# violation too), so hv spends its time in and out of the TLB fill callback.
+TOUCH = """
+again:
+    mov rsi, 0x1000000
+    mov rcx, 12288
+touch:
+    mov rax, qword ptr [rsi]
+    add rsi, 4096
+    dec rcx
+    jnz touch
+    jmp again
+"""
+
+
+def _cpu_seconds(pid: int) -> float:
+    """The CPU time process `pid` has used (proc(5): utime and stime)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _interrupted(args: list[str], tries: int, cpu: float) -> list[tuple[int, str, str]]:
+    """Run `hv args` `tries` times at once and send each SIGINT once it has
+    used its share of CPU time (cpu, cpu + 0.05, ... seconds: past start-up
+    whatever the load, and each at another point of its run) -> (status,
+    stdout, stderr) of each; each must end within 10 s of its signal."""
+    runs = [subprocess.Popen([sys.executable, "-m", "hv", *args], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True) for _ in range(tries)]
+    try:
+        waiting = {p: cpu + 0.05 * i for i, p in enumerate(runs)}
+        while waiting:
+            for p, used in list(waiting.items()):
+                if _cpu_seconds(p.pid) >= used:
+                    p.send_signal(signal.SIGINT)
+                    del waiting[p]
+            time.sleep(0.01)
+        ends = [p.communicate(timeout=10) for p in runs]
+        return [(p.returncode, out, err) for p, (out, err) in zip(runs, ends)]
+    finally:
+        for p in runs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+
+@pytest.mark.parametrize("mmu", ["native", "ept"])
+def test_ctrl_c_in_the_fill_callback_ends_the_run_with_its_counters(tmp_path, mmu):
+    """Python's KeyboardInterrupt, raised in the TLB fill callback, was
+    swallowed by ctypes and the run died with two tracebacks and no JSON."""
+    src = tmp_path / "touch.s"
+    src.write_text(TOUCH)
+    for status, out, err in _interrupted(["run", str(src), "--mmu", mmu, "--json",
+                                          "--max-insns", str(10**15)], tries=6, cpu=0.4):
+        assert (status, err) == (130, ""), err
+        doc = json.loads(out)
+        assert doc["reason"] == "interrupted" and doc["counters"]["insns"] > 0
+
+
+def test_ctrl_c_in_compare_keeps_the_cases_finished(tmp_path):
+    src = tmp_path / "touch.s"
+    src.write_text(TOUCH)
+    for status, out, err in _interrupted(["compare", "hello", str(src), "--mmu", "native",
+                                          "--json", "--max-insns", str(10**15)],
+                                         tries=3, cpu=0.8):
+        assert status == 130 and "Traceback" not in err and "interrupted" in err, err
+        doc = json.loads(out)
+        assert doc["interrupted"] and [c["guest"] for c in doc["cases"]] == ["hello"]
+
+
+def test_sigint_in_a_hook_stops_the_run_at_once_and_the_handler_is_restored():
+    """In-process: SIGINT raised while the guest prints its first byte (the
+    OUT hook: Python runs the handler there). Whatever handled SIGINT before
+    hv.run does again after it."""
+    before = signal.getsignal(signal.SIGINT)
+    r = hv.run("hello", on_console=lambda vm, byte: signal.raise_signal(signal.SIGINT))
+    assert (r.reason, r.console) == ("interrupted", "h")
+    assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_hv_runs_outside_the_main_thread():
+    """signal.signal is refused outside the main thread: there hv.run
+    installs no handler (SIGINT is the main thread's anyway)."""
+    results = []
+    t = threading.Thread(target=lambda: results.append(hv.run("hello")))
+    t.start()
+    t.join()
+    assert results and results[0].ok
 
 
 # Page-table work with few exits of other kinds: a PT made live, remapped

@@ -4,6 +4,7 @@ import pytest
 
 import hv
 from hv.api import machine_result
+from hv.errors import HvError
 from hv.vmm.vm import VM, Config, Machine
 
 from conftest import image
@@ -136,3 +137,12 @@ def test_cli_runs_several_vms(capsys):
     doc = json.loads(capsys.readouterr().out)
     assert status == 0 and [vm["guest"] for vm in doc["vms"]] == ["hello", "hello"]
     assert doc["counters"]["io_exits"] == sum(vm["counters"]["io_exits"] for vm in doc["vms"])
+
+
+def test_a_vm_with_more_vcpus_than_its_machine_has_cpus_is_refused():
+    """vCPU j runs on physical CPU j: a VM of 2 on a machine of 1 was an
+    IndexError."""
+    machine = Machine(Config(vcpus=1))
+    with pytest.raises(HvError, match="a VM of 2 vCPUs on a machine of 1 physical CPUs"):
+        VM(image("hlt\n"), Config(vcpus=2), machine=machine)
+    assert machine.vms == []

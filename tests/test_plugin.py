@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 
 from hv.vmm.modes import MODES
-from hv.pytest_plugin import is_source
+from hv.errors import HvError
+from hv.pytest_plugin import HvFixture, is_source
 
 pytest_plugins = ["pytester"]
 
@@ -67,10 +68,15 @@ def test_path(hv, tmp_path):
 
 def test_inline_source_rule():
     assert is_source("mov al, 0\nout 0xf4, al")         # a newline: source
-    assert is_source("hlt")                             # no such file nor guest
+    assert not is_source("hlt")                         # one line: a name or a path
     assert not is_source("hello")                       # a bundled guest
     assert not is_source("guests/nothere.s")            # names a file: missing, not source
     assert not is_source(__file__)
+
+
+def test_a_mistyped_guest_name_is_no_guest_not_an_unknown_mnemonic():
+    with pytest.raises(HvError, match="^no guest 'helo': not a file, nor a bundled guest"):
+        HvFixture().run("helo")
 
 
 def test_marker_runs_the_test_once_per_mode(pytester, run_pytest):

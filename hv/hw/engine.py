@@ -186,6 +186,9 @@ _tlb_flush_page = _uclib.tlb_flush_page_x86_64
 _tlb_flush_page.argtypes = (ctypes.c_void_p, ctypes.c_uint64)
 _tlb_flush_page.restype = None
 _uc_reg_read = _uclib.uc_reg_read
+# Called from Engine.run itself: no binding frame between run's and the
+# hooks' (Engine.interrupt tells them apart).
+_uc_emu_start = _uclib.uc_emu_start
 _uc_ctl = _uclib.uc_ctl
 # uc_ctl's code for "flush the TLB": UC_CTL_WRITE(UC_CTL_TLB_FLUSH, 0) in unicorn.h.
 _CTL_TLB_FLUSH = ucc.UC_CTL_IO_WRITE << 30 | ucc.UC_CTL_TLB_FLUSH
@@ -391,15 +394,15 @@ class Engine:
         self._stopped_at = None
         self._running = True
         try:
-            self.uc.emu_start(pc, 0, count=count)
-        except uc_mod.UcError as e:
-            if self.error is None and e.errno != ucc.UC_ERR_EXCEPTION:
-                self.error = EngineError(f"unicorn stopped at rip={self.reg('rip'):#x}: {e}")
+            err = _uc_emu_start(self._handle, pc, 0, 0, count)
         finally:
             self._running = False
             for begin, end in self._stale:
                 _tb_invalidate_phys_range(self._uc_ptr, begin, end)
             self._stale.clear()
+        if err and self.error is None and err != ucc.UC_ERR_EXCEPTION:
+            self.error = EngineError(f"unicorn stopped at rip={self.reg('rip'):#x}: "
+                                     f"{uc_mod.UcError(err)}")
         # A stop requested by a hook takes effect after Unicorn has counted
         # the next instruction of the block, which never runs: count up to
         # the request.
@@ -421,6 +424,18 @@ class Engine:
         if self._stopped_at is None:
             self._stopped_at = self._counter.value
         self.uc.emu_stop()
+
+    def interrupt(self, frame) -> bool:
+        """Stop the run from a signal handler whose interrupted frame is
+        `frame`; whether it stopped. Python runs handlers between bytecodes:
+        while emu_start runs those are a hook's, and the stop counts as a
+        hook's. In run's own bytecodes, before emu_start (which clears a stop
+        request and the counter) or after it, a stop would be lost or count
+        the last run's instructions: the caller ends the slice after run."""
+        if self._running and frame is not None and frame.f_code is not _RUN_CODE:
+            self.stop()
+            return True
+        return False
 
     def invalidate_code(self, paddr: int, length: int, now: bool = False) -> None:
         """Drop the code Unicorn translated from physical [paddr, paddr+length):
@@ -455,3 +470,6 @@ class Engine:
     def pending_error_code(self) -> int:
         """The error code QEMU computed for the exception it just raised."""
         return self._error_code.value & 0xFFFF_FFFF
+
+
+_RUN_CODE = Engine.run.__code__

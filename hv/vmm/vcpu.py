@@ -280,6 +280,12 @@ class VCpu:
         self._stop = True
         self.engine.stop()
 
+    def interrupt(self, frame) -> None:
+        """Ctrl-C (Machine's SIGINT handler, `frame` the one it interrupted):
+        end the slice now where the engine can stop."""
+        if self.engine.interrupt(frame):
+            self._stop = True
+
     def halt(self) -> None:
         self.halted = True
         self.request_stop()

@@ -9,6 +9,7 @@ vCPU has a 16 KiB stack below 0xA0000; rdi = vCPU index, rsi = vCPU count.
 """
 from __future__ import annotations
 
+import signal
 import struct
 import time
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from ..hw.engine import EngineError
 from ..hw.memo import WalkMemo
 from ..hw.pwc import WalkCache
 from ..hw.tlb import TLB
-from ..memory import GiB, MiB
+from ..memory import GiB, MiB, format_size
 from ..stats import Stats
 from .exits import Trace
 from .modes import AGILE_POLICIES, MODES
@@ -76,7 +77,8 @@ class Config:
             raise HvError(f"unknown agile policy {self.agile_policy!r} (choose from "
                           f"{', '.join(AGILE_POLICIES)})")
         if not 4 * MiB <= self.ram <= MAX_RAM or self.ram % (2 * MiB):
-            raise HvError(f"RAM must be a multiple of 2 MiB from 4 MiB to 64 GiB, not {self.ram:#x}")
+            raise HvError(f"RAM must be a multiple of 2 MiB from 4 MiB to 64 GiB, "
+                          f"not {format_size(self.ram)}")
         if not 1 <= self.vcpus <= MAX_VCPUS:
             raise HvError(f"a VM has 1 to {MAX_VCPUS} vCPUs, not {self.vcpus}")
         if self.tlb_entries < 1 or self.tlb_ways < 1 or self.tlb_entries % self.tlb_ways:
@@ -101,13 +103,18 @@ class VM:
         self.index = len(self.machine.vms)
         if self.index >= MAX_VMS:
             raise HvError(f"a machine runs at most {MAX_VMS} VMs")
+        cpus = len(self.machine.tlbs)
+        if config.vcpus > cpus:
+            # vCPU j runs on physical CPU j (Machine).
+            raise HvError(f"a VM of {config.vcpus} vCPUs on a machine of {cpus} physical CPUs "
+                          f"(give its Config vcpus={config.vcpus})")
         self.machine.vms.append(self)
         # The VPID: 0 is the host's; without tags every VM shares it.
         self.asid = self.index + 1 if config.asid else 0
         self.mode = MODES[config.mmu]
         if LOAD_ADDR + len(image) > config.ram:
-            raise HvError(f"a guest of {len(image)} bytes does not fit in {config.ram // MiB} MiB "
-                          f"of RAM at {LOAD_ADDR:#x}")
+            raise HvError(f"a guest of {len(image)} bytes does not fit in "
+                          f"{format_size(config.ram)} of RAM at {LOAD_ADDR:#x}")
         # Guest RAM placed in host memory, and the VM's MMU state (shadow
         # pages, EPT), as the mode has them.
         self.guest, self.mmu = self.mode.memory(config)
@@ -259,15 +266,40 @@ class Machine:
             for tlb in self.tlbs:
                 tlb.walk_cache = WalkCache()
         self.vms: list[VM] = []
+        self.interrupted = False        # Ctrl-C while running
+        self._current: VCpu | None = None   # the vCPU of the current slice
 
     def run(self) -> None:
         """Run until every VM ended. Ctrl-C or --timeout end the VMs still
         running, with what they counted so far."""
         deadline = time.monotonic() + self.config.timeout if self.config.timeout else None
+        previous = self._catch_sigint()
         try:
             self._schedule(deadline)
-        except KeyboardInterrupt:
-            self._stop_all("interrupted", "interrupted (Ctrl-C)")
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGINT, previous)
+
+    def _catch_sigint(self):
+        """Handle Ctrl-C while the machine runs: the KeyboardInterrupt of
+        Python's handler may be raised in a ctypes callback (a TLB fill),
+        which swallows it. Not over SIG_IGN or SIG_DFL, and not outside the
+        main thread (signal.signal refuses). The handler to restore, or None."""
+        previous = signal.getsignal(signal.SIGINT)
+        if not callable(previous):
+            return None
+        try:
+            signal.signal(signal.SIGINT, self._sigint)
+        except ValueError:
+            return None
+        return previous
+
+    def _sigint(self, _signum, frame) -> None:
+        """Recorded, and the running slice stopped; the scheduler ends the
+        VMs before the next slice. Raises nothing (see _catch_sigint)."""
+        self.interrupted = True
+        if self._current is not None:
+            self._current.interrupt(frame)
 
     def _stop_all(self, reason: str, detail: str) -> None:
         for vm in self.vms:
@@ -288,6 +320,10 @@ class Machine:
                     vm.finish("halted", "every vCPU ran HLT")
                     continue
                 for cpu in runnable:
+                    if self.interrupted:
+                        self._stop_all("interrupted", "interrupted (Ctrl-C)")
+                        return
                     if vm.ended or cpu.halted:
                         continue
+                    self._current = cpu
                     vm.run_slice(cpu)
