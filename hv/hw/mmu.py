@@ -15,7 +15,7 @@ The vCPU catches both (hv.vmm.vcpu). `QemuMMU` stands in for it in mode
 """
 from __future__ import annotations
 
-from ..arch.paging import ADDR_MASK, P, PAGE_SIZE, PS, SWITCH, table_index
+from ..arch.paging import ADDR_MASK, P, PAGE_SIZE, PS, SWITCH, PFErr, table_index
 from ..arch.x86 import (MSR_EFER, NXE, WP, TlbFlush, Vector, efer_write_flush,
                         mov_to_cr_flush)
 from ..errors import GuestEscape
@@ -27,6 +27,8 @@ from .walker import FETCH, WRITE, Translation, Walker
 
 # Rights granted to Unicorn's TLB (UC_PROT_*).
 PROT_R, PROT_W, PROT_X = 1, 2, 4
+_PF_PW = int(PFErr.P | PFErr.W)
+_PF_PWU_RSVD = int(PFErr.P | PFErr.W | PFErr.U | PFErr.RSVD)
 # Tags an agile CPU's CR3 that holds the guest's own (guest-physical) root:
 # walks from it are nested from the top, and the walk memo keeps them apart
 # from walks of a shadow root at the same number.
@@ -75,6 +77,10 @@ class HardwareMMU:
         self.wp = self.nxe = False
         self.nested_root = False
         self._root = 0          # what walks start from: CR3, tagged NESTED_ROOT if it is
+        # Agile: a supervisor write refused in the guest's tables exits too
+        # (the VMM sets it while the guest runs with CR0.WP clear, which the
+        # CPU, running it with WP set for the shadow part, cannot apply).
+        self.nested_wp_exits = False
         self.memo = None        # the VM's WalkMemo (use_memo)
 
     def use_memo(self, memo) -> None:
@@ -211,7 +217,8 @@ class HardwareMMU:
         try:
             tr = self.walker.walk(self._root, vaddr, access, user, self.wp, self.nxe)
         except PageFault as pf:
-            if not self._pf_exits or pf.nested:
+            if not self._pf_exits or pf.nested and not (
+                    self.nested_wp_exits and pf.error_code & _PF_PWU_RSVD == _PF_PW):
                 raise
             raise page_fault_exit(vaddr, pf.error_code) from None
         limit = self.mem.size

@@ -50,8 +50,8 @@ class AgilePolicy:
     "shadow": nothing is ever nested (the `shadow` mode's counts).
     "nested": the root is nested from the start (the `ept` mode's counts).
     """
-    SWITCH_WRITES = 2
-    SWITCH_CR3 = 16
+    SWITCH_WRITES = 1
+    SWITCH_CR3 = 4
     WINDOW = 1 << 20
     TRIAL = 8
 
@@ -78,7 +78,7 @@ class AgilePolicy:
             self._nest_root(c)              # a root has no entry above it to switch
         else:
             self.nested.add(gfn)
-            self.cache.unshadow(c, gfn)
+            self.cache.nest(c, gfn)
             c["agile.to_nested"] += 1
 
     def cr3_loaded(self, c) -> None:
@@ -143,6 +143,22 @@ class AgilePaging(ShadowPaging):
     def ept_violation(self, gpa: int) -> None:
         self.ept.map(self.counters, gpa)
 
+    def fixed(self, path: list, gfn: int | None = None) -> None:
+        """The VMM knows where the guest-physical frames of a fixed hidden
+        fault live (it just mapped them): EPT learns them too, so that a walk
+        that goes nested through them later takes no EPT violation."""
+        if not self.policy.dynamic:
+            return
+        ept, c = self.ept, self.counters
+        for _level, entry_addr, _entry in path:
+            ept.ensure(c, entry_addr)
+        if gfn is not None:
+            # A 2 MiB shadow leaf mapped every frame of its piece at once.
+            frames = range(gfn & ~0x1FF, (gfn | 0x1FF) + 1) if path[-1][0] > 1 and \
+                self.cache.large_pages else (gfn,)
+            for frame in frames:
+                ept.ensure(c, frame << 12)
+
     def reload(self) -> None:
         """At VM entry: the policy's windows, then the root it wants."""
         self.policy.tick(self.counters)
@@ -158,12 +174,17 @@ class AgilePaging(ShadowPaging):
             # its MOV to CR itself: nothing here to keep.
             self.root = None
             hw.load(self.cr0, self.cr3, self.cr4, self.efer, nested_root=True)
+            hw.nested_wp_exits = False
             self.intercepts = NESTED_INTERCEPTS
         else:
             self.cr0, self.cr3, self.cr4, self.efer = hw.cr0, hw.cr3, hw.cr4, hw.efer
             self.root = None                # built and loaded by ShadowPaging.reload
             self.intercepts = self.agile_intercepts
         self.root_nested = self.policy.root_nested
+
+    def _load(self) -> None:
+        super()._load()
+        self.hw.nested_wp_exits = not self._wp
 
     def boot(self, cr0: int, cr3: int, cr4: int, efer: int) -> None:
         super().boot(cr0, cr3, cr4, efer)

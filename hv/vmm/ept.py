@@ -65,6 +65,18 @@ class EptTables:
                             | (ept.LARGE if leaf_level > 1 else 0))
         c[("pages_4k", "pages_2m", "pages_1g")[leaf_level - 1]] += 1
 
+    def ensure(self, c, gpa: int) -> None:
+        """Map the frame of `gpa` unless EPT maps it already."""
+        table = self.root
+        for level in range(4, 0, -1):
+            entry = self.host.read_u64(table + table_index(gpa, level) * 8)
+            if not entry & ept.RWX:
+                self.map(c, gpa)
+                return
+            if ept.is_leaf(level, entry):
+                return
+            table = entry & ADDR_MASK
+
     def check(self) -> None:
         """Every EPT leaf maps a guest frame to its own host frame; every EPT
         table lies in the VMM area (below guest memory)."""

@@ -142,7 +142,8 @@ class Agile(Mode):
         shadow_size = vmm_size(config)
         size = -(-2 * shadow_size // block) * block
         guest = GuestMemory.scattered(config.ram, size, block)
-        cache = ShadowCache(guest, shadow_size)
+        dynamic = config.agile_policy == "dynamic"
+        cache = ShadowCache(guest, shadow_size, large_pages=dynamic)
         ept = EptTables(guest, size - shadow_size, config.ept_large_pages, base=shadow_size)
         return guest, AgileMMU(cache, ept, AgilePolicy(config.agile_policy, cache))
 

@@ -27,8 +27,8 @@ Invariants:
 """
 from __future__ import annotations
 
-from ..arch.paging import (ADDR_MASK, D, ENTRIES_PER_TABLE, G, NX, P, PAGE_SIZE, SWITCH, PFErr,
-                           RW, US, large_frame, level_shift, table_index)
+from ..arch.paging import (A, ADDR_MASK, D, ENTRIES_PER_TABLE, G, NX, P, PAGE_SIZE, PS, SWITCH,
+                           PFErr, RW, US, large_frame, level_shift, table_index)
 from ..arch.x86 import MSR_EFER, NXE, WP, TlbFlush, efer_write_flush, mov_to_cr_flush
 from ..errors import GuestEscape, InvariantError
 from ..events import EmulateWrite, PageFault
@@ -44,12 +44,22 @@ RESERVE = 8             # free shadow frames kept for one fault's path
 _PF_W, _PF_U, _PF_I = int(PFErr.W), int(PFErr.U), int(PFErr.I)     # plain ints: hot path
 
 
-def make_spte(hpa: int, acc: int, global_: bool, writable: bool) -> int:
+# A leaf the guest lets this walk write (its walk allows it, its PTE is
+# dirty): W is withheld only while the frame is a shadowed table. A bit
+# 4-level paging ignores (SDM Vol.3A Table 4-20), as KVM's
+# SPTE_MMU_WRITABLE.
+MAY_WRITE = 1 << 53
+
+
+def make_spte(hpa: int, acc: int, global_: bool, may_write: bool, protected: bool,
+              large: bool = False) -> int:
     """A shadow leaf for host frame `hpa` (KVM's make_spte): the rights the
-    guest's walk allows (`acc`), W only when `writable` (see the module's
-    invariants), G as the guest's leaf has it."""
-    return (hpa | P | (RW if writable else 0) | (US if acc & ACC_U else 0)
-            | (0 if acc & ACC_X else NX) | (G if global_ else 0))
+    guest's walk allows (`acc`), W when the guest lets this walk write
+    (`may_write`) and the frame is no shadowed table (`protected`: see the
+    module's invariants), G as the guest's leaf has it; `large`: 2 MiB."""
+    return (hpa | P | (RW if may_write and not protected else 0) | (MAY_WRITE if may_write else 0)
+            | (US if acc & ACC_U else 0) | (0 if acc & ACC_X else NX) | (G if global_ else 0)
+            | (PS if large else 0))
 
 
 def make_link(hpa: int) -> int:
@@ -58,15 +68,32 @@ def make_link(hpa: int) -> int:
     return hpa | P | RW | US
 
 
-def make_switch(gpa: int) -> int:
+def make_switch(gpa: int, acc: int) -> int:
     """Agile paging: a non-leaf spte whose walk goes on in the guest's table
-    at guest-physical `gpa`, through EPT (hv.vmm.agile)."""
-    return gpa | P | RW | US | SWITCH
+    at guest-physical `gpa`, through EPT (hv.vmm.agile). It grants what the
+    guest's entries above it do (`acc`): the hardware reads none of those."""
+    return (gpa | P | SWITCH | (RW if acc & ACC_W else 0) | (US if acc & ACC_U else 0)
+            | (0 if acc & ACC_X else NX))
 
 
 def _acc(entry: int) -> int:
     """The access an entry allows, as ACC_* bits."""
     return (ACC_W if entry & RW else 0) | (ACC_U if entry & US else 0) | (0 if entry & NX else ACC_X)
+
+
+def _path_acc(path: list) -> int:
+    """The access a guest walk's entries allow together, as ACC_* bits."""
+    acc = ACC_ALL
+    for _level, _addr, entry in path:
+        acc &= _acc(entry)
+    return acc
+
+
+def _leaf_gfn(vaddr: int, leaf: tuple) -> int:
+    """The guest frame `vaddr` reaches through a walk's leaf (level, entry
+    address, entry); in a large page, the 4 KiB frame inside it."""
+    level, _addr, entry = leaf
+    return (large_frame(entry, level) >> 12) + ((vaddr >> 12) & ((1 << 9 * (level - 1)) - 1))
 
 
 def changed_entries(before: bytes, after: bytes) -> list[int]:
@@ -98,8 +125,14 @@ class ShadowPage:
 class ShadowCache:
     """The shadow MMU state of one VM, shared by its vCPUs."""
 
-    def __init__(self, guest: GuestMemory, vmm_size: int):
+    def __init__(self, guest: GuestMemory, vmm_size: int, large_pages: bool = False):
         self.guest, self.host = guest, guest.host
+        # Guest large pages shadowed by 2 MiB leaves where no guest table
+        # lies in them (agile; `shadow` splits them into 4 KiB leaves).
+        self.large_pages = large_pages
+        self.large: dict[int, dict[int, None]] = {}        # 2 MiB region -> its large sptes
+        self.large_region: dict[int, int] = {}             # large spte -> 2 MiB region
+        self.tables_in: dict[int, int] = {}                # 2 MiB region -> shadowed gfns in it
         self.pages: dict[tuple, ShadowPage] = {}
         self.by_hpa: dict[int, ShadowPage] = {}
         self.shadowed: dict[int, dict[tuple, ShadowPage]] = {}   # gfn -> non-direct pages
@@ -125,6 +158,7 @@ class ShadowCache:
             first = gfn not in self.shadowed
             self.shadowed.setdefault(gfn, {})[key] = sp
             if first:
+                self.tables_in[gfn >> 9] = self.tables_in.get(gfn >> 9, 0) + 1
                 self.write_protect(c, gfn)
         return sp
 
@@ -138,13 +172,6 @@ class ShadowCache:
     def zap_all(self, c) -> None:
         """Zap every shadow page, then flush every vCPU's TLB."""
         for sp in list(self.pages.values()):
-            self.zap_page(c, sp)
-        self.flush_all(c)
-
-    def unshadow(self, c, gfn: int) -> None:
-        """Guest frame `gfn` is no page table to shadow any more: zap its
-        shadow pages (its leaves become writable at their next fault)."""
-        for sp in list(self.shadowed.get(gfn, {}).values()):
             self.zap_page(c, sp)
         self.flush_all(c)
 
@@ -163,13 +190,40 @@ class ShadowCache:
             self.host.write_u64(spte_addr, make_link(child.hpa))
             child.parents[spte_addr] = None
 
-    def link_switch(self, c, parent: ShadowPage, index: int, gfn: int) -> None:
+    def link_switch(self, c, parent: ShadowPage, index: int, gfn: int, acc: int) -> None:
         """Agile paging: the walk goes on from `parent`'s entry `index` in the
-        guest's table `gfn`, in two dimensions."""
+        guest's table `gfn`, in two dimensions, with the rights `acc`."""
         spte_addr = parent.hpa + index * 8
-        self.zap_spte(c, spte_addr, parent.level)
-        self.host.write_u64(spte_addr, make_switch(gfn << 12))
+        if self.host.read_u64(spte_addr) & ~(A | D) != make_switch(gfn << 12, acc):
+            self.zap_spte(c, spte_addr, parent.level)
+            self._switch(spte_addr, gfn, acc)
+
+    def _switch(self, spte_addr: int, gfn: int, acc: int) -> None:
+        self.host.write_u64(spte_addr, make_switch(gfn << 12, acc))
         self.switches.setdefault(gfn, {})[spte_addr] = None
+
+    def nest(self, c, gfn: int) -> None:
+        """Agile: guest table `gfn` goes nested. Every entry that linked one
+        of its shadow pages becomes a switch entry at once (with that page's
+        rights), and the pages go: writing the table costs no exit now."""
+        for sp in list(self.shadowed.get(gfn, {}).values()):
+            parents, sp.parents = sp.parents, {}
+            self.zap_page(c, sp)
+            for spte_addr in parents:
+                self._switch(spte_addr, gfn, sp.access)
+        for spte_addr in self.rmap.get(gfn, ()):        # and its leaves writable again
+            spte = self.host.read_u64(spte_addr)
+            if spte & MAY_WRITE:
+                self.host.write_u64(spte_addr, spte | RW)
+        self.flush_all(c)
+
+    def set_large(self, c, sp: ShadowPage, index: int, base: int, spte: int) -> None:
+        """A 2 MiB leaf for guest frames [base, base + 512)."""
+        spte_addr = sp.hpa + index * 8
+        self.zap_spte(c, spte_addr, 2)
+        self.host.write_u64(spte_addr, spte)
+        self.large.setdefault(base >> 9, {})[spte_addr] = None
+        self.large_region[spte_addr] = base >> 9
 
     def set_leaf(self, sp: ShadowPage, index: int, gfn: int, spte: int) -> None:
         spte_addr = sp.hpa + index * 8
@@ -188,10 +242,11 @@ class ShadowCache:
         spte = self.host.read_u64(spte_addr)
         if not spte & P:
             return False
-        if level > 1:
+        if level > 1 and spte & PS:
+            del self.large[self.large_region.pop(spte_addr)][spte_addr]
+        elif level > 1:
             if spte & SWITCH:
-                switches = self.switches[(spte & ADDR_MASK) >> 12]
-                del switches[spte_addr]
+                del self.switches[(spte & ADDR_MASK) >> 12][spte_addr]
             else:
                 self.by_hpa[spte & ADDR_MASK].parents.pop(spte_addr, None)
             c["mmu_pde_zapped"] += 1
@@ -213,6 +268,7 @@ class ShadowCache:
             if not group:
                 del self.shadowed[sp.gfn]
                 self.flood.pop(sp.gfn, None)
+                self.tables_in[sp.gfn >> 9] -= 1
         self.frames.free(sp.hpa)
         c["mmu_shadow_zapped"] += 1
         c[f"mmu_shadow_pages.L{sp.level}"] -= 1
@@ -222,8 +278,11 @@ class ShadowCache:
 
     # -- write protection ------------------------------------------------------
     def write_protect(self, c, gfn: int) -> None:
-        """Make every leaf that maps `gfn` read-only (it became a page table)."""
+        """Make every leaf that maps `gfn` read-only (it became a page table):
+        a 2 MiB leaf over it goes (4 KiB ones replace it at the next fault)."""
         changed = False
+        for spte_addr in list(self.large.get(gfn >> 9, ())):
+            changed = self.zap_spte(c, spte_addr, 2) or changed
         for spte_addr in self.rmap.get(gfn, ()):
             spte = self.host.read_u64(spte_addr)
             if spte & RW:
@@ -259,6 +318,15 @@ class ShadowCache:
                 if not spte & P:
                     continue
                 target = spte & ADDR_MASK
+                if sp.level > 1 and spte & PS:
+                    region = self.large_region.get(spte_addr)
+                    if region is None or self.guest.hpa(region << 21) != target or \
+                            not self.guest.owns(target, 2 << 20):
+                        raise InvariantError(f"large shadow leaf {spte_addr:#x} maps {target:#x}, "
+                                             "not the guest frames it shadows")
+                    if spte & RW and self.tables_in.get(region):
+                        raise InvariantError(f"a guest page table is writable through {spte_addr:#x}")
+                    continue
                 if sp.level > 1 and spte & SWITCH:
                     if spte_addr not in self.switches.get(target >> 12, ()) or \
                             target >> 12 in self.shadowed or self.guest.hpa(target) is None:
@@ -394,8 +462,8 @@ class ShadowPaging(Paging):
                 spte = self.host.read_u64(spte_addr)
                 if not spte & P or spte & SWITCH:
                     break
-                if level == 1:
-                    self.cache.zap_spte(self.counters, spte_addr, 1)
+                if level == 1 or spte & PS:
+                    self.cache.zap_spte(self.counters, spte_addr, level)
                     break
                 table = spte & ADDR_MASK
         self.hw.invlpg(vaddr)
@@ -424,8 +492,13 @@ class ShadowPaging(Paging):
             acc &= _acc(entry)
             gfn = (entry & ADDR_MASK) >> 12
             if self.nested_table(gfn, level - 1):
-                # Agile: from here on the hardware walks the guest's tables.
-                cache.link_switch(c, sp, table_index(vaddr, level), gfn)
+                # Agile: from here on the hardware walks the guest's tables;
+                # but it runs them with CR0.WP set, as the shadow part needs.
+                if access == WRITE and not _path_acc(path) & ACC_W:
+                    c["insn_emulation"] += 1
+                    return EmulateWrite(vaddr, _leaf_gfn(vaddr, path[-1]))
+                cache.link_switch(c, sp, table_index(vaddr, level), gfn, acc)
+                self.fixed(path)
                 return None
             child = cache.get_page(c, gfn, level - 1, False, acc, nxe)
             cache.flood.pop(gfn, None)          # used as a table: not flooded
@@ -433,28 +506,49 @@ class ShadowPaging(Paging):
             sp = child
         leaf_level, _addr, leaf = path[-1]
         acc &= _acc(leaf)
-        # A guest large page is shadowed by direct pages down to 4 KiB.
-        gfn = (large_frame(leaf, leaf_level) >> 12) + (
-            (vaddr >> 12) & ((1 << 9 * (leaf_level - 1)) - 1))
-        for level in range(leaf_level, 1, -1):
+        # A guest large page is shadowed by direct pages down to 4 KiB, or
+        # (large_pages) down to a 2 MiB leaf where no guest table is in it.
+        gfn = _leaf_gfn(vaddr, path[-1])
+        base = gfn & ~0x1FF
+        large = (cache.large_pages and leaf_level > 1 and not cache.tables_in.get(base >> 9)
+                 and cache.guest.contiguous(base << 12, 2 << 20))
+        for level in range(leaf_level, 2 if large else 1, -1):
             span = 1 << 9 * (level - 1)         # 4 KiB frames under one entry
             child = cache.get_page(c, gfn & ~(span - 1), level - 1, True, acc, nxe)
             cache.link(sp, table_index(vaddr, level), child)
             sp = child
-        hpa = cache.guest.hpa(gfn << 12)
+        hpa = cache.guest.hpa((base if large else gfn) << 12)
         if hpa is None:
             raise GuestEscape(f"{vaddr:#x} maps guest-physical {gfn << 12:#x}, outside guest "
                               f"memory [0, {cache.guest.ram:#x})")
-        writable = bool(acc & ACC_W and leaf & D) and gfn not in cache.shadowed
-        if access == WRITE and not writable:
+        may_write = bool(acc & ACC_W and leaf & D)
+        protected = gfn in cache.shadowed
+        if access == WRITE and not (may_write and not protected):
             # A write the guest allows but the shadow must not: to a guest
             # page table, or to a read-only page with the guest's CR0.WP=0.
             c["insn_emulation"] += 1
             return EmulateWrite(vaddr, gfn)
-        cache.set_leaf(sp, table_index(vaddr, 1), gfn,
-                       make_spte(hpa, acc, bool(leaf & G), writable))
+        spte = make_spte(hpa, acc, bool(leaf & G), may_write, protected, large)
+        if large:
+            cache.set_large(c, sp, table_index(vaddr, 2), base, spte)
+        else:
+            cache.set_leaf(sp, table_index(vaddr, 1), gfn, spte)
+            if cache.large_pages and leaf_level > 1:
+                # The rest of the guest's large page at once, 4 KiB apiece
+                # (guest tables lie in it): no fault for each of its frames.
+                for i in range(512):
+                    frame = base | i
+                    if frame != gfn and not cache.host.read_u64(sp.hpa + i * 8) & P:
+                        cache.set_leaf(sp, i, frame, make_spte(
+                            cache.guest.hpa(frame << 12), acc, bool(leaf & G), may_write,
+                            frame in cache.shadowed))
         c["pf_fixed"] += 1
+        self.fixed(path, gfn)
         return None
+
+    def fixed(self, path: list, gfn: int | None = None) -> None:
+        """A hidden fault was fixed after the guest's walk `path` (level,
+        entry address, entry), to guest frame `gfn` if it mapped one."""
 
     # -- writes to shadowed guest tables ------------------------------------------
     def table_written(self, gfn: int, before: bytes) -> None:
