@@ -81,6 +81,7 @@ class GuestMemory:
         self.host, self.ram, self.chunks = host, ram, chunks
         self._q = host._q
         self._chunk_words = [c >> 3 for c in chunks]
+        self._bases = frozenset(chunks)
 
     @classmethod
     def identity(cls, ram: int) -> "GuestMemory":
@@ -99,7 +100,7 @@ class GuestMemory:
 
     def owns(self, hpa: int, size: int) -> bool:
         """Whether host range [hpa, hpa+size) lies wholly in guest chunks."""
-        bases = set(self.chunks)
+        bases = self._bases
         return all(((hpa + off) & ~(CHUNK - 1)) in bases for off in range(0, size, CHUNK)) \
             and ((hpa + size - 1) & ~(CHUNK - 1)) in bases
 

@@ -72,7 +72,10 @@ from hv.api import make_result
 from hv.asm import assemble_source
 from hv.vmm.vm import VM, Config
 
-MODES = ("native", "shadow", "ept")       # compared with ORACLE
+MODES = ("native", "shadow", "ept", "agile")       # compared with ORACLE
+# What run_all runs: every mode, and agile again without the walk memo
+# (a switch changes which tables a replayed walk must watch).
+RUNS = MODES + ("agile/no-memo",)
 ORACLE = "qemu"
 REASONS = {"exit", "halted", "triple_fault", "max_insns", "escape", "error"}
 
@@ -631,10 +634,14 @@ def assemble(src: str) -> bytes:
     return assemble_source(src, name="<fuzz>").code
 
 
-def run_mode(img: bytes, mode: str, **kw) -> hv.Result:
-    """One run; under shadow paging also the shadow MMU's invariants."""
-    if mode == "shadow":
-        vm = VM(img, Config(mmu="shadow", **kw), name="fuzz")
+def run_mode(img: bytes, run: str, **kw) -> hv.Result:
+    """One run (a mode, or one of RUNS); under shadow and agile paging also
+    their MMU's invariants at the end."""
+    mode, _, variant = run.partition("/")
+    if variant == "no-memo":
+        kw["memo"] = False
+    if mode in ("shadow", "agile"):
+        vm = VM(img, Config(mmu=mode, **kw), name="fuzz")
         vm.run()
         vm.mmu.check()
         return make_result("fuzz", vm)
@@ -647,7 +654,7 @@ def outcome(r: hv.Result) -> tuple:
 
 
 def run_all(img: bytes, **kw) -> dict[str, hv.Result]:
-    return {m: run_mode(img, m, **kw) for m in (ORACLE,) + MODES}
+    return {m: run_mode(img, m, **kw) for m in (ORACLE,) + RUNS}
 
 
 def describe(results: dict[str, hv.Result]) -> str:

@@ -56,7 +56,7 @@ def paging_mismatch(res: dict) -> str | None:
     """
     q = res[F.ORACLE]
     ref = res[F.MODES[0]]
-    for m in F.MODES[1:]:
+    for m in F.RUNS[1:]:
         if F.outcome(res[m]) != F.outcome(ref):
             return f"{m} differs from {F.MODES[0]}: " + F.first_difference(
                 res[F.MODES[0]].console, res[m].console)
@@ -117,7 +117,7 @@ def code_mismatch(res: dict) -> str | None:
     may run out of budget a few instructions earlier or later; the output
     up to that point must still be the same.
 
-    Not compared: a shadow run in which the random code wrote its own live
+    Not compared: a shadow or agile run in which the random code wrote its own live
     page tables (mmu_pte_write after the prologue's mark; without the
     prologue the boot tables at 0x2000 are in reach of a `rep movsb` from
     address 0). With no INVLPG after, a
@@ -127,9 +127,9 @@ def code_mismatch(res: dict) -> str | None:
     fresh seed: 50 b5 21 00 04 00 f2 a4 shifted the PML4 by a byte.
     """
     q = res[F.ORACLE]
-    for m in F.MODES:
+    for m in F.RUNS:
         r = res[m]
-        if m == "shadow" and F.code_counter(r, "mmu_pte_write"):
+        if m.startswith(("shadow", "agile")) and F.code_counter(r, "mmu_pte_write"):
             continue
         if F.outcome(r) == F.outcome(q):
             if r.reason == "triple_fault" and r.detail != q.detail:

@@ -51,7 +51,7 @@ class AgilePolicy:
     "nested": the root is nested from the start (the `ept` mode's counts).
     """
     SWITCH_WRITES = 1
-    SWITCH_CR3 = 4
+    SWITCH_CR3 = 2
     WINDOW = 1 << 20
     TRIAL = 8
 
@@ -149,15 +149,16 @@ class AgilePaging(ShadowPaging):
         that goes nested through them later takes no EPT violation."""
         if not self.policy.dynamic:
             return
-        ept, c = self.ept, self.counters
         for _level, entry_addr, _entry in path:
-            ept.ensure(c, entry_addr)
-        if gfn is not None:
-            # A 2 MiB shadow leaf mapped every frame of its piece at once.
-            frames = range(gfn & ~0x1FF, (gfn | 0x1FF) + 1) if path[-1][0] > 1 and \
-                self.cache.large_pages else (gfn,)
-            for frame in frames:
-                ept.ensure(c, frame << 12)
+            self.ept.ensure(self.counters, entry_addr)
+        if gfn is None:
+            return
+        if path[-1][0] > 1 and self.cache.prefetch_large:
+            # A 2 MiB shadow leaf, or a large page's 512 prefetched leaves,
+            # mapped a whole 2 MiB run at once.
+            self.ept.ensure_2m(self.counters, gfn << 12)
+        else:
+            self.ept.ensure(self.counters, gfn << 12)
 
     def reload(self) -> None:
         """At VM entry: the policy's windows, then the root it wants."""

@@ -143,7 +143,8 @@ class Agile(Mode):
         size = -(-2 * shadow_size // block) * block
         guest = GuestMemory.scattered(config.ram, size, block)
         dynamic = config.agile_policy == "dynamic"
-        cache = ShadowCache(guest, shadow_size, large_pages=dynamic)
+        cache = ShadowCache(guest, shadow_size, large_pages=dynamic and config.ept_large_pages,
+                            prefetch_large=dynamic)
         ept = EptTables(guest, size - shadow_size, config.ept_large_pages, base=shadow_size)
         return guest, AgileMMU(cache, ept, AgilePolicy(config.agile_policy, cache))
 

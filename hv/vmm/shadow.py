@@ -125,11 +125,15 @@ class ShadowPage:
 class ShadowCache:
     """The shadow MMU state of one VM, shared by its vCPUs."""
 
-    def __init__(self, guest: GuestMemory, vmm_size: int, large_pages: bool = False):
+    def __init__(self, guest: GuestMemory, vmm_size: int, large_pages: bool = False,
+                 prefetch_large: bool = False):
         self.guest, self.host = guest, guest.host
-        # Guest large pages shadowed by 2 MiB leaves where no guest table
-        # lies in them (agile; `shadow` splits them into 4 KiB leaves).
+        # Agile: a guest large page is shadowed by 2 MiB leaves where no
+        # guest table lies in it and the host backs guest memory with large
+        # pages (`large_pages`; `shadow` splits it into 4 KiB leaves), else
+        # its frames are shadowed all at its first fault (`prefetch_large`).
         self.large_pages = large_pages
+        self.prefetch_large = prefetch_large
         self.large: dict[int, dict[int, None]] = {}        # 2 MiB region -> its large sptes
         self.large_region: dict[int, int] = {}             # large spte -> 2 MiB region
         self.tables_in: dict[int, int] = {}                # 2 MiB region -> shadowed gfns in it
@@ -507,7 +511,7 @@ class ShadowPaging(Paging):
         leaf_level, _addr, leaf = path[-1]
         acc &= _acc(leaf)
         # A guest large page is shadowed by direct pages down to 4 KiB, or
-        # (large_pages) down to a 2 MiB leaf where no guest table is in it.
+        # (agile, large_pages) down to a 2 MiB leaf where no guest table is in it.
         gfn = _leaf_gfn(vaddr, path[-1])
         base = gfn & ~0x1FF
         large = (cache.large_pages and leaf_level > 1 and not cache.tables_in.get(base >> 9)
@@ -533,9 +537,9 @@ class ShadowPaging(Paging):
             cache.set_large(c, sp, table_index(vaddr, 2), base, spte)
         else:
             cache.set_leaf(sp, table_index(vaddr, 1), gfn, spte)
-            if cache.large_pages and leaf_level > 1:
-                # The rest of the guest's large page at once, 4 KiB apiece
-                # (guest tables lie in it): no fault for each of its frames.
+            if cache.prefetch_large and leaf_level > 1:
+                # Agile: the rest of the 2 MiB of the guest's large page at
+                # once, 4 KiB apiece (its one A bit is set): no fault for each.
                 for i in range(512):
                     frame = base | i
                     if frame != gfn and not cache.host.read_u64(sp.hpa + i * 8) & P:

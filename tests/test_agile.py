@@ -1,0 +1,153 @@
+"""Agile paging (hv.vmm.agile): the walk's arithmetic at every switch
+level, what a nested table no longer costs, and the degenerate policies,
+which must be exactly the `shadow` and `ept` modes."""
+import pytest
+
+import hv
+from hv import compare
+from hv.api import make_result
+from hv.vmm.vm import VM, Config
+
+from conftest import image
+
+EXIT = "xor eax, eax\nmov dx, 0xf4\nout dx, al\n"
+
+
+def mark(n: int) -> str:
+    return f"xor eax, eax\nmov ebx, {n}\nvmcall\n"
+
+
+# Its own 4 tables for 16 pages of 4 KiB at VA 0x8000000000 (PML4 entry 1):
+# PML4 0x700000 (entry 0 the boot PML4's, for the identity map of the
+# code), PDPT 0x701000, PD 0x702000, PT 0x703000, built before the guest
+# loads that CR3 (so before any is shadowed). The pages are touched once,
+# so that the shadow path and EPT are warm. Then the guest writes an unused
+# entry of the table at `table` twice (the first write takes a
+# write-protection exit and moves the table to nested; the second costs
+# none), INVLPGs every page, and marks 2-3 bracket one read of every page: 16
+# TLB misses, each a walk that reads the shadow entries above `table` and
+# the guest's tables from `table` down, in two dimensions.
+PML4, PT, VA = 0x700000, 0x703000, 0x8000000000
+
+
+def switch_at(table: int) -> str:
+    return f"""
+    mov rax, qword ptr [0x2000]
+    mov qword ptr [{PML4:#x}], rax
+    mov qword ptr [{PML4:#x} + 8], {PML4 + 0x1003:#x}
+    mov qword ptr [{PML4 + 0x1000:#x}], {PML4 + 0x2003:#x}
+    mov qword ptr [{PML4 + 0x2000:#x}], {PT | 3:#x}
+    mov rbx, {PT:#x}
+    mov rax, 0x600003
+    mov rcx, 16
+map:
+    mov qword ptr [rbx], rax
+    add rbx, 8
+    add rax, 0x1000
+    loop map
+    mov rax, {PML4:#x}
+    mov cr3, rax
+    mov r12, {VA:#x}
+    mov rcx, 16
+first:
+    mov rdx, rcx
+    shl rdx, 12
+    mov rax, qword ptr [r12 + rdx - 0x1000]
+    loop first
+""" + mark(1) + f"""
+    xor eax, eax
+    mov qword ptr [{table:#x} + 0xff8], rax
+    mov qword ptr [{table:#x} + 0xff8], rax
+    mov rcx, 16
+flush:
+    mov rdx, rcx
+    shl rdx, 12
+    invlpg [r12 + rdx - 0x1000]
+    loop flush
+""" + mark(2) + """
+    mov rcx, 16
+second:
+    mov rdx, rcx
+    shl rdx, 12
+    mov rax, qword ptr [r12 + rdx - 0x1000]
+    loop second
+""" + mark(3) + EXIT
+
+
+# table -> (shadow references, guest references, EPT references) of one walk:
+# s shadow entries, then g guest entries nested (each guest-physical
+# address through 4 EPT entries), then the 4 EPT entries of the final
+# guest-physical address: s + g + 4 * (g + 1), from 3 + 1 + 8 = 12 to 24.
+SWITCHES = {PT: (3, 1, 8), PML4 + 0x2000: (2, 2, 12), PML4 + 0x1000: (1, 3, 16),
+            PML4: (0, 4, 20)}
+
+
+def agile_run(src: str, **kw) -> hv.Result:
+    vm = VM(image(src), Config(mmu="agile", check_invariants=True, **kw))
+    vm.run()
+    vm.mmu.check()
+    return make_result("test", vm)
+
+
+@pytest.mark.parametrize("memo", [True, False], ids=["memo", "no-memo"])
+@pytest.mark.parametrize("table", SWITCHES, ids=["PT", "PD", "PDPT", "PML4"])
+def test_a_walk_reads_shadow_entries_down_to_the_switch_then_two_dimensions(table, memo):
+    r = agile_run(switch_at(table), memo=memo)
+    shadow, guest, ept = SWITCHES[table]
+    switched = r.between(1, 2)
+    # One write-protection exit moved the table to nested; the second
+    # write took none.
+    assert switched["agile.to_nested"] == 1 and switched["mmu_pte_write"] == 1
+    d = r.between(2, 3)
+    assert d["tlb.misses"] == 16 and d.exits.get("EPT_VIOLATION", 0) == 0
+    assert d["tlb.walk_refs"] == 16 * (shadow + guest + ept)
+    assert r.tlb["walk_refs_hist"][shadow + guest + ept] >= 16
+    # Below a switch in PML4 entry 1 the hardware read the guest's tables
+    # (and EPT) only in those walks; from a nested root, in every walk.
+    dims = {}
+    for name, n in r.tlb["walk_refs_by_level"].items():
+        dims[name.split(".")[0]] = dims.get(name.split(".")[0], 0) + n
+    if table != PML4:
+        assert dims["guest"] == 16 * guest and dims["ept"] == 16 * ept
+
+
+def test_below_a_switch_the_guest_pays_no_exit_for_table_writes_or_invlpg():
+    """The PT goes nested at its first write: the next 64 writes and 64
+    INVLPGs of pages it maps, each page read again, cost no exit (under
+    `shadow`, each would)."""
+    src = switch_at(PT).replace(mark(2), mark(2) + """
+    mov rcx, 64
+churn:
+    mov rax, rcx
+    and rax, 15
+    mov rdx, rax
+    shl rdx, 12
+    add rdx, 0x600003
+    mov qword ptr [0x703000 + rax * 8], rdx
+    shl rax, 12
+    invlpg [r12 + rax]
+    mov rax, qword ptr [r12 + rax]
+    loop churn
+""" + mark(4))
+    r = agile_run(src)
+    d = r.between(2, 4)
+    assert d["invlpg"] == 64
+    assert d.exits.get("INVLPG", 0) == 0 and d["mmu_pte_write"] == 0
+    s = hv.run("test", mmu="shadow", image=image(src)).between(2, 4)
+    assert s.exits["INVLPG"] == 64 and s["mmu_pte_write"] == 64
+
+
+# Every sample guest, as `hv compare` runs it, and every other with its defaults.
+CASES = list(compare.SUITE) + [compare.Case(g) for g in ("hello", "pagetouch")]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.label for c in CASES])
+def test_degenerate_policies_are_the_shadow_and_ept_modes(case):
+    """--agile-policy shadow never nests, nested starts nested: every count
+    of the whole run, marks included, is that mode's."""
+    for policy, mode in (("shadow", "shadow"), ("nested", "ept")):
+        a = hv.run(case.guest, mmu="agile", agile_policy=policy, **case.options).to_json()
+        b = hv.run(case.guest, mmu=mode, **case.options).to_json()
+        for d in (a, b):
+            del d["mmu"], d["config"]
+        assert a == b, f"agile --agile-policy {policy} differs from {mode}"
