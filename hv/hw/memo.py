@@ -29,7 +29,9 @@ class WalkMemo:
         self.engines = engines      # the VM's engines (Engine.flush_tlb)
         self.results: dict[int, tuple] = {}
         self.readers: dict[int, list[int]] = {}     # entry address -> keys of walks that read it
-        self.frames: dict[int, list[int]] = {}      # frame number -> entry addresses watched in it
+        # frame number -> entry addresses watched in it (a set: an entry
+        # forgotten and watched again is one member, so it stays bounded)
+        self.frames: dict[int, set[int]] = {}
         self.recording: list[int] | None = None     # entries read by the walk being recorded
 
     def put(self, key: int, result: tuple, entries: list[int]) -> None:
@@ -46,10 +48,10 @@ class WalkMemo:
             readers[addr] = [key]
             watched = frames.get(addr >> 12)
             if watched is None:
-                frames[addr >> 12] = [addr]
+                frames[addr >> 12] = {addr}
                 new_frame = True
             else:
-                watched.append(addr)
+                watched.add(addr)
         if new_frame:
             for engine in self.engines:
                 engine.flush_tlb()      # no alias may keep W on a watched frame
