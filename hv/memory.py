@@ -9,6 +9,7 @@ from __future__ import annotations
 import ctypes
 import mmap
 import re
+from decimal import Decimal, InvalidOperation
 
 from .errors import HvError
 
@@ -43,6 +44,10 @@ class PhysMem:
     def read_u64(self, addr: int) -> int:
         """An aligned 8-byte read (page-table entries are always aligned)."""
         return self._q[addr >> 3]
+
+    def table(self, addr: int) -> list[int]:
+        """The 512 entries of the (aligned) page table at `addr`, as they are now."""
+        return self._q[addr >> 3:(addr >> 3) + 512].tolist()
 
     def write_u64(self, addr: int, value: int) -> None:
         self._q[addr >> 3] = value
@@ -183,6 +188,29 @@ def parse_size(text: str) -> int:
     except ValueError:
         raise HvError(f"invalid size {text!r} (examples: 64M, 1G, 0x4000000)") from None
     return value * _UNITS.get((m[2] or "b")[0].lower(), 1)
+
+
+MAX_COUNT = 10**18
+
+
+def parse_count(text: str) -> int:
+    """A whole number as --help prints them (5e8), or 1_000, 0x3e8, up to
+    MAX_COUNT; ValueError (saying why) for anything else."""
+    t = text.strip().replace("_", "")
+    try:
+        value = int(t, 0)
+    except ValueError:
+        try:
+            exact = Decimal(t)
+        except InvalidOperation:
+            raise ValueError(f"not a number: {text!r}") from None
+        # (adjusted: the exponent, checked before int() spells out 1e999999999)
+        if not exact.is_finite() or exact.adjusted() > 18 or exact % 1:
+            raise ValueError(f"not a whole number up to 1e18: {text!r}") from None
+        value = int(exact)
+    if value > MAX_COUNT:
+        raise ValueError(f"not a whole number up to 1e18: {text!r}")
+    return value
 
 
 def format_size(size: int) -> str:

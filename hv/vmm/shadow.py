@@ -263,8 +263,9 @@ class ShadowCache:
         """Unlink a shadow page from its parents, clear it, free its frame."""
         for spte_addr in sp.parents:
             self.host.write_u64(spte_addr, 0)
-        for i in range(ENTRIES_PER_TABLE):
-            self.zap_spte(c, sp.hpa + i * 8, sp.level)
+        for i, spte in enumerate(self.host.table(sp.hpa)):
+            if spte & P:
+                self.zap_spte(c, sp.hpa + i * 8, sp.level)
         del self.pages[sp.key], self.by_hpa[sp.hpa]
         if not sp.direct:
             group = self.shadowed[sp.gfn]
