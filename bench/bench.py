@@ -248,7 +248,7 @@ class Bench:
         """Cost of one exit: (run with n events - run without) / events."""
         n = 200 if self.quick else 20000
         pages = min(n, 4096)        # 16 MiB of fresh pages in the default 64 MiB
-        cases = [  # (name, mode, guest, baseline guest, the counter of the events)
+        cases = [  # (name, mode, guest, baseline guest, the counter of the events[, options of each])
             ("IO_INSTRUCTION exit", "native", events(n, IO), events(n, ""), "io_exits"),
             ("VMCALL exit", "native", events(n, VMCALL), events(n, ""), "hypercalls"),
             ("CR_ACCESS exit", "shadow", events(n, CR3), events(n, ""), "cr3_loads"),
@@ -261,15 +261,23 @@ class Bench:
             ("code page written, then run (a rescan)", "native",
              events(n, MIXED) + "counter: .quad 0\n",
              events(n, MIXED) + ".align 4096\ncounter: .quad 0\n", "code_rescans"),
+            # The same guest both times: its PT goes nested at a write and,
+            # tried back as shadow at the next VM entry, is shadowed again at
+            # its next use (an INVLPG exit, a hidden fault, a shadow page);
+            # the baseline leaves it nested.
+            ("agile switch round trip (to nested and back)", "agile",
+             events(n, PTE_WRITE + VMCALL, PT_SETUP), events(n, PTE_WRITE + VMCALL, PT_SETUP),
+             "agile.to_shadow", *({"agile_policy": f"dynamic:writes=1,window=1,trial={t}"} for t in (1, 0))),
         ]
         rows = []
-        for name, mode, guest, base, what in cases:
+        for name, mode, guest, base, what, *kws in cases:     # kws: the two runs' options
             self.progress(f"exits: {name}")
+            kw, base_kw = kws or ({}, {})
             img, base_img = image(guest), image(base)
-            times = alternate(self.repeat, lambda: time_hv(img, mode)[0],
-                              lambda: time_hv(base_img, mode)[0])
-            count = (time_hv(img, mode)[1].counters.get(what, 0)
-                     - time_hv(base_img, mode)[1].counters.get(what, 0))
+            times = alternate(self.repeat, lambda: time_hv(img, mode, **kw)[0],
+                              lambda: time_hv(base_img, mode, **base_kw)[0])
+            count = (time_hv(img, mode, **kw)[1].counters.get(what, 0)
+                     - time_hv(base_img, mode, **base_kw)[1].counters.get(what, 0))
             cost = (statistics.median(times[0]) - statistics.median(times[1])) / count
             rows.append({"benchmark": name, "mode": mode, "events": count,
                          "us_per_event": cost * 1e6, **summary(times[0])})

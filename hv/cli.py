@@ -5,40 +5,27 @@ import argparse
 import json
 import re
 import sys
-from decimal import Decimal, InvalidOperation
 from importlib import metadata
 from pathlib import Path
 
 from . import api, asm, compare
 from .cost import DEFAULT_PROFILE, bundled_profiles, load_profile
 from .errors import HvError
-from .memory import parse_size
+from .memory import parse_count, parse_size
 from .vmm.exits import Trace, parse_reasons
-from .vmm.modes import AGILE_POLICIES, MODE_HELP, MODES
+from .vmm.modes import MODE_HELP, MODES
 from .paths import bundled_guests
 
-
-_MAX_COUNT = 10**18
 
 
 def _positive(text: str) -> int:
     """A whole number as --help prints them (5e8), or 1_000, 0x3e8."""
-    t = text.replace("_", "")
     try:
-        value = int(t, 0)
-    except ValueError:
-        try:
-            exact = Decimal(t)
-        except InvalidOperation:
-            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-        # (adjusted: the exponent, checked before int() spells out 1e999999999)
-        if not exact.is_finite() or exact.adjusted() > 18 or exact % 1:
-            raise argparse.ArgumentTypeError(f"not a whole number up to 1e18: {text!r}")
-        value = int(exact)
+        value = parse_count(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
-    if value > _MAX_COUNT:
-        raise argparse.ArgumentTypeError(f"not a whole number up to 1e18: {text!r}")
     return value
 
 
@@ -109,9 +96,10 @@ def _add_config_options(r: argparse.ArgumentParser) -> None:
     r.add_argument("--no-memo", dest="memo", action="store_false",
                    help="walk every TLB miss in full instead of replaying walks whose "
                         "tables did not change (slower; the counts are the same)")
-    r.add_argument("--agile-policy", choices=AGILE_POLICIES, default="dynamic",
+    r.add_argument("--agile-policy", default="dynamic", metavar="POLICY",
                    help="agile: when subtrees go nested: dynamic (where the guest writes its "
-                        "tables), shadow (never: shadow's counts), nested (all: ept's counts)")
+                        "tables; knobs: dynamic:writes=1,cr3=2,window=1048576,trial=8), "
+                        "shadow (never: shadow's counts), nested (all: ept's counts)")
 
 
 def _config(args) -> dict:

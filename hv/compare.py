@@ -45,6 +45,7 @@ SUITE = (
     Case("tlbstress", window=(2, 3)),       # the steady-state passes
     Case("hugepages", window=(2, 3)),       # the same on 2 MiB pages
     Case("hugepages", {"ept_large_pages": True}, window=(2, 3)),   # and 2 MiB EPT pages
+    Case("phases", window=(1, 4)),          # churn and TLB-hostile reads, together and apart
     # The rounds, with a short time slice: a vCPU waiting at a barrier spins
     # until hv's round-robin runs the others, so a long slice would fill the
     # window with spinning.

@@ -12,8 +12,12 @@ A remote TLB flush (shadow paging, `remote_tlb_flush`) is priced as one
 more exit, on the vCPU it kicks. VMM work is what an exit's handler does
 beyond the simplest one: emulated
 guest page-table writes (`mmu_pte_write`), shadow pages built
-(`mmu_cache_miss`) and the VMM's own software walks of guest tables
-(`vmm.guest_walk_refs`, priced like hardware walk references).
+(`mmu_cache_miss`), agile paging's switches of a guest table or root
+between shadow and nested (`agile.to_nested`, `agile.to_shadow`: each
+priced as one shadow page built, an assumption: it rewrites the entries
+that linked the table and zaps its shadow pages) and the VMM's own software
+walks of guest tables (`vmm.guest_walk_refs`, priced like hardware walk
+references).
 
 Native runs have no VM exits: what hv counts there as IO or VMCALL "exits"
 is an instruction on bare metal, already in `instructions`. Cycles add up
@@ -49,7 +53,8 @@ CYCLE_KEYS = {
     "exit": "VM exit plus VM entry, the hardware world switch",
     "handler": "the VMM's work on the simplest exit (read the reason, dispatch, resume)",
     "pte_write": "emulating one guest page-table write (shadow), beyond the handler",
-    "shadow_page": "building one shadow page table (shadow), beyond the handler",
+    "shadow_page": "building one shadow page table (shadow), or one switch of agile paging, "
+                   "beyond the handler",
 }
 # The three parts of a run's cycles, in the order reports and plots show them.
 PARTS = ("guest", "walks", "exits")
@@ -144,7 +149,8 @@ def cycles(profile: Profile, mode: str, figures: dict) -> dict[str, float]:
         # and an exit there (KVM's kvm_flush_remote_tlbs).
         exits = ((priced_exits(figures) + get("remote_tlb_flush", 0)) * (c["exit"] + c["handler"])
                  + get("mmu_pte_write", 0) * c["pte_write"]
-                 + get("mmu_cache_miss", 0) * c["shadow_page"]
+                 + (get("mmu_cache_miss", 0) + get("agile.to_nested", 0)
+                    + get("agile.to_shadow", 0)) * c["shadow_page"]
                  + get("vmm.guest_walk_refs", 0) * c["walk_ref"])
     parts = dict(guest=guest, walks=walks, exits=exits)
     parts["total"] = guest + walks + exits

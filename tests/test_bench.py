@@ -18,7 +18,7 @@ def test_quick_bench_reports_every_measurement():
     assert [r["benchmark"] for r in doc["exits"]] == [
         "IO_INSTRUCTION exit", "VMCALL exit", "CR_ACCESS exit", "PTE write emulation",
         "hidden page fault (a page's first touch)", "EPT violation (a page's first touch)",
-        "code page written, then run (a rescan)"]
+        "code page written, then run (a rescan)", "agile switch round trip (to nested and back)"]
     assert all(r["events"] > 0 for r in doc["exits"] + doc["tlb_misses"])
     assert len(doc["tlb_misses"]) == 6 and len(doc["scale"]) == 5
     assert all(r["insns"] > 0 and r["rss_peak_mib"] >= r["rss_before_mib"] for r in doc["scale"])

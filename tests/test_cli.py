@@ -68,6 +68,8 @@ def test_a_failing_guest_gives_status_1(capsys, tmp_path):
     (["run", "hello", "--mmu", "magic"], "invalid choice"),
     (["run", "hello", "--tlb-entries", "10", "--tlb-ways", "3"], "cannot have 3 ways"),
     (["disasm", "/no/such/file.bin"], "cannot read"),
+    (["run", "hello", "--mmu", "agile", "--agile-policy", "dynamic:trial=-1"],
+     "agile policy knob 'trial=-1': must be at least 0"),
 ])
 def test_bad_input_is_one_line_and_status_2(capsys, args, message):
     status, out, err = hv(capsys, *args)

@@ -57,6 +57,12 @@ def test_cycles_add_up_by_part(profile):
     assert c["total"] == c["guest"] + c["walks"] + c["exits"]
 
 
+def test_an_agile_switch_is_priced_as_a_shadow_page_built(profile):
+    base = cycles(profile, "agile", FIGURES)["exits"]
+    moved = cycles(profile, "agile", {**FIGURES, "agile.to_nested": 2, "agile.to_shadow": 1})
+    assert moved["exits"] == base + 3 * 7000
+
+
 def test_native_has_no_vm_exits(profile):
     c = cycles(profile, "native", FIGURES)
     assert c["exits"] == 0

@@ -28,7 +28,8 @@ INVLPG's address lies below a switch is the CPU's, and costs nothing here.
 from __future__ import annotations
 
 from ..arch.vmx import ExitReason
-from ..errors import InvariantError
+from ..errors import HvError, InvariantError
+from ..memory import parse_count
 from .shadow import ShadowCache, ShadowPaging
 
 # The VMM's controls with a nested root: `ept`'s (the modes table's Ept).
@@ -36,6 +37,34 @@ NESTED_INTERCEPTS = frozenset({ExitReason.IO_INSTRUCTION, ExitReason.HLT, ExitRe
                                ExitReason.TRIPLE_FAULT, ExitReason.EPT_VIOLATION,
                                ExitReason.EPT_MISCONFIG})
 POLICIES = ("dynamic", "shadow", "nested")
+# The dynamic policy's knobs: `--agile-policy dynamic:writes=2,trial=0`.
+KNOBS = {"writes": "SWITCH_WRITES", "cr3": "SWITCH_CR3", "window": "WINDOW", "trial": "TRIAL"}
+
+
+def parse_policy(text: str) -> tuple[str, dict[str, int]]:
+    """'dynamic[:knob=N,...]', 'shadow' or 'nested' -> (kind, knobs)."""
+    kind, _, rest = text.partition(":")
+    if kind not in POLICIES:
+        raise HvError(f"unknown agile policy {kind!r} (choose from {', '.join(POLICIES)})")
+    if rest and kind != "dynamic":
+        raise HvError(f"agile policy {kind!r} has no knobs (only dynamic has: "
+                      f"{', '.join(KNOBS)})")
+    knobs = {}
+    for item in filter(None, rest.split(",")):
+        name, eq, value = item.partition("=")
+        name = name.strip()
+        if name not in KNOBS or not eq:
+            raise HvError(f"agile policy knob {item!r}: write knob=N with a knob of "
+                          f"{', '.join(KNOBS)}")
+        minimum = 0 if name == "trial" else 1
+        try:
+            number = parse_count(value)
+        except ValueError as e:
+            raise HvError(f"agile policy knob {item!r}: {e}") from None
+        if number < minimum:
+            raise HvError(f"agile policy knob {item!r}: must be at least {minimum}")
+        knobs[KNOBS[name]] = number
+    return kind, knobs
 
 
 class AgilePolicy:
@@ -45,17 +74,21 @@ class AgilePolicy:
     SWITCH_WRITES write-protection exits (emulated writes) within one window
     of WINDOW guest instructions goes nested: the shadow entries above it
     get the switch bit. SWITCH_CR3 CR3 loads within a window make the root
-    nested. Every TRIAL windows whatever is nested is tried back as shadow:
-    write-protected again, it goes nested again at the same rates.
+    nested. Every TRIAL windows whatever is nested is tried back as shadow
+    (never with TRIAL 0): write-protected again, it goes nested again at
+    the same rates. Each knob can be set: "dynamic:writes=2,cr3=8,window=1e5,trial=0".
     "shadow": nothing is ever nested (the `shadow` mode's counts).
     "nested": the root is nested from the start (the `ept` mode's counts).
     """
-    SWITCH_WRITES = 1
+    SWITCH_WRITES = 2
     SWITCH_CR3 = 2
     WINDOW = 1 << 20
     TRIAL = 8
 
-    def __init__(self, kind: str, cache: ShadowCache):
+    def __init__(self, policy: str, cache: ShadowCache):
+        kind, knobs = parse_policy(policy)
+        for attr, value in knobs.items():
+            setattr(self, attr, value)
         self.cache = cache
         self.dynamic = kind == "dynamic"
         self.elapsed = lambda: 0            # the VM's clock (the mode sets it)
@@ -103,7 +136,7 @@ class AgilePolicy:
         self._windows += 1
         self._writes.clear()
         self._cr3_loads = 0
-        if self._windows % self.TRIAL or not (self.nested or self.root_nested):
+        if not self.TRIAL or self._windows % self.TRIAL or not (self.nested or self.root_nested):
             return
         c["agile.to_shadow"] += len(self.nested) + self.root_nested
         for gfn in self.nested:

@@ -13,7 +13,7 @@ from ..arch.vmx import ExitReason
 from ..arch.x86 import Vector
 from ..hw.mmu import HardwareMMU, QemuMMU
 from ..memory import CHUNK, GiB, MiB, GuestMemory
-from .agile import POLICIES, AgileMMU, AgilePaging, AgilePolicy
+from .agile import AgileMMU, AgilePaging, AgilePolicy, parse_policy
 from .ept import EptPaging, EptTables
 from .paging import Paging, QemuPaging
 from .shadow import ShadowCache, ShadowPaging
@@ -142,7 +142,7 @@ class Agile(Mode):
         shadow_size = vmm_size(config)
         size = -(-2 * shadow_size // block) * block
         guest = GuestMemory.scattered(config.ram, size, block)
-        dynamic = config.agile_policy == "dynamic"
+        dynamic = parse_policy(config.agile_policy)[0] == "dynamic"
         cache = ShadowCache(guest, shadow_size, large_pages=dynamic and config.ept_large_pages,
                             prefetch_large=dynamic)
         ept = EptTables(guest, size - shadow_size, config.ept_large_pages, base=shadow_size)
@@ -162,7 +162,6 @@ class Agile(Mode):
 
 
 MODES: dict[str, Mode] = {m.name: m for m in (Native(), Shadow(), Ept(), Agile(), Qemu())}
-AGILE_POLICIES = POLICIES
 BASELINE = "native"         # what hv compare measures overheads against
 MODE_HELP = {name: m.help for name, m in MODES.items()}
 # The modes hv compare can price: those whose TLB and walks hv models.

@@ -26,7 +26,8 @@ from ..hw.tlb import TLB
 from ..memory import GiB, MiB, format_size
 from ..stats import Stats
 from .exits import Trace
-from .modes import AGILE_POLICIES, MODES
+from .agile import parse_policy
+from .modes import MODES
 from .vcpu import VCpu
 
 LOAD_ADDR = 0x10_0000
@@ -73,9 +74,7 @@ class Config:
     def check(self) -> None:
         if self.mmu not in MODES:
             raise HvError(f"unknown MMU mode {self.mmu!r} (choose from {', '.join(MODES)})")
-        if self.agile_policy not in AGILE_POLICIES:
-            raise HvError(f"unknown agile policy {self.agile_policy!r} (choose from "
-                          f"{', '.join(AGILE_POLICIES)})")
+        parse_policy(self.agile_policy)
         if not 4 * MiB <= self.ram <= MAX_RAM or self.ram % (2 * MiB):
             raise HvError(f"RAM must be a multiple of 2 MiB from 4 MiB to 64 GiB, "
                           f"not {format_size(self.ram)}")
