@@ -7,7 +7,7 @@ must be the same in every mode; `same_output` says whether they were.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from . import api
@@ -19,17 +19,25 @@ from .vmm.modes import BASELINE, COUNTING_MODES, MODES
 @dataclass(frozen=True)
 class Case:
     """A guest, its run options, and the window priced: the counts between
-    two vmcall marks (the measured phase), or the whole run (None)."""
+    two vmcall marks (the measured phase), or the whole run (None); `note`
+    names the window where a guest has several."""
     guest: str
     options: dict = field(default_factory=dict)
     window: tuple[int, int] | None = None
+    note: str = ""
 
     @property
     def label(self) -> str:
         vcpus = self.options.get("vcpus", 1)
         notes = ([f"{vcpus} vCPUs"] if vcpus > 1 else []) + (
-            ["EPT large pages"] if self.options.get("ept_large_pages") else [])
+            ["EPT large pages"] if self.options.get("ept_large_pages") else []) + (
+            [self.note] if self.note else [])
         return self.guest + (f" ({', '.join(notes)})" if notes else "")
+
+    @property
+    def run_key(self) -> tuple:
+        """Cases with the same key price windows of the same runs."""
+        return self.guest, tuple(sorted(self.options.items()))
 
 
 # The sample suite: the costs Adams & Agesen (ASPLOS 2006) measured, TLB
@@ -45,7 +53,12 @@ SUITE = (
     Case("tlbstress", window=(2, 3)),       # the steady-state passes
     Case("hugepages", window=(2, 3)),       # the same on 2 MiB pages
     Case("hugepages", {"ept_large_pages": True}, window=(2, 3)),   # and 2 MiB EPT pages
-    Case("phases", window=(1, 4)),          # churn and TLB-hostile reads, together and apart
+    # Churn and TLB-hostile reads, together and apart: all three phases,
+    # then each (windows of the same runs).
+    Case("phases", window=(1, 4), note="all phases"),
+    Case("phases", window=(1, 2), note="A: churn and reads"),
+    Case("phases", window=(2, 3), note="B: reads"),
+    Case("phases", window=(3, 4), note="C: churn"),
     # The rounds, with a short time slice: a vCPU waiting at a barrier spins
     # until hv's round-robin runs the others, so a long slice would fill the
     # window with spinning.
@@ -76,8 +89,9 @@ def runnable(modes: tuple[str, ...], profile: Profile) -> tuple[str, ...]:
 
 
 # The window of each sample guest, which a guest named on the command line
-# is measured over too (hugepages has the same window with large EPT pages).
-SUITE_WINDOWS = {c.guest: c.window for c in SUITE}
+# is measured over too (hugepages has the same window with large EPT pages;
+# phases, its first: all phases).
+SUITE_WINDOWS = {c.guest: c.window for c in reversed(SUITE)}     # a guest's first
 
 
 def cases(guests: list[str], vcpus: list[int], options: dict,
@@ -89,7 +103,7 @@ def cases(guests: list[str], vcpus: list[int], options: dict,
         if window:
             raise HvError("--between applies to the guests named: the sample suite prices "
                           "each guest over its own window (name guests to choose theirs)")
-        return [Case(c.guest, {**options, **c.options}, c.window) for c in SUITE]
+        return [replace(c, options={**options, **c.options}) for c in SUITE]
     return [Case(g, {**options, "vcpus": n}, window or _suite_window(g))
             for g in guests for n in vcpus]
 
@@ -159,16 +173,19 @@ def compare(case_list: list[Case], modes: tuple[str, ...], profile: Profile,
         doc["notes"].append(f"no VPID on the {profile.cpu}: shadow and ept runs flush the "
                             "TLB at every VM entry and exit (asid=False)")
     done = 0
+    results: dict[tuple, api.Result] = {}       # (run key, mode) -> its run
     for case in case_list:
         runs, outputs, consoles = {}, set(), {}
         for mode in modes:
             if progress:
                 progress(case.label, mode, done)
             done += 1
-            options = dict(case.options)
-            if MODES[mode].virtualized and not profile.vpid:
-                options["asid"] = False
-            result = api.run(case.guest, mmu=mode, **options)
+            result = results.get((case.run_key, mode))
+            if result is None:
+                options = dict(case.options)
+                if MODES[mode].virtualized and not profile.vpid:
+                    options["asid"] = False
+                result = results[case.run_key, mode] = api.run(case.guest, mmu=mode, **options)
             if result.reason == "interrupted":
                 doc["interrupted"] = True
                 return doc

@@ -147,7 +147,8 @@ churn:
 
 
 # Every sample guest, as `hv compare` runs it, and every other with its defaults.
-CASES = list(compare.SUITE) + [compare.Case(g) for g in ("hello", "pagetouch")]
+CASES = list({c.run_key: c for c in compare.SUITE}.values()) + [
+    compare.Case(g) for g in ("hello", "pagetouch")]
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.label for c in CASES])
