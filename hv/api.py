@@ -218,7 +218,9 @@ def run(guest: str | Path | list, mmu: str = "native", *, ram: int | str = "64M"
     tlb_entries       the TLB model's capacity, and tlb_ways its associativity
     max_insns         stop the VM after this many instructions (reason max_insns)
     quantum           instructions per vCPU time slice
-    ept_large_pages   ept: map guest memory with 2 MiB and 1 GiB EPT pages where it can
+    ept_large_pages   the host backs guest memory with large pages: EPT maps 2 MiB
+                      and 1 GiB pages where it can, shadow tables 2 MiB pages
+                      where the guest has them and keeps no page table there
     asid              tag TLB entries with the VM's VPID (False: every VM entry
                       and exit flushes the TLB)
     pwc               page-walk caches and a nested TLB

@@ -86,7 +86,9 @@ def _add_config_options(r: argparse.ArgumentParser) -> None:
     r.add_argument("--quantum", type=_positive, default=1_000_000,
                    help="instructions per vCPU time slice (default 1e6)")
     r.add_argument("--ept-large-pages", action="store_true",
-                   help="ept: map guest memory with 2 MiB (and 1 GiB) EPT pages where it can")
+                   help="the host backs guest memory with large pages: EPT maps 2 MiB (and "
+                        "1 GiB) pages where it can, shadow tables 2 MiB pages where the guest "
+                        "has them")
     r.add_argument("--pwc", action="store_true",
                    help="page-walk caches and a nested TLB (fewer references per walk)")
     r.add_argument("--timeout", type=float, default=0,

@@ -30,7 +30,7 @@ class Case:
     def label(self) -> str:
         vcpus = self.options.get("vcpus", 1)
         notes = ([f"{vcpus} vCPUs"] if vcpus > 1 else []) + (
-            ["EPT large pages"] if self.options.get("ept_large_pages") else []) + (
+            ["host large pages"] if self.options.get("ept_large_pages") else []) + (
             [self.note] if self.note else [])
         return self.guest + (f" ({', '.join(notes)})" if notes else "")
 
@@ -52,7 +52,7 @@ SUITE = (
     Case("forkwait", window=(1, 3)),        # every fork, use and teardown
     Case("tlbstress", window=(2, 3)),       # the steady-state passes
     Case("hugepages", window=(2, 3)),       # the same on 2 MiB pages
-    Case("hugepages", {"ept_large_pages": True}, window=(2, 3)),   # and 2 MiB EPT pages
+    Case("hugepages", {"ept_large_pages": True}, window=(2, 3)),   # and host large pages
     # Churn and TLB-hostile reads, together and apart: all three phases,
     # then each (windows of the same runs).
     Case("phases", window=(1, 4), note="all phases"),

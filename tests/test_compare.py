@@ -183,7 +183,7 @@ def test_ept_loses_on_tlbstress_through_walks(suite):
 def test_large_pages_narrow_epts_gap(suite):
     small = _case(suite, "tlbstress")["runs"]["ept"]["overhead_pct"]
     guest_large = _case(suite, "hugepages")["runs"]["ept"]["overhead_pct"]
-    both_large = _case(suite, "hugepages (EPT large pages)")["runs"]["ept"]
+    both_large = _case(suite, "hugepages (host large pages)")["runs"]["ept"]
     assert both_large["overhead_pct"] < guest_large
     assert both_large["overhead_pct"] < small
     assert both_large["figures"]["tlb.misses"] == 0

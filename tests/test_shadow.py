@@ -221,6 +221,34 @@ def test_bundled_guests_keep_the_invariants(guest):
     vm.mmu.check()
 
 
+@pytest.mark.parametrize("mode", ["shadow", "agile"])
+def test_host_large_pages_give_2m_shadow_leaves_where_no_table_lies(mode):
+    """With --ept-large-pages the host backs guest memory with 2 MiB pages:
+    a guest 2 MiB page is shadowed by one 2 MiB leaf (one TLB miss for 16
+    of its pages), unless a guest page table lies in it: the boot tables
+    (0x2000..) share the first 2 MiB with the image, whose pages get 4 KiB
+    leaves, so a write to the PD there still exits."""
+    src = mark(1) + """
+        mov rbx, 0x1000000
+        mov rcx, 16
+    touch:
+        mov qword ptr [rbx], rcx
+        add rbx, 0x1000
+        loop touch
+    """ + mark(2) + """
+        mov rax, qword ptr [0x4000 + 500 * 8]
+        mov qword ptr [0x4000 + 500 * 8], rax
+    """ + mark(3) + EXIT
+    vm = VM(image(src), Config(mmu=mode, ept_large_pages=True))
+    vm.run()
+    vm.mmu.check()
+    r = make_result("test", vm)
+    assert r.between(1, 2)["tlb.misses"] == 1 and r.between(1, 2)["pf_fixed"] == 1
+    assert r.between(2, 3)["mmu_pte_write"] == 1
+    small = hv.run("test", mmu=mode, image=image(src)).between(1, 2)
+    assert small["tlb.misses"] == small["pf_fixed"] == 16
+
+
 def test_guest_physical_addresses_never_reach_the_vmm_area():
     """GPA 0 is a guest frame, not host frame 0 (where the shadow root lives)."""
     r, vm = shadow_run("""

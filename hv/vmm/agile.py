@@ -184,13 +184,7 @@ class AgilePaging(ShadowPaging):
             return
         for _level, entry_addr, _entry in path:
             self.ept.ensure(self.counters, entry_addr)
-        if gfn is None:
-            return
-        if path[-1][0] > 1 and self.cache.prefetch_large:
-            # A 2 MiB shadow leaf, or a large page's 512 prefetched leaves,
-            # mapped a whole 2 MiB run at once.
-            self.ept.ensure_2m(self.counters, gfn << 12)
-        else:
+        if gfn is not None:
             self.ept.ensure(self.counters, gfn << 12)
 
     def reload(self) -> None:

@@ -49,10 +49,6 @@ class EptTables:
                 if self.guest.contiguous(gpa & ~(size - 1), size):
                     leaf_level = level
                     break
-        self._set_leaf(c, self._table(c, gpa, leaf_level), gpa, leaf_level)
-
-    def _table(self, c, gpa: int, leaf_level: int) -> int:
-        """The EPT table at `leaf_level` for `gpa`, built down to it."""
         table = self.root
         for level in range(4, leaf_level, -1):
             addr = table + table_index(gpa, level) * 8
@@ -62,9 +58,6 @@ class EptTables:
                 self.host.write_u64(addr, entry)
                 c["ept_tables"] += 1
             table = entry & ADDR_MASK
-        return table
-
-    def _set_leaf(self, c, table: int, gpa: int, leaf_level: int) -> None:
         size = 1 << level_shift(leaf_level)
         hpa = self.guest.hpa(gpa & ~(size - 1))
         addr = table + table_index(gpa, leaf_level) * 8
@@ -73,7 +66,8 @@ class EptTables:
         c[("pages_4k", "pages_2m", "pages_1g")[leaf_level - 1]] += 1
 
     def ensure(self, c, gpa: int) -> None:
-        """Map the frame of `gpa` unless EPT maps it already."""
+        """Map the frame of `gpa` unless EPT maps it already (agile: a frame
+        the VMM learnt of at a hidden fault)."""
         table = self.root
         for level in range(4, 0, -1):
             entry = self.host.read_u64(table + table_index(gpa, level) * 8)
@@ -83,18 +77,6 @@ class EptTables:
             if ept.is_leaf(level, entry):
                 return
             table = entry & ADDR_MASK
-
-    def ensure_2m(self, c, gpa: int) -> None:
-        """Map every frame of the 2 MiB run of `gpa` that EPT does not map
-        yet: one walk down to its table, then one entry each."""
-        base = gpa & ~(CHUNK - 1)
-        if self.large_pages:            # a 2 MiB run is host-contiguous: one leaf
-            self.ensure(c, base)
-            return
-        table = self._table(c, base, 1)
-        for frame in range(base, base + CHUNK, PAGE_SIZE):
-            if not self.host.read_u64(table + table_index(frame, 1) * 8) & ept.RWX:
-                self._set_leaf(c, table, frame, 1)
 
     def check(self) -> None:
         """Every EPT leaf maps a guest frame to its own host frame; every EPT

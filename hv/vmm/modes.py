@@ -13,7 +13,7 @@ from ..arch.vmx import ExitReason
 from ..arch.x86 import Vector
 from ..hw.mmu import HardwareMMU, QemuMMU
 from ..memory import CHUNK, GiB, MiB, GuestMemory
-from .agile import AgileMMU, AgilePaging, AgilePolicy, parse_policy
+from .agile import AgileMMU, AgilePaging, AgilePolicy
 from .ept import EptPaging, EptTables
 from .paging import Paging, QemuPaging
 from .shadow import ShadowCache, ShadowPaging
@@ -85,7 +85,7 @@ class Shadow(Mode):
     def memory(self, config):
         size = vmm_size(config)
         guest = GuestMemory.scattered(config.ram, size)
-        return guest, ShadowCache(guest, size)
+        return guest, ShadowCache(guest, size, large_pages=config.ept_large_pages)
 
     def _paging(self, vm, cpu):
         return ShadowPaging(self._hardware(vm, cpu, dim="shadow"), vm.mmu, cpu.stats)
@@ -142,9 +142,7 @@ class Agile(Mode):
         shadow_size = vmm_size(config)
         size = -(-2 * shadow_size // block) * block
         guest = GuestMemory.scattered(config.ram, size, block)
-        dynamic = parse_policy(config.agile_policy)[0] == "dynamic"
-        cache = ShadowCache(guest, shadow_size, large_pages=dynamic and config.ept_large_pages,
-                            prefetch_large=dynamic)
+        cache = ShadowCache(guest, shadow_size, large_pages=config.ept_large_pages)
         ept = EptTables(guest, size - shadow_size, config.ept_large_pages, base=shadow_size)
         return guest, AgileMMU(cache, ept, AgilePolicy(config.agile_policy, cache))
 

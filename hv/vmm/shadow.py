@@ -125,15 +125,12 @@ class ShadowPage:
 class ShadowCache:
     """The shadow MMU state of one VM, shared by its vCPUs."""
 
-    def __init__(self, guest: GuestMemory, vmm_size: int, large_pages: bool = False,
-                 prefetch_large: bool = False):
+    def __init__(self, guest: GuestMemory, vmm_size: int, large_pages: bool = False):
         self.guest, self.host = guest, guest.host
-        # Agile: a guest large page is shadowed by 2 MiB leaves where no
-        # guest table lies in it and the host backs guest memory with large
-        # pages (`large_pages`; `shadow` splits it into 4 KiB leaves), else
-        # its frames are shadowed all at its first fault (`prefetch_large`).
+        # Where the host backs guest memory with large pages (`large_pages`),
+        # a guest large page is shadowed by 2 MiB leaves where no guest
+        # table lies in it, else split into 4 KiB leaves.
         self.large_pages = large_pages
-        self.prefetch_large = prefetch_large
         self.large: dict[int, dict[int, None]] = {}        # 2 MiB region -> its large sptes
         self.large_region: dict[int, int] = {}             # large spte -> 2 MiB region
         self.tables_in: dict[int, int] = {}                # 2 MiB region -> shadowed gfns in it
@@ -538,15 +535,6 @@ class ShadowPaging(Paging):
             cache.set_large(c, sp, table_index(vaddr, 2), base, spte)
         else:
             cache.set_leaf(sp, table_index(vaddr, 1), gfn, spte)
-            if cache.prefetch_large and leaf_level > 1:
-                # Agile: the rest of the 2 MiB of the guest's large page at
-                # once, 4 KiB apiece (its one A bit is set): no fault for each.
-                for i in range(512):
-                    frame = base | i
-                    if frame != gfn and not cache.host.read_u64(sp.hpa + i * 8) & P:
-                        cache.set_leaf(sp, i, frame, make_spte(
-                            cache.guest.hpa(frame << 12), acc, bool(leaf & G), may_write,
-                            frame in cache.shadowed))
         c["pf_fixed"] += 1
         self.fixed(path, gfn)
         return None

@@ -62,7 +62,7 @@ class Config:
     tlb_ways: int = 12
     max_insns: int = 500_000_000
     quantum: int = 1_000_000
-    ept_large_pages: bool = False
+    ept_large_pages: bool = False   # host large pages: EPT's and the shadow tables' (README)
     asid: bool = True           # tag TLB entries by VM (VPID); False: flush at every entry/exit
     pwc: bool = False           # page-walk caches and a nested TLB (hv/hw/pwc.py)
     check_invariants: bool = False  # check the VMM's invariants after every exit (slow)
