@@ -229,8 +229,9 @@ def run(guest: str | Path | list, mmu: str = "native", *, ram: int | str = "64M"
     memo              replay walks whose tables did not change (False: walk every
                       TLB miss in full; slower, the counts are the same)
     agile_policy      agile: "dynamic" (subtrees go nested where the guest writes
-                      its tables), "shadow" (never: `shadow`'s counts), "nested"
-                      (everything: `ept`'s counts)
+                      its tables; knobs: "dynamic:writes=2,cr3=2,window=1e6,trial=8"),
+                      "shadow" (never: `shadow`'s counts), "nested" (everything:
+                      `ept`'s counts); README, "Agile paging"
     image             the guest's bytes, instead of loading `guest` (then a name)
     on_console        on_console(vm, byte) sees each byte a guest prints, as printed
     trace             sees every exit: a callable gets each as a dict, a text file

@@ -13,6 +13,7 @@ from .cost import DEFAULT_PROFILE, bundled_profiles, load_profile
 from .errors import HvError
 from .memory import parse_count, parse_size
 from .vmm.exits import Trace, parse_reasons
+from .vmm.agile import DEFAULT_KNOBS
 from .vmm.modes import MODE_HELP, MODES
 from .paths import bundled_guests
 
@@ -100,8 +101,8 @@ def _add_config_options(r: argparse.ArgumentParser) -> None:
                         "tables did not change (slower; the counts are the same)")
     r.add_argument("--agile-policy", default="dynamic", metavar="POLICY",
                    help="agile: when subtrees go nested: dynamic (where the guest writes its "
-                        "tables; knobs: dynamic:writes=1,cr3=2,window=1048576,trial=8), "
-                        "shadow (never: shadow's counts), nested (all: ept's counts)")
+                        f"tables; knobs: dynamic:{DEFAULT_KNOBS}), shadow (never: shadow's "
+                        "counts), nested (all: ept's counts)")
 
 
 def _config(args) -> dict:

@@ -146,6 +146,10 @@ class AgilePolicy:
         self.cache.flush_all(c)
 
 
+# "writes=2,cr3=2,window=1048576,trial=8": the knobs as --help shows them.
+DEFAULT_KNOBS = ",".join(f"{knob}={getattr(AgilePolicy, attr)}" for knob, attr in KNOBS.items())
+
+
 class AgileMMU:
     """The VM's state under agile paging: its shadow pages, its EPT, the policy."""
 

@@ -15,8 +15,9 @@ Invariants:
   alias. So each guest write to a page table traps, and is emulated.
 - A shadow leaf is writable only if the guest's walk allows the write and
   the guest's PTE is dirty: the first write traps and sets D in the guest.
-- Non-leaf sptes point only at shadow pages (the VMM area); leaf sptes only
-  at the VM's guest frames (GuestMemory.hpa). A guest table that points
+- Non-leaf sptes point only at shadow pages (the VMM area), or, with the
+  switch bit (agile), at a guest table frame; leaf sptes only at the VM's
+  guest frames (GuestMemory.hpa). A guest table that points
   outside its RAM stops the VM; tables that loop get one shadow page per
   (frame, level), so the shadow tables never loop.
 - Whenever an spte is zapped or loses rights, the TLB of every vCPU of the
