@@ -63,6 +63,7 @@ handler prints each exception and resumes one byte further); see there.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 
 from hypothesis import strategies as st
@@ -822,11 +823,19 @@ def code_source(code: bytes, prologue: bool) -> str:
     return (CODE_PROLOGUE if prologue else "") + body
 
 
+# MOV to CR0 or CR4: 0F 22 and a ModRM byte whose reg field is 0 or 4.
+_MOV_CR0_CR4 = re.compile(rb"\x0f\x22(?=[\x00-\x07\x20-\x27\x40-\x47\x60-\x67\x80-\x87"
+                          rb"\xa0-\xa7\xc0-\xc7\xe0-\xe7])", re.S)
+
+
 def scrub_code(code: bytes) -> bytes:
     """Random code without 31 bytes (NOPs in their place, wherever decoding
     may start: the handler resumes one byte further, so any byte may be an
     opcode): RDTSC (0F 31, and the VEX-prefixed forms Unicorn also runs as
     RDTSC) reads the host's clock under the oracle, where nothing
     intercepts it, and the vCPU's instruction count in hv's modes
-    (test_the_tsc_counts_instructions): the two cannot agree."""
-    return code.replace(b"\x31", b"\x90")
+    (test_the_tsc_counts_instructions): the two cannot agree. Nor MOV to CR0
+    or CR4 (its 22 byte becomes 90: SETO): 64-bit code clearing CR0.PG or
+    CR4.PAE is #GP(0) by the SDM and loads under the oracle
+    (test_leaving_ia32e_mode_from_64_bit_code_is_gp0)."""
+    return _MOV_CR0_CR4.sub(b"\x0f\x90", code).replace(b"\x31", b"\x90")

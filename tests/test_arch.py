@@ -85,3 +85,8 @@ def test_mov_to_cr_reserved_bits():
     assert mov_to_cr_faults(0, 1 << 32 | CR0.PE, 0) and mov_to_cr_faults(4, 1 << 40, 0)
     assert not mov_to_cr_faults(0, CR0.PE | CR0.PG | CR0.WP, 0)
     assert not mov_to_cr_faults(8, 1 << 40, 0)
+    # Leaving IA-32e mode from 64-bit mode: clearing CR0.PG or CR4.PAE
+    assert mov_to_cr_faults(0, CR0.PE, 0, EFER.LMA) and not mov_to_cr_faults(0, CR0.PE, 0)
+    assert mov_to_cr_faults(4, CR4.PGE, 0, EFER.LMA) and not mov_to_cr_faults(4, CR4.PGE, 0)
+    assert not mov_to_cr_faults(0, CR0.PE | CR0.PG, 0, EFER.LMA)
+    assert not mov_to_cr_faults(4, CR4.PAE, 0, EFER.LMA)

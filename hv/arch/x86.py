@@ -35,22 +35,26 @@ class CR4(IntFlag):
     SMAP = 1 << 21
 
 
-def mov_to_cr_faults(cr: int, value: int, cr4: int) -> bool:
+def mov_to_cr_faults(cr: int, value: int, cr4: int, efer: int = 0) -> bool:
     """Whether MOV to CRn with `value` is #GP(0) (SDM Vol.2B, "MOV-Move
     to/from Control Registers"; Vol.3A §2.5, §4.5.2): reserved bits 63:32
     of CR0 and CR4, PG without PE or NW without CD in CR0, bits
-    63:MAXPHYADDR of CR3 (bit 63 is no-flush with CR4.PCIDE)."""
+    63:MAXPHYADDR of CR3 (bit 63 is no-flush with CR4.PCIDE); with IA-32e
+    mode active (EFER.LMA), clearing CR4.PAE, or CR0.PG in 64-bit mode (the
+    only mode hv runs guests in: it models no compatibility mode)."""
     if cr == 3:
         return bool(value & (_CR3_RSVD_PCID if cr4 & _PCIDE else _CR3_RSVD))
     if value >> 32:
         return cr in (0, 4)
     if cr == 0:
-        return bool(value & _PG and not value & _PE or value & _NW and not value & _CD)
-    return False
+        return bool(value & _PG and not value & _PE or value & _NW and not value & _CD
+                    or efer & _LMA and not value & _PG)
+    return bool(cr == 4 and efer & _LMA and not value & _PAE)
 
 
 # Plain ints for the check above (IntFlag arithmetic costs a microsecond).
-_PE, _NW, _CD, _PG, _PCIDE = int(CR0.PE), int(CR0.NW), int(CR0.CD), int(CR0.PG), int(CR4.PCIDE)
+_PE, _NW, _CD, _PG = int(CR0.PE), int(CR0.NW), int(CR0.CD), int(CR0.PG)
+_PAE, _PCIDE = int(CR4.PAE), int(CR4.PCIDE)
 _CR3_RSVD = ~PHYS_MASK & (2**64 - 1)
 _CR3_RSVD_PCID = _CR3_RSVD & ~(1 << 63)
 
@@ -64,6 +68,7 @@ class EFER(IntFlag):
 
 
 MSR_EFER = 0xC000_0080
+_LMA = int(EFER.LMA)
 
 
 class TlbFlush(IntEnum):

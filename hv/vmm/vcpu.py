@@ -178,7 +178,7 @@ class VCpu:
             if ins.cr not in (0, 3, 4):
                 return      # CR2 and CR8 are no paging controls, and load without exits
             value = e.reg(ins.reg)
-            if mov_to_cr_faults(ins.cr, value, self.hw.cr4):
+            if mov_to_cr_faults(ins.cr, value, self.hw.cr4, self.hw.efer):
                 # Refused before it runs (Unicorn would load it): #GP(0) at it.
                 self._pending = (GeneralProtection(), READ)
                 self.request_stop()
