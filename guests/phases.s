@@ -195,13 +195,8 @@ main:
 ; -- after the phases ------------------------------------------------------------
     xor ecx, ecx                ; the working set's frames, through the
 .Lframes:                       ; identity map
-    mov rdi, rcx
-    shl rdi, 12
-    mov eax, ecx
-    shl eax, 6
-    and eax, WS_SLOT_MASK
-    add rdi, rax
-    add rdi, WS_FRAMES
+    call ws_addr
+    add rdi, WS_FRAMES - WS_VA
     lea rdx, [r15 + rcx]
     mov rax, qword ptr [rdi]
     lea rsi, [rip + msg_what_ws_frame]
