@@ -510,7 +510,8 @@ class ShadowPaging(Paging):
         leaf_level, _addr, leaf = path[-1]
         acc &= _acc(leaf)
         # A guest large page is shadowed by direct pages down to 4 KiB, or
-        # (agile, large_pages) down to a 2 MiB leaf where no guest table is in it.
+        # (host large pages: `large_pages`) down to a 2 MiB leaf where no guest
+        # table is in it.
         gfn = _leaf_gfn(vaddr, path[-1])
         base = gfn & ~0x1FF
         large = (cache.large_pages and leaf_level > 1 and not cache.tables_in.get(base >> 9)
