@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from . import asm
+from . import asm, loader
 from .errors import HvError
 from .memory import parse_size
 from .hw.walker import LEVEL_NAMES
@@ -151,8 +151,23 @@ def _json(result: dict) -> dict:
     return d
 
 
-def load_guest(guest: str | Path) -> tuple[str, bytes]:
-    """A path to a .s or .bin file, or the name of a bundled guest -> (name, image)."""
+def load_guest(guest: str | Path) -> tuple[str, "bytes | loader.Kernel"]:
+    """A path to a .s source, a flat image (.bin) or a multiboot kernel (an
+    ELF), or the name of a bundled guest -> (name, image or Kernel)."""
+    path = _guest_path(guest)
+    if path.suffix == ".s":
+        return path.stem, asm.assemble_file(path).code
+    try:
+        image = path.read_bytes()
+    except OSError as e:
+        raise HvError(f"cannot read {path}: {e.strerror}") from None
+    if loader.is_elf(image):
+        return path.stem, loader.load_multiboot(image, str(path))
+    check_image(image, str(path))
+    return path.stem, image
+
+
+def _guest_path(guest: str | Path) -> Path:
     path = Path(guest)
     if not path.exists():
         bundled = bundled_guests()
@@ -163,14 +178,7 @@ def load_guest(guest: str | Path) -> tuple[str, bytes]:
                           f"({', '.join(bundled)})")
     if path.is_dir():
         raise HvError(f"{path} is a directory, not a guest")
-    if path.suffix == ".s":
-        return path.stem, asm.assemble_file(path).code
-    try:
-        image = path.read_bytes()
-    except OSError as e:
-        raise HvError(f"cannot read {path}: {e.strerror}") from None
-    check_image(image, str(path))
-    return path.stem, image
+    return path
 
 
 def check_image(image: bytes, what: str) -> None:
@@ -178,8 +186,9 @@ def check_image(image: bytes, what: str) -> None:
     through zeroed RAM to a triple fault."""
     if not image:
         raise HvError(f"{what} is empty: there is nothing to run")
-    if image.startswith(b"\x7fELF"):
-        raise HvError(f"{what} is an ELF file: hv runs flat images (.bin) and .s sources")
+    if loader.is_elf(image):
+        raise HvError(f"{what} is an ELF file: hv boots those from a file (a multiboot "
+                      "kernel), not as image bytes")
     try:
         text = image.decode()
     except UnicodeDecodeError:
@@ -189,11 +198,23 @@ def check_image(image: bytes, what: str) -> None:
                       "(Intel syntax, no preprocessor)")
 
 
-def _load_with_symbols(guest: str | Path) -> tuple[str, bytes, dict[str, int]]:
-    """load_guest, and the labels of a .s guest (a .bin has none)."""
+def _load_with_symbols(guest: str | Path) -> tuple[str, "bytes | loader.Kernel", dict[str, int]]:
+    """load_guest, and the labels of a .s guest (a .bin has none; a
+    kernel's are in its Kernel)."""
     name, code = load_guest(guest)
-    path = Path(guest) if Path(guest).exists() else bundled_guests().get(str(guest))
+    path = _guest_path(guest)
     return name, code, asm.assemble_file(path).symbols if path.suffix == ".s" else {}
+
+
+def _modules(paths) -> list[tuple[str, bytes]]:
+    """--module files -> (name, bytes) each, for a kernel's boot information."""
+    out = []
+    for p in paths:
+        try:
+            out.append((str(p), Path(p).read_bytes()))
+        except OSError as e:
+            raise HvError(f"cannot read module {p}: {e.strerror}") from None
+    return out
 
 
 def run(guest: str | Path | list, mmu: str = "native", *, ram: int | str = "64M",
@@ -203,6 +224,7 @@ def run(guest: str | Path | list, mmu: str = "native", *, ram: int | str = "64M"
         asid: bool = Config.asid, pwc: bool = Config.pwc,
         check_invariants: bool = Config.check_invariants, timeout: float = Config.timeout,
         memo: bool = Config.memo, agile_policy: str = Config.agile_policy,
+        cpu: str = Config.cpu, append: str = Config.append, modules=(),
         image: bytes | None = None, symbols: dict[str, int] | None = None, on_console=None,
         trace=None) -> Result:
     """Boot `guest` (a path or bundled name, a list of them for one VM each,
@@ -232,6 +254,10 @@ def run(guest: str | Path | list, mmu: str = "native", *, ram: int | str = "64M"
                       its tables; knobs: "dynamic:writes=2,cr3=2,window=1e6,trial=8"),
                       "shadow" (never: `shadow`'s counts), "nested" (everything:
                       `ept`'s counts); README, "Agile paging"
+    cpu               the CPU's features in QEMU's -cpu spelling: "max", "+pdpe1gb",
+                      "-rdtscp" (README, "Booting real kernels")
+    append            a multiboot kernel's command line after its name
+    modules           paths of files given to a multiboot kernel as its modules
     image             the guest's bytes, instead of loading `guest` (then a name)
     on_console        on_console(vm, byte) sees each byte a guest prints, as printed
     trace             sees every exit: a callable gets each as a dict, a text file
@@ -250,12 +276,13 @@ def run(guest: str | Path | list, mmu: str = "native", *, ram: int | str = "64M"
                     tlb_entries=tlb_entries, tlb_ways=tlb_ways, max_insns=max_insns,
                     quantum=quantum, ept_large_pages=ept_large_pages, asid=asid, pwc=pwc,
                     check_invariants=check_invariants, timeout=timeout, memo=memo,
-                    agile_policy=agile_policy, trace=trace)
+                    agile_policy=agile_policy, cpu=cpu, append=append, trace=trace)
+    mods = _modules(modules)
     machine = Machine(config)
     for i in range(max(vms, len(guests))):
         name, img, syms = guests[i % len(guests)]
         echo = None if on_console is None else (lambda b, i=i: on_console(i, b))
-        VM(img, config, echo, machine=machine, name=name, symbols=syms)
+        VM(img, config, echo, machine=machine, name=name, symbols=syms, modules=mods)
     machine.run()
     return machine_result(machine)
 

@@ -103,6 +103,9 @@ def _add_config_options(r: argparse.ArgumentParser) -> None:
                    help="agile: when subtrees go nested: dynamic (where the guest writes its "
                         f"tables; knobs: dynamic:{DEFAULT_KNOBS}), shadow (never: shadow's "
                         "counts), nested (all: ept's counts)")
+    r.add_argument("--cpu", default="", metavar="FEATURES",
+                   help="the CPU's features, QEMU's -cpu spelling: max (all hv has, the "
+                        "default), +feature, -feature, e.g. max,-pdpe1gb")
 
 
 def _config(args) -> dict:
@@ -110,7 +113,7 @@ def _config(args) -> dict:
                 max_insns=args.max_insns, quantum=args.quantum,
                 ept_large_pages=args.ept_large_pages, pwc=args.pwc, timeout=args.timeout,
                 check_invariants=args.check_invariants, memo=args.memo,
-                agile_policy=args.agile_policy)
+                agile_policy=args.agile_policy, cpu=args.cpu)
 
 
 def _version() -> str:
@@ -129,8 +132,12 @@ def _parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("run", help="boot a guest and report what its memory management cost")
     r.add_argument("guest", nargs="+",
-                   help="a .s or .bin file, or the name of a bundled guest (hv guests); "
-                        "several: one VM each")
+                   help="a .s or .bin file, a multiboot kernel (ELF), or the name of a bundled "
+                        "guest (hv guests); several: one VM each")
+    r.add_argument("--append", default="", metavar="ARGS",
+                   help="a multiboot kernel's command line after its name")
+    r.add_argument("--module", dest="modules", action="append", default=[], metavar="FILE",
+                   help="a file given to a multiboot kernel as a module (repeatable)")
     r.add_argument("--vms", type=_positive, default=1,
                    help="run this many VMs (the guests repeated) on one machine (default 1)")
     r.add_argument("--no-asid", dest="asid", action="store_false",
@@ -220,7 +227,7 @@ def _cmd_run(args) -> int:
     try:
         result = api.run(args.guest, mmu=args.mmu, vcpus=args.vcpus, asid=args.asid,
                          vms=args.vms, on_console=echo if streaming else None, trace=trace,
-                         **_config(args))
+                         append=args.append, modules=args.modules, **_config(args))
     finally:
         if trace_out is not None and trace_out is not sys.stderr:
             trace_out.close()

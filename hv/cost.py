@@ -123,14 +123,16 @@ def load_profile(spec: str | Path) -> Profile:
 
 
 # Exits the guest's own interface causes (console output, hypercall marks,
-# HLT): the same in every virtualized mode and no part of what memory
-# virtualization costs, so they are counted but not priced.
-UNPRICED_EXITS = ("IO_INSTRUCTION", "VMCALL", "HLT")
+# HLT, CPUID, RDMSR, and device memory: `mmio_exits` of any reason): the
+# same in every virtualized mode and no part of what memory virtualization
+# costs, so they are counted but not priced.
+UNPRICED_EXITS = ("IO_INSTRUCTION", "VMCALL", "HLT", "CPUID", "MSR_READ")
 
 
 def priced_exits(figures: dict) -> int:
     return sum(n for k, n in figures.items()
-               if k.startswith("exit.") and k[5:] not in UNPRICED_EXITS)
+               if k.startswith("exit.") and k[5:] not in UNPRICED_EXITS) \
+        - figures.get("mmio_exits", 0)
 
 
 def cycles(profile: Profile, mode: str, figures: dict) -> dict[str, float]:

@@ -68,6 +68,10 @@ class PhysMem:
 
 
 CHUNK = 2 * MiB     # guest memory is placed in host memory by 2 MiB chunks
+# Where device pages (MMIO) live in host-physical space when guest RAM is
+# scattered: above any host memory hv makes (MAX_RAM and the VMM areas),
+# below MAXPHYADDR (40 bits).
+MMIO_WINDOW = 1 << 39
 
 
 class GuestMemory:
@@ -80,10 +84,15 @@ class GuestMemory:
 
     Invariant: hpa() answers None for every address outside [0, ram), and
     every host address it gives lies in a guest chunk, never in the VMM area.
+
+    Device pages (`devices`: guest-physical page -> host page, `add_device`)
+    lie outside RAM and outside host memory: where the placement is the
+    identity, at their own address; else in the MMIO window.
     """
 
     def __init__(self, host: PhysMem, ram: int, chunks: list[int]):
         self.host, self.ram, self.chunks = host, ram, chunks
+        self.devices: dict[int, int] = {}
         self._q = host._q
         self._chunk_words = [c >> 3 for c in chunks]
         self._bases = frozenset(chunks)
@@ -102,6 +111,13 @@ class GuestMemory:
         host = PhysMem(vmm_size + blocks * block)
         return cls(host, ram, [vmm_size + (blocks - 1 - i // per) * block + (i % per) * CHUNK
                                for i in range(n)])
+
+    def add_device(self, gpa: int) -> int:
+        """Make guest-physical page `gpa` a device page; its host page."""
+        identity = self.chunks == [i * CHUNK for i in range(len(self.chunks))]
+        hpa = gpa if identity else MMIO_WINDOW + len(self.devices) * 4096
+        self.devices[gpa] = hpa
+        return hpa
 
     def owns(self, hpa: int, size: int) -> bool:
         """Whether host range [hpa, hpa+size) lies wholly in guest chunks."""

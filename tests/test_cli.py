@@ -85,8 +85,8 @@ ELF = Path("/bin/true").read_bytes()
     ("empty.s", b"", "empty.s: no code: the source assembles to 0 bytes"),
     ("comment.s", b"; nothing yet\n", "comment.s: no code"),
     ("empty.bin", b"", "empty.bin is empty: there is nothing to run"),
-    ("true", ELF, "true is an ELF file: hv runs flat images (.bin) and .s sources"),
-    ("true.bin", ELF, "true.bin is an ELF file"),
+    ("true", ELF, "true is a shared object or PIE program, not a kernel: hv boots multiboot"),
+    ("true.bin", ELF, "true.bin is a shared object or PIE program, not a kernel"),
     ("true.s", ELF, "true.s: not a source: not UTF-8 text"),
     ("my.asm", b"mov al, 0\nout 0xf4, al\n", "my.asm is text, not a flat image: hv "
                                                "assembles sources named .s"),

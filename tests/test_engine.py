@@ -237,3 +237,78 @@ def test_the_interrupt_hook_sees_an_int_n_after_it_and_a_fault_at_it():
         e.on_interrupt(lambda vector, e=e, seen=seen: seen.append(e.reg("rip")) or e.stop())
         e.run(BASE, 10)
         assert seen == [BASE + at], src
+
+
+_ks32 = keystone.Ks(keystone.KS_ARCH_X86, keystone.KS_MODE_32)
+# A flat 32-bit code (0x08) and data (0x10) segment, and a 64-bit code segment (0x18).
+_GDT = (0, 0x00CF9A000000FFFF, 0x00CF92000000FFFF, 0x00AF9A000000FFFF)
+# INC EAX (40) is INC in 32-bit code and a REX prefix in 64-bit code.
+_TO_LONG_MODE = """
+    mov eax, 1
+    inc eax
+    push eax
+    pop ebx
+    mov eax, cr4
+    or eax, 0x20
+    mov cr4, eax
+    mov ecx, 0xC0000080
+    rdmsr
+    or eax, 0x100
+    wrmsr
+    mov eax, cr0
+    or eax, 0x80000000
+    mov cr0, eax
+"""
+
+
+def _protected_mode_engine(leave: bool) -> Engine:
+    """An engine made as hv makes one (64-bit), then given 32-bit state
+    through the register API: EFER 0, CR0.PE, 32-bit CS and DS (`leave`:
+    after leaving long mode by CR0.PG)."""
+    import struct
+    mem = PhysMem(2 << 20)
+    code = bytes(_ks32.asm(_TO_LONG_MODE, BASE)[0]) + b"\xea" + struct.pack("<IH", 0x3000, 0x18)
+    mem.write(BASE, code)
+    mem.write(0x3000, bytes(_ks.asm("mov ecx, 1\ninc ecx\nmov rdx, rcx\nhlt", 0x3000)[0]))
+    mem.write(0x500, struct.pack("<4Q", *_GDT))
+    e = Engine(mem.host_addr, mem.size, python_mmu=True)
+    e._mem = mem
+    e.on_fill(lambda vaddr, access: (vaddr, 7))     # paging is the guest's business
+    e.set_gdtr(0x500, 31)
+    if leave:
+        e.leave_long_mode()
+        e.load_segments(0x08, 0x10, struct.pack("<4Q", *_GDT))
+    else:
+        e.set_msr(0xC0000080, 0)
+        e.set_reg("cr0", 0x11)
+        e.set_reg("cs", 0x08)
+        for seg in ("ds", "es", "ss"):
+            e.set_reg(seg, 0x10)
+    e.set_reg("rsp", 0x12000)         # above 64 KiB: a 16-bit stack would wrap
+    return e
+
+
+def mem_word(e: Engine, addr: int) -> int:
+    return int.from_bytes(e._mem.read(addr, 4), "little")
+
+
+def test_a_64_bit_engine_writing_efer_cr0_and_cs_stays_in_64_bit_mode():
+    """Unicorn's register API sets EFER, CR0 and CS but not the hflags QEMU
+    decodes by, and WRMSR keeps EFER.LMA: the engine stays in 64-bit mode
+    (the INC is a REX prefix, and the far jump, invalid there, stops it)."""
+    e = _protected_mode_engine(leave=False)
+    assert e.code_bits() == 64 and e.msr(0xC0000080) & 0x400
+    with pytest.raises(Exception, match="INSN_INVALID"):
+        e.run(BASE, 50)
+    assert e.reg("rbx") == 1
+
+
+def test_leave_long_mode_runs_32_bit_code_and_the_guests_switch_to_long_mode():
+    e = _protected_mode_engine(leave=True)
+    assert e.code_bits() == 32 and e.msr(0xC0000080) == 0 and e.reg("cr0") == 0x11
+    e.run(BASE, 50)
+    assert e.reg("rbx") == 2                            # INC ran as INC
+    assert mem_word(e, 0x11FFC) == 2                    # pushed on the 32-bit stack
+    assert e.code_bits() == 64                          # the far jump entered 64-bit code
+    assert e.reg("rcx") == e.reg("rdx") == 2 and e.reg("rip") == 0x3000 + 11
+    assert e.msr(0xC0000080) & 0x500 == 0x500          # LME, and LMA set by CR0.PG

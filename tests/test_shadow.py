@@ -312,11 +312,11 @@ def test_a_walk_that_faults_after_its_fix_ends_the_vm_as_an_hv_bug(monkeypatch):
     assert r.counters["pf_guest"] == 0
 
 
-def test_efer_writes_exit_under_shadow_paging_only(mode):
-    """The shadow VMM keeps the guest's EFER (shadow pages are kept by
-    NXE): WRMSR to EFER is an MSR_WRITE exit under shadow paging (and
-    agile's), as in KVM, and no exit where the guest's tables are the
-    hardware's. MOV to CR2 is no paging control and exits nowhere."""
+def test_efer_writes_exit_in_the_virtualized_modes(mode):
+    """RDMSR and WRMSR exit wherever a VMM runs the guest (hv's MSR model;
+    the shadow VMM keeps the guest's EFER too, shadow pages being kept by
+    NXE), never natively. MOV to CR2 is no paging control and exits
+    nowhere."""
     from conftest import run_src
     r = run_src(mark(1) + """
         mov ecx, 0xC0000080
@@ -327,5 +327,6 @@ def test_efer_writes_exit_under_shadow_paging_only(mode):
     """ + mark(2) + EXIT, mode)
     d = r.between(1, 2)
     assert r.exit_code == 0
-    assert d.exits["MSR_WRITE"] == (mode in ("shadow", "agile"))
+    virtualized = hv.vmm.modes.MODES[mode].virtualized
+    assert d.exits["MSR_WRITE"] == d.exits["MSR_READ"] == virtualized
     assert d.exits["CR_ACCESS"] == 0

@@ -80,7 +80,7 @@ class TlbFlush(IntEnum):
 
 
 # Plain ints: these run on exit paths (IntFlag arithmetic costs a microsecond).
-WP, PGE, NXE = int(CR0.WP), int(CR4.PGE), int(EFER.NXE)
+WP, PG, PGE, NXE = int(CR0.WP), int(CR0.PG), int(CR4.PGE), int(EFER.NXE)
 _CR0_FLUSH = int(CR0.PG | CR0.WP)
 _CR4_FLUSH = int(CR4.PGE | CR4.PAE | CR4.PSE | CR4.PCIDE | CR4.SMEP)
 _NONE, _NONGLOBAL, _ALL = TlbFlush.NONE, TlbFlush.NONGLOBAL, TlbFlush.ALL

@@ -96,7 +96,8 @@ class CodeScan:
         self._copies: OrderedDict[int, bytes] = OrderedDict()   # virtual page -> bytes scanned
         self._written: dict[int, bool] = {}       # frame -> written since this vCPU scanned it
         self._hooks: set[int] = set()             # addresses with a code hook
-        self._decoded: dict[int, Intercepted | None] = {}
+        # Decodings by the code size the CPU ran them at: 64, 32 or 16 bits.
+        self._decoded: dict[int, dict[int, Intercepted | None]] = {64: {}, 32: {}, 16: {}}
         code.scans.append(self)
 
     def fetched(self, vpage: int, frame: int) -> None:
@@ -191,11 +192,14 @@ class CodeScan:
         """Drop the decodings of hooked instructions starting in [lo, hi)."""
         for off in page.hooked:
             if lo <= off < hi:
-                self._decoded.pop(vpage + off, None)
+                for decoded in self._decoded.values():
+                    decoded.pop(vpage + off, None)
 
     def _hooked(self, rip: int) -> None:
-        ins = self._decoded.get(rip, False)
+        bits = self.engine.code_bits()
+        decoded = self._decoded[bits]
+        ins = decoded.get(rip, False)
         if ins is False:
-            ins = self._decoded[rip] = decode(self.read_code(rip), rip)
+            ins = decoded[rip] = decode(self.read_code(rip), rip, bits)
         if ins is not None:
             self.on_insn(rip, ins)

@@ -18,6 +18,14 @@ pins each; ARCHITECTURE.md, "Exceptions", says why they matter):
   address is in `uc_struct.invalid_addr` (`fault_address()`), found once
   per process by `_fault_offset()`.
 - Writing CS or SS does not change QEMU's CPL (hflags); `set_cpl` does.
+- An engine created in 64-bit mode keeps decoding 64-bit code after EFER,
+  CR0 and CS are written: QEMU decodes by hflags (HF_LMA, HF_CS64), and
+  WRMSR never clears EFER.LMA. Clearing CR0.PG with LMA set leaves long
+  mode as on a CPU (`leave_long_mode`); segments loaded after that get
+  legacy hflags, and the guest's own switch to IA-32e mode (CR0.PG with
+  EFER.LME, a far jump to a 64-bit code segment) runs as on a CPU. But a
+  register write of SS leaves HF_SS32 (32-bit stack) clear: pushes would
+  wrap at 64 KiB; `load_segments` sets it from the descriptor's B bit.
 - For INT n the interrupt hook sees RIP after the instruction (QEMU's
   exception_next_eip), for a fault RIP at it; `software_interrupt()` tells them apart.
 - Writes through host memory (the VMM's) leave QEMU's translated code of
@@ -53,6 +61,8 @@ _ENV_SS_FLAGS = 252             # segs[R_SS].flags: DPL in bits 14:13
 _ENV_ERROR_CODE = 5384
 _ENV_EXCEPTION_IS_INT = 5388    # 1 when the exception is an INT n (INT3, INTO)
 _ENV_OLD_EXCEPTION = 5496
+# hflags bits (qemu/target/i386/cpu.h): what QEMU decodes code as.
+_HF_CS32, _HF_SS32, _HF_CS64 = 1 << 4, 1 << 5, 1 << 15
 # General registers in env.regs order (QEMU's R_EAX..R_R15).
 _GPRS = "rax rcx rdx rbx rsp rbp rsi rdi r8 r9 r10 r11 r12 r13 r14 r15".split()
 
@@ -206,6 +216,7 @@ _INTR_CB = ctypes.CFUNCTYPE(None, _P, _U32, _P)                         # uc_cb_
 _IN_CB = ctypes.CFUNCTYPE(_U32, _P, _U32, _INT, _P)                     # uc_cb_insn_in_t
 _OUT_CB = ctypes.CFUNCTYPE(None, _P, _U32, _INT, _U32, _P)              # uc_cb_insn_out_t
 _INVALID_CB = ctypes.CFUNCTYPE(ctypes.c_bool, _P, _P)                   # uc_cb_hookinsn_invalid_t
+_CPUID_CB = ctypes.CFUNCTYPE(_U32, _P, _P)                              # uc_cb_insn_cpuid_t
 
 _uc_reg_write = _uclib.uc_reg_write
 # Registers read and written as one 64-bit value through a direct call
@@ -318,6 +329,44 @@ class Engine:
     def cpl(self) -> int:
         return self.hflags.value & 3
 
+    def code_bits(self) -> int:
+        """What the CPU decodes code as now: 64, 32 or 16 (bits)."""
+        flags = self.hflags.value
+        return 64 if flags & _HF_CS64 else 32 if flags & _HF_CS32 else 16
+
+    def leave_long_mode(self) -> None:
+        """Leave IA-32e mode as a CPU does, by clearing CR0.PG (QEMU then
+        clears EFER.LMA and decodes legacy code); segments loaded after it
+        get 32- or 16-bit hflags from their descriptors (this module's
+        docstring). EFER, CR4 and CR0 are clear after it, but for CR0.PE."""
+        self.set_reg("cr4", 0x20)               # PAE, without which QEMU refuses PG
+        self.set_reg("cr0", 0x8000_0011)        # long mode: the state to leave
+        self.set_reg("cr0", 0x11)
+        self.set_reg("cr4", 0)
+        self.set_msr(0xC000_0080, 0)
+
+    def load_segments(self, cs: int, ds: int, gdt: bytes) -> None:
+        """Load CS, and DS, ES, FS, GS and SS with `ds`, from `gdt` (the
+        bytes of the GDT the engine has): QEMU's 32-bit stack flag from SS's
+        descriptor, which the register API does not set."""
+        self.set_reg("cs", cs)
+        for seg in ("ss", "ds", "es", "fs", "gs"):
+            self.set_reg(seg, ds)
+        (desc,) = struct.unpack_from("<Q", gdt, ds & ~7)
+        if desc >> 54 & 1 and self.code_bits() != 64:
+            self.hflags.value |= _HF_SS32
+
+    def enter_real_mode(self, cs: int) -> None:
+        """The state INIT leaves (SDM Vol.3A §9.1.1, Table 9-1), at cs:0:
+        real mode, 16-bit segments of base selector x 16."""
+        self.leave_long_mode()
+        self.set_reg("cr0", 0x10)
+        self.set_reg("cs", cs)
+        for seg in ("ds", "es", "ss", "fs", "gs"):
+            self.set_reg(seg, 0)
+        self.set_reg("rflags", 2)
+        self.set_reg("rip", 0)
+
     # -- hooks (each callback's exceptions are kept, then re-raised by run) --
     # Hooks are registered with uc_hook_add directly, each a ctypes callback
     # that calls one plain function: the binding's wrappers cost a fraction
@@ -380,6 +429,31 @@ class Engine:
     def on_invalid(self, invalid: Callable[[], bool]) -> None:
         """invalid() -> True if handled (RIP already moved), False to fault."""
         self._add(ucc.UC_HOOK_INSN_INVALID, _INVALID_CB, lambda _uc, _d: invalid(), False)
+
+    def on_cpuid(self, cpuid: Callable[[], None]) -> None:
+        """cpuid() runs CPUID in QEMU's place (it sets EAX..EDX; RIP moves on)."""
+        def run(_uc, _d):
+            cpuid()
+            return 1        # QEMU's own CPUID is skipped
+        self._add(ucc.UC_HOOK_INSN, _CPUID_CB, run, 1, 1, 0, ctypes.c_int(x86c.UC_X86_INS_CPUID))
+
+    def map_mmio(self, paddr: int, size: int, read: Callable[[int, int], int],
+                 write: Callable[[int, int, int], None]) -> None:
+        """Device memory at physical [paddr, paddr+size): every access the
+        guest makes there, once QEMU decoded it, is read(offset, size) or
+        write(offset, size, value), never cached."""
+        def guarded(fn):
+            def call(*args):
+                try:
+                    return fn(*args)
+                except BaseException as e:    # noqa: BLE001 - re-raised by run()
+                    if self.error is None:
+                        self.error = e
+                    self.stop()
+                    return 0
+            return call
+        self.uc.mmio_map(paddr, size, guarded(lambda _uc, off, n, _d: read(off, n)), None,
+                         guarded(lambda _uc, off, n, value, _d: write(off, n, value)), None)
 
     def hook_code_at(self, address: int, fn: Callable[[int], None]) -> int:
         """Call fn(address) before the instruction that starts at `address` runs."""

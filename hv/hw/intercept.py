@@ -1,9 +1,9 @@
 """Finding the instructions Unicorn cannot trap.
 
-Nothing in Unicorn traps MOV to CR0/CR3/CR4, INVLPG or WRMSR, yet each must
-reach the MMU exactly (they invalidate TLB entries or change paging
-controls); RDTSC and RDTSCP must read a clock that is the same on every
-run. hv scans every code page the guest fetches from for the opcode bytes
+Nothing in Unicorn traps MOV to CR0/CR3/CR4, INVLPG, RDMSR or WRMSR, yet
+each must reach the MMU or hv's CPU model exactly (they invalidate TLB
+entries, change paging controls, or read MSRs QEMU does not have); RDTSC
+and RDTSCP must read a clock that is the same on every run. hv scans every code page the guest fetches from for the opcode bytes
 of those instructions and hooks exactly the addresses where one may start;
 a hook decodes the instruction it sits on and ignores it if it is something
 else (a false positive costs nothing until executed).
@@ -21,11 +21,13 @@ import capstone
 from capstone import x86 as csx86
 
 # Opcodes after any prefixes: 0F 22 /r (MOV to CRn), 0F 01 /7 with a memory
-# operand (INVLPG), 0F 30 (WRMSR), 0F 31 (RDTSC), 0F 01 F9 (RDTSCP). SDM
-# Vol.2B "MOV-Move to/from Control Registers", Vol.2A "INVLPG", Vol.2B
-# "WRMSR", "RDTSC", "RDTSCP". The same behind a VEX prefix: C5 xx, or C4 xx
-# xx with map 0F (m-mmmm = 1).
-_OPCODES = re.compile(rb"(?:\x0f|\xc5.|\xc4[\x01\x21\x41\x61\x81\xa1\xc1\xe1].)[\x22\x01\x30\x31]",
+# operand (INVLPG), 0F 30 (WRMSR), 0F 31 (RDTSC), 0F 32 (RDMSR), 0F 01 F9
+# (RDTSCP). SDM Vol.2B "MOV-Move to/from Control Registers", Vol.2A
+# "INVLPG", Vol.2B "WRMSR", "RDTSC", "RDMSR", "RDTSCP". The same behind a VEX
+# prefix: C5 xx, or C4 xx xx with map 0F (m-mmmm = 1). In 32-bit code REX
+# bytes are INC and DEC, so the candidates of a 64-bit scan include every
+# start a 32-bit decoder would see; the hook decodes in the CPU's mode.
+_OPCODES = re.compile(rb"(?:\x0f|\xc5.|\xc4[\x01\x21\x41\x61\x81\xa1\xc1\xe1].)[\x22\x01\x30\x31\x32]",
                       re.DOTALL)
 # Legacy prefixes and REX (SDM Vol.2A §2.1.1, §2.2.1).
 _PREFIXES = frozenset(b"\x66\x67\xf2\xf3\xf0\x2e\x36\x3e\x26\x64\x65") | frozenset(range(0x40, 0x50))
@@ -69,7 +71,7 @@ def ends_open(code: bytes, limit: int) -> bool:
 class Intercepted:
     """A decoded intercepted instruction.
 
-    kind: "mov_cr", "invlpg", "wrmsr", "rdtsc" or "rdtscp". For mov_cr: `cr`
+    kind: "mov_cr", "invlpg", "wrmsr", "rdmsr", "rdtsc" or "rdtscp". For mov_cr: `cr`
     and the source register name `reg`. For invlpg: the memory operand
     (`base`, `index`, `scale`, `disp`, `segment` register names or None).
     """
@@ -85,18 +87,26 @@ class Intercepted:
     segment: str | None = None
 
 
-_cs = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
-_cs.detail = True
+def _capstone(mode: int) -> capstone.Cs:
+    cs = capstone.Cs(capstone.CS_ARCH_X86, mode)
+    cs.detail = True
+    return cs
 
 
-def decode(code: bytes, address: int) -> Intercepted | None:
-    """Decode the instruction at the start of `code`, if it is one hv intercepts."""
+_CS = {64: _capstone(capstone.CS_MODE_64), 32: _capstone(capstone.CS_MODE_32),
+       16: _capstone(capstone.CS_MODE_16)}
+_SIMPLE = (csx86.X86_INS_WRMSR, csx86.X86_INS_RDMSR, csx86.X86_INS_RDTSC, csx86.X86_INS_RDTSCP)
+
+
+def decode(code: bytes, address: int, bits: int = 64) -> Intercepted | None:
+    """Decode the instruction at the start of `code` as `bits`-bit code, if
+    it is one hv intercepts."""
     code = code[:MAX_INSN]
-    insn = next(_cs.disasm(code, address, 1), None)
+    insn = next(_CS[bits].disasm(code, address, 1), None)
     if insn is None:
-        return _decode_vex(code, address)
+        return _decode_vex(code, address) if bits == 64 else None
     text = f"{insn.mnemonic} {insn.op_str}".strip()
-    if insn.id in (csx86.X86_INS_WRMSR, csx86.X86_INS_RDTSC, csx86.X86_INS_RDTSCP):
+    if insn.id in _SIMPLE:
         return Intercepted(insn.mnemonic, insn.size, text)
     if insn.id == csx86.X86_INS_INVLPG:
         mem = insn.operands[0].mem

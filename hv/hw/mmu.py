@@ -16,7 +16,7 @@ The vCPU catches both (hv.vmm.vcpu). `QemuMMU` stands in for it in mode
 from __future__ import annotations
 
 from ..arch.paging import ADDR_MASK, P, PAGE_SIZE, PS, SWITCH, PFErr, table_index
-from ..arch.x86 import (MSR_EFER, NXE, WP, TlbFlush, Vector, efer_write_flush,
+from ..arch.x86 import (MSR_EFER, NXE, PG, WP, TlbFlush, Vector, efer_write_flush,
                         mov_to_cr_flush)
 from ..errors import GuestEscape
 from ..events import PageFault, page_fault_exit
@@ -74,7 +74,7 @@ class HardwareMMU:
             self._root_by_level = w.by_level
         self._pf_exits = Vector.PF in exception_bitmap
         self.cr0 = self.cr3 = self.cr4 = self.efer = 0
-        self.wp = self.nxe = False
+        self.wp = self.nxe = self.paging = False
         self.nested_root = False
         self._root = 0          # what walks start from: CR3, tagged NESTED_ROOT if it is
         # Agile: a supervisor write refused in the guest's tables exits too
@@ -82,6 +82,9 @@ class HardwareMMU:
         # CPU, running it with WP set for the shadow part, cannot apply).
         self.nested_wp_exits = False
         self.memo = None        # the VM's WalkMemo (use_memo)
+        # Host pages of devices (outside memory): every access there is
+        # the device's (hv.hw.engine.Engine.map_mmio).
+        self.devices: frozenset[int] = frozenset()
 
     def use_memo(self, memo) -> None:
         """Replay this CPU's walks from the VM's WalkMemo."""
@@ -96,6 +99,7 @@ class HardwareMMU:
         self.cr0, self.cr3, self.cr4, self.efer = cr0, cr3, cr4, efer
         self.wp = bool(cr0 & WP)
         self.nxe = bool(efer & NXE)
+        self.paging = bool(cr0 & PG)
         self._root = cr3 | NESTED_ROOT if nested_root else cr3
         if nested_root != self.nested_root:
             w = self.walker
@@ -215,7 +219,10 @@ class HardwareMMU:
         if count:
             self.counters["tlb.misses"] += 1
         try:
-            tr = self.walker.walk(self._root, vaddr, access, user, self.wp, self.nxe)
+            if self.paging:
+                tr = self.walker.walk(self._root, vaddr, access, user, self.wp, self.nxe)
+            else:
+                tr = self.walker.walk_unpaged(vaddr, access)
         except PageFault as pf:
             if not self._pf_exits or pf.nested and not (
                     self.nested_wp_exits and pf.error_code & _PF_PWU_RSVD == _PF_PW):
@@ -224,7 +231,7 @@ class HardwareMMU:
         limit = self.mem.size
         if tr.pbase + (1 << tr.shift) > limit:
             tr = tr.piece(vaddr)
-            if tr.pbase >= limit:
+            if tr.pbase >= limit and tr.pbase not in self.devices:
                 raise GuestEscape(f"{vaddr:#x} maps guest-physical {tr.pbase:#x}, outside guest "
                                   f"memory [0, {limit:#x})")
         if self.tlb.insert(self.asid, tr):
@@ -258,5 +265,7 @@ class QemuMMU:
 
     def translate(self, vaddr: int, access: int, user: bool = False, retry: bool = False) -> int:
         e = self.engine
+        if not e.reg("cr0") & PG:
+            return vaddr
         return self.walker.walk(e.reg("cr3"), vaddr, access, user, bool(e.reg("cr0") & WP),
                                 bool(e.msr(MSR_EFER) & NXE)).paddr(vaddr)

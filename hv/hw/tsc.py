@@ -1,7 +1,8 @@
 """The time-stamp counter: RDTSC and RDTSCP read the instructions the vCPU
 started before them, the same on every run (QEMU's would read the host's
 clock). Unicorn runs the instruction; a code hook on the next one sets
-EDX:EAX (code scanning reports the RDTSC before it runs)."""
+EDX:EAX (code scanning reports the RDTSC before it runs). RDMSR's result
+goes the same way (`result`)."""
 from __future__ import annotations
 
 from typing import Callable
@@ -22,10 +23,15 @@ class Tsc:
         e = self.engine
         if e.cpl() != 0 and cr4 & _TSD:
             return          # it will #GP (SDM Vol.2B "RDTSC")
-        self._after = (rip + size, self.now())
+        self.result(rip, size, self.now())
+
+    def result(self, rip: int, size: int, value: int) -> None:
+        """EDX:EAX = `value` once the instruction of `size` bytes at `rip`
+        has run (RDTSC, or RDMSR of an MSR QEMU does not have)."""
+        self._after = (rip + size, value)
         if rip + size not in self._hooks:
             self._hooks.add(rip + size)
-            e.hook_code_at(rip + size, self._set)
+            self.engine.hook_code_at(rip + size, self._set)
 
     def cancel(self) -> None:
         """The instruction after the RDTSC will not run now (an exception)."""

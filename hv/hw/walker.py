@@ -315,6 +315,20 @@ class Walker:
         return Translation(vaddr & ~low, paddr & ~low, shift,
                            writable, usable, nx, bool(entry & G), bool(entry & D))
 
+    def walk_unpaged(self, vaddr: int, access: int) -> Translation:
+        """Paging off (CR0.PG clear): the linear address is guest-physical.
+        Natively nothing is walked; with EPT (`nested`) the walk is EPT's
+        alone, and its result a guest-physical mapping the TLB may cache
+        (SDM Vol.3C §28.4.1). A 4 KiB translation, writable, executable."""
+        page = vaddr & ~0xFFF
+        if self.nested is None:
+            return Translation(page, page, 12, True, True, False, False, True)
+        before = self._counters[self._refs]
+        hpa, _shift = self.nested(page, access, True)
+        self._counters[self._walks] += 1
+        self._hist[self._counters[self._refs] - before] += 1
+        return Translation(page, hpa & ~0xFFF, 12, True, True, False, False, True)
+
     def walk_ept(self, eptp: int, gpa: int, access: int, final: bool) -> tuple[int, int]:
         """Translate guest-physical `gpa` through EPT: (host-physical address,
         page shift). One step of a two-dimensional walk: its references are

@@ -35,7 +35,8 @@ from .shadow import ShadowCache, ShadowPaging
 # The VMM's controls with a nested root: `ept`'s (the modes table's Ept).
 NESTED_INTERCEPTS = frozenset({ExitReason.IO_INSTRUCTION, ExitReason.HLT, ExitReason.VMCALL,
                                ExitReason.TRIPLE_FAULT, ExitReason.EPT_VIOLATION,
-                               ExitReason.EPT_MISCONFIG})
+                               ExitReason.EPT_MISCONFIG, ExitReason.CPUID,
+                               ExitReason.MSR_READ, ExitReason.MSR_WRITE})
 POLICIES = ("dynamic", "shadow", "nested")
 # The dynamic policy's knobs: `--agile-policy dynamic:writes=2,trial=0`.
 KNOBS = {"writes": "SWITCH_WRITES", "cr3": "SWITCH_CR3", "window": "WINDOW", "trial": "TRIAL"}
@@ -222,6 +223,14 @@ class AgilePaging(ShadowPaging):
         super().boot(cr0, cr3, cr4, efer)
         if self.policy.root_nested:         # "nested": `ept` from the first instruction
             self._switch_root()
+
+    def wrmsr(self, msr: int, value: int) -> None:
+        """WRMSR to EFER: with a nested root the guest's EFER is the
+        hardware's, as under ept."""
+        if self.root_nested:
+            self.hw.wrmsr(msr, value)
+        else:
+            super().wrmsr(msr, value)
 
     def write_cr(self, cr: int, value: int) -> None:
         super().write_cr(cr, value)

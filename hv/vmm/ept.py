@@ -40,6 +40,11 @@ class EptTables:
         """Map the guest frame of `gpa` (and with large pages its whole 2 MiB
         or 1 GiB run, if the host placement allows), as the EPT-violation
         handler does."""
+        device = self.guest.devices.get(gpa & ~0xFFF)
+        if device is not None:
+            # Every access to it exits to the device (KVM: an MMIO spte).
+            self._set_leaf(c, gpa, 1, device)
+            return
         if self.guest.hpa(gpa) is None:
             raise GuestEscape(f"guest-physical {gpa:#x} is outside guest memory "
                               f"[0, {self.guest.ram:#x})")
@@ -49,6 +54,10 @@ class EptTables:
                 if self.guest.contiguous(gpa & ~(size - 1), size):
                     leaf_level = level
                     break
+        size = 1 << level_shift(leaf_level)
+        self._set_leaf(c, gpa, leaf_level, self.guest.hpa(gpa & ~(size - 1)))
+
+    def _set_leaf(self, c, gpa: int, leaf_level: int, hpa: int) -> None:
         table = self.root
         for level in range(4, leaf_level, -1):
             addr = table + table_index(gpa, level) * 8
@@ -58,8 +67,6 @@ class EptTables:
                 self.host.write_u64(addr, entry)
                 c["ept_tables"] += 1
             table = entry & ADDR_MASK
-        size = 1 << level_shift(leaf_level)
-        hpa = self.guest.hpa(gpa & ~(size - 1))
         addr = table + table_index(gpa, leaf_level) * 8
         self.host.write_u64(addr, hpa | ept.RWX | ept.MT_WB | int(ept.EPTE.IPAT)
                             | (ept.LARGE if leaf_level > 1 else 0))
@@ -91,7 +98,11 @@ class EptTables:
                 if not entry & ept.RWX:
                     continue
                 here = gpa | (i << level_shift(level))
-                if ept.is_leaf(level, entry):
+                if ept.is_leaf(level, entry) and here in self.guest.devices:
+                    if level != 1 or entry & ADDR_MASK != self.guest.devices[here]:
+                        raise InvariantError(f"EPT maps device page {here:#x} to "
+                                             f"{entry & ADDR_MASK:#x}, not the device")
+                elif ept.is_leaf(level, entry):
                     size = 1 << level_shift(level)
                     if (entry & ADDR_MASK & ~(size - 1)) != self.guest.hpa(here) or \
                             not self.guest.owns(self.guest.hpa(here), size):

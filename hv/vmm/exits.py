@@ -23,10 +23,6 @@ from ..events import Exit
 if TYPE_CHECKING:
     from .vcpu import VCpu
 
-# Guest-visible platform (the boot ABI in README.md).
-PORT_CONSOLE = 0x3F8
-PORT_CONSOLE_LSR = 0x3FD    # 16550 line status: transmitter empty
-PORT_EXIT = 0xF4            # isa-debug-exit style: the value is the exit code
 HYPERCALL_ENOSYS = -1000 & (2**64 - 1)   # KVM's -KVM_ENOSYS
 HYPERCALL_E2BIG = -7 & (2**64 - 1)       # -E2BIG: no room for another mark id
 
@@ -110,6 +106,10 @@ def record(vcpu: "VCpu", ex: Exit) -> dict:
         rec.update(address=q)
     elif reason == ExitReason.MSR_WRITE:
         rec.update(msr=q, value=ex.value)
+    elif reason == ExitReason.MSR_READ:
+        rec.update(msr=q)
+    elif reason == ExitReason.CPUID:
+        rec.update(leaf=ex.value, subleaf=q)
     elif reason == ExitReason.IO_INSTRUCTION:
         is_in = bool(q & 8)
         rec.update(port=q >> 16, size=(q & 7) + 1, direction="in" if is_in else "out")
@@ -145,15 +145,25 @@ def io_qualification(port: int, size: int, is_in: bool) -> int:
 
 @handles(ExitReason.IO_INSTRUCTION)
 def _io(vcpu: "VCpu", ex: Exit) -> None:
+    # The platform's port table (hv.devices); an IN's value goes back to
+    # the instruction through the vCPU.
     vcpu.stats.counters["io_exits"] += 1
-    port, is_in = ex.qualification >> 16, bool(ex.qualification & 8)
-    if is_in:
-        return
-    if port == PORT_CONSOLE:
-        vcpu.vm.console_write(ex.value & 0xFF)
-    elif port == PORT_EXIT:
-        vcpu.vm.finish("exit", f"the guest wrote {ex.value} to port {PORT_EXIT:#x}",
-                       exit_code=ex.value)
+    q = ex.qualification
+    port, size = q >> 16, (q & 7) + 1
+    if q & 8:
+        vcpu.io_value = vcpu.vm.ports.read(port, size)
+    else:
+        vcpu.vm.ports.write(port, size, ex.value)
+
+
+@handles(ExitReason.CPUID)
+def _cpuid(vcpu: "VCpu", ex: Exit) -> None:
+    vcpu.run_cpuid()
+
+
+@handles(ExitReason.MSR_READ)
+def _rdmsr(vcpu: "VCpu", ex: Exit) -> None:
+    vcpu.run_rdmsr(ex.qualification, ex.rip, ex.insn_len)
 
 
 @handles(ExitReason.HLT)
@@ -186,11 +196,14 @@ def _invlpg(vcpu: "VCpu", ex: Exit) -> None:
 
 @handles(ExitReason.MSR_WRITE)
 def _wrmsr(vcpu: "VCpu", ex: Exit) -> None:
-    vcpu.mmu.wrmsr(ex.qualification, ex.value)
+    vcpu.run_wrmsr(ex.qualification, ex.value)
 
 
 @handles(ExitReason.EXCEPTION_NMI)
 def _exception(vcpu: "VCpu", ex: Exit) -> None:
+    if vcpu.mmio_pending():
+        _mmio(vcpu)             # a #PF on a device page's reserved-bit spte
+        return
     # An intercepted #PF (shadow paging's): the qualification is the
     # faulting linear address (SDM Vol.3C §28.2.1). The MMU fixes a hidden
     # fault, or names what the guest gets instead.
@@ -206,8 +219,16 @@ def _ept_violation(vcpu: "VCpu", ex: Exit) -> None:
     vcpu.mmu.ept_violation(ex.value)
 
 
+def _mmio(vcpu: "VCpu") -> None:
+    vcpu.stats.counters["mmio_exits"] += 1
+    vcpu.complete_mmio()
+
+
 @handles(ExitReason.EPT_MISCONFIG)
 def _ept_misconfig(vcpu: "VCpu", ex: Exit) -> None:
+    if vcpu.mmio_pending():
+        _mmio(vcpu)             # a device page (KVM's MMIO sptes are misconfigured)
+        return
     vcpu.vm.finish("ept_misconfig", f"EPT misconfiguration for guest-physical {ex.value:#x}")
 
 

@@ -22,6 +22,11 @@ from .shadow import ShadowCache, ShadowPaging
 # triple fault always ends the VM: every mode's table lists them alike.
 BASE_INTERCEPTS = frozenset({ExitReason.IO_INSTRUCTION, ExitReason.HLT, ExitReason.VMCALL,
                              ExitReason.TRIPLE_FAULT})
+# Under a VMM the CPU is the VMM's to present: CPUID always exits (SDM
+# Vol.3C §26.1.2), and RDMSR and WRMSR do for every MSR (KVM's MSR bitmap
+# passes some through; hv's model keeps them all).
+VIRTUAL_CPU_INTERCEPTS = frozenset({ExitReason.CPUID, ExitReason.MSR_READ,
+                                    ExitReason.MSR_WRITE})
 
 
 class Mode:
@@ -31,6 +36,8 @@ class Mode:
     # Vectors that exit as EXCEPTION_NMI instead of reaching the guest (the
     # VMCS exception bitmap, SDM Vol.3C §25.6.3).
     exception_bitmap: frozenset[int] = frozenset()
+    # What an access to a device page exits with (None: no VMM, the device's).
+    mmio_exit: ExitReason | None = None
     tlb_model = True        # hv's walker and TLB model translate (False: QEMU's own MMU)
     virtualized = True      # a VMM runs the guest: its exits are priced (hv.cost)
     needs_ept = False       # only on a CPU with EPT
@@ -44,6 +51,7 @@ class Mode:
         with the mode's intercepts (the VMM may change them: agile)."""
         paging = self._paging(vm, cpu)
         paging.intercepts = self.intercepts
+        paging.mmio_exit = self.mmio_exit
         return paging
 
     def _paging(self, vm, cpu) -> Paging:
@@ -78,9 +86,11 @@ class Shadow(Mode):
             "page-table writes and hidden page faults")
     # The VMM keeps the guest's paging registers: MOV to CR, INVLPG and
     # WRMSR(EFER) exit, and every #PF the hardware takes on the shadow tables.
-    intercepts = BASE_INTERCEPTS | {ExitReason.CR_ACCESS, ExitReason.INVLPG,
-                                    ExitReason.MSR_WRITE}
+    intercepts = BASE_INTERCEPTS | VIRTUAL_CPU_INTERCEPTS | {ExitReason.CR_ACCESS,
+                                                             ExitReason.INVLPG}
     exception_bitmap = frozenset({Vector.PF})
+    # A device page's spte has reserved bits set: a #PF with RSVD exits.
+    mmio_exit = ExitReason.EXCEPTION_NMI
 
     def memory(self, config):
         size = vmm_size(config)
@@ -98,7 +108,10 @@ class Ept(Mode):
     name = "ept"
     help = ("EPT/nested paging: two-dimensional walks of the guest's tables and the VMM's EPT, "
             "exits on EPT violations")
-    intercepts = BASE_INTERCEPTS | {ExitReason.EPT_VIOLATION, ExitReason.EPT_MISCONFIG}
+    intercepts = BASE_INTERCEPTS | VIRTUAL_CPU_INTERCEPTS | {ExitReason.EPT_VIOLATION,
+                                                             ExitReason.EPT_MISCONFIG}
+    # A device page's EPT entry is misconfigured on purpose (KVM's MMIO sptes).
+    mmio_exit = ExitReason.EPT_MISCONFIG
     needs_ept = True
 
     def memory(self, config):
@@ -133,6 +146,7 @@ class Agile(Mode):
             "its own tables through EPT where they change (Gandhi et al., ISCA 2016)")
     intercepts = Shadow.intercepts | Ept.intercepts
     exception_bitmap = Shadow.exception_bitmap
+    mmio_exit = Shadow.mmio_exit
     needs_ept = True
 
     def memory(self, config):

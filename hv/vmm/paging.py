@@ -8,7 +8,7 @@ the hardware's, and its MOV to CR, INVLPG and WRMSR run on the hardware
 """
 from __future__ import annotations
 
-from ..arch.x86 import MSR_EFER, NXE
+from ..arch.x86 import MSR_EFER, NXE, PG
 from ..hw.walker import Walker
 
 
@@ -32,6 +32,14 @@ class Paging:
         """The guest's CR3 and EFER.NXE: what its own tables say."""
         return self.hw.cr3, self.hw.nxe
 
+    def guest_paging(self) -> bool:
+        """Whether the guest has paging on (CR0.PG)."""
+        return self.hw.paging
+
+    def wrmsr(self, msr: int, value: int) -> None:
+        """WRMSR to EFER: the guest's EFER is the hardware's."""
+        self.hw.wrmsr(msr, value)
+
     def peek(self, vaddr: int, tlb: bool = True) -> int | None:
         """The host address `vaddr` points at now, or None; no side effect,
         nothing counted (the VMM's own inspection: code scanning, crash
@@ -41,8 +49,11 @@ class Paging:
         tr = self.hw.lookup(vaddr) if tlb else None
         if tr is not None:
             return tr.paddr(vaddr)
-        cr3, nxe = self.guest_tables()
-        gpa = self._peeker.peek(cr3, vaddr, nxe)
+        if self.guest_paging():
+            cr3, nxe = self.guest_tables()
+            gpa = self._peeker.peek(cr3, vaddr, nxe)
+        else:
+            gpa = vaddr
         return None if gpa is None else self.guest.hpa(gpa)
 
 
@@ -59,6 +70,11 @@ class QemuPaging:
     def boot(self, cr0: int, cr3: int, cr4: int, efer: int) -> None:
         pass            # the engine holds them (VM._boot sets them there)
 
+    def wrmsr(self, msr: int, value: int) -> None:
+        pass            # QEMU runs it
+
     def peek(self, vaddr: int, tlb: bool = True) -> int | None:
         e = self.hw.engine
+        if not e.reg("cr0") & PG:
+            return vaddr if vaddr < self._peeker.limit else None
         return self._peeker.peek(e.reg("cr3"), vaddr, bool(e.msr(MSR_EFER) & NXE))

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from ..arch.paging import (A, ADDR_MASK, D, ENTRIES_PER_TABLE, G, NX, P, PAGE_SIZE, PS, SWITCH,
                            PFErr, RW, US, large_frame, level_shift, table_index)
-from ..arch.x86 import MSR_EFER, NXE, WP, TlbFlush, efer_write_flush, mov_to_cr_flush
+from ..arch.x86 import MSR_EFER, NXE, PG, WP, TlbFlush, efer_write_flush, mov_to_cr_flush
 from ..errors import GuestEscape, InvariantError
 from ..events import EmulateWrite, PageFault
 from ..hw.walker import FETCH, READ, WRITE, Walker
@@ -343,6 +343,8 @@ class ShadowCache:
                                              "no shadow page")
                     continue
                 gfn = self.leaf_gfn.get(spte_addr)
+                if gfn is not None and self.guest.devices.get(gfn << 12) == target:
+                    continue        # a device page
                 if gfn is None or self.guest.hpa(gfn << 12) != target or \
                         not self.guest.owns(target, PAGE_SIZE):
                     raise InvariantError(f"shadow leaf {spte_addr:#x} maps {target:#x}, "
@@ -398,6 +400,9 @@ class ShadowPaging(Paging):
     def guest_tables(self) -> tuple[int, bool]:
         return self.cr3, self._nxe
 
+    def guest_paging(self) -> bool:
+        return bool(self.cr0 & PG)
+
     def nested_table(self, gfn: int, level: int) -> bool:
         """Whether the guest's table `gfn` at `level` is walked nested
         (agile paging, hv.vmm.agile); never under shadow paging."""
@@ -406,21 +411,29 @@ class ShadowPaging(Paging):
     def boot(self, cr0: int, cr3: int, cr4: int, efer: int) -> None:
         self.cr0, self.cr3, self.cr4, self.efer = cr0, cr3, cr4, efer
         self.root = None
+        # The CPU always pages under shadow paging: until the VMM loads a
+        # root, every walk faults into it (and it builds one).
+        self.hw.load(PG, 0, 0, 0)
 
     def reload(self) -> None:
         """Find or build the shadow root of the guest's CR3 if the vCPU has
         none (it was zapped, or the guest switched CR3 or NXE), and load it."""
         if self.root is None:
             self.cache.ensure_free(self.counters)
-            self.root = self.cache.get_page(self.counters, self.cr3 >> 12, 4, False, ACC_ALL,
-                                            self._nxe)
+            if self.cr0 & PG:
+                self.root = self.cache.get_page(self.counters, self.cr3 >> 12, 4, False, ACC_ALL,
+                                                self._nxe)
+            else:
+                # Paging off: a direct root, guest-virtual = guest-physical
+                # (KVM's nonpaging mode: the CPU itself always pages).
+                self.root = self.cache.get_page(self.counters, 0, 4, True, ACC_ALL, self._nxe)
             self._load()
 
     def _load(self) -> None:
         """The registers the hardware runs the guest with (this class's
         docstring)."""
         if self.root is not None:
-            self.hw.load(self.cr0 | WP, self.root.hpa, self.cr4, self.efer | NXE)
+            self.hw.load(self.cr0 | WP | PG, self.root.hpa, self.cr4, self.efer | NXE)
 
     # -- exit handlers: the guest's paging registers ----------------------------
     def write_cr(self, cr: int, value: int) -> None:
@@ -435,8 +448,13 @@ class ShadowPaging(Paging):
             self.root = None
             self.reload()
         elif cr == 0:
+            toggled = (self.cr0 ^ value) & PG
             self.cr0 = value
-            self._load()
+            if toggled:
+                self.root = None        # the other kind of root: reload finds it
+                self.reload()
+            else:
+                self._load()
         else:
             self.cr4 = value
             self._load()
@@ -481,12 +499,13 @@ class ShadowPaging(Paging):
         user = bool(error_code & _PF_U)
         c, cache, nxe = self.counters, self.cache, self._nxe
         path: list = []
-        # The guest's own walk (it sets A/D in the guest's tables, as the
-        # hardware would have).
-        try:
-            self.guest_walker.walk(self.cr3, vaddr, access, user, self._wp, nxe, path)
-        except PageFault as fault:
-            return fault
+        if self.cr0 & PG:
+            # The guest's own walk (it sets A/D in the guest's tables, as the
+            # hardware would have).
+            try:
+                self.guest_walker.walk(self.cr3, vaddr, access, user, self._wp, nxe, path)
+            except PageFault as fault:
+                return fault
         cache.ensure_free(c)
         self.reload()
         sp = self.root
@@ -507,12 +526,16 @@ class ShadowPaging(Paging):
             cache.flood.pop(gfn, None)          # used as a table: not flooded
             cache.link(sp, table_index(vaddr, level), child)
             sp = child
-        leaf_level, _addr, leaf = path[-1]
-        acc &= _acc(leaf)
+        if path:
+            leaf_level, _addr, leaf = path[-1]
+            acc &= _acc(leaf)
+            gfn = _leaf_gfn(vaddr, path[-1])
+        else:
+            # Paging off: as one dirty page spanning the direct root.
+            leaf_level, leaf, gfn = 4, A | D, vaddr >> 12
         # A guest large page is shadowed by direct pages down to 4 KiB, or
         # (host large pages: `large_pages`) down to a 2 MiB leaf where no guest
         # table is in it.
-        gfn = _leaf_gfn(vaddr, path[-1])
         base = gfn & ~0x1FF
         large = (cache.large_pages and leaf_level > 1 and not cache.tables_in.get(base >> 9)
                  and cache.guest.contiguous(base << 12, 2 << 20))
@@ -522,6 +545,10 @@ class ShadowPaging(Paging):
             cache.link(sp, table_index(vaddr, level), child)
             sp = child
         hpa = cache.guest.hpa((base if large else gfn) << 12)
+        if hpa is None and gfn << 12 in cache.guest.devices:
+            # A device page: every access reaches the device, through the
+            # vCPU's MMIO exit (KVM installs a reserved-bit MMIO spte).
+            large, hpa = False, cache.guest.devices[gfn << 12]
         if hpa is None:
             raise GuestEscape(f"{vaddr:#x} maps guest-physical {gfn << 12:#x}, outside guest "
                               f"memory [0, {cache.guest.ram:#x})")

@@ -21,12 +21,15 @@ Invariants:
 from __future__ import annotations
 
 from .. import asm
-from ..arch.paging import PAGE_SIZE
+from ..arch.paging import PAGE_SIZE, PFErr
 from ..arch.vmx import ExitReason, cr_access_qualification
-from ..arch.x86 import HAS_ERROR_CODE, MSR_EFER, Vector, mov_to_cr_faults
+from ..arch.x86 import CR0, HAS_ERROR_CODE, MSR_EFER, Vector, mov_to_cr_faults
 from ..errors import InvariantError
 from ..events import EmulateWrite, Exit, Fault, GeneralProtection, PageFault, VmExit
+from ..arch.cpuid import MSR_EFER as _EFER
+from ..devices.lapic import APIC_DEFAULT_BASE, LocalApic
 from ..hw.codescan import CodeScan
+from ..hw.cpu import Msrs
 from ..hw.delivery import Delivery
 from ..hw.engine import Engine
 from ..hw.intercept import MAX_INSN, Intercepted
@@ -34,9 +37,13 @@ from ..hw.mmu import PROT_R, PROT_W
 from ..hw.tsc import Tsc
 from ..hw.walker import FETCH, READ, WRITE
 from ..stats import Stats
-from .exits import PORT_CONSOLE_LSR, dispatch, io_qualification
+from .exits import dispatch, io_qualification
 
 VMCALL = b"\x0f\x01\xc1"
+# The #PF error code of an access to a device page under shadow paging: P
+# and RSVD, as on KVM's reserved-bit MMIO sptes.
+_MMIO_PF_READ = int(PFErr.P | PFErr.RSVD)
+_MMIO_PF_WRITE = _MMIO_PF_READ | int(PFErr.W)
 HLT = 0xF4
 INT3 = 0xCC
 # What a crash report shows, in this order (and EFER).
@@ -59,6 +66,7 @@ class VCpu:
         self.hw = self.mmu.hw                       # the CPU's MMU
         self._hflags = e.hflags                     # CPL in bits 1:0, read on every fill
         self.halted = False
+        self.waiting_for_sipi = False
         self._pending: tuple[object, int] | None = None   # an access's event for the guest, and the access
         self._event: Fault | EmulateWrite | None = None   # what a handler recorded (inject)
         self._stop = False                        # a handler asked the slice to end
@@ -76,6 +84,14 @@ class VCpu:
         self._check = vm.config.check_invariants
         self._code_frames = vm.code.frames
         self.tsc = Tsc(e, lambda: self.stats.counters["insns"] + e.started() - 1)
+        self.apic = LocalApic(index, self.tsc.now, vm.send_ipi, bsp=index == 0)
+        self.msrs = Msrs(e, self.tsc.now, self.apic)
+        self.io_value = 0                         # what an IN's handler read
+        self._mmio: list | None = None            # the device access in flight
+        if vm.apic_hpa is not None:
+            e.map_mmio(vm.apic_hpa, PAGE_SIZE, self._apic_read, self._apic_write)
+            if self.mode.tlb_model:
+                self.hw.devices = frozenset(vm.guest.devices.values())
         self.delivery = Delivery(e, self._read_linear, self._write_linear, self.stats.counters)
         if self.mode.tlb_model:
             self.hw.tlb.attach(self.hw.asid, e)
@@ -86,6 +102,7 @@ class VCpu:
         e.on_in(self._in)
         e.on_interrupt(self._interrupt)
         e.on_invalid(self._invalid)
+        e.on_cpuid(self._cpuid)
 
     # -- the TLB fill: the hardware MMU, and what it raises -------------------
     def _fill(self, vaddr: int, access: int):
@@ -162,7 +179,11 @@ class VCpu:
         elif ex.reason == ExitReason.INVLPG:
             self.hw.invlpg(ex.qualification)
         elif ex.reason == ExitReason.MSR_WRITE:
-            self.hw.wrmsr(ex.qualification, ex.value)
+            self.run_wrmsr(ex.qualification, ex.value)
+        elif ex.reason == ExitReason.MSR_READ:
+            self.run_rdmsr(ex.qualification, ex.rip, ex.insn_len)
+        elif ex.reason == ExitReason.CPUID:
+            self.run_cpuid()
         else:
             raise InvariantError(f"no mode may leave {ex.reason.name} to the hardware")
 
@@ -187,13 +208,89 @@ class VCpu:
                       value=value)
         elif ins.kind == "invlpg":
             ex = Exit(ExitReason.INVLPG, self._effective_address(ins, rip), rip, ins.size)
+        elif ins.kind == "rdmsr":
+            ex = Exit(ExitReason.MSR_READ, e.reg("rcx") & 0xFFFF_FFFF, rip, ins.size)
         else:
-            ecx = e.reg("rcx") & 0xFFFF_FFFF
-            if ecx != MSR_EFER:
-                return
             value = (e.reg("rdx") & 0xFFFF_FFFF) << 32 | (e.reg("rax") & 0xFFFF_FFFF)
-            ex = Exit(ExitReason.MSR_WRITE, ecx, rip, ins.size, value=value)
+            ex = Exit(ExitReason.MSR_WRITE, e.reg("rcx") & 0xFFFF_FFFF, rip, ins.size,
+                      value=value)
         self.event(ex)
+
+    # -- the CPU model: CPUID, RDMSR, WRMSR (the hardware's, or the VMM's) ----
+    def _cpuid(self) -> None:
+        """CPUID, in QEMU's place (hv.hw.engine.Engine.on_cpuid)."""
+        e = self.engine
+        self.event(Exit(ExitReason.CPUID, e.reg("rcx") & 0xFFFF_FFFF, e.reg("rip"), 2,
+                        value=e.reg("rax") & 0xFFFF_FFFF))
+
+    def run_cpuid(self) -> None:
+        e = self.engine
+        regs = self.vm.cpu.cpuid(e.reg("rax"), e.reg("rcx") & 0xFFFF_FFFF, self.apic.apic_id)
+        for name, value in zip(("rax", "rbx", "rcx", "rdx"), regs):
+            e.set_reg(name, value)
+
+    def run_rdmsr(self, index: int, rip: int, size: int) -> None:
+        """RDMSR: the model's value in EDX:EAX once QEMU ran it, or #GP."""
+        value = self.msrs.read(index)
+        if value is None:
+            self.fault_insn(GeneralProtection())
+        else:
+            self.tsc.result(rip, size, value)
+
+    def run_wrmsr(self, index: int, value: int) -> None:
+        """WRMSR: #GP before it runs, or the model's (EFER: the MMU's) and
+        then QEMU's."""
+        if not self.msrs.write(index, value):
+            self.fault_insn(GeneralProtection())
+        elif index == _EFER:
+            self.mmu.wrmsr(index, value)
+
+    def fault_insn(self, fault: Fault) -> None:
+        """The intercepted instruction about to run faults instead."""
+        self._pending = (fault, READ)
+        self.request_stop()
+
+    # -- device memory (the local APIC's page) ---------------------------------
+    def _apic_read(self, offset: int, size: int) -> int:
+        self._mmio = [offset, size, 0, False]
+        self._device_access()
+        value, self._mmio = self._mmio[2], None
+        return value
+
+    def _apic_write(self, offset: int, size: int, value: int) -> None:
+        self._mmio = [offset, size, value, True]
+        self._device_access()
+        self._mmio = None
+        if self.apic.pending() is not None:
+            self.request_stop()         # an interrupt may be deliverable now
+
+    def _device_access(self) -> None:
+        """A decoded access to a device page: an MMIO exit in the modes
+        that virtualize memory (the mode's `mmio_exit`), else the device's
+        own (the chipset decodes it)."""
+        reason = self.mmu.mmio_exit
+        if reason is None:
+            self.complete_mmio()
+        else:
+            offset, _size, value, write = self._mmio
+            gpa = APIC_DEFAULT_BASE + offset
+            dispatch(self, Exit(reason, _MMIO_PF_WRITE if write else _MMIO_PF_READ,
+                                self.engine.reg("rip"), value=gpa, error_code=(
+                                    _MMIO_PF_WRITE if write else _MMIO_PF_READ)))
+
+    def mmio_pending(self) -> bool:
+        return self._mmio is not None
+
+    def complete_mmio(self) -> None:
+        """Carry out the device access in flight (an MMIO exit's handler)."""
+        offset, size, value, write = self._mmio
+        reg, shift = offset & ~0xF, (offset & 3) * 8
+        mask = (1 << 8 * size) - 1
+        if write:
+            if offset & 0xF == 0 and size >= 4:
+                self.apic.write(reg, value & 0xFFFF_FFFF)
+        else:
+            self._mmio[2] = self.apic.read(reg) >> shift & mask if offset & 0xF < 4 else 0
 
     def _effective_address(self, ins: Intercepted, rip: int) -> int:
         e = self.engine
@@ -218,9 +315,7 @@ class VCpu:
     def _in(self, port: int, size: int) -> int:
         self.event(Exit(ExitReason.IO_INSTRUCTION, io_qualification(port, size, True),
                         self.engine.reg("rip")))
-        if port == PORT_CONSOLE_LSR:
-            return 0x60     # transmitter holding register and shift register empty
-        return (1 << (8 * size)) - 1    # no device: the bus floats high
+        return self.io_value
 
     def _interrupt(self, vector: int) -> None:
         """QEMU raised an exception, or ran INT n (RIP is then the return
@@ -289,6 +384,25 @@ class VCpu:
     def halt(self) -> None:
         self.halted = True
         self.request_stop()
+
+    def wait_for_sipi(self) -> None:
+        """An application processor at power-on, or after INIT: it runs
+        nothing until a start-up IPI (SDM Vol.3A §9.4.4)."""
+        self.halted = self.waiting_for_sipi = True
+
+    def start_up(self, page: int) -> None:
+        """A start-up IPI: real mode at page:0 (CS = page << 8), as after
+        INIT (SDM Vol.3A §9.4.4.1)."""
+        if not self.waiting_for_sipi:
+            return          # a second SIPI is ignored
+        self.waiting_for_sipi = self.halted = False
+        self.engine.enter_real_mode(page << 8)
+        self.mmu.boot(int(CR0.ET), 0, 0, 0)
+
+    def interrupt_arrived(self) -> None:
+        """An interrupt was accepted into this vCPU's APIC: a HLT waits no more."""
+        if self.halted and not self.waiting_for_sipi:
+            self.halted = False
 
     def read_code(self, vaddr: int, length: int = MAX_INSN, tlb: bool = True) -> bytes:
         """Up to `length` bytes at `vaddr`, as far as they are mapped (no

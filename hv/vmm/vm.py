@@ -6,6 +6,15 @@ Boot ABI (README.md, "Guest boot ABI"): the image is loaded at GPA
 interrupts off; CR3 points at an identity map of all RAM built below
 0x100000; a GDT with a flat code segment at 0x08 and data at 0x10; each
 vCPU has a 16 KiB stack below 0xA0000; rdi = vCPU index, rsi = vCPU count.
+
+A multiboot kernel (hv.loader) is entered as a multiboot loader leaves
+the CPU (Multiboot Specification 0.6.96, §3.2): 32-bit protected mode,
+paging off, flat 32-bit CS and DS, EAX = 0x2BADB002, EBX = the boot
+information. vCPUs other than the first wait for INIT and SIPI, as
+application processors do.
+
+The platform is a PC's few devices (hv.devices): ports behind one table
+(`ports`), and a local APIC per vCPU at its xAPIC page.
 """
 from __future__ import annotations
 
@@ -14,11 +23,15 @@ import struct
 import time
 from dataclasses import dataclass
 
-from .. import asm
+from .. import asm, loader
 from ..arch.paging import P, PS, RW
 from ..arch.x86 import CR0, CR4, EFER, GDT_CODE64, GDT_DATA, MSR_EFER, RFLAGS
 from ..errors import GuestEscape, HvError, InvariantError
+from ..devices import pc_platform
+from ..devices import lapic
+from ..devices.lapic import APIC_DEFAULT_BASE
 from ..hw.codescan import CodeFrames
+from ..hw.cpu import CpuModel, parse_cpu
 from ..hw.engine import EngineError
 from ..hw.memo import WalkMemo
 from ..hw.pwc import WalkCache
@@ -44,7 +57,14 @@ MAX_VMS = 1024          # VPIDs 1..1024 (the TLB model's tags have room for 6553
 MAX_CONSOLE = 8 << 20
 MAX_MARKS = 1024
 MAX_RAM = 64 * GiB
+# A kernel's RAM ends below the PC's hole under 4 GiB (its device pages):
+# hv models no RAM above it.
+MAX_KERNEL_RAM = 3 * GiB
 CODE_SEL, DATA_SEL = 0x08, 0x10
+# The GDT a kernel is entered with (it loads its own first): flat 32-bit
+# code at 0x08 and data at 0x10.
+GDT32 = (0, 0x00CF9B000000FFFF, 0x00CF93000000FFFF)
+KERNEL_CR0 = int(CR0.PE | CR0.ET)     # Engine.leave_long_mode leaves it so
 
 BOOT_CR0 = int(CR0.PE | CR0.MP | CR0.ET | CR0.NE | CR0.WP | CR0.PG)
 BOOT_CR4 = int(CR4.PAE | CR4.OSFXSR | CR4.OSXMMEXCPT)
@@ -69,12 +89,15 @@ class Config:
     timeout: float = 0          # wall-clock seconds before the run is stopped (0: none)
     memo: bool = True           # replay unchanged walks (speed only: the counts are the same)
     agile_policy: str = "dynamic"  # agile: when subtrees go nested (hv/vmm/agile.py)
+    cpu: str = ""               # the CPU's features, QEMU's -cpu spelling (hv.hw.cpu.parse_cpu)
+    append: str = ""            # a kernel's command line after its name (--append)
     trace: Trace | None = None  # where exits are traced (--trace); no count depends on it
 
     def check(self) -> None:
         if self.mmu not in MODES:
             raise HvError(f"unknown MMU mode {self.mmu!r} (choose from {', '.join(MODES)})")
         parse_policy(self.agile_policy)
+        parse_cpu(self.cpu)
         if not 4 * MiB <= self.ram <= MAX_RAM or self.ram % (2 * MiB):
             raise HvError(f"RAM must be a multiple of 2 MiB from 4 MiB to 64 GiB, "
                           f"not {format_size(self.ram)}")
@@ -91,13 +114,27 @@ class Config:
 
 
 class VM:
-    def __init__(self, image: bytes, config: Config = Config(), on_console=None,
-                 machine: "Machine | None" = None, name: str = "guest",
-                 symbols: dict[str, int] | None = None):
+    """`image`: a flat image's bytes (the boot ABI), or a multiboot kernel
+    (hv.loader.Kernel) with its `modules` ((name, bytes) each)."""
+
+    def __init__(self, image: "bytes | loader.Kernel", config: Config = Config(),
+                 on_console=None, machine: "Machine | None" = None, name: str = "guest",
+                 symbols: dict[str, int] | None = None, modules=()):
         config.check()
         self.config, self.name = config, name
-        # The guest's labels (an assembled .s's), to name the RIPs hv reports.
-        self.symbols = asm.Symbols(symbols or {}, LOAD_ADDR, LOAD_ADDR + len(image))
+        self.kernel = image if isinstance(image, loader.Kernel) else None
+        # The guest's labels (an assembled .s's, a kernel's ELF symbols), to
+        # name the RIPs hv reports.
+        if self.kernel is not None:
+            if config.ram > MAX_KERNEL_RAM:
+                raise HvError(f"a kernel gets at most {format_size(MAX_KERNEL_RAM)} of RAM "
+                              "(hv models no RAM above the PC's hole below 4 GiB)")
+            boot_info = loader.build_boot_info(self.kernel, config.ram,
+                                               f"{name} {config.append}".strip(), modules)
+            self.symbols = asm.Symbols(self.kernel.symbols, self.kernel.segments[0].paddr,
+                                       self.kernel.end)
+        else:
+            self.symbols = asm.Symbols(symbols or {}, LOAD_ADDR, LOAD_ADDR + len(image))
         self.machine = machine if machine is not None else Machine(config)
         self.index = len(self.machine.vms)
         if self.index >= MAX_VMS:
@@ -111,7 +148,7 @@ class VM:
         # The VPID: 0 is the host's; without tags every VM shares it.
         self.asid = self.index + 1 if config.asid else 0
         self.mode = MODES[config.mmu]
-        if LOAD_ADDR + len(image) > config.ram:
+        if self.kernel is None and LOAD_ADDR + len(image) > config.ram:
             raise HvError(f"a guest of {len(image)} bytes does not fit in "
                           f"{format_size(config.ram)} of RAM at {LOAD_ADDR:#x}")
         # Guest RAM placed in host memory, and the VM's MMU state (shadow
@@ -120,8 +157,17 @@ class VM:
         # Host-physical memory: what the engines map and the VMM addresses
         # with the host-physical addresses its MMU hands out.
         self.mem = self.guest.host
-        self.guest.write(LOAD_ADDR, image)
-        self._build_boot_tables()
+        if self.kernel is not None:
+            self._load_kernel(boot_info)
+        else:
+            self.guest.write(LOAD_ADDR, image)
+            self._build_boot_tables()
+        # The platform: the CPU model, the port devices, the local APICs'
+        # page (where RAM leaves room for it).
+        self.cpu = CpuModel(parse_cpu(config.cpu), config.vcpus)
+        self.ports = pc_platform(self, cpus=config.vcpus, ram=config.ram)
+        self.apic_hpa = (self.guest.add_device(APIC_DEFAULT_BASE)
+                         if config.ram <= APIC_DEFAULT_BASE else None)
         self.engines: list = []         # every vCPU's (VCpu adds its own)
         # Walk results replayed until a table they read is written.
         self.memo = WalkMemo(self.engines) if config.memo and self.mode.tlb_model else None
@@ -138,7 +184,38 @@ class VM:
         self.budget = config.max_insns      # instructions left (--max-insns)
         self.vcpus.extend(VCpu(self, i) for i in range(config.vcpus))
         for cpu in self.vcpus:
-            self._boot(cpu)
+            if self.kernel is None:
+                self._boot(cpu)
+            elif cpu.index == 0:
+                self._boot_kernel(cpu, boot_info.mbi_addr)
+            else:
+                cpu.wait_for_sipi()
+
+    def _load_kernel(self, boot_info) -> None:
+        """The kernel's segments (RAM is fresh, zeroed: BSS needs no
+        writing), its boot information, and the GDT it is entered with."""
+        for seg in self.kernel.segments:
+            self.guest.write(seg.paddr, seg.data)
+        for addr, data in boot_info.blobs:
+            self.guest.write(addr, data)
+        if any(seg.paddr < GDT_ADDR + 8 * len(GDT32) and GDT_ADDR < seg.paddr + seg.memsz
+               for seg in self.kernel.segments):
+            raise HvError(f"{self.name} loads over {GDT_ADDR:#x}, where hv puts the GDT "
+                          "it enters kernels with")
+        self.guest.write(GDT_ADDR, struct.pack(f"<{len(GDT32)}Q", *GDT32))
+
+    def _boot_kernel(self, cpu: VCpu, mbi: int) -> None:
+        """The machine state a multiboot loader leaves (this module's docstring)."""
+        e = cpu.engine
+        e.set_gdtr(GDT_ADDR, 8 * len(GDT32) - 1)
+        e.leave_long_mode()
+        e.set_reg("cr3", 0)
+        cpu.mmu.boot(KERNEL_CR0, 0, 0, 0)
+        e.load_segments(CODE_SEL, DATA_SEL, struct.pack(f"<{len(GDT32)}Q", *GDT32))
+        e.set_reg("rflags", RFLAGS.FIXED)
+        e.set_reg("rax", loader.MULTIBOOT_BOOT_MAGIC)
+        e.set_reg("rbx", mbi)
+        e.set_reg("rip", self.kernel.entry)
 
     def _build_boot_tables(self) -> None:
         m = self.guest
@@ -185,6 +262,23 @@ class VM:
     def finish(self, reason: str, detail: str, exit_code: int | None = None) -> None:
         if not self.ended:
             self.ended, self.reason, self.detail, self.exit_code = True, reason, detail, exit_code
+
+    def send_ipi(self, ipi: lapic.Ipi) -> None:
+        """An ICR write of a vCPU's APIC, delivered to its destinations (by
+        physical APIC ID = vCPU index, or a shorthand)."""
+        targets = {lapic.SH_SELF: lambda c: c.index == ipi.source,
+                   lapic.SH_ALL: lambda c: True,
+                   lapic.SH_OTHERS: lambda c: c.index != ipi.source}.get(
+            ipi.shorthand, lambda c: ipi.dest in (c.index, 0xFF))
+        for cpu in filter(targets, self.vcpus):
+            if ipi.mode in (lapic.DM_FIXED, lapic.DM_LOWEST):
+                cpu.apic.accept(ipi.vector)
+                cpu.interrupt_arrived()
+            elif ipi.mode == lapic.DM_INIT:
+                cpu.apic.reset()
+                cpu.wait_for_sipi()
+            elif ipi.mode == lapic.DM_STARTUP:
+                cpu.start_up(ipi.vector)
 
     def console_write(self, byte: int) -> None:
         """A byte the guest printed: kept up to MAX_CONSOLE bytes (then

@@ -1,0 +1,166 @@
+"""Booting real kernels (issue 13): multiboot entry in 32-bit protected mode
+with paging off, the guest's own switch to long mode, the platform's
+devices, CPUID and the MSR model; KVM's kvm-unit-tests `dummy` in every
+mode. The prebuilt images live beside the checkout (../shared); where it
+is absent those tests skip and say so."""
+from pathlib import Path
+
+import pytest
+
+import hv
+from hv.arch import cpuid
+from hv.errors import HvError
+from hv.hw.cpu import CpuModel, parse_cpu
+
+from conftest import MODES, run_src
+
+KUT = Path(__file__).resolve().parents[2] / "shared" / "kvm-unit-tests" / "x86"
+
+
+def kut_image(name: str) -> Path:
+    path = KUT / f"{name}.flat"
+    if not path.exists():
+        pytest.skip(f"{path} is absent: the prebuilt kvm-unit-tests images live beside the "
+                    "checkout (../shared), not in it")
+    return path
+
+
+@pytest.fixture(scope="module")
+def dummy_runs():
+    path = kut_image("dummy")
+    return {mode: hv.run(path, mode) for mode in MODES}
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_kvm_unit_tests_dummy_passes(dummy_runs, mode):
+    r = dummy_runs[mode]
+    assert (r.reason, r.exit_code) == ("exit", 0), r.detail
+    assert r.console.endswith("Dummy Hello World!")
+    assert r.ok
+
+
+def test_dummy_is_the_same_guest_in_every_mode(dummy_runs):
+    """Architectural results are identical: console, instructions, exit code."""
+    native = dummy_runs["native"]
+    for r in dummy_runs.values():
+        assert (r.console, r.counters["insns"], r.exit_code) == \
+            (native.console, native.counters["insns"], native.exit_code)
+
+
+def test_dummy_exits_as_a_vmm_would_make_it(dummy_runs):
+    """CPUID and MSR accesses exit in the virtualized modes, never natively;
+    the xAPIC page is MMIO: EPT_MISCONFIG under ept, a reserved-bit #PF
+    (EXCEPTION_NMI) under shadow paging, the same accesses in both."""
+    native, shadow, ept = (dummy_runs[m] for m in ("native", "shadow", "ept"))
+    assert not {"CPUID", "MSR_READ", "MSR_WRITE", "EPT_MISCONFIG"} & set(native.exits)
+    assert native.counters["mmio_exits"] == 0
+    for r in (shadow, ept):
+        assert r.exits["CPUID"] == ept.exits["CPUID"] > 0
+        assert r.exits["MSR_READ"] == ept.exits["MSR_READ"] > 0
+    assert shadow.counters["mmio_exits"] == ept.counters["mmio_exits"] == \
+        ept.exits["EPT_MISCONFIG"] > 0
+    # Paging off, then the guest's own 4-level tables: walks of 4 (EPT
+    # alone, paging off) and of up to 24 references under ept.
+    hist = ept.tlb["walk_refs_hist"]
+    assert 4 in hist and max(hist) <= 24
+
+
+def test_dummy_counts_the_same_every_run():
+    path = kut_image("dummy")
+    assert hv.run(path, "ept").to_json() == hv.run(path, "ept").to_json()
+
+
+def test_a_kernel_gets_its_command_line(tmp_path):
+    r = hv.run(kut_image("dummy"), "native", append="extra args")
+    assert r.ok
+
+
+def test_an_elf_without_a_multiboot_header_is_refused(tmp_path):
+    elf = tmp_path / "plain.elf"
+    data = bytearray(kut_image("dummy").read_bytes())
+    at = data.find((0x1BADB002).to_bytes(4, "little"))
+    data[at:at + 4] = b"\0\0\0\0"
+    elf.write_bytes(bytes(data))
+    with pytest.raises(HvError, match="without a multiboot header"):
+        hv.run(elf)
+
+
+def test_a_kernel_with_more_ram_than_below_the_pc_hole_is_refused():
+    with pytest.raises(HvError, match="at most 3 GiB"):
+        hv.run(kut_image("dummy"), ram="4G")
+
+
+# -- the CPU model ----------------------------------------------------------------
+
+def test_cpuid_presents_an_intel_cpu_with_only_what_hv_implements():
+    cpu = CpuModel()
+    _, b, c, d = cpu.cpuid(0, 0, 0)
+    assert b"".join(x.to_bytes(4, "little") for x in (b, d, c)) == b"GenuineIntel"
+    _, ebx7, ecx7, _ = cpu.cpuid(7, 0, 0)
+    assert ebx7 & (1 << 7 | 1 << 10 | 1 << 20) == 0        # no SMEP, INVPCID, SMAP
+    assert ecx7 & (1 << 3 | 1 << 16) == 0                   # no PKU, LA57
+    assert cpu.cpuid(1, 0, 0)[2] & (1 << 17 | 1 << 21) == 0  # no PCID, x2APIC
+    assert cpu.cpuid(0x8000_0008, 0, 0)[0] & 0xFF == cpuid.MAXPHYADDR
+    assert cpu.cpuid(0, 0, 0)[0] < 0xA                      # no PMU leaf
+    assert cpu.cpuid(1, 0, 3)[1] >> 24 == 3                 # the APIC ID
+
+
+def test_parse_cpu_takes_qemus_spelling():
+    assert parse_cpu("") == parse_cpu("max") == cpuid.IMPLEMENTED
+    assert "pdpe1gb" not in parse_cpu("qemu64,-pdpe1gb")
+    assert "rdtscp" not in parse_cpu("max,rdtscp=off")
+    assert parse_cpu("max,-smep") == cpuid.IMPLEMENTED      # taking away what is not there
+    for spec, why in (("+smep", "does not implement smep"), ("+bogus", "unknown CPU feature"),
+                      ("-lm", "cannot be without lm"), ("max,pae=maybe", "neither")):
+        with pytest.raises(HvError, match=why):
+            parse_cpu(spec)
+
+
+CPUID_VENDOR = """
+    xor eax, eax
+    cpuid
+    mov eax, ebx
+    out 0xF4, eax
+"""
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_cpuid_is_hvs_in_every_mode(mode):
+    r = run_src(CPUID_VENDOR, mode)
+    assert r.exit_code == int.from_bytes(b"Genu", "little")
+    assert r.exits["CPUID"] == (1 if hv.vmm.modes.MODES[mode].virtualized else 0)
+
+
+RDMSR = """
+    mov ecx, {msr}
+    rdmsr
+    out 0xF4, eax
+"""
+
+
+# The MSR model needs code scanning, which mode qemu (QEMU's MMU) has not:
+# there QEMU's own MSRs answer (README, "Booting real kernels").
+MSR_MODES = tuple(m for m in MODES if hv.vmm.modes.MODES[m].tlb_model)
+
+
+@pytest.mark.parametrize("mode", MSR_MODES)
+def test_rdmsr_reads_the_model(mode):
+    r = run_src(RDMSR.format(msr=0x1B), mode)       # APIC_BASE: enabled, BSP, at 0xFEE00000
+    assert r.exit_code == 0xFEE0_0900
+    r = run_src(RDMSR.format(msr=0x277), mode)      # PAT's reset value, low half
+    assert r.exit_code == 0x0007_0406
+
+
+@pytest.mark.parametrize("mode", MSR_MODES)
+def test_an_msr_hv_does_not_know_is_gp(mode):
+    """No IDT: the #GP becomes a triple fault, at the RDMSR itself."""
+    for src in (RDMSR.format(msr=0x1234), "mov ecx, 0x1234\nwrmsr\nhlt"):
+        r = run_src(src, mode)
+        assert r.reason == "triple_fault"
+        assert r.crash["chain"][0]["name"] == "#GP(0x0)"
+        assert r.crash["insn"].startswith(("rdmsr", "wrmsr"))
+
+
+def test_a_non_canonical_fs_base_is_gp():
+    r = run_src("mov ecx, 0xC0000100\nmov edx, 0x8000\nxor eax, eax\nwrmsr\nhlt", "ept")
+    assert r.reason == "triple_fault" and r.crash["insn"].startswith("wrmsr")
