@@ -5,7 +5,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: demo test fuzz bench clean
+.PHONY: demo test fuzz bench kut clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -28,6 +28,11 @@ fuzz: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/bench.py
+
+# KVM's kvm-unit-tests (../shared/kvm-unit-tests: prebuilt images and the
+# source's x86/unittests.cfg) in every mode: PASS, FAIL or SKIP each.
+kut: $(STAMP)
+	$(BIN)/hv kut ../shared/kvm-unit-tests --mmu native,shadow,ept,agile,qemu
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache compare.png

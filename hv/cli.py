@@ -8,7 +8,7 @@ import sys
 from importlib import metadata
 from pathlib import Path
 
-from . import api, asm, compare
+from . import api, asm, compare, kut
 from .cost import DEFAULT_PROFILE, bundled_profiles, load_profile
 from .errors import HvError
 from .memory import parse_count, parse_size
@@ -176,6 +176,25 @@ def _parser() -> argparse.ArgumentParser:
     _add_config_options(c)
     c.add_argument("--json", action="store_true", help="print one JSON document on stdout")
 
+    k = sub.add_parser("kut", help="run KVM's kvm-unit-tests in MMU modes: PASS, FAIL or "
+                                   "SKIP each")
+    k.add_argument("source", nargs="?", metavar="SOURCE",
+                   help="a kvm-unit-tests tree (x86/unittests.cfg), a directory of .flat "
+                        "images, or images (default ../shared/kvm-unit-tests)")
+    k.add_argument("tests", nargs="*", metavar="TEST",
+                   help="the tests to run, by name or glob pattern (default: all but group "
+                        "nodefault)")
+    k.add_argument("--mmu", type=kut.parse_modes, default=kut.DEFAULT_MODES, metavar="MODES",
+                   help=f"modes, comma-separated (default {','.join(kut.DEFAULT_MODES)})")
+    k.add_argument("--group", action="append", default=[], metavar="G",
+                   help="only the tests of group G (repeatable)")
+    k.add_argument("--max-insns", type=_positive, default=kut.DEFAULT_MAX_INSNS,
+                   help="stop a test after this many instructions (default 1e11: its "
+                        "timeout stops it first)")
+    k.add_argument("--list", action="store_true",
+                   help="print the tests and hv's options for each, without running them")
+    k.add_argument("--json", action="store_true", help="print one JSON document on stdout")
+
     sub.add_parser("guests", help="list the bundled sample guests")
 
     a = sub.add_parser("asm", help="assemble a .s file into a flat binary")
@@ -295,6 +314,42 @@ def _cmd_compare(args) -> int:
     return 0 if compare.all_ok(doc) else 1
 
 
+def _cmd_kut(args) -> int:
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from .report import make_console
+
+    sources, names = kut.split_args([args.source, *args.tests] if args.source else [])
+    tests = kut.load_tests(sources, names, args.group)
+    source = " ".join(map(str, sources))
+    if args.list:
+        if args.json:
+            json.dump(kut.to_json(source, (), tests, ()), sys.stdout, indent=2)
+            sys.stdout.write("\n")
+        else:
+            kut.print_tests(tests, make_console())
+        return 0
+    err = Console(stderr=True)
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), console=err, transient=True,
+                  disable=not err.is_terminal) as bar:
+        task = bar.add_task("kut", total=len(tests) * len(args.mmu))
+
+        def step(test: kut.Test, mode: str, done: int) -> None:
+            bar.update(task, completed=done, description=f"{test.name} [{mode}]")
+
+        outcomes = kut.run_all(tests, args.mmu, max_insns=args.max_insns, on_progress=step)
+    if args.json:
+        json.dump(kut.to_json(source, args.mmu, tests, outcomes), sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        kut.print_results(tests, args.mmu, outcomes, make_console())
+    if kut.interrupted(outcomes):
+        print("hv: interrupted: the runs finished before Ctrl-C are shown", file=sys.stderr)
+        return 130
+    return 1 if kut.failed(outcomes) else 0
+
+
 def _summary(path: Path) -> str:
     """The first sentence of a guest's header comment (after "name.s --")."""
     words = []
@@ -346,7 +401,8 @@ def _cmd_disasm(args) -> int:
     return 0
 
 
-COMMANDS = {"run": _cmd_run, "compare": _cmd_compare, "guests": _cmd_guests, "asm": _cmd_asm, "disasm": _cmd_disasm}
+COMMANDS = {"run": _cmd_run, "compare": _cmd_compare, "guests": _cmd_guests, "asm": _cmd_asm, "disasm": _cmd_disasm,
+            "kut": _cmd_kut}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -59,6 +59,22 @@ QEMU_MSRS = frozenset({MSR_SYSENTER_CS, MSR_SYSENTER_ESP, MSR_SYSENTER_EIP, MSR_
                        MSR_KERNEL_GS_BASE, MSR_TSC_AUX})
 
 
+# The CR4 bits a feature makes legal (SDM Vol.3A §2.5: setting a bit whose
+# feature CPUID does not report is #GP); TSD and PCE have no CPUID bit.
+CR4_BY_FEATURE = {"de": 1 << 3, "pse": 1 << 4, "pae": 1 << 5, "pge": 1 << 7, "fxsr": 1 << 9,
+                  "sse": 1 << 10, "pcid": 1 << 17, "smep": 1 << 20, "smap": 1 << 21,
+                  "pku": 1 << 22, "la57": 1 << 12}
+CR4_ALWAYS = 1 << 2 | 1 << 8
+
+
+def cr4_reserved(features) -> int:
+    """The CR4 bits (31:0) a CPU with `features` refuses."""
+    allowed = CR4_ALWAYS
+    for name in features:
+        allowed |= CR4_BY_FEATURE.get(name, 0)
+    return 0xFFFF_FFFF & ~allowed
+
+
 def canonical(value: int, bits: int = LINEAR_BITS) -> bool:
     top = value >> (bits - 1)
     return top == 0 or top == (1 << (65 - bits)) - 1

@@ -24,21 +24,33 @@ class CR0(IntFlag):
 
 class CR4(IntFlag):
     """SDM Vol.3A §2.5."""
+    VME = 1 << 0
+    PVI = 1 << 1
     TSD = 1 << 2    # RDTSC at CPL 0 only
+    DE = 1 << 3
     PSE = 1 << 4
     PAE = 1 << 5
+    MCE = 1 << 6
     PGE = 1 << 7    # global pages
+    PCE = 1 << 8
     OSFXSR = 1 << 9
     OSXMMEXCPT = 1 << 10
+    UMIP = 1 << 11
+    LA57 = 1 << 12
+    FSGSBASE = 1 << 16
     PCIDE = 1 << 17
+    OSXSAVE = 1 << 18
     SMEP = 1 << 20
     SMAP = 1 << 21
+    PKE = 1 << 22
 
 
-def mov_to_cr_faults(cr: int, value: int, cr4: int, efer: int = 0) -> bool:
+def mov_to_cr_faults(cr: int, value: int, cr4: int, efer: int = 0,
+                     cr4_reserved: int = 0) -> bool:
     """Whether MOV to CRn with `value` is #GP(0) (SDM Vol.2B, "MOV-Move
     to/from Control Registers"; Vol.3A §2.5, §4.5.2): reserved bits 63:32
-    of CR0 and CR4, PG without PE or NW without CD in CR0, bits
+    of CR0 and CR4, the CR4 bits of features the CPU has not
+    (`cr4_reserved`: hv.arch.cpuid), PG without PE or NW without CD in CR0, bits
     63:MAXPHYADDR of CR3 (bit 63 is no-flush with CR4.PCIDE); with IA-32e
     mode active (EFER.LMA), clearing CR4.PAE, or CR0.PG in 64-bit mode (the
     only mode hv runs guests in: it models no compatibility mode)."""
@@ -49,7 +61,7 @@ def mov_to_cr_faults(cr: int, value: int, cr4: int, efer: int = 0) -> bool:
     if cr == 0:
         return bool(value & _PG and not value & _PE or value & _NW and not value & _CD
                     or efer & _LMA and not value & _PG)
-    return bool(cr == 4 and efer & _LMA and not value & _PAE)
+    return bool(cr == 4 and (efer & _LMA and not value & _PAE or value & cr4_reserved))
 
 
 # Plain ints for the check above (IntFlag arithmetic costs a microsecond).

@@ -51,6 +51,7 @@ def _feature_item(item: str) -> tuple[bool, str]:
 class CpuModel:
     def __init__(self, features: frozenset[str] = c.IMPLEMENTED, vcpus: int = 1):
         self.features, self.vcpus = features, vcpus
+        self.cr4_reserved = c.cr4_reserved(features)    # MOV to CR4 with these: #GP
         self._regs: dict[tuple[int, str], int] = {}
         for name in features:
             leaf, reg, bit = c.FEATURES[name]

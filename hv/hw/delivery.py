@@ -72,11 +72,12 @@ class Delivery:
         self.engine, self.read, self.write, self.counters = engine, read, write, counters
 
     def deliver(self, vector: int, error_code: int | None, rip: int, cr2: int = 0,
-                int_rip: int | None = None) -> list[Step] | None:
+                int_rip: int | None = None, external: bool = False) -> list[Step] | None:
         """Deliver `vector`, its frame returning to `rip`. `int_rip` makes it
         a software interrupt (INT n or INT3 at that address, returning to
         `rip`): the gate's DPL is checked, no error code is pushed, CR2 is
         left alone, and a fault while delivering it is the instruction's.
+        `external`: an interrupt from the local APIC (counted apart).
         None when delivered; a triple fault returns the chain it went
         through, #DF last."""
         c = self.counters
@@ -86,6 +87,9 @@ class Delivery:
             if vector == Vector.PF and not software:
                 c["pf_guest"] += 1
                 self.engine.set_reg("cr2", cr2)
+            elif external:
+                c["interrupts"] += 1
+                external = False        # a fault delivering it is an exception
             else:
                 c["exceptions"] += 1
             try:

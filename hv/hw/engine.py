@@ -26,6 +26,8 @@ pins each; ARCHITECTURE.md, "Exceptions", says why they matter):
   EFER.LME, a far jump to a 64-bit code segment) runs as on a CPU. But a
   register write of SS leaves HF_SS32 (32-bit stack) clear: pushes would
   wrap at 64 KiB; `load_segments` sets it from the descriptor's B bit.
+  Nor does a write of CS in real mode clear the 32-bit code flag:
+  `enter_real_mode` clears both.
 - For INT n the interrupt hook sees RIP after the instruction (QEMU's
   exception_next_eip), for a fault RIP at it; `software_interrupt()` tells them apart.
 - Writes through host memory (the VMM's) leave QEMU's translated code of
@@ -62,7 +64,7 @@ _ENV_ERROR_CODE = 5384
 _ENV_EXCEPTION_IS_INT = 5388    # 1 when the exception is an INT n (INT3, INTO)
 _ENV_OLD_EXCEPTION = 5496
 # hflags bits (qemu/target/i386/cpu.h): what QEMU decodes code as.
-_HF_CS32, _HF_SS32, _HF_CS64 = 1 << 4, 1 << 5, 1 << 15
+_HF_INHIBIT_IRQ, _HF_CS32, _HF_SS32, _HF_CS64 = 1 << 3, 1 << 4, 1 << 5, 1 << 15
 # General registers in env.regs order (QEMU's R_EAX..R_R15).
 _GPRS = "rax rcx rdx rbx rsp rbp rsi rdi r8 r9 r10 r11 r12 r13 r14 r15".split()
 
@@ -329,6 +331,11 @@ class Engine:
     def cpl(self) -> int:
         return self.hflags.value & 3
 
+    def interrupt_shadow(self) -> bool:
+        """Whether the last instruction was STI or a load of SS, which
+        blocks interrupts until the next one has run (SDM Vol.3A §6.8.3)."""
+        return bool(self.hflags.value & _HF_INHIBIT_IRQ)
+
     def code_bits(self) -> int:
         """What the CPU decodes code as now: 64, 32 or 16 (bits)."""
         flags = self.hflags.value
@@ -364,6 +371,9 @@ class Engine:
         self.set_reg("cs", cs)
         for seg in ("ds", "es", "ss", "fs", "gs"):
             self.set_reg(seg, 0)
+        # The register API loads real-mode bases but leaves the 32-bit code
+        # and stack flags: 16-bit code from here.
+        self.hflags.value &= ~(_HF_CS32 | _HF_SS32)
         self.set_reg("rflags", 2)
         self.set_reg("rip", 0)
 

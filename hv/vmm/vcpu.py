@@ -23,7 +23,7 @@ from __future__ import annotations
 from .. import asm
 from ..arch.paging import PAGE_SIZE, PFErr
 from ..arch.vmx import ExitReason, cr_access_qualification
-from ..arch.x86 import CR0, HAS_ERROR_CODE, MSR_EFER, Vector, mov_to_cr_faults
+from ..arch.x86 import CR0, HAS_ERROR_CODE, MSR_EFER, RFLAGS, Vector, mov_to_cr_faults
 from ..errors import InvariantError
 from ..events import EmulateWrite, Exit, Fault, GeneralProtection, PageFault, VmExit
 from ..arch.cpuid import MSR_EFER as _EFER
@@ -44,6 +44,7 @@ VMCALL = b"\x0f\x01\xc1"
 # and RSVD, as on KVM's reserved-bit MMIO sptes.
 _MMIO_PF_READ = int(PFErr.P | PFErr.RSVD)
 _MMIO_PF_WRITE = _MMIO_PF_READ | int(PFErr.W)
+_IF = int(RFLAGS.IF)
 HLT = 0xF4
 INT3 = 0xCC
 # What a crash report shows, in this order (and EFER).
@@ -83,8 +84,9 @@ class VCpu:
         self._reload = self.mmu.reload          # None: nothing to reload
         self._check = vm.config.check_invariants
         self._code_frames = vm.code.frames
-        self.tsc = Tsc(e, lambda: self.stats.counters["insns"] + e.started() - 1)
-        self.apic = LocalApic(index, self.tsc.now, vm.send_ipi, bsp=index == 0)
+        self.idle = 0                             # cycles spent halted (the clock runs on)
+        self.tsc = Tsc(e, lambda: self.stats.counters["insns"] + e.started() - 1 + self.idle)
+        self.apic = LocalApic(index, self.clock, vm.send_ipi, bsp=index == 0)
         self.msrs = Msrs(e, self.tsc.now, self.apic)
         self.io_value = 0                         # what an IN's handler read
         self._mmio: list | None = None            # the device access in flight
@@ -199,7 +201,8 @@ class VCpu:
             if ins.cr not in (0, 3, 4):
                 return      # CR2 and CR8 are no paging controls, and load without exits
             value = e.reg(ins.reg)
-            if mov_to_cr_faults(ins.cr, value, self.hw.cr4, self.hw.efer):
+            if mov_to_cr_faults(ins.cr, value, self.hw.cr4, self.hw.efer,
+                                self.vm.cpu.cr4_reserved):
                 # Refused before it runs (Unicorn would load it): #GP(0) at it.
                 self._pending = (GeneralProtection(), READ)
                 self.request_stop()
@@ -399,10 +402,42 @@ class VCpu:
         self.engine.enter_real_mode(page << 8)
         self.mmu.boot(int(CR0.ET), 0, 0, 0)
 
-    def interrupt_arrived(self) -> None:
-        """An interrupt was accepted into this vCPU's APIC: a HLT waits no more."""
-        if self.halted and not self.waiting_for_sipi:
-            self.halted = False
+    # -- interrupts from the local APIC ------------------------------------------
+    def clock(self) -> int:
+        """The vCPU's time in TSC cycles: the instructions it started, and
+        the time it spent halted (the APIC timer counts it)."""
+        return self.insns() + self.idle
+
+    def take_interrupt(self, budget: int) -> int:
+        """At VM entry, an instruction boundary: deliver the APIC's highest
+        pending interrupt if the guest takes interrupts now (RFLAGS.IF, no
+        STI or MOV SS shadow: SDM Vol.3A §6.8.1). Returns the slice's
+        budget, cut at the APIC timer's deadline, or to one instruction
+        where a shadow holds a pending interrupt back."""
+        apic, e = self.apic, self.engine
+        apic.tick()
+        if apic.pending() is not None and e.reg("rflags") & _IF:
+            if e.interrupt_shadow():
+                return 1
+            self.deliver(apic.ack(), None, e.reg("rip"), external=True)
+        deadline = apic.deadline()
+        if deadline is not None:
+            budget = max(1, min(budget, deadline - self.clock()))
+        return budget
+
+    def can_wake(self) -> bool:
+        """Whether a halted vCPU takes an interrupt now (HLT waits for one
+        that RFLAGS.IF lets in)."""
+        if self.waiting_for_sipi:
+            return False
+        self.apic.tick()
+        return self.apic.pending() is not None and bool(self.engine.reg("rflags") & _IF)
+
+    def timer_deadline(self) -> int | None:
+        """When a halted vCPU's APIC timer would wake it, on its clock."""
+        if self.waiting_for_sipi or not self.engine.reg("rflags") & _IF:
+            return None
+        return self.apic.deadline()
 
     def read_code(self, vaddr: int, length: int = MAX_INSN, tlb: bool = True) -> bytes:
         """Up to `length` bytes at `vaddr`, as far as they are mapped (no
@@ -482,11 +517,12 @@ class VCpu:
 
     # -- exception delivery (hv.hw.delivery) ----------------------------------
     def deliver(self, vector: int, error_code: int | None, rip: int, cr2: int = 0,
-                int_rip: int | None = None) -> None:
-        """Deliver an exception (or, with `int_rip`, INT n) through the guest
-        IDT, as the CPU would; a triple fault is an exit."""
+                int_rip: int | None = None, external: bool = False) -> None:
+        """Deliver an exception (with `int_rip`, INT n; `external`, an
+        interrupt) through the guest IDT, as the CPU would; a triple fault
+        is an exit."""
         self.tsc.cancel()
-        self._chain = self.delivery.deliver(vector, error_code, rip, cr2, int_rip)
+        self._chain = self.delivery.deliver(vector, error_code, rip, cr2, int_rip, external)
         if self._chain is not None:
             self.event(Exit(ExitReason.TRIPLE_FAULT, 0, rip if int_rip is None else int_rip))
             self.request_stop()

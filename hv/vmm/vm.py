@@ -272,8 +272,7 @@ class VM:
             ipi.shorthand, lambda c: ipi.dest in (c.index, 0xFF))
         for cpu in filter(targets, self.vcpus):
             if ipi.mode in (lapic.DM_FIXED, lapic.DM_LOWEST):
-                cpu.apic.accept(ipi.vector)
-                cpu.interrupt_arrived()
+                cpu.apic.accept(ipi.vector)     # taken at its next VM entry
             elif ipi.mode == lapic.DM_INIT:
                 cpu.apic.reset()
                 cpu.wait_for_sipi()
@@ -324,17 +323,21 @@ class VM:
                                              f"{tr.pbase:#x}, outside the VM's memory")
         self.mode.check(self)
 
-    def run_slice(self, cpu: VCpu) -> None:
-        """One quantum of `cpu`; the VM ends on a runaway, escape or error."""
+    def run_slice(self, cpu: VCpu) -> int:
+        """One quantum of `cpu` (the instructions it ran); the VM ends on a
+        runaway, escape or error."""
         if self.budget <= 0:
             self.finish("max_insns", f"the guest ran {self.config.max_insns} instructions "
                         "(--max-insns)")
-            return
+            return 0
         try:
             cpu.enter()
+            budget = cpu.take_interrupt(min(self.config.quantum, self.budget))
             # A slice that only delivers faults runs no instruction; it still
             # spends budget, so a fault loop ends too.
-            self.budget -= max(1, cpu.run(min(self.config.quantum, self.budget)))
+            ran = max(1, cpu.run(budget))
+            self.budget -= ran
+            return ran
         except GuestEscape as e:
             self.finish("escape", str(e))
         except EngineError as e:
@@ -343,6 +346,32 @@ class VM:
             self.finish("escape" if "UNMAPPED" in str(e) else "error", str(e))
         except InvariantError as e:
             self.finish("invariant", f"hv bug: {e}")
+        return 0
+
+    def runnable(self) -> list[VCpu]:
+        """The vCPUs that run this round: those not halted, and the halted
+        ones an interrupt wakes."""
+        for cpu in self.vcpus:
+            if cpu.halted and cpu.can_wake():
+                cpu.halted = False
+        return [cpu for cpu in self.vcpus if not cpu.halted]
+
+    def pass_time(self, cycles: int, cpus: list[VCpu] | None = None) -> None:
+        """Halted vCPUs' clocks (those of `cpus`, default all halted now) run
+        on while others ran `cycles`."""
+        for cpu in self.vcpus if cpus is None else cpus:
+            if cpu.halted:
+                cpu.idle += cycles
+
+    def sleep_to_timer(self) -> bool:
+        """Every vCPU is halted: skip to the first APIC timer deadline that
+        would wake one, if any."""
+        waits = [d - cpu.clock() for cpu in self.vcpus
+                 if (d := cpu.timer_deadline()) is not None]
+        if not waits:
+            return False
+        self.pass_time(max(0, min(waits)))
+        return True
 
 
 class Machine:
@@ -408,10 +437,12 @@ class Machine:
                                "(--timeout)")
                 return
             for vm in live:
-                runnable = [cpu for cpu in vm.vcpus if not cpu.halted]
+                runnable = vm.runnable()
                 if not runnable:
-                    vm.finish("halted", "every vCPU ran HLT")
+                    if not vm.sleep_to_timer():
+                        vm.finish("halted", "every vCPU ran HLT")
                     continue
+                longest, idle = 0, [cpu for cpu in vm.vcpus if cpu.halted]
                 for cpu in runnable:
                     if self.interrupted:
                         self._stop_all("interrupted", "interrupted (Ctrl-C)")
@@ -419,4 +450,5 @@ class Machine:
                     if vm.ended or cpu.halted:
                         continue
                     self._current = cpu
-                    vm.run_slice(cpu)
+                    longest = max(longest, vm.run_slice(cpu))
+                vm.pass_time(longest, idle)

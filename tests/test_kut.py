@@ -1,0 +1,324 @@
+"""hv kut: kvm-unit-tests' unittests.cfg read as its scripts read it, its
+QEMU options mapped onto hv's (or a SKIP saying why), runs judged by the
+exit code, and the command. The real cfg and images live beside the
+checkout (../shared); where they are absent those tests skip and say so."""
+import json
+import shutil
+import tarfile
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from hv import kut
+from hv.cli import main
+from hv.memory import GiB, MiB
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "kvm-unit-tests"
+UNPACKED = Path("/tmp/kut/kvm-unit-tests")
+DUMMY = SHARED / "x86" / "dummy.flat"
+
+
+def need(path: Path) -> Path:
+    if not path.exists():
+        pytest.skip(f"{path} is absent: kvm-unit-tests live beside the checkout (../shared)")
+    return path
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory) -> Path:
+    """The kvm-unit-tests source: unpacked in /tmp/kut, or from the tarball."""
+    if (UNPACKED / kut.CFG).is_file():
+        return UNPACKED
+    tarball = need(SHARED / "kvm-unit-tests-src.tar.gz")
+    out = tmp_path_factory.mktemp("kut")
+    with tarfile.open(tarball) as tar:
+        tar.extractall(out, filter="data")
+    return out / "kvm-unit-tests"
+
+
+def cfg_tests(tmp_path: Path, text: str, images=("t.flat",)) -> dict[str, kut.Test]:
+    """The tests of a cfg snippet, in a tree with these (empty) images."""
+    (tmp_path / "x86").mkdir()
+    (tmp_path / kut.CFG).write_text(text)
+    for name in images:
+        (tmp_path / "x86" / name).write_bytes(b"")
+    return {t.name: t for t in kut.load_tests(tmp_path, ["*"])}
+
+
+def one(tmp_path: Path, body: str) -> kut.Test:
+    return cfg_tests(tmp_path, f"[t]\nfile = t.flat\n{body}\n")["t"]
+
+
+# -- the real unittests.cfg --------------------------------------------------
+
+def test_the_real_cfg_has_every_uncommented_section(tree):
+    text = (tree / kut.CFG).read_text()
+    sections = [ln for ln in text.splitlines() if ln.startswith("[")]
+    tests = kut.parse_cfg(text)
+    assert list(tests) == [s[1:-1] for s in sections] and "init" not in tests   # "#[init]"
+    assert tests["smptest3"] == {"file": "smptest.flat", "smp": "3"}
+    assert tests["vmexit_cpuid"]["test_args"] == "'cpuid'"
+    assert tests["svm"]["qemu_params"] == "-cpu max,+svm -m 4g"
+
+
+def test_a_triple_quoted_value_runs_over_lines(tree):
+    """s390x's cfg has the one \"\"\" value of the tree; its lines end in \\."""
+    text = (tree / "s390x" / "unittests.cfg").read_text()
+    params = kut.parse_cfg(text)["topology-3"]["qemu_params"]
+    assert params.startswith("-cpu max,ctop=on -smp cpus=1,")
+    assert params.count("-device max-s390x-cpu") == text.count("\n-device max-s390x-cpu") > 100
+    assert "\\" not in params and "\n" not in params
+    assert kut.parse_cfg(text)["sie-dat"] == {"file": "sie-dat.elf"}   # the next test
+
+
+@pytest.fixture(scope="module")
+def shared_tests() -> dict[str, kut.Test]:
+    """../shared: prebuilt images in x86/, the cfg in the tarball beside them."""
+    need(SHARED / "kvm-unit-tests-src.tar.gz")
+    return {t.name: t for t in kut.load_tests(SHARED, ["*"])}
+
+
+def test_the_shared_images_map_onto_hvs_options(shared_tests):
+    t = shared_tests
+    assert (t["smptest3"].smp, t["smptest3"].file, t["smptest3"].skip_reason) == \
+        (3, SHARED / "x86" / "smptest.flat", None)
+    assert t["vmexit_cpuid"].append == "cpuid" and t["vmexit_cpuid"].groups == ("vmexit",)
+    access = t["access"]
+    assert (access.cpu, access.ram, access.timeout, access.skip_reason) == \
+        ("max", 128 * MiB, 90.0, None)      # host-phys-bits is QEMU's, not a feature
+    assert t["pcid-disabled"].cpu == "qemu64,-pcid,-invpcid"
+    assert t["pcid-disabled"].skip_reason is None
+    assert t["pcid-enabled"].skip_reason == \
+        "-cpu qemu64,+pcid,+invpcid: hv does not implement pcid yet"
+    assert t["cmpxchg8b"].skip_reason == "i386 only"
+    assert t["access-reduced-maxphyaddr"].skip_reason.startswith("check = /sys/module/")
+    assert t["x2apic"].skip_reason == "image not built"
+    assert t["sieve"].timeout == 180.0
+
+
+def test_the_default_is_every_test_but_nodefault():
+    need(SHARED / "kvm-unit-tests-src.tar.gz")
+    names = {t.name for t in kut.load_tests(SHARED)}
+    assert "access" in names and "access_fep" not in names      # groups = nodefault
+    assert [t.name for t in kut.load_tests(SHARED, ["access_fep"])] == ["access_fep"]
+    assert [t.name for t in kut.load_tests(SHARED, groups=["pcid"])] == \
+        ["pcid-enabled", "pcid-disabled", "pcid-asymmetric"]
+    assert {t.name for t in kut.load_tests(SHARED, ["vmexit_*"])} >= {"vmexit_cpuid", "vmexit_ipi"}
+
+
+# -- cfg snippets ------------------------------------------------------------
+
+def test_quotes_comments_and_groups(tmp_path):
+    tests = cfg_tests(tmp_path, """
+# a comment
+#[commented]
+[a]
+file = t.flat
+test_args = 'one two'
+groups = g1 g2
+smp = 2
+
+[b]
+file = t.flat
+test_args = "x  y"
+timeout = 2m
+""")
+    assert set(tests) == {"a", "b"}
+    assert (tests["a"].append, tests["a"].groups, tests["a"].smp) == ("one two", ("g1", "g2"), 2)
+    assert (tests["b"].append, tests["b"].timeout, tests["b"].groups) == ("x  y", 120.0, ())
+
+
+def test_extra_params_append_and_cpu(tmp_path):
+    t = one(tmp_path, "extra_params = -cpu qemu64,+pdpe1gb -append 'foo bar'")
+    assert (t.cpu, t.append, t.skip_reason) == ("qemu64,+pdpe1gb", "foo bar", None)
+
+
+@pytest.mark.parametrize("params, ram", [("-m 2048", 2 * GiB), ("-m 512M", 512 * MiB),
+                                         ("-m size=1g,slots=2", GiB), ("", 128 * MiB)])
+def test_ram_from_dash_m(tmp_path, params, ram):
+    t = one(tmp_path, f"qemu_params = {params}")
+    assert (t.ram, t.skip_reason) == (ram, None)
+
+
+def test_a_triple_quoted_snippet(tmp_path):
+    t = one(tmp_path, 'qemu_params = """-cpu max \\\n-m 256\n"""')
+    assert (t.cpu, t.ram, t.skip_reason) == ("max", 256 * MiB, None)
+
+
+@pytest.mark.parametrize("body, reason", [
+    ("arch = i386", "i386 only"),
+    ("check = /sys/module/kvm/parameters/x=Y", "check = /sys/module/kvm/parameters/x=Y: "
+                                              "a setting of KVM's host"),
+    ("accel = hvf", "hvf only"),
+    ("qemu_params = -device edu", "-device edu: hv has no equivalent"),
+    ("qemu_params = -machine vmport=on", "-machine vmport=on: hv has no equivalent of vmport=on"),
+    ("qemu_params = -overcommit cpu-pm=on", "-overcommit cpu-pm=on: hv has no equivalent"),
+    ("qemu_params = -cpu qemu64,+x2apic", "-cpu qemu64,+x2apic: hv does not implement x2apic yet"),
+    ("qemu_params = -cpu IvyBridge,phys-bits=36",
+     "-cpu IvyBridge,phys-bits=36: phys-bits=36: hv's CPU has 40"),
+    ("qemu_params = -cpu Opteron_G1,vendor=AuthenticAMD",
+     "-cpu Opteron_G1,vendor=AuthenticAMD: vendor=AuthenticAMD: hv's CPU is GenuineIntel"),
+    ("qemu_params = -m 4g", "4 GiB of RAM: hv gives a kernel at most 3 GiB"),
+    ("test_args = \"10 `date +%s`\"", "test_args = \"10 `date +%s`\": a shell command "
+                                      "substitution"),
+    ("smp = $MAX_SMP", "smp = $MAX_SMP: not a number of vCPUs"),
+])
+def test_what_hv_cannot_run_is_skipped_saying_why(tmp_path, body, reason):
+    assert one(tmp_path, body).skip_reason == reason
+
+
+@pytest.mark.parametrize("body, cpu", [
+    ("qemu_params = -machine pit=off", ""),         # hv has no PIT to leave out
+    ("qemu_params = -cpu max,host-phys-bits", "max"),
+    ("qemu_params = -cpu IvyBridge,phys-bits=40,host-phys-bits=off", "IvyBridge"),
+    ("qemu_params = -cpu max,vendor=GenuineIntel", "max"),
+    ("qemu_params = -enable-kvm -cpu max\naccel = kvm", "max"),
+])
+def test_what_hv_has_or_needs_not_is_mapped(tmp_path, body, cpu):
+    t = one(tmp_path, body)
+    assert (t.cpu, t.skip_reason) == (cpu, None)
+
+
+def test_a_missing_image_is_not_built(tmp_path):
+    tests = cfg_tests(tmp_path, "[gone]\nfile = gone.flat\n[here]\nfile = t.flat\n")
+    assert tests["gone"].skip_reason == "image not built"
+    assert tests["here"].skip_reason is None
+
+
+def test_a_directory_of_images_without_a_cfg(tmp_path):
+    shutil.copy(need(DUMMY), tmp_path / "dummy.flat")
+    (t,) = kut.load_tests(tmp_path)
+    assert (t.name, t.smp, t.ram, t.timeout, t.skip_reason) == \
+        ("dummy", 1, kut.DEFAULT_RAM, kut.DEFAULT_TIMEOUT, None)
+
+
+def test_unknown_names_and_groups_are_errors(tmp_path):
+    cfg_tests(tmp_path, "[a]\nfile = t.flat\n")
+    with pytest.raises(kut.HvError, match="no test 'b'"):
+        kut.load_tests(tmp_path, ["b"])
+    with pytest.raises(kut.HvError, match="no test in group 'g'"):
+        kut.load_tests(tmp_path, groups=["g"])
+
+
+# -- judging runs --------------------------------------------------------------
+
+def fake(reason="exit", exit_code=None, console="", detail="why") -> SimpleNamespace:
+    return SimpleNamespace(reason=reason, exit_code=exit_code, console=console, detail=detail,
+                           counters={"insns": 10, "exits": 2, "mmio_exits": 1})
+
+
+@pytest.mark.parametrize("result, status, reason", [
+    (fake(exit_code=0), "PASS", None),
+    (fake(exit_code=1), "FAIL", "exit code 1: unexpected failures"),
+    (fake(exit_code=38), "SKIP", "exit code 38: every test skipped"),
+    (fake(exit_code=63), "FAIL", "exit code 63: aborted"),
+    (fake(exit_code=5), "FAIL", "exit code 5"),
+    (fake("triple_fault", detail="#DF then #GP"), "FAIL", "triple_fault: #DF then #GP"),
+    (fake("timeout"), "FAIL", "timeout: why"),
+    (fake("max_insns"), "FAIL", "max_insns: why"),
+    (fake("halted"), "FAIL", "halted: why"),    # no exit code: the test never finished
+])
+def test_judge(result, status, reason):
+    assert kut.judge(result) == (status, reason)
+
+
+def test_the_summary_is_the_last_summary_line():
+    console = "SUMMARY: 1 tests\r\nmore\nSUMMARY: 5 tests, 2 unexpected failures\r\nbye\n"
+    assert kut.summary(console) == "5 tests, 2 unexpected failures"
+    assert kut.summary("Dummy Hello World!") is None
+
+
+@pytest.mark.parametrize("mode", ["native", "ept"])
+def test_dummy_passes(mode):
+    (t,) = kut.load_tests(need(DUMMY))
+    o = kut.run_test(t, mode)
+    assert (o.status, o.reason, o.summary, o.exit_code, o.ended) == ("PASS", None, None, 0, "exit")
+    assert o.insns > 0 and o.exits > 0 and o.seconds > 0
+
+
+def test_a_skipped_test_does_not_run():
+    t = kut.Test("t", Path("/nonexistent.flat"), skip_reason="i386 only")
+    assert kut.run_test(t, "native") == kut.Outcome("t", "native", "SKIP", "i386 only")
+
+
+def test_run_all_reports_progress():
+    (t,) = kut.load_tests(need(DUMMY))
+    seen = []
+    outcomes = kut.run_all([t], ["native", "qemu"],
+                           on_progress=lambda test, mode, done: seen.append((mode, done)))
+    assert seen == [("native", 0), ("qemu", 1)]
+    assert [o.status for o in outcomes] == ["PASS", "PASS"] and not kut.failed(outcomes)
+
+
+# -- the command -----------------------------------------------------------------
+
+def hv(capsys, *args):
+    status = main(["kut", *map(str, args)])
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def test_kut_json(capsys):
+    status, out, err = hv(capsys, need(DUMMY), "--mmu", "native,ept", "--json")
+    doc = json.loads(out)
+    assert status == 0 and err == ""
+    assert (doc["source"], doc["modes"]) == (str(DUMMY), ["native", "ept"])
+    (test,) = doc["tests"]
+    assert {k: test[k] for k in ("name", "smp", "append", "cpu", "ram", "skip_reason")} == \
+        dict(name="dummy", smp=1, append="", cpu="", ram=128 * MiB, skip_reason=None)
+    for mode in ("native", "ept"):
+        r = test["results"][mode]
+        assert (r["status"], r["reason"], r["summary"], r["exit_code"]) == ("PASS", None, None, 0)
+        assert set(r) >= {"seconds", "insns", "exits", "mmio_exits"}
+    assert test["results"]["ept"]["mmio_exits"] > 0 == test["results"]["native"]["mmio_exits"]
+
+
+def test_kut_table(capsys):
+    status, out, _ = hv(capsys, need(DUMMY), "--mmu", "native")
+    assert status == 0 and "dummy" in out and "PASS" in out and "1 PASS, 0 FAIL, 0 SKIP" in out
+
+
+def test_kut_list(capsys):
+    status, out, _ = hv(capsys, need(DUMMY), "--list")
+    assert status == 0 and "dummy" in out and "128 MiB" in out
+    status, out, _ = hv(capsys, DUMMY, "--list", "--json")
+    assert status == 0 and json.loads(out)["tests"][0]["results"] == {}
+
+
+def test_kut_list_of_the_shared_tests(capsys):
+    need(SHARED / "kvm-unit-tests-src.tar.gz")
+    status, out, _ = hv(capsys, SHARED, "pcid-*", "--list")
+    assert status == 0 and "hv does not implement pcid yet" in out and "x2apic" not in out
+
+
+def test_a_failure_fails_the_command(capsys, monkeypatch):
+    """The reasons below the table name the mode where the modes differ."""
+    console = "SUMMARY: 3 tests, 1 unexpected failures\n"
+    monkeypatch.setattr(kut.api, "run", lambda guest, mode, **kw: fake(
+        exit_code=int(mode == "ept"), console=console))
+    status, out, _ = hv(capsys, need(DUMMY), "--mmu", "native,ept")
+    assert status == 1
+    assert "dummy [ept]: FAIL exit code 1: unexpected failures (SUMMARY: 3 tests, 1 " \
+           "unexpected failures)" in out
+    assert "1 PASS, 1 FAIL, 0 SKIP" in out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["/nonexistent/x.flat"], "/nonexistent/x.flat: no such file or directory"),
+    ([str(DUMMY), "--mmu", "native,bogus"], "unknown mode 'bogus'"),
+    ([str(DUMMY), "nosuchtest"], "no test 'nosuchtest'"),
+])
+def test_bad_input_is_one_line_and_status_2(capsys, args, message):
+    if str(DUMMY) in args:
+        need(DUMMY)
+    status, out, err = hv(capsys, *args)
+    assert status == 2 and out == ""
+    assert err.startswith("hv: error: ") and message in err and err.count("\n") == 1
+
+
+def test_no_source_anywhere(capsys, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)         # no ../shared/kvm-unit-tests from here
+    status, _, err = hv(capsys)
+    assert status == 2 and err == "hv: error: no kvm-unit-tests: give a built tree or " \
+                                  ".flat images\n"
