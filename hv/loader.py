@@ -71,6 +71,7 @@ _MBI_MODS = 1 << 3
 _MBI_MMAP = 1 << 6                  # kvm-unit-tests reads the map only if set
 _MBI_LOADER_NAME = 1 << 9
 _MBI_SIZE = 88
+MBI_ADDR, MMAP_ADDR = 0x9500, 0x9000    # QEMU's (hw/i386/multiboot.c)
 _MEM_LOWER_KIB = 639                # conventional memory below the EBDA
 # The PC memory map below 1 MiB (QEMU's e820): RAM, the EBDA, the BIOS.
 _LOW_MAP = ((0, 0x9FC00, 1), (0x9FC00, 0x400, 2), (0xF0000, 0x10000, 2))
@@ -276,12 +277,17 @@ class _Arena:
 
 def build_boot_info(kernel: Kernel, ram: int, cmdline: str,
                     modules: Sequence[tuple[str, bytes]]) -> BootInfo:
-    """The MBI (§3.3) and what it points to, from the first page after the
-    kernel, where QEMU puts a kernel's command line and modules (its MBI
-    and memory map sit below 1 MiB, at 0x9500 and 0x9000); HvError if it
-    all does not fit in `ram` bytes of guest RAM."""
+    """The MBI (§3.3) and what it points to, where QEMU puts them: the MBI
+    and the memory map below 1 MiB (0x9500, 0x9000), the command line and
+    modules from the first page after the kernel. (Right after the kernel
+    the MBI would lie where kvm-unit-tests' page allocator starts, which
+    writes over it before reading the memory map.) HvError if it all does
+    not fit in `ram` bytes of guest RAM, or the kernel loads over them."""
+    low = (MMAP_ADDR, MBI_ADDR + _MBI_SIZE)
+    if any(seg.paddr < low[1] and low[0] < seg.paddr + seg.memsz for seg in kernel.segments):
+        raise HvError(f"{kernel.name} loads over [{low[0]:#x}, {low[1]:#x}), where a multiboot "
+                      "loader puts the boot information")
     arena = _Arena(_align(kernel.end, _PAGE))
-    mbi = arena.reserve(_MBI_SIZE)
     cmd = arena.put(_cstr(cmdline, "the command line"))
     names = [arena.put(_cstr(name, "a module name")) for name, _ in modules]
     # §3.1.2 bit 0: modules on page boundaries (hv always does it).
@@ -289,15 +295,15 @@ def build_boot_info(kernel: Kernel, ram: int, cmdline: str,
     mods = arena.put(b"".join(struct.pack("<IIII", start, start + len(body), name, 0)
                               for start, (_, body), name in zip(starts, modules, names)))
     mmap = _memory_map(ram)
-    mmap_addr = arena.put(mmap)
     loader = arena.put(b"hv\0")
     _check_fits(kernel.name, arena.end, ram)
     fields = struct.pack(
         "<18I", _MBI_MEM | _MBI_CMDLINE | _MBI_MODS | _MBI_MMAP | _MBI_LOADER_NAME,
         _MEM_LOWER_KIB, (ram - _MiB) // 1024, 0, cmd, len(modules), mods,
-        0, 0, 0, 0, len(mmap), mmap_addr, 0, 0, 0, loader, 0)
+        0, 0, 0, 0, len(mmap), MMAP_ADDR, 0, 0, 0, loader, 0)
     # The VBE fields (+72..+87) stay 0: flags bit 11 is clear.
-    return BootInfo(mbi, ((mbi, fields.ljust(_MBI_SIZE, b"\0")), *arena.blobs))
+    return BootInfo(MBI_ADDR, ((MBI_ADDR, fields.ljust(_MBI_SIZE, b"\0")), (MMAP_ADDR, mmap),
+                               *arena.blobs))
 
 
 def _memory_map(ram: int) -> bytes:

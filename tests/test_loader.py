@@ -262,8 +262,9 @@ def test_the_mbi_fields():
     info = build_boot_info(KERNEL, 4 * MiB, "k.elf -v x", MODULES)
     mem = guest_ram(info, 4 * MiB)
     mbi = info.mbi_addr
-    assert mbi == 0x104000                      # the first page after the kernel
-    assert min(a for a, _ in info.blobs) >= KERNEL.end
+    assert (mbi, u32(mem, mbi + 48)) == (0x9500, 0x9000)     # QEMU's MBI and memory map
+    # the rest from the first page after the kernel
+    assert min(a for a, _ in info.blobs if a >= 1 * MiB) == 0x104000
     assert u32(mem, mbi) == 1 | 1 << 2 | 1 << 3 | 1 << 6 | 1 << 9
     assert (u32(mem, mbi + 4), u32(mem, mbi + 8)) == (639, 3 * 1024)
     assert u32(mem, mbi + 12) == 0                              # boot_device: none
@@ -349,7 +350,8 @@ def test_real_image(path):
     data_seg = k.segments[-1]
     assert data_seg.memsz - len(data_seg.data) > 12 * MiB
     info = build_boot_info(k, 64 * MiB, f"{path.name} arg", [("env", b"NR_CPUS=1\n")])
-    assert info.mbi_addr % PAGE == 0 and info.mbi_addr >= k.end
+    assert info.mbi_addr == 0x9500
+    assert all(a >= k.end for a, _ in info.blobs if a > 1 * MiB)
 
 
 def test_access_test_occupies_4_to_16_point_something_mib():
@@ -357,3 +359,9 @@ def test_access_test_occupies_4_to_16_point_something_mib():
     k = load_multiboot((KUT / "x86" / "access_test.flat").read_bytes(), "access_test.flat")
     assert k.end == 0x103D088                        # measured: 16.24 MiB
     assert 16 * MiB < k.end < 17 * MiB
+
+
+def test_a_kernel_loading_over_the_boot_information_is_refused():
+    low = load_multiboot(make_elf([(0x8000, CODE, 0x3000)], entry=0x8000), "low.elf")
+    with pytest.raises(HvError, match=r"low.elf loads over \[0x9000, 0x9558\)"):
+        build_boot_info(low, 4 * MiB, "low.elf", [])
