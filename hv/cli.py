@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import re
 import sys
@@ -191,6 +192,9 @@ def _parser() -> argparse.ArgumentParser:
     k.add_argument("--max-insns", type=_positive, default=kut.DEFAULT_MAX_INSNS,
                    help="stop a test after this many instructions (default 1e11: its "
                         "timeout stops it first)")
+    k.add_argument("--timeout", type=float, metavar="SECONDS",
+                   help="every test's wall-clock timeout, instead of unittests.cfg's "
+                        "(default 90 s); 0: none (access takes about 18 minutes)")
     k.add_argument("--list", action="store_true",
                    help="print the tests and hv's options for each, without running them")
     k.add_argument("--json", action="store_true", help="print one JSON document on stdout")
@@ -321,6 +325,10 @@ def _cmd_kut(args) -> int:
 
     sources, names = kut.split_args([args.source, *args.tests] if args.source else [])
     tests = kut.load_tests(sources, names, args.group)
+    if args.timeout is not None:
+        if args.timeout < 0:
+            raise HvError("--timeout must not be negative")
+        tests = [dataclasses.replace(t, timeout=args.timeout) for t in tests]
     source = " ".join(map(str, sources))
     if args.list:
         if args.json:

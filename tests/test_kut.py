@@ -286,6 +286,14 @@ def test_kut_list(capsys):
     assert status == 0 and json.loads(out)["tests"][0]["results"] == {}
 
 
+def test_timeout_replaces_every_tests_own(capsys):
+    """access_test runs for minutes: --timeout 0 lets it finish."""
+    status, out, _ = hv(capsys, need(DUMMY), "--list", "--json", "--timeout", "0")
+    assert status == 0 and json.loads(out)["tests"][0]["timeout"] == 0
+    status, _, err = hv(capsys, DUMMY, "--timeout", "-1")
+    assert status == 2 and "--timeout must not be negative" in err
+
+
 def test_kut_list_of_the_shared_tests(capsys):
     need(SHARED / "kvm-unit-tests-src.tar.gz")
     status, out, _ = hv(capsys, SHARED, "pcid-*", "--list")

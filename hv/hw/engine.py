@@ -381,8 +381,9 @@ class Engine:
     # Hooks are registered with uc_hook_add directly, each a ctypes callback
     # that calls one plain function: the binding's wrappers cost a fraction
     # of a microsecond per event, on every TLB miss and every exit.
-    def _add(self, kind: int, prototype, fn: Callable, failed=None, begin: int = 1,
-             end: int = 0, *extra) -> int:
+    def _guarded(self, fn: Callable, failed=None) -> Callable:
+        """fn, keeping its exception for run() and stopping the engine (then
+        `failed` goes back to Unicorn)."""
         def guarded(*args):
             try:
                 return fn(*args)
@@ -391,7 +392,11 @@ class Engine:
                     self.error = e
                 self.stop()
                 return failed
-        return self._register(kind, prototype(guarded), begin, end, *extra)
+        return guarded
+
+    def _add(self, kind: int, prototype, fn: Callable, failed=None, begin: int = 1,
+             end: int = 0, *extra) -> int:
+        return self._register(kind, prototype(self._guarded(fn, failed)), begin, end, *extra)
 
     def _register(self, kind: int, cb, begin: int = 1, end: int = 0, *extra) -> int:
         self._hooks.append(cb)
@@ -452,18 +457,8 @@ class Engine:
         """Device memory at physical [paddr, paddr+size): every access the
         guest makes there, once QEMU decoded it, is read(offset, size) or
         write(offset, size, value), never cached."""
-        def guarded(fn):
-            def call(*args):
-                try:
-                    return fn(*args)
-                except BaseException as e:    # noqa: BLE001 - re-raised by run()
-                    if self.error is None:
-                        self.error = e
-                    self.stop()
-                    return 0
-            return call
-        self.uc.mmio_map(paddr, size, guarded(lambda _uc, off, n, _d: read(off, n)), None,
-                         guarded(lambda _uc, off, n, value, _d: write(off, n, value)), None)
+        self.uc.mmio_map(paddr, size, self._guarded(lambda _uc, off, n, _d: read(off, n), 0), None,
+                         self._guarded(lambda _uc, off, n, value, _d: write(off, n, value)), None)
 
     def hook_code_at(self, address: int, fn: Callable[[int], None]) -> int:
         """Call fn(address) before the instruction that starts at `address` runs."""
