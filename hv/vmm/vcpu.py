@@ -26,7 +26,6 @@ from ..arch.vmx import ExitReason, cr_access_qualification
 from ..arch.x86 import CR0, HAS_ERROR_CODE, MSR_EFER, RFLAGS, Vector, mov_to_cr_faults
 from ..errors import InvariantError
 from ..events import EmulateWrite, Exit, Fault, GeneralProtection, PageFault, VmExit
-from ..arch.cpuid import MSR_EFER as _EFER
 from ..devices.lapic import APIC_DEFAULT_BASE, LocalApic
 from ..hw.codescan import CodeScan
 from ..hw.cpu import Msrs
@@ -245,7 +244,7 @@ class VCpu:
         then QEMU's."""
         if not self.msrs.write(index, value):
             self.fault_insn(GeneralProtection())
-        elif index == _EFER:
+        elif index == MSR_EFER:
             self.mmu.wrmsr(index, value)
 
     def fault_insn(self, fault: Fault) -> None:
@@ -272,14 +271,16 @@ class VCpu:
         that virtualize memory (the mode's `mmio_exit`), else the device's
         own (the chipset decodes it)."""
         reason = self.mmu.mmio_exit
+        gpa, rip = APIC_DEFAULT_BASE + self._mmio[0], self.engine.reg("rip")
         if reason is None:
             self.complete_mmio()
+        elif reason == ExitReason.EPT_MISCONFIG:
+            dispatch(self, Exit(reason, 0, rip, value=gpa))
         else:
-            offset, _size, value, write = self._mmio
-            gpa = APIC_DEFAULT_BASE + offset
-            dispatch(self, Exit(reason, _MMIO_PF_WRITE if write else _MMIO_PF_READ,
-                                self.engine.reg("rip"), value=gpa, error_code=(
-                                    _MMIO_PF_WRITE if write else _MMIO_PF_READ)))
+            # A #PF: the address is the device page's (hv does not keep the
+            # linear address of an access QEMU routed to the device).
+            error = _MMIO_PF_WRITE if self._mmio[3] else _MMIO_PF_READ
+            dispatch(self, Exit(reason, gpa, rip, value=Vector.PF, error_code=error))
 
     def mmio_pending(self) -> bool:
         return self._mmio is not None
