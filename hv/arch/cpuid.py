@@ -7,6 +7,8 @@ check), so CPUID is hv's in every mode.
 """
 from __future__ import annotations
 
+from .x86 import MSR_EFER
+
 VENDOR = b"GenuineIntel"
 BRAND = b"hv virtual CPU (a toy hypervisor's model)"
 MAXPHYADDR = 40         # what the walker enforces (hv.arch.paging.PHYS_MASK)
@@ -45,7 +47,6 @@ MSR_APIC_BASE = 0x1B
 MSR_TSC_ADJUST = 0x3B
 MSR_SYSENTER_CS, MSR_SYSENTER_ESP, MSR_SYSENTER_EIP = 0x174, 0x175, 0x176
 MSR_PAT = 0x277
-MSR_EFER = 0xC000_0080
 MSR_STAR, MSR_LSTAR, MSR_CSTAR, MSR_SFMASK = 0xC000_0081, 0xC000_0082, 0xC000_0083, 0xC000_0084
 MSR_FS_BASE, MSR_GS_BASE, MSR_KERNEL_GS_BASE = 0xC000_0100, 0xC000_0101, 0xC000_0102
 MSR_TSC_AUX = 0xC000_0103

@@ -29,7 +29,7 @@ Invariants:
 from __future__ import annotations
 
 from ..arch.paging import (A, ADDR_MASK, D, ENTRIES_PER_TABLE, G, NX, P, PAGE_SIZE, PS, SWITCH,
-                           PFErr, RW, US, large_frame, level_shift, table_index)
+                           PFErr, RW, US, large_frame, table_index)
 from ..arch.x86 import MSR_EFER, NXE, PG, WP, TlbFlush, efer_write_flush, mov_to_cr_flush
 from ..errors import GuestEscape, InvariantError
 from ..events import EmulateWrite, PageFault
