@@ -225,6 +225,7 @@ def run(guest: str | Path | list, mmu: str = "native", *, ram: int | str = "64M"
         check_invariants: bool = Config.check_invariants, timeout: float = Config.timeout,
         memo: bool = Config.memo, agile_policy: str = Config.agile_policy,
         cpu: str = Config.cpu, append: str = Config.append, modules=(),
+        profile: str = Config.profile,
         image: bytes | None = None, symbols: dict[str, int] | None = None, on_console=None,
         trace=None) -> Result:
     """Boot `guest` (a path or bundled name, a list of them for one VM each,
@@ -257,6 +258,8 @@ def run(guest: str | Path | list, mmu: str = "native", *, ram: int | str = "64M"
     cpu               the CPU's features in QEMU's -cpu spelling: "max", "+pdpe1gb",
                       "-rdtscp" (README, "Booting real kernels")
     append            a multiboot kernel's command line after its name
+    profile           the CPU profile (hv.cost) whose modelled cycles the guest's
+                      TSC and APIC timer count: a bundled name or a .toml path
     modules           paths of files given to a multiboot kernel as its modules
     image             the guest's bytes, instead of loading `guest` (then a name)
     on_console        on_console(vm, byte) sees each byte a guest prints, as printed
@@ -276,7 +279,8 @@ def run(guest: str | Path | list, mmu: str = "native", *, ram: int | str = "64M"
                     tlb_entries=tlb_entries, tlb_ways=tlb_ways, max_insns=max_insns,
                     quantum=quantum, ept_large_pages=ept_large_pages, asid=asid, pwc=pwc,
                     check_invariants=check_invariants, timeout=timeout, memo=memo,
-                    agile_policy=agile_policy, cpu=cpu, append=append, trace=trace)
+                    agile_policy=agile_policy, cpu=cpu, append=append, profile=profile,
+                    trace=trace)
     mods = _modules(modules)
     machine = Machine(config)
     for i in range(max(vms, len(guests))):

@@ -10,7 +10,7 @@ from importlib import metadata
 from pathlib import Path
 
 from . import api, asm, compare, kut
-from .cost import DEFAULT_PROFILE, bundled_profiles, load_profile
+from .cost import DEFAULT_PROFILE, bundled_profiles, check_modes, load_profile
 from .errors import HvError
 from .memory import parse_count, parse_size
 from .vmm.exits import Trace, parse_reasons
@@ -93,6 +93,11 @@ def _add_config_options(r: argparse.ArgumentParser) -> None:
                         "has them")
     r.add_argument("--pwc", action="store_true",
                    help="page-walk caches and a nested TLB (fewer references per walk)")
+    r.add_argument("--profile", default=DEFAULT_PROFILE,
+                   help=f"the CPU whose costs price the counts and run the guest's clock "
+                        f"(RDTSC, the APIC timer): a bundled profile "
+                        f"({', '.join(bundled_profiles())}) or a .toml file "
+                        f"(default {DEFAULT_PROFILE})")
     r.add_argument("--timeout", type=float, default=0,
                    help="stop after this many wall-clock seconds (default: no limit)")
     r.add_argument("--check-invariants", action="store_true",
@@ -114,7 +119,7 @@ def _config(args) -> dict:
                 max_insns=args.max_insns, quantum=args.quantum,
                 ept_large_pages=args.ept_large_pages, pwc=args.pwc, timeout=args.timeout,
                 check_invariants=args.check_invariants, memo=args.memo,
-                agile_policy=args.agile_policy, cpu=args.cpu)
+                agile_policy=args.agile_policy, cpu=args.cpu, profile=args.profile)
 
 
 def _version() -> str:
@@ -166,10 +171,6 @@ def _parser() -> argparse.ArgumentParser:
                    help="modes to compare, comma-separated (default native,shadow,ept)")
     c.add_argument("--vcpus", type=_positive_list, default=[1],
                    help="vCPU counts, comma-separated: each guest runs at each (default 1)")
-    c.add_argument("--profile", default=DEFAULT_PROFILE,
-                   help=f"the CPU whose costs price the counts: a bundled profile "
-                        f"({', '.join(bundled_profiles())}) or a .toml file "
-                        f"(default {DEFAULT_PROFILE})")
     c.add_argument("--between", type=_mark_pair, metavar="A,B",
                    help="price only what happened from vmcall mark A to mark B of the named "
                         "guests (default: a sample guest's own window, else the whole run)")
@@ -195,6 +196,9 @@ def _parser() -> argparse.ArgumentParser:
     k.add_argument("--timeout", type=float, metavar="SECONDS",
                    help="every test's wall-clock timeout, instead of unittests.cfg's "
                         "(default 90 s); 0: none (access takes about 18 minutes)")
+    k.add_argument("--profile", default=DEFAULT_PROFILE,
+                   help=f"the CPU whose costs run each test's clock (RDTSC, the APIC timer): "
+                        f"a bundled profile or a .toml file (default {DEFAULT_PROFILE})")
     k.add_argument("--list", action="store_true",
                    help="print the tests and hv's options for each, without running them")
     k.add_argument("--json", action="store_true", help="print one JSON document on stdout")
@@ -330,6 +334,7 @@ def _cmd_kut(args) -> int:
             raise HvError("--timeout must not be negative")
         tests = [dataclasses.replace(t, timeout=args.timeout) for t in tests]
     source = " ".join(map(str, sources))
+    check_modes(load_profile(args.profile), args.mmu)
     if args.list:
         if args.json:
             json.dump(kut.to_json(source, (), tests, ()), sys.stdout, indent=2)
@@ -346,7 +351,8 @@ def _cmd_kut(args) -> int:
         def step(test: kut.Test, mode: str, done: int) -> None:
             bar.update(task, completed=done, description=f"{test.name} [{mode}]")
 
-        outcomes = kut.run_all(tests, args.mmu, max_insns=args.max_insns, on_progress=step)
+        outcomes = kut.run_all(tests, args.mmu, max_insns=args.max_insns, profile=args.profile,
+                               on_progress=step)
     if args.json:
         json.dump(kut.to_json(source, args.mmu, tests, outcomes), sys.stdout, indent=2)
         sys.stdout.write("\n")

@@ -182,7 +182,8 @@ def compare(case_list: list[Case], modes: tuple[str, ...], profile: Profile,
             done += 1
             result = results.get((case.run_key, mode))
             if result is None:
-                options = dict(case.options)
+                # The guest's clock runs on the profile that prices it.
+                options = dict(case.options, profile=profile.path or profile.name)
                 if MODES[mode].virtualized and not profile.vpid:
                     options["asid"] = False
                 result = results[case.run_key, mode] = api.run(case.guest, mmu=mode, **options)

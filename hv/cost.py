@@ -28,11 +28,14 @@ the user's own) whose every number cites its published source.
 """
 from __future__ import annotations
 
+import math
+from operator import mul
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import HvError
+from .arch.vmx import ExitReason
 from .vmm.modes import MODES
 
 if sys.version_info >= (3, 11):
@@ -122,11 +125,22 @@ def load_profile(spec: str | Path) -> Profile:
                    path=str(path))
 
 
+def check_modes(profile: Profile, modes) -> None:
+    """HvError unless the profile's CPU can run every one of `modes`."""
+    lacking = [m for m in modes if MODES[m].needs_ept and not profile.ept]
+    if lacking:
+        raise HvError(f"profile {profile.name} ({profile.cpu}) has no EPT: --mmu "
+                      f"{','.join(lacking)} cannot run on it")
+
+
 # Exits the guest's own interface causes (console output, hypercall marks,
-# HLT, CPUID, RDMSR, and device memory: `mmio_exits` of any reason): the
+# HLT, CPUID, RDMSR, interrupts (lowering CR8, the interrupt window), and
+# device memory: `mmio_exits` of any reason): the
 # same in every virtualized mode and no part of what memory virtualization
-# costs, so they are counted but not priced.
-UNPRICED_EXITS = ("IO_INSTRUCTION", "VMCALL", "HLT", "CPUID", "MSR_READ")
+# costs, so `hv compare` counts them but does not price them. The guest's
+# own clock (CycleClock) prices them: a guest timing CPUID sees its exit.
+UNPRICED_EXITS = ("IO_INSTRUCTION", "VMCALL", "HLT", "CPUID", "MSR_READ",
+                  "TPR_BELOW_THRESHOLD", "INTERRUPT_WINDOW")
 
 
 def priced_exits(figures: dict) -> int:
@@ -135,25 +149,66 @@ def priced_exits(figures: dict) -> int:
         - figures.get("mmio_exits", 0)
 
 
+def weights(profile: Profile, mode: str, every_exit: bool = False) -> dict[str, dict[str, float]]:
+    """Cycles per count, by part (PARTS): figure name -> cycles, the names
+    of hv.api.Result's marks (insns, exit.<REASON>, tlb.walk_refs, ...).
+    `every_exit`: price the guest's interface exits too (UNPRICED_EXITS)."""
+    c = profile.cycles
+    # An emulated write's instruction is counted twice in insns (at the
+    # fault and when re-run): once is guest work.
+    parts = dict(guest={"insns": c["cpi"], "insn_emulation": -c["cpi"]},
+                 walks={"tlb.walk_refs": c["walk_ref"], "pwc.hits": c["pwc_hit"],
+                        "pwc.ntlb_hits": c["pwc_hit"]},
+                 exits={})
+    if MODES[mode].virtualized:
+        trip = c["exit"] + c["handler"]
+        exits = parts["exits"]
+        exits.update((f"exit.{r.name}", trip) for r in ExitReason
+                     if every_exit or r.name not in UNPRICED_EXITS)
+        if not every_exit:
+            exits["mmio_exits"] = -trip
+        # A remote TLB flush kicks another vCPU out of guest mode: an IPI
+        # and an exit there (KVM's kvm_flush_remote_tlbs).
+        exits.update({"remote_tlb_flush": trip, "mmu_pte_write": c["pte_write"],
+                      "mmu_cache_miss": c["shadow_page"], "agile.to_nested": c["shadow_page"],
+                      "agile.to_shadow": c["shadow_page"], "vmm.guest_walk_refs": c["walk_ref"]})
+    return parts
+
+
 def cycles(profile: Profile, mode: str, figures: dict) -> dict[str, float]:
     """Modelled cycles by part (PARTS) and in `total`, from `figures`: every
     counter as one flat dict, the form of hv.api.Result's marks (insns,
     exit.<REASON>, tlb.walk_refs, mmu_pte_write, ...)."""
-    c, get = profile.cycles, figures.get
-    # An emulated write's instruction is counted twice in insns (at the
-    # fault and when re-run): once is guest work.
-    guest = (get("insns", 0) - get("insn_emulation", 0)) * c["cpi"]
-    walks = (get("tlb.walk_refs", 0) * c["walk_ref"]
-             + (get("pwc.hits", 0) + get("pwc.ntlb_hits", 0)) * c["pwc_hit"])
-    exits = 0.0
-    if MODES[mode].virtualized:
-        # A remote TLB flush kicks another vCPU out of guest mode: an IPI
-        # and an exit there (KVM's kvm_flush_remote_tlbs).
-        exits = ((priced_exits(figures) + get("remote_tlb_flush", 0)) * (c["exit"] + c["handler"])
-                 + get("mmu_pte_write", 0) * c["pte_write"]
-                 + (get("mmu_cache_miss", 0) + get("agile.to_nested", 0)
-                    + get("agile.to_shadow", 0)) * c["shadow_page"]
-                 + get("vmm.guest_walk_refs", 0) * c["walk_ref"])
-    parts = dict(guest=guest, walks=walks, exits=exits)
-    parts["total"] = guest + walks + exits
+    parts = {part: sum(w * figures.get(k, 0) for k, w in ws.items())
+             for part, ws in weights(profile, mode).items()}
+    parts["total"] = sum(parts.values())
     return parts
+
+
+class CycleClock:
+    """A vCPU's modelled cycles so far, every exit priced: the time its
+    TSC and APIC timer count (`now(insns)`, given the instructions it
+    started; `stats` is its hv.stats.Stats)."""
+
+    def __init__(self, profile: Profile, mode: str, stats):
+        flat = {k: w for ws in weights(profile, mode, every_exit=True).values()
+                for k, w in ws.items()}
+        self.cpi = flat.pop("insns")
+        counters = {k: w for k, w in flat.items() if not k.startswith("exit.")}
+        self._keys, self._weights = tuple(counters), tuple(counters.values())
+        self._zeros = (0,) * len(counters)
+        self._exit = {r: flat[f"exit.{r.name}"] for r in ExitReason if f"exit.{r.name}" in flat}
+        self.stats = stats
+
+    def now(self, insns: int) -> int:
+        # map and sum: this runs at every slice and RDTSC.
+        counters, exits = self.stats.counters, self.stats.exits
+        cycles = insns * self.cpi + sum(map(mul, self._weights,
+                                            map(counters.get, self._keys, self._zeros)))
+        if self._exit:
+            cycles += sum(map(mul, map(self._exit.__getitem__, exits), exits.values()))
+        return int(cycles)
+
+    def instructions(self, cycles: int) -> int:
+        """The fewest instructions that take `cycles` or more (at least 1)."""
+        return max(1, math.ceil(cycles / self.cpi)) if self.cpi > 0 else max(1, cycles)

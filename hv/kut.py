@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 
 from . import api
 from .arch.cpuid import MAXPHYADDR, VENDOR
+from .cost import DEFAULT_PROFILE
 from .errors import HvError
 from .hw.cpu import parse_cpu
 from .memory import MiB, format_size, parse_size
@@ -402,14 +403,17 @@ def summary(console: str) -> str | None:
     return lines[-1].removeprefix("SUMMARY: ") if lines else None
 
 
-def run_test(test: Test, mode: str, *, max_insns: int = DEFAULT_MAX_INSNS) -> Outcome:
-    """Run `test` in MMU mode `mode` (not at all if it has a skip_reason)."""
+def run_test(test: Test, mode: str, *, max_insns: int = DEFAULT_MAX_INSNS,
+             profile: str = DEFAULT_PROFILE) -> Outcome:
+    """Run `test` in MMU mode `mode` (not at all if it has a skip_reason),
+    its clock on CPU profile `profile` (hv.cost)."""
     if test.skip_reason is not None:
         return Outcome(test.name, mode, SKIP, test.skip_reason)
     start = time.perf_counter()
     try:
         r = api.run(test.file, mode, ram=test.ram, vcpus=test.smp, cpu=test.cpu,
-                    append=test.append, max_insns=max_insns, timeout=test.timeout)
+                    append=test.append, max_insns=max_insns, timeout=test.timeout,
+                    profile=profile)
     except HvError as e:
         return Outcome(test.name, mode, FAIL, str(e), seconds=time.perf_counter() - start,
                        ended="error")
@@ -420,7 +424,7 @@ def run_test(test: Test, mode: str, *, max_insns: int = DEFAULT_MAX_INSNS) -> Ou
 
 
 def run_all(tests: Sequence[Test], modes: Sequence[str], *,
-            max_insns: int = DEFAULT_MAX_INSNS,
+            max_insns: int = DEFAULT_MAX_INSNS, profile: str = DEFAULT_PROFILE,
             on_progress: Callable[[Test, str, int], None] | None = None) -> list[Outcome]:
     """Each test in each mode, in order; `on_progress(test, mode, done)`
     before each run. A run interrupted by Ctrl-C is the last."""
@@ -429,7 +433,7 @@ def run_all(tests: Sequence[Test], modes: Sequence[str], *,
         for mode in modes:
             if on_progress is not None:
                 on_progress(test, mode, len(outcomes))
-            outcomes.append(run_test(test, mode, max_insns=max_insns))
+            outcomes.append(run_test(test, mode, max_insns=max_insns, profile=profile))
             if interrupted(outcomes[-1:]):
                 return outcomes
     return outcomes

@@ -834,7 +834,7 @@ def scrub_code(code: bytes) -> bytes:
     may start: the handler resumes one byte further, so any byte may be an
     opcode): RDTSC (0F 31, and the VEX-prefixed forms Unicorn also runs as
     RDTSC) reads the host's clock under the oracle, where nothing
-    intercepts it, and the vCPU's instruction count in hv's modes
+    intercepts it, and the vCPU's modelled cycles in hv's modes
     (test_the_tsc_counts_instructions): the two cannot agree. Nor MOV to CR0
     or CR4 (its 22 byte becomes 90: SETO): 64-bit code clearing CR0.PG or
     CR4.PAE is #GP(0) by the SDM and loads under the oracle

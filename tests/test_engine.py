@@ -312,3 +312,33 @@ def test_leave_long_mode_runs_32_bit_code_and_the_guests_switch_to_long_mode():
     assert e.code_bits() == 64                          # the far jump entered 64-bit code
     assert e.reg("rcx") == e.reg("rdx") == 2 and e.reg("rip") == 0x3000 + 11
     assert e.msr(0xC0000080) & 0x500 == 0x500          # LME, and LMA set by CR0.PG
+
+
+def test_a_stop_from_a_device_write_runs_the_write_again():
+    """A stop requested in an MMIO write callback ends the run before the
+    instruction completes: RIP stays on it and the next run writes again
+    (hv.vmm.vcpu ends such a slice at the next instruction instead)."""
+    e = engine("mov dword ptr [0x200000], 7\nnop\nhlt")
+    writes = []
+    e.map_mmio(0x200000, 0x1000, lambda off, n: 0,
+               lambda off, n, value: (writes.append(value), e.stop()))
+    assert e.run(BASE, 100) == 1
+    assert e.reg("rip") == BASE and writes == [7]
+    e.run(BASE, 100)
+    assert writes == [7, 7]
+
+
+def test_stop_before_neither_runs_nor_counts_the_hooked_instruction():
+    e = engine("nop\nnop\nnop\nhlt")
+    e.hook_code_at(BASE + 2, lambda _a: e.stop_before())
+    assert e.run(BASE, 100) == 2 and e.reg("rip") == BASE + 2
+    e = engine("nop\nnop\nnop\nhlt")
+    e.hook_code_at(BASE + 2, lambda _a: e.stop())
+    assert e.run(BASE, 100) == 3 and e.reg("rip") == BASE + 2   # counted: it faults
+
+
+def test_a_move_from_cr8_reads_zero_under_unicorn():
+    """QEMU under Unicorn keeps no TPR: hv carries out MOV to and from CR8."""
+    e = engine("mov rax, 9\nmov cr8, rax\nmov rbx, cr8\nhlt")
+    e.run(BASE, 100)
+    assert e.reg("rbx") == 0

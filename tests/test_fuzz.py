@@ -581,7 +581,7 @@ def test_regression_a_fixed_hidden_fault_does_not_reach_the_guest():
 # between every two runs, whatever the mode). RDTSC read the host's clock:
 # the same guest printed different things on every run, against
 # ARCHITECTURE.md's "the same guest and configuration give the same JSON".
-# hv now intercepts it and returns the vCPU's instructions started. The
+# hv now intercepts it and returns the vCPU's modelled cycles. The
 # oracle still reads the host's clock, so the random-code fuzzer keeps
 # RDTSC out (fuzzlib.scrub_code removes 31 bytes).
 RDTSC_SRC = LIB + """
@@ -596,7 +596,7 @@ RDTSC_SRC = LIB + """
 
 @pytest.mark.parametrize("mmu", F.MODES)
 def test_regression_rdtsc_is_deterministic(mmu):
-    """Fixed: RDTSC returns the instructions the vCPU started before it."""
+    """Fixed: RDTSC returns the vCPU's modelled cycles, the same every run."""
     a, b = run_src(RDTSC_SRC, mmu), run_src(RDTSC_SRC, mmu)
     assert a.console == b.console
 
@@ -613,7 +613,9 @@ TSC_DELTA_SRC = """
 
 @pytest.mark.parametrize("mmu", F.MODES)
 def test_the_tsc_counts_instructions(mmu):
-    """RDTSC, MOV and NOP started between the two reads."""
+    """RDTSC, MOV and NOP started between the two reads: the TSC counts
+    modelled cycles, one per instruction at the default profile's CPI where
+    nothing walks or exits."""
     assert run_src(TSC_DELTA_SRC, mmu).exit_code == 3
 
 

@@ -9,6 +9,7 @@ import pytest
 
 import hv
 from hv.arch import cpuid
+from hv.cost import bundled_profiles, load_profile
 from hv.errors import HvError
 from hv.hw.cpu import CpuModel, parse_cpu
 
@@ -262,3 +263,136 @@ def test_the_apic_timer_wakes_hlt_through_the_idt(mode):
     assert r.exits["HLT"] == 4
     if hv.vmm.modes.MODES[mode].virtualized:
         assert r.counters["mmio_exits"] > 0
+
+
+# CR8 is the TPR (SDM Vol.3A §11.8.6): each sees the other's writes. A
+# self-IPI of vector 31 waits while CR8 = 15 holds it back, even with
+# interrupts on; the MOV that lowers CR8 lets it in right after itself
+# (0x7000 counts it). Exit code: CR8 read after an MMIO TPR write of 0x30,
+# the TPR read after CR8 = 5, and the count before and after the MOV.
+# The xAPIC page mapped and enabled at RBX, vector 31's handler counting at
+# 0x7000 (from 0) and writing EOI.
+APIC_IPI = """
+    mov qword ptr [0x3000 + 3 * 8], 0x8000 | 3
+    mov rax, 0xFEE00000 | 0x93                 ; P RW PS PCD
+    mov qword ptr [0x8000 + 0x1F7 * 8], rax
+    mov rax, cr3
+    mov cr3, rax
+    mov rdi, 31
+    lea rsi, [rip + on_ipi]
+    call idt_set_handler
+    mov rbx, 0xFEE00000
+    mov dword ptr [rbx + 0xF0], 0x1FF          ; SPIV: software enable
+    mov qword ptr [0x7000], 0
+    jmp apic_ready
+on_ipi:
+    inc qword ptr [0x7000]
+    mov rax, 0xFEE000B0
+    mov dword ptr [rax], 0                     ; EOI
+    ret
+apic_ready:
+"""
+CR8_TPR = APIC_IPI + """
+    mov dword ptr [rbx + 0x80], 0x30           ; TPR
+    mov r12, cr8                               ; 3
+    mov eax, 5
+    mov cr8, rax
+    mov r13d, dword ptr [rbx + 0x80]           ; 0x50
+    mov eax, 15
+    mov cr8, rax
+    mov dword ptr [rbx + 0x300], 0x40000 | 31  ; ICR: self, fixed, vector 31
+    sti
+    nop
+    mov r14, qword ptr [0x7000]                ; 0: held back
+    xor eax, eax
+    mov cr8, rax
+    mov r15, qword ptr [0x7000]                ; 1: taken after the MOV
+    shl r12, 24
+    shl r13, 16
+    shl r14, 8
+    lea rax, [r12 + r13]
+    add rax, r14
+    add rax, r15
+    out 0xF4, eax
+"""
+
+
+@pytest.mark.parametrize("mode", MSR_MODES)
+def test_cr8_is_the_tpr_and_lowering_it_lets_an_interrupt_in(mode):
+    from conftest import LIB
+    r = run_src(LIB + CR8_TPR, mode)
+    assert (r.reason, r.exit_code) == ("exit", 0x03_50_00_01), (r.detail, r.console)
+    assert r.counters["interrupts"] == 1
+    # Under a VMM CR8 is the TPR shadow: it exits only where it let the IPI in.
+    virtualized = hv.vmm.modes.MODES[mode].virtualized
+    assert r.exits.get("TPR_BELOW_THRESHOLD", 0) == (1 if virtualized else 0)
+
+
+# A self-IPI sent with interrupts off waits for STI, and its shadow: it is
+# taken after the instruction after STI. One sent with them on is taken
+# right after the write that sent it, once. Exit code: the count at each
+# step, one per byte.
+SELF_IPI_STI = APIC_IPI + """
+    cli
+    mov dword ptr [rbx + 0x300], 0x40000 | 31  ; ICR: self, fixed, vector 31
+    mov r12, qword ptr [0x7000]                ; 0: IF is clear
+    sti
+    mov r13, qword ptr [0x7000]                ; 0: STI's shadow
+    mov r14, qword ptr [0x7000]                ; 1
+    mov dword ptr [rbx + 0x300], 0x40000 | 31
+    mov r15, qword ptr [0x7000]                ; 2
+    nop
+    shl r12, 24
+    shl r13, 16
+    shl r14, 8
+    lea rax, [r12 + r13]
+    add rax, r14
+    add rax, r15
+    add rax, qword ptr [0x7000]                ; 2: no second delivery
+    out 0xF4, eax
+"""
+
+
+@pytest.mark.parametrize("mode", MSR_MODES)
+def test_an_interrupt_waits_for_sti_and_its_shadow(mode):
+    from conftest import LIB
+    r = run_src(LIB + SELF_IPI_STI, mode)
+    assert (r.reason, r.exit_code) == ("exit", 0x00_00_01_04), (r.detail, r.console)
+    assert r.counters["interrupts"] == 2
+    # Under a VMM the wait is interrupt-window exiting: one exit, at the window.
+    virtualized = hv.vmm.modes.MODES[mode].virtualized
+    assert r.exits.get("INTERRUPT_WINDOW", 0) == (1 if virtualized else 0)
+
+
+@pytest.mark.parametrize("mode", MSR_MODES)
+def test_cr8_reserved_bits_are_gp(mode):
+    r = run_src("mov eax, 16\nmov cr8, rax\nhlt", mode)
+    assert r.reason == "triple_fault" and r.crash["insn"].startswith("mov cr8")
+
+
+# RDTSC before and after CPUID: four instructions started between the reads
+# (MOV, XOR, CPUID, RDTSC). The TSC counts modelled cycles (hv.cost): one
+# per instruction at CPI 1, plus, under a VMM, the CPUID exit's round trip.
+TSC_CPUID = """
+    rdtsc
+    mov r8, rax
+    xor eax, eax
+    cpuid
+    rdtsc
+    sub eax, r8d
+    out 0xF4, eax
+"""
+
+
+@pytest.mark.parametrize("profile", bundled_profiles())
+@pytest.mark.parametrize("mode", ("native", "shadow", "ept"))
+def test_the_tsc_counts_the_profiles_cycles(mode, profile):
+    costs = load_profile(profile)
+    if hv.vmm.modes.MODES[mode].needs_ept and not costs.ept:
+        with pytest.raises(HvError, match="has no EPT"):
+            run_src(TSC_CPUID, mode, profile=profile)
+        return
+    r = run_src(TSC_CPUID, mode, profile=profile)
+    c = costs.cycles
+    trip = c["exit"] + c["handler"] if hv.vmm.modes.MODES[mode].virtualized else 0
+    assert r.exit_code == int(4 * c["cpi"] + trip)

@@ -99,7 +99,7 @@ def test_ctrl_c_in_the_fill_callback_ends_the_run_with_its_counters(tmp_path, mm
     src = tmp_path / "touch.s"
     src.write_text(TOUCH)
     for status, out, err in _interrupted(["run", str(src), "--mmu", mmu, "--json",
-                                          "--max-insns", str(10**15)], tries=6, cpu=0.4):
+                                          "--max-insns", str(10**15)], tries=6, cpu=1.0):
         assert (status, err) == (130, ""), err
         doc = json.loads(out)
         assert doc["reason"] == "interrupted" and doc["counters"]["insns"] > 0

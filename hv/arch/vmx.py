@@ -12,6 +12,7 @@ class ExitReason(IntEnum):
     EXCEPTION_NMI = 0
     EXTERNAL_INTERRUPT = 1
     TRIPLE_FAULT = 2
+    INTERRUPT_WINDOW = 7
     CPUID = 10
     HLT = 12
     INVLPG = 14
@@ -22,6 +23,7 @@ class ExitReason(IntEnum):
     IO_INSTRUCTION = 30
     MSR_READ = 31
     MSR_WRITE = 32
+    TPR_BELOW_THRESHOLD = 43
     EPT_VIOLATION = 48
     EPT_MISCONFIG = 49
 

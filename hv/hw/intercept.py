@@ -1,8 +1,9 @@
 """Finding the instructions Unicorn cannot trap.
 
-Nothing in Unicorn traps MOV to CR0/CR3/CR4, INVLPG, RDMSR or WRMSR, yet
-each must reach the MMU or hv's CPU model exactly (they invalidate TLB
-entries, change paging controls, or read MSRs QEMU does not have); RDTSC
+Nothing in Unicorn traps MOV to or from CR0/CR3/CR4/CR8, INVLPG, RDMSR or
+WRMSR, yet each must reach the MMU or hv's CPU model exactly (they
+invalidate TLB entries, change paging controls, read MSRs QEMU does not
+have, or are the local APIC's TPR); RDTSC
 and RDTSCP must read a clock that is the same on every run. hv scans every code page the guest fetches from for the opcode bytes
 of those instructions and hooks exactly the addresses where one may start;
 a hook decodes the instruction it sits on and ignores it if it is something
@@ -20,6 +21,8 @@ from dataclasses import dataclass, replace
 import capstone
 from capstone import x86 as csx86
 
+from ..errors import InvariantError
+
 # Opcodes after any prefixes: 0F 22 /r (MOV to CRn), 0F 01 /7 with a memory
 # operand (INVLPG), 0F 30 (WRMSR), 0F 31 (RDTSC), 0F 32 (RDMSR), 0F 01 F9
 # (RDTSCP). SDM Vol.2B "MOV-Move to/from Control Registers", Vol.2A
@@ -27,8 +30,10 @@ from capstone import x86 as csx86
 # prefix: C5 xx, or C4 xx xx with map 0F (m-mmmm = 1). In 32-bit code REX
 # bytes are INC and DEC, so the candidates of a 64-bit scan include every
 # start a 32-bit decoder would see; the hook decodes in the CPU's mode.
-_OPCODES = re.compile(rb"(?:\x0f|\xc5.|\xc4[\x01\x21\x41\x61\x81\xa1\xc1\xe1].)[\x22\x01\x30\x31\x32]",
-                      re.DOTALL)
+# And 0F 20 /r after a REX prefix with R set: MOV from CR8 (its only form;
+# CR8 is the local APIC's TPR, which QEMU under Unicorn does not keep).
+_OPCODES = re.compile(rb"(?:\x0f|\xc5.|\xc4[\x01\x21\x41\x61\x81\xa1\xc1\xe1].)[\x22\x01\x30\x31\x32]"
+                      rb"|[\x44-\x47\x4c-\x4f]\x0f\x20", re.DOTALL)
 # Legacy prefixes and REX (SDM Vol.2A §2.1.1, §2.2.1).
 _PREFIXES = frozenset(b"\x66\x67\xf2\xf3\xf0\x2e\x36\x3e\x26\x64\x65") | frozenset(range(0x40, 0x50))
 MAX_INSN = 15
@@ -45,6 +50,8 @@ def candidate_starts(code: bytes, limit: int) -> list[int]:
     starts = set()
     for m in _OPCODES.finditer(code):
         i, end = m.start(), m.end()
+        if code[i] & 0xF0 == 0x40:
+            i += 1                  # the REX of MOV from CR8 is its own prefix
         if code[end - 1] == 0x01 and end < len(code):
             modrm = code[end]
             if (modrm >> 3) & 7 != 7 or (modrm >> 6 == 3 and modrm != 0xF9):
@@ -71,8 +78,9 @@ def ends_open(code: bytes, limit: int) -> bool:
 class Intercepted:
     """A decoded intercepted instruction.
 
-    kind: "mov_cr", "invlpg", "wrmsr", "rdmsr", "rdtsc" or "rdtscp". For mov_cr: `cr`
-    and the source register name `reg`. For invlpg: the memory operand
+    kind: "mov_cr", "mov_from_cr8", "invlpg", "wrmsr", "rdmsr", "rdtsc" or
+    "rdtscp". For mov_cr: `cr` and the source register name `reg`; for
+    mov_from_cr8: the destination `reg`. For invlpg: the memory operand
     (`base`, `index`, `scale`, `disp`, `segment` register names or None).
     """
     kind: str
@@ -98,6 +106,14 @@ _CS = {64: _capstone(capstone.CS_MODE_64), 32: _capstone(capstone.CS_MODE_32),
 _SIMPLE = (csx86.X86_INS_WRMSR, csx86.X86_INS_RDMSR, csx86.X86_INS_RDTSC, csx86.X86_INS_RDTSCP)
 
 
+def insn_size(code: bytes, bits: int = 64) -> int:
+    """The length of the instruction at the start of `code` (which QEMU ran)."""
+    insn = next(_CS[bits].disasm_lite(code[:MAX_INSN], 0, 1), None)
+    if insn is None:
+        raise InvariantError(f"QEMU ran code capstone cannot decode: {code[:MAX_INSN].hex()}")
+    return insn[1]
+
+
 def decode(code: bytes, address: int, bits: int = 64) -> Intercepted | None:
     """Decode the instruction at the start of `code` as `bits`-bit code, if
     it is one hv intercepts."""
@@ -121,6 +137,8 @@ def decode(code: bytes, address: int, bits: int = 64) -> Intercepted | None:
         if dst.type == csx86.X86_OP_REG and insn.reg_name(dst.reg).startswith("cr"):
             return Intercepted("mov_cr", insn.size, text, cr=int(insn.reg_name(dst.reg)[2:]),
                                reg=insn.reg_name(src.reg))
+        if src.type == csx86.X86_OP_REG and insn.reg_name(src.reg) == "cr8":
+            return Intercepted("mov_from_cr8", insn.size, text, cr=8, reg=insn.reg_name(dst.reg))
     return None
 
 

@@ -166,6 +166,19 @@ def _rdmsr(vcpu: "VCpu", ex: Exit) -> None:
     vcpu.run_rdmsr(ex.qualification, ex.rip, ex.insn_len)
 
 
+@handles(ExitReason.TPR_BELOW_THRESHOLD)
+def _tpr_below_threshold(vcpu: "VCpu", ex: Exit) -> None:
+    """MOV to CR8 let an interrupt through: inject it at the next entry
+    (KVM's KVM_REQ_EVENT)."""
+    vcpu.request_stop()
+
+
+@handles(ExitReason.INTERRUPT_WINDOW)
+def _interrupt_window(vcpu: "VCpu", ex: Exit) -> None:
+    """The guest takes interrupts again: the entry this exit returns
+    through injects the waiting one (VCpu.take_interrupt)."""
+
+
 @handles(ExitReason.HLT)
 def _hlt(vcpu: "VCpu", ex: Exit) -> None:
     vcpu.stats.counters["halt_exits"] += 1

@@ -24,9 +24,14 @@ BASE_INTERCEPTS = frozenset({ExitReason.IO_INSTRUCTION, ExitReason.HLT, ExitReas
                              ExitReason.TRIPLE_FAULT})
 # Under a VMM the CPU is the VMM's to present: CPUID always exits (SDM
 # Vol.3C §26.1.2), and RDMSR and WRMSR do for every MSR (KVM's MSR bitmap
-# passes some through; hv's model keeps them all).
+# passes some through; hv's model keeps them all). CR8 is the TPR shadow:
+# MOV to CR8 exits only when it lowers the TPR below an interrupt it held
+# back (SDM Vol.3C §29.1.2, the TPR threshold KVM sets). An interrupt that
+# waits for RFLAGS.IF exits when the window opens (interrupt-window exiting,
+# SDM Vol.3C §26.7.5), and the VMM injects it.
 VIRTUAL_CPU_INTERCEPTS = frozenset({ExitReason.CPUID, ExitReason.MSR_READ,
-                                    ExitReason.MSR_WRITE})
+                                    ExitReason.MSR_WRITE, ExitReason.TPR_BELOW_THRESHOLD,
+                                    ExitReason.INTERRUPT_WINDOW})
 
 
 class Mode:

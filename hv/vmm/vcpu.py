@@ -21,6 +21,7 @@ Invariants:
 from __future__ import annotations
 
 from .. import asm
+from ..cost import CycleClock
 from ..arch.paging import PAGE_SIZE, PFErr
 from ..arch.vmx import ExitReason, cr_access_qualification
 from ..arch.x86 import CR0, HAS_ERROR_CODE, MSR_EFER, RFLAGS, Vector, mov_to_cr_faults
@@ -31,8 +32,9 @@ from ..hw.codescan import CodeScan
 from ..hw.cpu import Msrs
 from ..hw.delivery import Delivery
 from ..hw.engine import Engine
-from ..hw.intercept import MAX_INSN, Intercepted
+from ..hw.intercept import MAX_INSN, Intercepted, insn_size
 from ..hw.mmu import PROT_R, PROT_W
+from ..hw.after import After, edx_eax
 from ..hw.tsc import Tsc
 from ..hw.walker import FETCH, READ, WRITE
 from ..stats import Stats
@@ -44,6 +46,9 @@ VMCALL = b"\x0f\x01\xc1"
 _MMIO_PF_READ = int(PFErr.P | PFErr.RSVD)
 _MMIO_PF_WRITE = _MMIO_PF_READ | int(PFErr.W)
 _IF = int(RFLAGS.IF)
+# Instructions stepped one at a time while an interrupt waits for RFLAGS.IF;
+# then the steps double (bounded slowdown for a guest that keeps IF clear).
+_EXACT_WINDOW = 64
 HLT = 0xF4
 INT3 = 0xCC
 # What a crash report shows, in this order (and EFER).
@@ -84,9 +89,12 @@ class VCpu:
         self._check = vm.config.check_invariants
         self._code_frames = vm.code.frames
         self.idle = 0                             # cycles spent halted (the clock runs on)
-        self.tsc = Tsc(e, lambda: self.stats.counters["insns"] + e.started() - 1 + self.idle)
+        self._cycles = CycleClock(vm.profile, vm.config.mmu, self.stats)
+        self.after = After(e, self._stop_before)   # what happens once an instruction ran
+        self.tsc = Tsc(e, self.clock, self.after)
         self.apic = LocalApic(index, self.clock, vm.send_ipi, bsp=index == 0)
         self.msrs = Msrs(e, self.tsc.now, self.apic)
+        self._blocked = 0                         # slices an interrupt waited for IF
         self.io_value = 0                         # what an IN's handler read
         self._mmio: list | None = None            # the device access in flight
         if vm.apic_hpa is not None:
@@ -196,9 +204,12 @@ class VCpu:
             return
         if e.cpl() != 0:
             return      # about to #GP
+        if ins.cr == 8:
+            self._cr8(rip, ins)
+            return
         if ins.kind == "mov_cr":
             if ins.cr not in (0, 3, 4):
-                return      # CR2 and CR8 are no paging controls, and load without exits
+                return      # CR2 is no paging control, and loads without an exit
             value = e.reg(ins.reg)
             if mov_to_cr_faults(ins.cr, value, self.hw.cr4, self.hw.efer,
                                 self.vm.cpu.cr4_reserved):
@@ -217,6 +228,28 @@ class VCpu:
             ex = Exit(ExitReason.MSR_WRITE, e.reg("rcx") & 0xFFFF_FFFF, rip, ins.size,
                       value=value)
         self.event(ex)
+
+    def _cr8(self, rip: int, ins: Intercepted) -> None:
+        """MOV to or from CR8, the local APIC's TPR (SDM Vol.3A §11.8.6),
+        carried out here: QEMU under Unicorn keeps no TPR."""
+        e, apic = self.engine, self.apic
+        if ins.kind == "mov_from_cr8":
+            e.set_reg(ins.reg, apic.cr8)
+            e.set_reg("rip", rip + ins.size)
+            return
+        value = e.reg(ins.reg)
+        if value >> 4:
+            self.fault_insn(GeneralProtection())    # reserved bits (SDM Vol.3A §2.5)
+            return
+        held = apic.pending() is None
+        apic.cr8 = value
+        e.set_reg("rip", rip + ins.size)
+        if held and apic.pending() is not None:
+            # An interrupt the TPR held back may come now, after the MOV.
+            if ExitReason.TPR_BELOW_THRESHOLD in self.mmu.intercepts:
+                dispatch(self, Exit(ExitReason.TPR_BELOW_THRESHOLD, 0, rip, ins.size))
+            else:
+                self.request_stop()
 
     # -- the CPU model: CPUID, RDMSR, WRMSR (the hardware's, or the VMM's) ----
     def _cpuid(self) -> None:
@@ -237,7 +270,7 @@ class VCpu:
         if value is None:
             self.fault_insn(GeneralProtection())
         else:
-            self.tsc.result(rip, size, value)
+            self.after.set(rip, size, edx_eax(value))
 
     def run_wrmsr(self, index: int, value: int) -> None:
         """WRMSR: #GP before it runs, or the model's (EFER: the MMU's) and
@@ -264,7 +297,11 @@ class VCpu:
         self._device_access()
         self._mmio = None
         if self.apic.pending() is not None:
-            self.request_stop()         # an interrupt may be deliverable now
+            # An interrupt may be deliverable once the write is done: a stop
+            # now would run the write again (Engine.stop).
+            rip = self.engine.reg("rip")
+            self.after.set(rip, insn_size(self.read_code(rip), self.engine.code_bits()),
+                           stop=True)
 
     def _device_access(self) -> None:
         """A decoded access to a device page: an MMIO exit in the modes
@@ -379,6 +416,10 @@ class VCpu:
         self._stop = True
         self.engine.stop()
 
+    def _stop_before(self) -> None:
+        self._stop = True
+        self.engine.stop_before()
+
     def interrupt(self, frame) -> None:
         """Ctrl-C (Machine's SIGINT handler, `frame` the one it interrupted):
         end the slice now where the engine can stop."""
@@ -405,25 +446,35 @@ class VCpu:
 
     # -- interrupts from the local APIC ------------------------------------------
     def clock(self) -> int:
-        """The vCPU's time in TSC cycles: the instructions it started, and
-        the time it spent halted (the APIC timer counts it)."""
-        return self.insns() + self.idle
+        """The vCPU's time in TSC cycles, which its APIC timer counts too:
+        the modelled cycles of what it ran (hv.cost.CycleClock: its
+        instructions, walks and exits, priced by the VM's profile), and
+        the time it spent halted."""
+        return self._cycles.now(self.insns()) + self.idle
 
     def take_interrupt(self, budget: int) -> int:
         """At VM entry, an instruction boundary: deliver the APIC's highest
         pending interrupt if the guest takes interrupts now (RFLAGS.IF, no
         STI or MOV SS shadow: SDM Vol.3A §6.8.1). Returns the slice's
         budget, cut at the APIC timer's deadline, or to one instruction
-        where a shadow holds a pending interrupt back."""
+        where RFLAGS.IF or a shadow holds a pending interrupt back (for its
+        first _EXACT_WINDOW instructions: the interrupt comes exactly when
+        the window opens)."""
         apic, e = self.apic, self.engine
         apic.tick()
-        if apic.pending() is not None and e.reg("rflags") & _IF:
-            if e.interrupt_shadow():
-                return 1
+        if apic.pending() is not None:
+            if not e.reg("rflags") & _IF or e.interrupt_shadow():
+                # Blocked: step to the instruction where the window opens,
+                # then in growing steps (a guest may keep IF clear for long).
+                self._blocked += 1
+                return min(budget, 1 << max(0, self._blocked - _EXACT_WINDOW))
+            if self._blocked and ExitReason.INTERRUPT_WINDOW in self.mmu.intercepts:
+                dispatch(self, Exit(ExitReason.INTERRUPT_WINDOW, 0, e.reg("rip")))
+            self._blocked = 0
             self.deliver(apic.ack(), None, e.reg("rip"), external=True)
         deadline = apic.deadline()
         if deadline is not None:
-            budget = max(1, min(budget, deadline - self.clock()))
+            budget = min(budget, self._cycles.instructions(deadline - self.clock()))
         return budget
 
     def can_wake(self) -> bool:
@@ -522,7 +573,7 @@ class VCpu:
         """Deliver an exception (with `int_rip`, INT n; `external`, an
         interrupt) through the guest IDT, as the CPU would; a triple fault
         is an exit."""
-        self.tsc.cancel()
+        self.after.cancel()
         self._chain = self.delivery.deliver(vector, error_code, rip, cr2, int_rip, external)
         if self._chain is not None:
             self.event(Exit(ExitReason.TRIPLE_FAULT, 0, rip if int_rip is None else int_rip))

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from .. import asm, loader
 from ..arch.paging import P, PS, RW
 from ..arch.x86 import CR0, CR4, EFER, GDT_CODE64, GDT_DATA, MSR_EFER, RFLAGS
+from ..cost import DEFAULT_PROFILE, check_modes, load_profile
 from ..errors import GuestEscape, HvError, InvariantError
 from ..devices import pc_platform
 from ..devices import lapic
@@ -91,6 +92,7 @@ class Config:
     agile_policy: str = "dynamic"  # agile: when subtrees go nested (hv/vmm/agile.py)
     cpu: str = ""               # the CPU's features, QEMU's -cpu spelling (hv.hw.cpu.parse_cpu)
     append: str = ""            # a kernel's command line after its name (--append)
+    profile: str = DEFAULT_PROFILE  # the CPU whose costs the guest's clock counts (hv.cost)
     trace: Trace | None = None  # where exits are traced (--trace); no count depends on it
 
     def check(self) -> None:
@@ -98,6 +100,7 @@ class Config:
             raise HvError(f"unknown MMU mode {self.mmu!r} (choose from {', '.join(MODES)})")
         parse_policy(self.agile_policy)
         parse_cpu(self.cpu)
+        check_modes(load_profile(self.profile), (self.mmu,))
         if not 4 * MiB <= self.ram <= MAX_RAM or self.ram % (2 * MiB):
             raise HvError(f"RAM must be a multiple of 2 MiB from 4 MiB to 64 GiB, "
                           f"not {format_size(self.ram)}")
@@ -148,6 +151,7 @@ class VM:
         # The VPID: 0 is the host's; without tags every VM shares it.
         self.asid = self.index + 1 if config.asid else 0
         self.mode = MODES[config.mmu]
+        self.profile = load_profile(config.profile)
         if self.kernel is None and LOAD_ADDR + len(image) > config.ram:
             raise HvError(f"a guest of {len(image)} bytes does not fit in "
                           f"{format_size(config.ram)} of RAM at {LOAD_ADDR:#x}")
@@ -324,20 +328,21 @@ class VM:
         self.mode.check(self)
 
     def run_slice(self, cpu: VCpu) -> int:
-        """One quantum of `cpu` (the instructions it ran); the VM ends on a
-        runaway, escape or error."""
+        """One quantum of `cpu`: the cycles it took on its clock, which the
+        halted vCPUs' clocks run on by (0 if none is halted); the VM ends on
+        a runaway, escape or error."""
         if self.budget <= 0:
             self.finish("max_insns", f"the guest ran {self.config.max_insns} instructions "
                         "(--max-insns)")
             return 0
         try:
+            start = cpu.clock() if any(c.halted for c in self.vcpus) else None
             cpu.enter()
             budget = cpu.take_interrupt(min(self.config.quantum, self.budget))
             # A slice that only delivers faults runs no instruction; it still
             # spends budget, so a fault loop ends too.
-            ran = max(1, cpu.run(budget))
-            self.budget -= ran
-            return ran
+            self.budget -= max(1, cpu.run(budget))
+            return 0 if start is None else cpu.clock() - start
         except GuestEscape as e:
             self.finish("escape", str(e))
         except EngineError as e:
