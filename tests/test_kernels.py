@@ -396,3 +396,63 @@ def test_the_tsc_counts_the_profiles_cycles(mode, profile):
     c = costs.cycles
     trip = c["exit"] + c["handler"] if hv.vmm.modes.MODES[mode].virtualized else 0
     assert r.exit_code == int(4 * c["cpi"] + trip)
+
+
+# vCPU 1 waits in `sti; hlt` with vector 31's handler counting at 0x7000;
+# vCPU 0 sends it a fixed IPI and spins until the handler ran. A sender
+# yields after its ICR write and the woken vCPU runs in the same round, so
+# the sender spins a few times, not a whole quantum: exit code, the spins.
+IPI_WAIT = """
+    jmp start
+.include "serial.s"
+.include "gdt.s"
+.include "idt.s"
+start:
+    test rdi, rdi
+    jnz ap
+    call gdt_init
+    call idt_init
+    mov qword ptr [0x3000 + 3 * 8], 0x8000 | 3
+    mov rax, 0xFEE00000 | 0x93                 ; P RW PS PCD
+    mov qword ptr [0x8000 + 0x1F7 * 8], rax
+    mov rdi, 31
+    lea rsi, [rip + on_ipi]
+    call idt_set_handler
+    mov qword ptr [0x7018], 1                  ; the tables are ready
+wait_ap:
+    cmp qword ptr [0x7010], 1
+    jne wait_ap
+    mov rbx, 0xFEE00000
+    mov dword ptr [rbx + 0x310], 1 << 24       ; ICR high: APIC ID 1
+    mov dword ptr [rbx + 0x300], 31            ; ICR: fixed, vector 31
+    xor ecx, ecx
+spin:
+    inc rcx
+    cmp qword ptr [0x7000], 0
+    je spin
+    mov rax, rcx
+    out 0xF4, eax
+ap:
+    cmp qword ptr [0x7018], 1
+    jne ap
+    call idt_load
+    mov rbx, 0xFEE00000
+    mov dword ptr [rbx + 0xF0], 0x1FF          ; SPIV: software enable
+    mov qword ptr [0x7010], 1
+idle:
+    sti
+    hlt
+    jmp idle
+on_ipi:
+    inc qword ptr [0x7000]
+    mov rax, 0xFEE000B0
+    mov dword ptr [rax], 0                     ; EOI
+    ret
+"""
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_vcpu_sending_an_ipi_yields_to_its_destination(mode):
+    r = run_src(IPI_WAIT, mode, vcpus=2)
+    assert r.reason == "exit" and 1 <= r.exit_code <= 3, (r.detail, r.exit_code, r.console)
+    assert r.counters["interrupts"] == 1

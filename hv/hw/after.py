@@ -1,11 +1,9 @@
-"""What the CPU does once an instruction has run, where Unicorn has no hook
-after it: a code hook on the next instruction sets the instruction's result
-registers (RDTSC, and RDMSR of an MSR QEMU does not have) or ends the slice
-there (an APIC write that lets an interrupt in, taken at the next
-instruction boundary). Hooks are never removed: one per site."""
+"""An instruction's results that QEMU does not produce (RDTSC, and RDMSR of
+an MSR QEMU does not have): Unicorn has no hook after an instruction, so a
+code hook on the next one sets them. Hooks are never removed: one per site.
+Set from the instruction's own code hook, where a new hook takes effect at
+once (tests/test_engine.py)."""
 from __future__ import annotations
-
-from typing import Callable
 
 
 def edx_eax(value: int) -> dict[str, int]:
@@ -14,22 +12,15 @@ def edx_eax(value: int) -> dict[str, int]:
 
 
 class After:
-    """`stop()` ends the slice before the instruction whose hook calls it
-    runs (Engine.stop_before)."""
-
-    def __init__(self, engine, stop: Callable[[], None]):
-        self.engine, self.stop = engine, stop
-        self._next: tuple[int, dict[str, int], bool] | None = None   # (RIP, registers, stop)
+    def __init__(self, engine):
+        self.engine = engine
+        self._next: tuple[int, dict[str, int]] | None = None   # (RIP, registers)
         self._hooks: set[int] = set()
 
-    def set(self, rip: int, size: int, regs: dict[str, int] | None = None,
-            stop: bool = False) -> None:
-        """Once the instruction of `size` bytes at `rip` has run: load
-        `regs`, and end the slice if `stop`."""
+    def set(self, rip: int, size: int, regs: dict[str, int]) -> None:
+        """Load `regs` once the instruction of `size` bytes at `rip` has run."""
         nxt = rip + size
-        if self._next is not None and self._next[0] == nxt:
-            regs, stop = {**self._next[1], **(regs or {})}, stop or self._next[2]
-        self._next = (nxt, regs or {}, stop)
+        self._next = (nxt, regs)
         if nxt not in self._hooks:
             self._hooks.add(nxt)
             self.engine.hook_code_at(nxt, self._hooked)
@@ -40,9 +31,6 @@ class After:
 
     def _hooked(self, rip: int) -> None:
         pending, self._next = self._next, None
-        if pending is None or pending[0] != rip:
-            return
-        for name, value in pending[1].items():
-            self.engine.set_reg(name, value)
-        if pending[2]:
-            self.stop()
+        if pending is not None and pending[0] == rip:
+            for name, value in pending[1].items():
+                self.engine.set_reg(name, value)

@@ -502,16 +502,10 @@ class Engine:
     def stop(self) -> None:
         """End the run. From an instruction's code hook: before it runs,
         counted as started (it faults); from a memory callback: the access
-        and its instruction are redone at the next run."""
+        and its instruction are redone at the next run, unless RIP was moved
+        past it."""
         if self._stopped_at is None:
             self._stopped_at = self._counter.value
-        self.uc.emu_stop()
-
-    def stop_before(self) -> None:
-        """From an instruction's code hook: end the run before it, which
-        neither runs nor counts."""
-        if self._stopped_at is None:
-            self._stopped_at = self._counter.value - 1
         self.uc.emu_stop()
 
     def interrupt(self, frame) -> bool:

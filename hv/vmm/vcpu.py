@@ -90,9 +90,10 @@ class VCpu:
         self._code_frames = vm.code.frames
         self.idle = 0                             # cycles spent halted (the clock runs on)
         self._cycles = CycleClock(vm.profile, vm.config.mmu, self.stats)
-        self.after = After(e, self._stop_before)   # what happens once an instruction ran
+        self.after = After(e)                     # results once an instruction ran
         self.tsc = Tsc(e, self.clock, self.after)
-        self.apic = LocalApic(index, self.clock, vm.send_ipi, bsp=index == 0)
+        self.apic = LocalApic(index, self.clock, self._send_ipi, bsp=index == 0)
+        self._sent_ipi = False                    # this APIC write sent an IPI
         self.msrs = Msrs(e, self.tsc.now, self.apic)
         self._blocked = 0                         # slices an interrupt waited for IF
         self.io_value = 0                         # what an IN's handler read
@@ -294,14 +295,18 @@ class VCpu:
 
     def _apic_write(self, offset: int, size: int, value: int) -> None:
         self._mmio = [offset, size, value, True]
+        self._sent_ipi = False
         self._device_access()
         self._mmio = None
-        if self.apic.pending() is not None:
-            # An interrupt may be deliverable once the write is done: a stop
-            # now would run the write again (Engine.stop).
-            rip = self.engine.reg("rip")
-            self.after.set(rip, insn_size(self.read_code(rip), self.engine.code_bits()),
-                           stop=True)
+        if self.apic.pending() is not None or self._sent_ipi:
+            # An interrupt may be deliverable once the write is done, or its
+            # IPI's destinations are to run (the sender spins on them): the
+            # slice ends after the store, which is done (APIC registers take
+            # plain MOVs). A stop alone would make QEMU redo it (Engine.stop).
+            e = self.engine
+            rip = e.reg("rip")
+            e.set_reg("rip", rip + insn_size(self.read_code(rip), e.code_bits()))
+            self.request_stop()
 
     def _device_access(self) -> None:
         """A decoded access to a device page: an MMIO exit in the modes
@@ -416,9 +421,9 @@ class VCpu:
         self._stop = True
         self.engine.stop()
 
-    def _stop_before(self) -> None:
-        self._stop = True
-        self.engine.stop_before()
+    def _send_ipi(self, ipi) -> None:
+        self._sent_ipi = True
+        self.vm.send_ipi(ipi)
 
     def interrupt(self, frame) -> None:
         """Ctrl-C (Machine's SIGINT handler, `frame` the one it interrupted):

@@ -448,12 +448,19 @@ class Machine:
                         vm.finish("halted", "every vCPU ran HLT")
                     continue
                 longest, idle = 0, [cpu for cpu in vm.vcpus if cpu.halted]
-                for cpu in runnable:
+                for cpu in runnable:        # grows: a vCPU woken this round runs in it
                     if self.interrupted:
                         self._stop_all("interrupted", "interrupted (Ctrl-C)")
                         return
                     if vm.ended or cpu.halted:
                         continue
                     self._current = cpu
-                    longest = max(longest, vm.run_slice(cpu))
+                    took = vm.run_slice(cpu)
+                    longest = max(longest, took)
+                    for woken in [c for c in idle if c.halted and c.can_wake()]:
+                        # An IPI woke it: it slept through this slice, and runs next.
+                        vm.pass_time(took, [woken])
+                        idle.remove(woken)
+                        woken.halted = False
+                        runnable.append(woken)
                 vm.pass_time(longest, idle)
