@@ -74,10 +74,11 @@ class Profile:
     vpid: bool
     cycles: dict[str, float] = field(default_factory=dict)
     path: str = ""
+    ghz: float = 1.0        # the clock rate: what the ACPI PM timer runs against
 
     def to_json(self) -> dict:
         return dict(name=self.name, cpu=self.cpu, year=self.year, ept=self.ept,
-                    vpid=self.vpid, cycles=dict(self.cycles), path=self.path)
+                    vpid=self.vpid, ghz=self.ghz, cycles=dict(self.cycles), path=self.path)
 
 
 def bundled_profiles() -> dict[str, Path]:
@@ -122,7 +123,8 @@ def load_profile(spec: str | Path) -> Profile:
                    year=need(data, "year", int, ""), ept=need(data, "ept", bool, ""),
                    vpid=need(data, "vpid", bool, ""),
                    cycles={k: need(cycles, k, float, "cycles.") for k in CYCLE_KEYS},
-                   path=str(path))
+                   path=str(path),
+                   ghz=_ghz(path, data))
 
 
 def check_modes(profile: Profile, modes) -> None:
@@ -131,6 +133,13 @@ def check_modes(profile: Profile, modes) -> None:
     if lacking:
         raise HvError(f"profile {profile.name} ({profile.cpu}) has no EPT: --mmu "
                       f"{','.join(lacking)} cannot run on it")
+
+
+def _ghz(path: Path, data: dict) -> float:
+    ghz = data.get("ghz", Profile.ghz)
+    if isinstance(ghz, bool) or not isinstance(ghz, (int, float)) or ghz <= 0:
+        raise HvError(f"{path}: ghz must be a number > 0, not {ghz!r}")
+    return float(ghz)
 
 
 # Exits the guest's own interface causes (console output, hypercall marks,

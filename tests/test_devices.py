@@ -24,6 +24,11 @@ class FakePlatform:
     def finish(self, reason, detail, exit_code=None):
         self.finishes.append((reason, detail, exit_code))
 
+    now = 0
+
+    def clock(self):
+        return self.now
+
 
 @pytest.fixture
 def vm():
@@ -32,7 +37,7 @@ def vm():
 
 @pytest.fixture
 def bus(vm):
-    return pc_platform(vm, cpus=2, ram=64 * MiB)
+    return pc_platform(vm, cpus=2, ram=64 * MiB, ghz=2.0)
 
 
 # -- kvm-unit-tests' sequences, as lib/x86 writes them ------------------------
@@ -291,14 +296,14 @@ def test_pic_irr_isr_and_poll_read_0(bus):
 # -- fw_cfg -------------------------------------------------------------------
 @pytest.mark.parametrize("cpus", [1, 2, 3])
 def test_fwcfg_nb_cpus_as_kvm_unit_tests_reads_it(vm, cpus):
-    bus = pc_platform(vm, cpus=cpus, ram=64 * MiB)
+    bus = pc_platform(vm, cpus=cpus, ram=64 * MiB, ghz=2.0)
     assert kut_fwcfg(bus, 0x05, 2) == cpus
     assert kut_fwcfg(bus, 0x0F, 2) == cpus          # MAX_CPUS
 
 
 @pytest.mark.parametrize("ram", [34 * MiB, 5 << 30])
 def test_fwcfg_ram_size_is_8_bytes(vm, ram):
-    bus = pc_platform(vm, cpus=1, ram=ram)
+    bus = pc_platform(vm, cpus=1, ram=ram, ghz=2.0)
     assert kut_fwcfg(bus, 0x03, 8) == ram
     assert read_item(bus, 0x03, 9) == ram.to_bytes(8, "little") + b"\0"
 
@@ -383,3 +388,33 @@ def test_kvm_unit_tests_exit_sequence(bus, vm):
         bus.write(0x8900, 1, ch)
     assert vm.finishes == [("exit", "the guest wrote 1 to port 0xf4", 1),
                            ("shutdown", "the guest wrote 'Shutdown' to port 0x8900", None)]
+
+
+# -- ACPI: the tables and the PM timer -----------------------------------------
+def test_acpi_tables_as_kvm_unit_tests_finds_them():
+    """lib/acpi.c: the RSDP on a 16-byte boundary from 0xE0000, its RSDT,
+    the FADT there by signature, PM_TMR_BLK at offset 76; every checksum 0."""
+    import struct
+    from hv.devices import acpi
+    mem = acpi.tables()
+    at = lambda addr, n: mem[addr - acpi.RSDP_ADDR:addr - acpi.RSDP_ADDR + n]
+    rsdp = at(acpi.RSDP_ADDR, 20)
+    assert rsdp[:8] == b"RSD PTR " and sum(rsdp) & 0xFF == 0
+    rsdt_addr = struct.unpack_from("<I", rsdp, 16)[0]
+    sig, length = struct.unpack_from("<4sI", at(rsdt_addr, 8))
+    rsdt = at(rsdt_addr, length)
+    assert sig == b"RSDT" and sum(rsdt) & 0xFF == 0
+    (fadt_addr,) = struct.unpack_from("<I", rsdt, 36)
+    sig, length = struct.unpack_from("<4sI", at(fadt_addr, 8))
+    fadt = at(fadt_addr, length)
+    assert sig == b"FACP" and length == 116 and sum(fadt) & 0xFF == 0
+    assert struct.unpack_from("<I", fadt, 76)[0] == acpi.PM_TIMER_PORT == 0xB008
+    assert fadt[91] == 4
+
+
+def test_the_pm_timer_counts_the_clock_at_3_579545_mhz(vm, bus):
+    vm.now = 2_000_000_000                      # one second at 2 GHz
+    assert bus.read(0xB008, 4) == 3_579_545
+    vm.now *= 5                                 # 24 bits: it wraps
+    assert bus.read(0xB008, 4) == 5 * 3_579_545 & 0xFF_FFFF
+    assert bus.read(0xB009, 1) == (5 * 3_579_545 & 0xFF_FFFF) >> 8 & 0xFF

@@ -13,8 +13,10 @@ each IN and OUT through it. `pc_platform` builds the standard set:
 | 0x510-0x511     | fw_cfg: selector, data                  | fwcfg.py     |
 | 0xCF8-0xCFF     | PCI host bridge, no device behind it    | pci.py       |
 | 0x8900          | Bochs power-off ("Shutdown")            | shutdown.py  |
+| 0xB008-0xB00B   | ACPI PM timer (its FADT: acpi.py)       | acpi.py      |
 | any other port  | nothing: reads all ones, writes dropped | bus.py       |
 """
+from .acpi import PmTimer
 from .bus import Device, Platform, PortBus, pc_platform
 from .debugexit import DebugExit
 from .fwcfg import FwCfg
@@ -25,6 +27,6 @@ from .uart import Uart16550
 
 __all__ = [
     "Device", "Platform", "PortBus", "pc_platform",
-    "DebugExit", "FwCfg", "PciHostNoDevices", "Pic8259", "Pic8259Pair",
+    "DebugExit", "FwCfg", "PciHostNoDevices", "Pic8259", "Pic8259Pair", "PmTimer",
     "ShutdownPort", "Uart16550",
 ]

@@ -26,6 +26,8 @@ class Platform(Protocol):
 
     def finish(self, reason: str, detail: str, exit_code: int | None = None) -> None: ...
 
+    def clock(self) -> int: ...
+
 
 class Device:
     """A device on the port bus: its name, the ports it decodes (a range for
@@ -69,9 +71,11 @@ class PortBus:
             dev.write(port, size, value & _ONES[size])
 
 
-def pc_platform(platform: Platform, *, cpus: int, ram: int) -> PortBus:
-    """The PC's ports that hv models (the table in hv.devices)."""
+def pc_platform(platform: Platform, *, cpus: int, ram: int, ghz: float) -> PortBus:
+    """The PC's ports that hv models (the table in hv.devices); `ghz`: the
+    CPU's clock rate, which the PM timer runs against."""
     # Imported here: the device modules import Device from this one.
+    from .acpi import PmTimer
     from .debugexit import DebugExit
     from .fwcfg import FwCfg
     from .pci import PciHostNoDevices
@@ -85,4 +89,5 @@ def pc_platform(platform: Platform, *, cpus: int, ram: int) -> PortBus:
         FwCfg(cpus=cpus, ram=ram),
         PciHostNoDevices(),
         ShutdownPort(platform),
+        PmTimer(platform, ghz),
     ])

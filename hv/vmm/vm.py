@@ -28,7 +28,7 @@ from ..arch.paging import P, PS, RW
 from ..arch.x86 import CR0, CR4, EFER, GDT_CODE64, GDT_DATA, MSR_EFER, RFLAGS
 from ..cost import DEFAULT_PROFILE, check_modes, load_profile
 from ..errors import GuestEscape, HvError, InvariantError
-from ..devices import pc_platform
+from ..devices import acpi, pc_platform
 from ..devices import lapic
 from ..devices.lapic import APIC_DEFAULT_BASE
 from ..hw.codescan import CodeFrames
@@ -169,7 +169,7 @@ class VM:
         # The platform: the CPU model, the port devices, the local APICs'
         # page (where RAM leaves room for it).
         self.cpu = CpuModel(parse_cpu(config.cpu), config.vcpus)
-        self.ports = pc_platform(self, cpus=config.vcpus, ram=config.ram)
+        self.ports = pc_platform(self, cpus=config.vcpus, ram=config.ram, ghz=self.profile.ghz)
         self.apic_hpa = (self.guest.add_device(APIC_DEFAULT_BASE)
                          if config.ram <= APIC_DEFAULT_BASE else None)
         self.engines: list = []         # every vCPU's (VCpu adds its own)
@@ -202,11 +202,13 @@ class VM:
             self.guest.write(seg.paddr, seg.data)
         for addr, data in boot_info.blobs:
             self.guest.write(addr, data)
-        if any(seg.paddr < GDT_ADDR + 8 * len(GDT32) and GDT_ADDR < seg.paddr + seg.memsz
-               for seg in self.kernel.segments):
-            raise HvError(f"{self.name} loads over {GDT_ADDR:#x}, where hv puts the GDT "
-                          "it enters kernels with")
-        self.guest.write(GDT_ADDR, struct.pack(f"<{len(GDT32)}Q", *GDT32))
+        for addr, data, what in ((GDT_ADDR, struct.pack(f"<{len(GDT32)}Q", *GDT32),
+                                  "the GDT it enters kernels with"),
+                                 (acpi.RSDP_ADDR, acpi.tables(), "the ACPI tables")):
+            if any(seg.paddr < addr + len(data) and addr < seg.paddr + seg.memsz
+                   for seg in self.kernel.segments):
+                raise HvError(f"{self.name} loads over {addr:#x}, where hv puts {what}")
+            self.guest.write(addr, data)
 
     def _boot_kernel(self, cpu: VCpu, mbi: int) -> None:
         """The machine state a multiboot loader leaves (this module's docstring)."""
@@ -292,6 +294,10 @@ class VM:
             self.vcpus[0].stats.counters["console_dropped"] += 1
         if self.on_console is not None:
             self.on_console(byte)
+
+    def clock(self) -> int:
+        """The time of the vCPU running now, as the chipset's timers see it."""
+        return self.machine.current.clock()
 
     def mark(self, ident: int, vcpu: VCpu) -> bool:
         """Hypercall MARK from `vcpu`, mid-slice: its instructions so far
@@ -394,7 +400,7 @@ class Machine:
                 tlb.walk_cache = WalkCache()
         self.vms: list[VM] = []
         self.interrupted = False        # Ctrl-C while running
-        self._current: VCpu | None = None   # the vCPU of the current slice
+        self.current: VCpu | None = None   # the vCPU of the current slice
 
     def run(self) -> None:
         """Run until every VM ended. Ctrl-C or --timeout end the VMs still
@@ -425,8 +431,8 @@ class Machine:
         """Recorded, and the running slice stopped; the scheduler ends the
         VMs before the next slice. Raises nothing (see _catch_sigint)."""
         self.interrupted = True
-        if self._current is not None:
-            self._current.interrupt(frame)
+        if self.current is not None:
+            self.current.interrupt(frame)
 
     def _stop_all(self, reason: str, detail: str) -> None:
         for vm in self.vms:
@@ -454,7 +460,7 @@ class Machine:
                         return
                     if vm.ended or cpu.halted:
                         continue
-                    self._current = cpu
+                    self.current = cpu
                     took = vm.run_slice(cpu)
                     longest = max(longest, took)
                     for woken in [c for c in idle if c.halted and c.can_wake()]:
