@@ -210,68 +210,8 @@ def test_a_non_canonical_fs_base_is_gp():
 # -- the local APIC and interrupts, from a flat guest ----------------------------
 
 # Map the xAPIC page (GiB 3 of the boot tables, a fresh page directory at
-# 0x8000), take vector 31 through the IDT (its handler counts at 0x7000 and
-# writes EOI), and run the APIC timer: one-shot, then periodic, each waited
-# for with `sti; hlt`.
-APIC_TIMER = """
-    mov qword ptr [0x3000 + 3 * 8], 0x8000 | 3
-    mov rax, 0xFEE00000 | 0x93                 ; P RW PS PCD
-    mov qword ptr [0x8000 + 0x1F7 * 8], rax
-    mov rax, cr3
-    mov cr3, rax
-    mov rdi, 31
-    lea rsi, [rip + on_timer]
-    call idt_set_handler
-    mov rbx, 0xFEE00000
-    mov dword ptr [rbx + 0xF0], 0x1FF          ; SPIV: software enable
-    mov dword ptr [rbx + 0x3E0], 0xB           ; divide by 1
-    mov qword ptr [0x7000], 0
-    mov dword ptr [rbx + 0x320], 31            ; LVT timer: vector 31, one-shot
-    mov dword ptr [rbx + 0x380], 100000        ; initial count
-    sti
-    hlt
-    cli
-    mov r14, qword ptr [0x7000]                ; 1: the one-shot fired once
-    mov dword ptr [rbx + 0x320], 31 | 0x20000  ; periodic
-    mov dword ptr [rbx + 0x380], 50000
-wait:
-    sti
-    hlt
-    cli
-    cmp qword ptr [0x7000], 4
-    jb wait
-    mov dword ptr [rbx + 0x380], 0             ; stop it
-    mov eax, dword ptr [rbx + 0x390]           ; current count: 0
-    shl r14, 8
-    add rax, r14
-    add rax, qword ptr [0x7000]
-    out 0xF4, eax
-on_timer:
-    inc qword ptr [0x7000]
-    mov rax, 0xFEE000B0
-    mov dword ptr [rax], 0                     ; EOI
-    ret
-"""
-
-
-@pytest.mark.parametrize("mode", MODES)
-def test_the_apic_timer_wakes_hlt_through_the_idt(mode):
-    from conftest import LIB
-    r = run_src(LIB + APIC_TIMER, mode)
-    assert (r.reason, r.exit_code) == ("exit", 0x104), (r.detail, r.console)
-    assert r.counters["interrupts"] == 4
-    assert r.exits["HLT"] == 4
-    if hv.vmm.modes.MODES[mode].virtualized:
-        assert r.counters["mmio_exits"] > 0
-
-
-# CR8 is the TPR (SDM Vol.3A §11.8.6): each sees the other's writes. A
-# self-IPI of vector 31 waits while CR8 = 15 holds it back, even with
-# interrupts on; the MOV that lowers CR8 lets it in right after itself
-# (0x7000 counts it). Exit code: CR8 read after an MMIO TPR write of 0x30,
-# the TPR read after CR8 = 5, and the count before and after the MOV.
-# The xAPIC page mapped and enabled at RBX, vector 31's handler counting at
-# 0x7000 (from 0) and writing EOI.
+# 0x8000) and enable it at RBX; vector 31's handler, through the IDT,
+# counts at 0x7000 (from 0) and writes EOI.
 APIC_IPI = """
     mov qword ptr [0x3000 + 3 * 8], 0x8000 | 3
     mov rax, 0xFEE00000 | 0x93                 ; P RW PS PCD
@@ -292,6 +232,57 @@ on_ipi:
     ret
 apic_ready:
 """
+# Run the APIC timer: one-shot, then periodic, each waited for with `sti; hlt`.
+APIC_TIMER = APIC_IPI + """
+    mov dword ptr [rbx + 0x3E0], 0xB           ; divide by 1
+    mov dword ptr [rbx + 0x320], 31            ; LVT timer: vector 31, one-shot
+    mov dword ptr [rbx + 0x380], 100000        ; initial count
+    sti
+    hlt
+    cli
+    mov r14, qword ptr [0x7000]                ; 1: the one-shot fired once
+    mov dword ptr [rbx + 0x320], 31 | 0x20000  ; periodic
+    mov dword ptr [rbx + 0x380], 50000
+wait:
+    sti
+    hlt
+    cli
+    cmp qword ptr [0x7000], 4
+    jb wait
+    mov dword ptr [rbx + 0x380], 0             ; stop it
+    mov eax, dword ptr [rbx + 0x390]           ; current count: 0
+    shl r14, 8
+    add rax, r14
+    add rax, qword ptr [0x7000]
+    out 0xF4, eax
+"""
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_the_apic_timer_wakes_hlt_through_the_idt(mode):
+    from conftest import LIB
+    r = run_src(LIB + APIC_TIMER, mode)
+    assert (r.reason, r.exit_code) == ("exit", 0x104), (r.detail, r.console)
+    assert r.counters["interrupts"] == 4
+    assert r.exits["HLT"] == 4
+    if hv.vmm.modes.MODES[mode].virtualized:
+        assert r.counters["mmio_exits"] > 0
+
+
+# CR8 is the TPR (SDM Vol.3A §11.8.6): each sees the other's writes. A
+# self-IPI of vector 31 waits while CR8 = 15 holds it back, even with
+# interrupts on; the MOV that lowers CR8 lets it in right after itself
+# (0x7000 counts it). Exit code: CR8 read after an MMIO TPR write of 0x30,
+# the TPR read after CR8 = 5, and the count before and after the MOV.
+# R12..R15's low bytes as one word in RAX, R12's highest.
+PACK_R12_R15 = """
+    shl r12, 24
+    shl r13, 16
+    shl r14, 8
+    lea rax, [r12 + r13]
+    add rax, r14
+    add rax, r15
+"""
 CR8_TPR = APIC_IPI + """
     mov dword ptr [rbx + 0x80], 0x30           ; TPR
     mov r12, cr8                               ; 3
@@ -307,25 +298,25 @@ CR8_TPR = APIC_IPI + """
     xor eax, eax
     mov cr8, rax
     mov r15, qword ptr [0x7000]                ; 1: taken after the MOV
-    shl r12, 24
-    shl r13, 16
-    shl r14, 8
-    lea rax, [r12 + r13]
-    add rax, r14
-    add rax, r15
+""" + PACK_R12_R15 + """
     out 0xF4, eax
 """
 
 
+def run_interrupts(src: str, mode: str, exit_code: int, interrupts: int, exit_reason: str):
+    """Run `src` after LIB; under a VMM it takes one `exit_reason` exit."""
+    from conftest import LIB
+    r = run_src(LIB + src, mode)
+    assert (r.reason, r.exit_code) == ("exit", exit_code), (r.detail, r.console)
+    assert r.counters["interrupts"] == interrupts
+    virtualized = hv.vmm.modes.MODES[mode].virtualized
+    assert r.exits.get(exit_reason, 0) == (1 if virtualized else 0)
+
+
 @pytest.mark.parametrize("mode", MSR_MODES)
 def test_cr8_is_the_tpr_and_lowering_it_lets_an_interrupt_in(mode):
-    from conftest import LIB
-    r = run_src(LIB + CR8_TPR, mode)
-    assert (r.reason, r.exit_code) == ("exit", 0x03_50_00_01), (r.detail, r.console)
-    assert r.counters["interrupts"] == 1
     # Under a VMM CR8 is the TPR shadow: it exits only where it let the IPI in.
-    virtualized = hv.vmm.modes.MODES[mode].virtualized
-    assert r.exits.get("TPR_BELOW_THRESHOLD", 0) == (1 if virtualized else 0)
+    run_interrupts(CR8_TPR, mode, 0x03_50_00_01, 1, "TPR_BELOW_THRESHOLD")
 
 
 # A self-IPI sent with interrupts off waits for STI, and its shadow: it is
@@ -342,12 +333,7 @@ SELF_IPI_STI = APIC_IPI + """
     mov dword ptr [rbx + 0x300], 0x40000 | 31
     mov r15, qword ptr [0x7000]                ; 2
     nop
-    shl r12, 24
-    shl r13, 16
-    shl r14, 8
-    lea rax, [r12 + r13]
-    add rax, r14
-    add rax, r15
+""" + PACK_R12_R15 + """
     add rax, qword ptr [0x7000]                ; 2: no second delivery
     out 0xF4, eax
 """
@@ -355,13 +341,8 @@ SELF_IPI_STI = APIC_IPI + """
 
 @pytest.mark.parametrize("mode", MSR_MODES)
 def test_an_interrupt_waits_for_sti_and_its_shadow(mode):
-    from conftest import LIB
-    r = run_src(LIB + SELF_IPI_STI, mode)
-    assert (r.reason, r.exit_code) == ("exit", 0x00_00_01_04), (r.detail, r.console)
-    assert r.counters["interrupts"] == 2
     # Under a VMM the wait is interrupt-window exiting: one exit, at the window.
-    virtualized = hv.vmm.modes.MODES[mode].virtualized
-    assert r.exits.get("INTERRUPT_WINDOW", 0) == (1 if virtualized else 0)
+    run_interrupts(SELF_IPI_STI, mode, 0x00_00_01_04, 2, "INTERRUPT_WINDOW")
 
 
 @pytest.mark.parametrize("mode", MSR_MODES)
