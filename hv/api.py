@@ -310,7 +310,8 @@ def make_result(name: str, vm: VM) -> Result:
         e, c, t = _figures(cpu.stats, vm.mode.name)
         rip = cpu.engine.reg("rip")
         vcpus.append({"index": cpu.index, "exits": e, "counters": c, "tlb": t,
-                      "halted": cpu.halted, "rip": rip, "where": vm.symbols.name(rip)})
+                      "clock": cpu.clock(), "halted": cpu.halted, "rip": rip,
+                      "where": vm.symbols.name(rip)})
     c = vm.config
     crash = next((cpu.crash for cpu in vm.vcpus if cpu.crash is not None), None)
     return Result(

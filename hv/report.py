@@ -88,7 +88,8 @@ def _vcpus_table(r: Result) -> Table:
     """A line per vCPU: what it ran, and where it was at the end."""
     t = Table(title="vCPUs", title_justify="left", box=None, pad_edge=False)
     several = bool(r.vms)
-    for col in ("VM",) * several + ("vCPU", "insns", "exits", "TLB misses", "walk refs"):
+    for col in ("VM",) * several + ("vCPU", "insns", "exits", "TLB misses", "walk refs",
+                                    "clock"):
         t.add_column(col, justify="right")
     t.add_column("at the end")
     for i, vm in enumerate(r.vms or [r.__dict__]):
@@ -97,7 +98,7 @@ def _vcpus_table(r: Result) -> Table:
             state = "halted at" if cpu["halted"] else "rip"
             t.add_row(*(str(i),) * several, str(cpu["index"]), f"{cpu['counters']['insns']:,}",
                       f"{cpu['counters']['exits']:,}", _tlb_figure(cpu["tlb"], "misses"),
-                      _tlb_figure(cpu["tlb"], "walk_refs"),
+                      _tlb_figure(cpu["tlb"], "walk_refs"), f"{cpu['clock']:,}",
                       escape(f"{state} {cpu['rip']:#x}{where}"))
     return t
 

@@ -9,7 +9,7 @@ import pytest
 
 import hv
 from hv.arch import cpuid
-from hv.cost import bundled_profiles, load_profile
+from hv.cost import DEFAULT_PROFILE, bundled_profiles, load_profile
 from hv.errors import HvError
 from hv.hw.cpu import CpuModel, parse_cpu
 
@@ -437,3 +437,11 @@ def test_a_vcpu_sending_an_ipi_yields_to_its_destination(mode):
     r = run_src(IPI_WAIT, mode, vcpus=2)
     assert r.reason == "exit" and 1 <= r.exit_code <= 3, (r.detail, r.exit_code, r.console)
     assert r.counters["interrupts"] == 1
+
+
+def test_a_vcpus_clock_is_in_its_result():
+    """Natively: its instructions and walk references at the default profile."""
+    r = hv.run("hello", "native")
+    c = load_profile(DEFAULT_PROFILE).cycles
+    assert r.vcpus[0]["clock"] == int(r.counters["insns"] * c["cpi"]
+                                      + r.tlb["walk_refs"] * c["walk_ref"]) > 0
