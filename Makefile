@@ -7,7 +7,7 @@ STAMP   := $(VENV)/.installed
 
 .PHONY: demo test fuzz bench kut clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py hv/hw/_sites.c
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[test]'

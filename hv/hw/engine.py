@@ -220,6 +220,21 @@ _OUT_CB = ctypes.CFUNCTYPE(None, _P, _U32, _INT, _U32, _P)              # uc_cb_
 _INVALID_CB = ctypes.CFUNCTYPE(ctypes.c_bool, _P, _P)                   # uc_cb_hookinsn_invalid_t
 _CPUID_CB = ctypes.CFUNCTYPE(_U32, _P, _P)                              # uc_cb_insn_cpuid_t
 
+try:
+    from . import _sites            # the compiled code hook (hv/hw/_sites.c)
+except ImportError:                 # no C compiler at install: a hook per address
+    _sites = None
+
+
+class _Sites(ctypes.Structure):
+    """struct hv_sites of hv/hw/_sites.c: the hooked addresses."""
+    _fields_ = (("slots", ctypes.POINTER(ctypes.c_uint64)), ("shift", ctypes.c_uint64),
+                ("site", _CODE_CB))
+
+
+_FIB = 0x9E3779B97F4A7C15
+_M64 = (1 << 64) - 1
+
 _uc_reg_write = _uclib.uc_reg_write
 # Registers read and written as one 64-bit value through a direct call
 # (the binding's reg_read costs several times more).
@@ -252,6 +267,7 @@ class Engine:
         self.error: BaseException | None = None   # first exception raised in a hook
         self._stopped_at: int | None = None     # the counter when a hook asked to stop
         self._hooks = []                           # keep ctypes callbacks alive
+        self._site_fns: dict[int, list[Callable[[int], None]]] | None = None   # hook_code_at
         self._handle = uc._uch
         self._uc_ptr = ctypes.cast(uc._uch, ctypes.c_void_p).value    # the uc_struct
         self._running = False
@@ -398,12 +414,13 @@ class Engine:
              end: int = 0, *extra) -> int:
         return self._register(kind, prototype(self._guarded(fn, failed)), begin, end, *extra)
 
-    def _register(self, kind: int, cb, begin: int = 1, end: int = 0, *extra) -> int:
+    def _register(self, kind: int, cb, begin: int = 1, end: int = 0, *extra,
+                  user_data: int | None = None) -> int:
         self._hooks.append(cb)
         handle = ctypes.c_size_t()
         err = _uclib.uc_hook_add(self._handle, ctypes.byref(handle), kind,
-                                 ctypes.cast(cb, ctypes.c_void_p), None, ctypes.c_uint64(begin),
-                                 ctypes.c_uint64(end), *extra)
+                                 ctypes.cast(cb, ctypes.c_void_p), user_data,
+                                 ctypes.c_uint64(begin), ctypes.c_uint64(end), *extra)
         if err:
             raise EngineError(f"cannot add a hook: {uc_mod.UcError(err)}")
         return handle.value
@@ -460,10 +477,50 @@ class Engine:
         self.uc.mmio_map(paddr, size, self._guarded(lambda _uc, off, n, _d: read(off, n), 0), None,
                          self._guarded(lambda _uc, off, n, value, _d: write(off, n, value)), None)
 
-    def hook_code_at(self, address: int, fn: Callable[[int], None]) -> int:
-        """Call fn(address) before the instruction that starts at `address` runs."""
-        return self._add(ucc.UC_HOOK_CODE, _CODE_CB, lambda _uc, addr, _size, _d: fn(addr),
-                         None, address, address)
+    def hook_code_at(self, address: int, fn: Callable[[int], None]) -> None:
+        """Call fn(address) before the instruction that starts at `address`
+        runs, from this run on. With hv/hw/_sites.c built, one code hook
+        looks every hooked address up; else each address has its own."""
+        if _sites is None:
+            self._add(ucc.UC_HOOK_CODE, _CODE_CB, lambda _uc, addr, _size, _d: fn(addr),
+                      None, address, address)
+            return
+        if self._site_fns is None:
+            self._site_fns = {}
+            self._sites = _Sites(site=_CODE_CB(self._guarded(self._site)))
+            self._grow_sites(6)
+            self._register(ucc.UC_HOOK_CODE, _sites.HOOK, user_data=ctypes.addressof(self._sites))
+        fns = self._site_fns.get(address)
+        if fns is not None:
+            fns.append(fn)
+            return
+        self._site_fns[address] = [fn]
+        if 2 * len(self._site_fns) > len(self._slots):
+            self._grow_sites(len(self._slots).bit_length())
+        else:
+            self._place_site(address)
+
+    def _site(self, _uc, address: int, _size, _data) -> None:
+        for fn in self._site_fns[address]:
+            fn(address)
+            if self._stopped_at is not None:
+                break       # as Unicorn skips the hooks after one that stops
+
+    def _grow_sites(self, bits: int) -> None:
+        """A table of 2**bits slots with every hooked address (C reads it
+        at each instruction; this runs between instructions)."""
+        self._slots = (ctypes.c_uint64 * (1 << bits))()
+        self._sites.slots = self._slots
+        self._sites.shift = 64 - bits
+        for address in self._site_fns:
+            self._place_site(address)
+
+    def _place_site(self, address: int) -> None:
+        slots, shift = self._slots, self._sites.shift
+        i = ((address * _FIB) & _M64) >> shift
+        while slots[i]:
+            i = (i + 1) % len(slots)
+        slots[i] = address + 1
 
     # -- running -------------------------------------------------------------
     def run(self, pc: int, count: int) -> int:
