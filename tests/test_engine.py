@@ -363,3 +363,24 @@ def test_a_move_from_cr8_reads_zero_under_unicorn():
     e = engine("mov rax, 9\nmov cr8, rax\nmov rbx, cr8\nhlt")
     e.run(BASE, 100)
     assert e.reg("rbx") == 0
+
+
+def test_the_compiled_site_hook_is_built_where_a_c_compiler_is():
+    import shutil
+    import sysconfig
+    from hv.hw import engine as hw_engine
+    if shutil.which(sysconfig.get_config_var("CC").split()[0]) is None:
+        pytest.skip("no C compiler here: hv runs with a Unicorn hook per address (slower)")
+    assert hw_engine._sites is not None, "hv/hw/_sites.c was not built at install (pip install -e .)"
+
+
+@pytest.mark.parametrize("guest,mmu", [("ctxswitch", "shadow"), ("forkwait", "ept"),
+                                       ("pgfault", "native")])
+def test_a_hook_per_address_counts_the_same_as_the_compiled_hook(monkeypatch, guest, mmu):
+    """The fallback of an install without a C compiler (hv.hw.engine)."""
+    import hv
+    from hv.hw import engine as hw_engine
+    compiled = hv.run(guest, mmu)
+    monkeypatch.setattr(hw_engine, "_sites", None)
+    per_address = hv.run(guest, mmu)
+    assert compiled.to_json() == per_address.to_json()
