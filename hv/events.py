@@ -97,12 +97,13 @@ class PageFault(Fault):
 
 
 class GeneralProtection(Fault):
-    """#GP(0): a non-canonical address, or an instruction the hardware
-    refuses before it runs (a reserved bit in MOV to CR)."""
+    """#GP: a non-canonical address, or an instruction the hardware refuses
+    before it runs (a reserved bit in MOV to CR); the error code is 0 or a
+    selector."""
     vector = Vector.GP
 
-    def __init__(self, vaddr: int = 0):
-        super().__init__(vaddr, 0)
+    def __init__(self, vaddr: int = 0, error_code: int = 0):
+        super().__init__(vaddr, error_code)
 
 
 class NonCanonical(GeneralProtection):

@@ -827,6 +827,10 @@ def code_source(code: bytes, prologue: bool) -> str:
 _NO_TSC_OR_MSR = bytes.maketrans(b"\x30\x31\x32", b"\x90\x90\x90")
 _MOV_CR0_CR4 = re.compile(rb"\x0f\x22(?=[\x00-\x07\x20-\x27\x40-\x47\x60-\x67\x80-\x87"
                           rb"\xa0-\xa7\xc0-\xc7\xe0-\xe7])", re.S)
+# LGDT and LIDT (0F 01 /2, /3 with a memory operand), LLDT and LTR (0F 00 /2,
+# /3): a non-canonical base is #GP by the SDM and loads under the oracle.
+_TABLE_LOADS = re.compile(rb"\x0f(?:\x01(?=[\x10-\x1f\x50-\x5f\x90-\x9f])|\x00(?=[\x10-\x1f\x50-\x5f"
+                          rb"\x90-\x9f\xd0-\xdf]))", re.S)
 
 
 def scrub_code(code: bytes) -> bytes:
@@ -840,5 +844,8 @@ def scrub_code(code: bytes) -> bytes:
     CR4.PAE is #GP(0) by the SDM and loads under the oracle
     (test_leaving_ia32e_mode_from_64_bit_code_is_gp0). Nor RDMSR and WRMSR
     (their 30 and 32 bytes become 90, as 31's): hv's MSR model answers in
-    its modes, QEMU's MSRs under the oracle (test_kernels.py)."""
-    return _MOV_CR0_CR4.sub(b"\x0f\x90", code).translate(_NO_TSC_OR_MSR)
+    its modes, QEMU's MSRs under the oracle (test_kernels.py). Nor LGDT,
+    LIDT, LLDT and LTR (their 01 or 00 byte becomes 90): a non-canonical
+    base is #GP(0) in hv's modes, loaded under the oracle."""
+    code = _TABLE_LOADS.sub(b"\x0f\x90", _MOV_CR0_CR4.sub(b"\x0f\x90", code))
+    return code.translate(_NO_TSC_OR_MSR)

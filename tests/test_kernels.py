@@ -100,6 +100,20 @@ def test_pcid_without_pcid_is_gp_and_invpcid_ud(mode):
         assert "PASS: Test on PCID when disabled" in r.console
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_la57_s_canonical_checks_pass_without_la57(mode):
+    """kvm-unit-tests la57 on a CPU without LA57 checks 48-bit canonical
+    bases: LGDT, LIDT, LTR and LLDT of a non-canonical one are #GP. Under
+    qemu QEMU loads them, and accepts a non-canonical GS_BASE from WRMSR
+    too: the guest's next GS access faults until it triple-faults."""
+    r = hv.run(kut_image("la57"), mode)
+    if mode == "qemu":
+        assert r.reason == "triple_fault" and "gs:" in r.detail
+    else:
+        assert (r.reason, r.exit_code) == ("exit", 0), r.detail
+        assert "SUMMARY: 54 tests, 5 skipped" in r.console
+
+
 @pytest.mark.parametrize("image", ["smap", "pku"])
 def test_smap_and_pku_skip_on_a_cpu_without_them(image):
     r = hv.run(kut_image(image), "ept")
@@ -200,6 +214,42 @@ def test_an_msr_hv_does_not_know_is_gp(mode):
         assert r.reason == "triple_fault"
         assert r.crash["chain"][0]["name"] == "#GP(0x0)"
         assert r.crash["insn"].startswith(("rdmsr", "wrmsr"))
+
+
+# A GDT at 0x6000 (null, the boot code and data segments, a 16-byte TSS
+# descriptor at 0x18 whose base 0x80000000_00005000 is not canonical), its
+# GDTR at 0x6100, and the same GDTR with a non-canonical base at 0x6200.
+TABLE_LOADS = """
+    mov qword ptr [0x6000], 0
+    mov rax, 0x00af9a000000ffff
+    mov qword ptr [0x6008], rax
+    mov rax, 0x00cf92000000ffff
+    mov qword ptr [0x6010], rax
+    mov rax, 0x0000890050000067
+    mov qword ptr [0x6018], rax
+    mov rax, 0x0000000080000000
+    mov qword ptr [0x6020], rax
+    mov word ptr [0x6100], 0x27
+    mov qword ptr [0x6102], 0x6000
+    mov word ptr [0x6200], 0x27
+    mov rax, 0x8000000000006000
+    mov qword ptr [0x6202], rax
+    lgdt [0x6100]
+    {load}
+    hlt
+"""
+
+
+@pytest.mark.parametrize("mode", MSR_MODES)
+@pytest.mark.parametrize("load,insn,error", [("lgdt [0x6200]", "lgdt", 0),
+                                             ("lidt [0x6200]", "lidt", 0),
+                                             ("mov ax, 0x18\n    ltr ax", "ltr", 0x18)])
+def test_a_table_base_that_is_not_canonical_is_gp(mode, load, insn, error):
+    """No IDT: the #GP becomes a triple fault, at the instruction."""
+    r = run_src(TABLE_LOADS.format(load=load), mode)
+    assert r.reason == "triple_fault"
+    assert r.crash["chain"][0]["name"] == f"#GP({error:#x})"
+    assert r.crash["insn"].startswith(insn)
 
 
 def test_a_non_canonical_fs_base_is_gp():

@@ -74,7 +74,7 @@ _REGS = {name: getattr(x86c, f"UC_X86_REG_{name.upper()}") for name in (
     "cs ds es fs gs ss cr0 cr2 cr3 cr4 fs_base gs_base").split()}
 # Sub-registers that instruction operands may name (capstone's names).
 for _w in ("eax ebx ecx edx esi edi ebp esp r8d r9d r10d r11d r12d r13d r14d r15d "
-           "ax bx cx dx si di bp sp al bl cl dl").split():
+           "ax bx cx dx si di bp sp r8w r9w r10w r11w r12w r13w r14w r15w al bl cl dl").split():
     _REGS[_w] = getattr(x86c, f"UC_X86_REG_{_w.upper()}")
 
 UC_MEM_READ = ucc.UC_MEM_READ        # access codes of the TLB-fill callback

@@ -25,14 +25,16 @@ from ..errors import InvariantError
 
 # Opcodes after any prefixes: 0F 22 /r (MOV to CRn), 0F 01 /7 with a memory
 # operand (INVLPG), 0F 30 (WRMSR), 0F 31 (RDTSC), 0F 32 (RDMSR), 0F 01 F9
-# (RDTSCP). SDM Vol.2B "MOV-Move to/from Control Registers", Vol.2A
-# "INVLPG", Vol.2B "WRMSR", "RDTSC", "RDMSR", "RDTSCP". The same behind a VEX
+# (RDTSCP), 0F 01 /2 and /3 with a memory operand (LGDT, LIDT), 0F 00 /2
+# and /3 (LLDT, LTR). SDM Vol.2B "MOV-Move to/from Control Registers",
+# Vol.2A "INVLPG", Vol.2B "WRMSR", "RDTSC", "RDMSR", "RDTSCP", Vol.2A
+# "LGDT/LIDT", "LLDT", Vol.2B "LTR". The same behind a VEX
 # prefix: C5 xx, or C4 xx xx with map 0F (m-mmmm = 1). In 32-bit code REX
 # bytes are INC and DEC, so the candidates of a 64-bit scan include every
 # start a 32-bit decoder would see; the hook decodes in the CPU's mode.
 # And 0F 20 /r after a REX prefix with R set: MOV from CR8 (its only form;
 # CR8 is the local APIC's TPR, which QEMU under Unicorn does not keep).
-_OPCODES = re.compile(rb"(?:\x0f|\xc5.|\xc4[\x01\x21\x41\x61\x81\xa1\xc1\xe1].)[\x22\x01\x30\x31\x32]"
+_OPCODES = re.compile(rb"(?:\x0f|\xc5.|\xc4[\x01\x21\x41\x61\x81\xa1\xc1\xe1].)[\x00\x22\x01\x30\x31\x32]"
                       rb"|[\x44-\x47\x4c-\x4f]\x0f\x20", re.DOTALL)
 # Legacy prefixes and REX (SDM Vol.2A §2.1.1, §2.2.1).
 _PREFIXES = frozenset(b"\x66\x67\xf2\xf3\xf0\x2e\x36\x3e\x26\x64\x65") | frozenset(range(0x40, 0x50))
@@ -52,10 +54,13 @@ def candidate_starts(code: bytes, limit: int) -> list[int]:
         i, end = m.start(), m.end()
         if code[i] & 0xF0 == 0x40:
             i += 1                  # the REX of MOV from CR8 is its own prefix
-        if code[end - 1] == 0x01 and end < len(code):
-            modrm = code[end]
-            if (modrm >> 3) & 7 != 7 or (modrm >> 6 == 3 and modrm != 0xF9):
-                continue            # 0F 01 but neither INVLPG nor RDTSCP
+        if code[end - 1] in (0x00, 0x01) and end < len(code):
+            reg, memory = code[end] >> 3 & 7, code[end] >> 6 != 3
+            if code[end - 1] == 0x00:
+                if reg not in (2, 3):
+                    continue        # 0F 00 but neither LLDT nor LTR
+            elif not (reg == 7 and (memory or code[end] == 0xF9) or reg in (2, 3) and memory):
+                continue            # 0F 01 but none of INVLPG, RDTSCP, LGDT, LIDT
         j = i
         while True:
             if j < limit:
@@ -78,9 +83,10 @@ def ends_open(code: bytes, limit: int) -> bool:
 class Intercepted:
     """A decoded intercepted instruction.
 
-    kind: "mov_cr", "mov_from_cr8", "invlpg", "wrmsr", "rdmsr", "rdtsc" or
-    "rdtscp". For mov_cr: `cr` and the source register name `reg`; for
-    mov_from_cr8: the destination `reg`. For invlpg: the memory operand
+    kind: "mov_cr", "mov_from_cr8", "invlpg", "wrmsr", "rdmsr", "rdtsc",
+    "rdtscp", "lgdt", "lidt", "lldt" or "ltr". For mov_cr: `cr` and the
+    source register name `reg`; for mov_from_cr8: the destination `reg`;
+    for lldt and ltr: the selector's `reg`, or a memory operand as invlpg's. For invlpg: the memory operand
     (`base`, `index`, `scale`, `disp`, `segment` register names or None).
     """
     kind: str
@@ -104,6 +110,9 @@ def _capstone(mode: int) -> capstone.Cs:
 _CS = {64: _capstone(capstone.CS_MODE_64), 32: _capstone(capstone.CS_MODE_32),
        16: _capstone(capstone.CS_MODE_16)}
 _SIMPLE = (csx86.X86_INS_WRMSR, csx86.X86_INS_RDMSR, csx86.X86_INS_RDTSC, csx86.X86_INS_RDTSCP)
+# One operand, a memory address (or, for LLDT and LTR, a selector register).
+_MEMORY_OPERAND = (csx86.X86_INS_INVLPG, csx86.X86_INS_LGDT, csx86.X86_INS_LIDT,
+                   csx86.X86_INS_LLDT, csx86.X86_INS_LTR)
 
 
 def insn_size(code: bytes, bits: int = 64) -> int:
@@ -124,10 +133,12 @@ def decode(code: bytes, address: int, bits: int = 64) -> Intercepted | None:
     text = f"{insn.mnemonic} {insn.op_str}".strip()
     if insn.id in _SIMPLE:
         return Intercepted(insn.mnemonic, insn.size, text)
-    if insn.id == csx86.X86_INS_INVLPG:
-        mem = insn.operands[0].mem
-        name = insn.reg_name
-        return Intercepted("invlpg", insn.size, text,
+    if insn.id in _MEMORY_OPERAND:
+        op, name = insn.operands[0], insn.reg_name
+        if op.type == csx86.X86_OP_REG:
+            return Intercepted(insn.mnemonic, insn.size, text, reg=name(op.reg))
+        mem = op.mem
+        return Intercepted(insn.mnemonic, insn.size, text,
                            base=name(mem.base) if mem.base else None,
                            index=name(mem.index) if mem.index else None,
                            scale=mem.scale, disp=mem.disp,

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from .. import asm
 from ..cost import CycleClock
+from ..arch.cpuid import canonical
 from ..arch.paging import PAGE_SIZE, PFErr
 from ..arch.vmx import ExitReason, cr_access_qualification
 from ..arch.x86 import CR0, HAS_ERROR_CODE, MSR_EFER, RFLAGS, Vector, mov_to_cr_faults
@@ -46,6 +47,10 @@ VMCALL = b"\x0f\x01\xc1"
 _MMIO_PF_READ = int(PFErr.P | PFErr.RSVD)
 _MMIO_PF_WRITE = _MMIO_PF_READ | int(PFErr.W)
 _IF = int(RFLAGS.IF)
+# LGDT, LIDT, LLDT, LTR; and the access byte (P and type) LLDT and LTR
+# load: an LDT, an available 64-bit TSS (SDM Vol.3A Table 3-2).
+_TABLE_LOADS = frozenset({"lgdt", "lidt", "lldt", "ltr"})
+_SYSTEM_DESCRIPTOR = {"lldt": 0x82, "ltr": 0x89}
 # Instructions stepped one at a time while an interrupt waits for RFLAGS.IF;
 # then the steps double (bounded slowdown for a guest that keeps IF clear).
 _EXACT_WINDOW = 64
@@ -208,6 +213,9 @@ class VCpu:
         if ins.cr == 8:
             self._cr8(rip, ins)
             return
+        if ins.kind in _TABLE_LOADS:
+            self._table_load(rip, ins)
+            return
         if ins.kind == "mov_cr":
             if ins.cr not in (0, 3, 4):
                 return      # CR2 is no paging control, and loads without an exit
@@ -251,6 +259,34 @@ class VCpu:
                 dispatch(self, Exit(ExitReason.TPR_BELOW_THRESHOLD, 0, rip, ins.size))
             else:
                 self.request_stop()
+
+    def _table_load(self, rip: int, ins: Intercepted) -> None:
+        """LGDT, LIDT, LLDT, LTR in 64-bit mode: a base that is not canonical
+        is #GP(0), or #GP(selector) from a descriptor (SDM Vol.2A "LGDT/LIDT",
+        "LLDT", Vol.2B "LTR"). QEMU loads it; its own checks come first."""
+        e = self.engine
+        if e.code_bits() != 64:
+            return
+        try:
+            if ins.kind in ("lgdt", "lidt"):
+                operand = self._read_linear(self._effective_address(ins, rip), 10)
+                base, error = int.from_bytes(operand[2:], "little"), 0
+            else:
+                sel = (e.reg(ins.reg) if ins.reg else int.from_bytes(
+                    self._read_linear(self._effective_address(ins, rip), 2), "little")) & 0xFFFF
+                gdt_base, gdt_limit = e.gdtr()
+                if sel & 4 or sel < 4 or (sel & ~7) + 15 > gdt_limit:
+                    return      # null, LDT-relative or past the GDT: QEMU faults it
+                d = self._read_linear(gdt_base + (sel & ~7), 16)
+                if d[5] & 0x9F != _SYSTEM_DESCRIPTOR[ins.kind]:
+                    return      # not present, or not an LDT or available TSS
+                base = (int.from_bytes(d[2:5], "little") | d[7] << 24
+                        | int.from_bytes(d[8:12], "little") << 32)
+                error = sel & 0xFFFC
+        except (VmExit, Fault, EmulateWrite):
+            return              # the operand faults: QEMU's to raise
+        if not canonical(base):
+            self.fault_insn(GeneralProtection(error_code=error))
 
     # -- the CPU model: CPUID, RDMSR, WRMSR (the hardware's, or the VMM's) ----
     def _cpuid(self) -> None:
