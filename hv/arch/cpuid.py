@@ -75,7 +75,3 @@ def cr4_reserved(features) -> int:
         allowed |= CR4_BY_FEATURE.get(name, 0)
     return 0xFFFF_FFFF & ~allowed
 
-
-def canonical(value: int, bits: int = LINEAR_BITS) -> bool:
-    top = value >> (bits - 1)
-    return top == 0 or top == (1 << (65 - bits)) - 1

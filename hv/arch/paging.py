@@ -80,10 +80,11 @@ def large_frame(entry: int, level: int) -> int:
 PAGE_SIZES = {1: 1 << 12, 2: 1 << 21, 3: 1 << 30}
 
 
-def is_canonical(vaddr: int) -> bool:
-    """48-bit canonical form: bits 63:47 all equal (SDM Vol.1 §3.3.7.1)."""
-    top = vaddr >> 47
-    return top == 0 or top == (1 << 17) - 1
+def is_canonical(vaddr: int, bits: int = 48) -> bool:
+    """Canonical form for `bits`-bit linear addresses: bits 63:bits-1 all
+    equal (SDM Vol.1 §3.3.7.1)."""
+    top = vaddr >> (bits - 1)
+    return top == 0 or top == (1 << (65 - bits)) - 1
 
 
 def reserved_mask(level: int, entry: int, nxe: bool) -> int:

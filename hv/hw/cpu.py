@@ -11,6 +11,7 @@ import struct
 from typing import Callable
 
 from ..arch import cpuid as c
+from ..arch.paging import is_canonical
 from ..devices.lapic import base_msr_valid
 from ..errors import HvError
 
@@ -117,7 +118,7 @@ class Msrs:
         """Whether the write is allowed; hv's own MSRs change here, QEMU's
         when QEMU runs the instruction after."""
         if index in c.CANONICAL_MSRS:
-            return c.canonical(value)
+            return is_canonical(value, c.LINEAR_BITS)
         if index in c.QEMU_MSRS:
             return True
         if index == c.MSR_TSC:

@@ -22,8 +22,8 @@ from __future__ import annotations
 
 from .. import asm
 from ..cost import CycleClock
-from ..arch.cpuid import canonical
-from ..arch.paging import PAGE_SIZE, PFErr
+from ..arch.cpuid import LINEAR_BITS
+from ..arch.paging import PAGE_SIZE, PFErr, is_canonical
 from ..arch.vmx import ExitReason, cr_access_qualification
 from ..arch.x86 import CR0, HAS_ERROR_CODE, MSR_EFER, RFLAGS, Vector, mov_to_cr_faults
 from ..errors import InvariantError
@@ -285,7 +285,7 @@ class VCpu:
                 error = sel & 0xFFFC
         except (VmExit, Fault, EmulateWrite):
             return              # the operand faults: QEMU's to raise
-        if not canonical(base):
+        if not is_canonical(base, LINEAR_BITS):
             self.fault_insn(GeneralProtection(error_code=error))
 
     # -- the CPU model: CPUID, RDMSR, WRMSR (the hardware's, or the VMM's) ----
