@@ -143,13 +143,13 @@ def _ghz(path: Path, data: dict) -> float:
 
 
 # Exits the guest's own interface causes (console output, hypercall marks,
-# HLT, CPUID, RDMSR, interrupts (lowering CR8, the interrupt window), and
-# device memory: `mmio_exits` of any reason): the
+# HLT, CPUID, RDMSR, INVD, interrupts (lowering CR8, the interrupt window),
+# and device memory: `mmio_exits` of any reason): the
 # same in every virtualized mode and no part of what memory virtualization
 # costs, so `hv compare` counts them but does not price them. The guest's
 # own clock (CycleClock) prices them: a guest timing CPUID sees its exit.
 UNPRICED_EXITS = ("IO_INSTRUCTION", "VMCALL", "HLT", "CPUID", "MSR_READ",
-                  "TPR_BELOW_THRESHOLD", "INTERRUPT_WINDOW")
+                  "TPR_BELOW_THRESHOLD", "INTERRUPT_WINDOW", "INVD")
 
 
 def priced_exits(figures: dict) -> int:

@@ -495,3 +495,10 @@ def test_a_vcpus_clock_is_in_its_result():
     c = load_profile(DEFAULT_PROFILE).cycles
     assert r.vcpus[0]["clock"] == int(r.counters["insns"] * c["cpi"]
                                       + r.tlb["walk_refs"] * c["walk_ref"]) > 0
+
+
+@pytest.mark.parametrize("mode", MSR_MODES)
+def test_invd_exits_under_a_vmm_and_runs_on(mode):
+    r = run_src("invd\nmov eax, 7\nout 0xF4, eax", mode)
+    assert r.exit_code == 7
+    assert r.exits.get("INVD", 0) == (1 if hv.vmm.modes.MODES[mode].virtualized else 0)

@@ -15,6 +15,7 @@ class ExitReason(IntEnum):
     INTERRUPT_WINDOW = 7
     CPUID = 10
     HLT = 12
+    INVD = 13
     INVLPG = 14
     RDPMC = 15
     RDTSC = 16

@@ -26,15 +26,15 @@ from ..errors import InvariantError
 # Opcodes after any prefixes: 0F 22 /r (MOV to CRn), 0F 01 /7 with a memory
 # operand (INVLPG), 0F 30 (WRMSR), 0F 31 (RDTSC), 0F 32 (RDMSR), 0F 01 F9
 # (RDTSCP), 0F 01 /2 and /3 with a memory operand (LGDT, LIDT), 0F 00 /2
-# and /3 (LLDT, LTR). SDM Vol.2B "MOV-Move to/from Control Registers",
+# and /3 (LLDT, LTR), 0F 08 (INVD). SDM Vol.2B "MOV-Move to/from Control Registers",
 # Vol.2A "INVLPG", Vol.2B "WRMSR", "RDTSC", "RDMSR", "RDTSCP", Vol.2A
-# "LGDT/LIDT", "LLDT", Vol.2B "LTR". The same behind a VEX
+# "LGDT/LIDT", "LLDT", Vol.2B "LTR", Vol.2A "INVD". The same behind a VEX
 # prefix: C5 xx, or C4 xx xx with map 0F (m-mmmm = 1). In 32-bit code REX
 # bytes are INC and DEC, so the candidates of a 64-bit scan include every
 # start a 32-bit decoder would see; the hook decodes in the CPU's mode.
 # And 0F 20 /r after a REX prefix with R set: MOV from CR8 (its only form;
 # CR8 is the local APIC's TPR, which QEMU under Unicorn does not keep).
-_OPCODES = re.compile(rb"(?:\x0f|\xc5.|\xc4[\x01\x21\x41\x61\x81\xa1\xc1\xe1].)[\x00\x22\x01\x30\x31\x32]"
+_OPCODES = re.compile(rb"(?:\x0f|\xc5.|\xc4[\x01\x21\x41\x61\x81\xa1\xc1\xe1].)[\x00\x08\x22\x01\x30\x31\x32]"
                       rb"|[\x44-\x47\x4c-\x4f]\x0f\x20", re.DOTALL)
 # Legacy prefixes and REX (SDM Vol.2A §2.1.1, §2.2.1).
 _PREFIXES = frozenset(b"\x66\x67\xf2\xf3\xf0\x2e\x36\x3e\x26\x64\x65") | frozenset(range(0x40, 0x50))
@@ -84,7 +84,7 @@ class Intercepted:
     """A decoded intercepted instruction.
 
     kind: "mov_cr", "mov_from_cr8", "invlpg", "wrmsr", "rdmsr", "rdtsc",
-    "rdtscp", "lgdt", "lidt", "lldt" or "ltr". For mov_cr: `cr` and the
+    "rdtscp", "invd", "lgdt", "lidt", "lldt" or "ltr". For mov_cr: `cr` and the
     source register name `reg`; for mov_from_cr8: the destination `reg`;
     for lldt and ltr: the selector's `reg`, or a memory operand as invlpg's. For invlpg: the memory operand
     (`base`, `index`, `scale`, `disp`, `segment` register names or None).
@@ -109,7 +109,8 @@ def _capstone(mode: int) -> capstone.Cs:
 
 _CS = {64: _capstone(capstone.CS_MODE_64), 32: _capstone(capstone.CS_MODE_32),
        16: _capstone(capstone.CS_MODE_16)}
-_SIMPLE = (csx86.X86_INS_WRMSR, csx86.X86_INS_RDMSR, csx86.X86_INS_RDTSC, csx86.X86_INS_RDTSCP)
+_SIMPLE = (csx86.X86_INS_WRMSR, csx86.X86_INS_RDMSR, csx86.X86_INS_RDTSC, csx86.X86_INS_RDTSCP,
+           csx86.X86_INS_INVD)
 # One operand, a memory address (or, for LLDT and LTR, a selector register).
 _MEMORY_OPERAND = (csx86.X86_INS_INVLPG, csx86.X86_INS_LGDT, csx86.X86_INS_LIDT,
                    csx86.X86_INS_LLDT, csx86.X86_INS_LTR)

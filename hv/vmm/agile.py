@@ -37,7 +37,8 @@ NESTED_INTERCEPTS = frozenset({ExitReason.IO_INSTRUCTION, ExitReason.HLT, ExitRe
                                ExitReason.TRIPLE_FAULT, ExitReason.EPT_VIOLATION,
                                ExitReason.EPT_MISCONFIG, ExitReason.CPUID,
                                ExitReason.MSR_READ, ExitReason.MSR_WRITE,
-                               ExitReason.TPR_BELOW_THRESHOLD, ExitReason.INTERRUPT_WINDOW})
+                               ExitReason.TPR_BELOW_THRESHOLD, ExitReason.INTERRUPT_WINDOW,
+                               ExitReason.INVD})
 POLICIES = ("dynamic", "shadow", "nested")
 # The dynamic policy's knobs: `--agile-policy dynamic:writes=2,trial=0`.
 KNOBS = {"writes": "SWITCH_WRITES", "cr3": "SWITCH_CR3", "window": "WINDOW", "trial": "TRIAL"}

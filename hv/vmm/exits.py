@@ -173,6 +173,12 @@ def _tpr_below_threshold(vcpu: "VCpu", ex: Exit) -> None:
     vcpu.request_stop()
 
 
+@handles(ExitReason.INVD)
+def _invd(vcpu: "VCpu", ex: Exit) -> None:
+    """Caches are the host's: nothing to drop (KVM skips it too)."""
+    vcpu.engine.set_reg("rip", ex.rip + ex.insn_len)
+
+
 @handles(ExitReason.INTERRUPT_WINDOW)
 def _interrupt_window(vcpu: "VCpu", ex: Exit) -> None:
     """The guest takes interrupts again: the entry this exit returns

@@ -28,10 +28,11 @@ BASE_INTERCEPTS = frozenset({ExitReason.IO_INSTRUCTION, ExitReason.HLT, ExitReas
 # MOV to CR8 exits only when it lowers the TPR below an interrupt it held
 # back (SDM Vol.3C §29.1.2, the TPR threshold KVM sets). An interrupt that
 # waits for RFLAGS.IF exits when the window opens (interrupt-window exiting,
-# SDM Vol.3C §26.7.5), and the VMM injects it.
+# SDM Vol.3C §26.7.5), and the VMM injects it. INVD always exits (SDM
+# Vol.3C §26.1.2).
 VIRTUAL_CPU_INTERCEPTS = frozenset({ExitReason.CPUID, ExitReason.MSR_READ,
                                     ExitReason.MSR_WRITE, ExitReason.TPR_BELOW_THRESHOLD,
-                                    ExitReason.INTERRUPT_WINDOW})
+                                    ExitReason.INTERRUPT_WINDOW, ExitReason.INVD})
 
 
 class Mode:

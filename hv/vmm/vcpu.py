@@ -232,6 +232,10 @@ class VCpu:
             ex = Exit(ExitReason.INVLPG, self._effective_address(ins, rip), rip, ins.size)
         elif ins.kind == "rdmsr":
             ex = Exit(ExitReason.MSR_READ, e.reg("rcx") & 0xFFFF_FFFF, rip, ins.size)
+        elif ins.kind == "invd":
+            if ExitReason.INVD in self.mmu.intercepts:
+                dispatch(self, Exit(ExitReason.INVD, 0, rip, ins.size))
+            return      # natively the CPU runs it: QEMU does nothing
         else:
             value = (e.reg("rdx") & 0xFFFF_FFFF) << 32 | (e.reg("rax") & 0xFFFF_FFFF)
             ex = Exit(ExitReason.MSR_WRITE, e.reg("rcx") & 0xFFFF_FFFF, rip, ins.size,
