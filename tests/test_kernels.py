@@ -502,3 +502,11 @@ def test_invd_exits_under_a_vmm_and_runs_on(mode):
     r = run_src("invd\nmov eax, 7\nout 0xF4, eax", mode)
     assert r.exit_code == 7
     assert r.exits.get("INVD", 0) == (1 if hv.vmm.modes.MODES[mode].virtualized else 0)
+
+
+@pytest.mark.parametrize("mode", ("native", "shadow", "ept"))
+def test_check_invariants_takes_the_apic_page_for_the_vms_own(mode):
+    """A TLB entry of a device page maps no RAM, and is the VM's own."""
+    from conftest import LIB
+    r = run_src(LIB + APIC_TIMER, mode, check_invariants=True)
+    assert (r.reason, r.exit_code) == ("exit", 0x104), r.detail

@@ -322,13 +322,16 @@ class VM:
 
     def check_invariants(self) -> None:
         """Isolation (--check-invariants): every TLB entry of this VM maps its
-        own guest memory; its shadow or EPT tables keep their invariants.
-        (Each VM has its own host memory, which only its engines map, so no
-        translation of one VM can reach another's.) Raises InvariantError."""
+        own guest memory or one of its device pages; its shadow or EPT tables
+        keep their invariants. (Each VM has its own host memory, which only
+        its engines map, so no translation of one VM can reach another's.)
+        Raises InvariantError."""
         if self.mode.tlb_model:
+            devices = set(self.guest.devices.values())
             for cpu in self.vcpus:
                 for tr in cpu.hw.tlb.held(self.asid):
-                    if not self.guest.owns(tr.pbase, 1 << tr.shift):
+                    if not (self.guest.owns(tr.pbase, 1 << tr.shift)
+                            or tr.shift == 12 and tr.pbase in devices):
                         raise InvariantError(f"a TLB entry maps {tr.vbase:#x} to host "
                                              f"{tr.pbase:#x}, outside the VM's memory")
         self.mode.check(self)
