@@ -195,7 +195,7 @@ def _parser() -> argparse.ArgumentParser:
                         "timeout stops it first)")
     k.add_argument("--timeout", type=float, metavar="SECONDS",
                    help="every test's wall-clock timeout, instead of unittests.cfg's "
-                        "(default 90 s); 0: none (access takes about 18 minutes)")
+                        "(default 90 s); 0: none (access takes about 6 minutes)")
     k.add_argument("--profile", default=DEFAULT_PROFILE,
                    help=f"the CPU whose costs run each test's clock (RDTSC, the APIC timer): "
                         f"a bundled profile or a .toml file (default {DEFAULT_PROFILE})")
