@@ -5,7 +5,8 @@ plain Python callables, reads and writes registers by name, runs the guest
 for a bounded number of instructions and reports how many it started.
 
 These facts about Unicorn 2.1.4 shape this module (tests/test_engine.py
-pins each; ARCHITECTURE.md, "Exceptions", says why they matter):
+pins each, BENCHMARKS.md measures the cost of counting; ARCHITECTURE.md,
+"Exceptions", says why they matter):
 
 - unicorn#1883: CPUX86State.old_exception is never cleared, so the second
   exception is reported as #DF and the third stops the guest silently.
@@ -36,6 +37,13 @@ pins each; ARCHITECTURE.md, "Exceptions", says why they matter):
 - uc_ctl can only flush Unicorn's whole TLB; QEMU's tlb_flush_page is
   exported, and needs the CPUState that `uc_struct.cpu` points at, found
   once per process by `_cpu_layout()`, with the CPUX86State (`env`) in it.
+- Counting instructions (emu_start's count) calls a helper on every
+  instruction that walks the whole list of code hooks, so each hooked
+  address slows every instruction: `hook_code_at` keeps
+  its addresses in one compiled hook's table (hv/hw/_sites.c). A code hook
+  added from a device-memory callback misses the block running; one added
+  from a code hook does not. A stop requested from a device write makes
+  QEMU run the store again unless RIP was moved past it.
 - The binding's reg_read, context save/restore and hook wrappers cost
   microseconds; QEMU keeps the registers, hflags (CPL) and its exception
   state in `env`, so the engine reads those fields in place and registers
