@@ -6,7 +6,8 @@
 
 The exits priced are those memory virtualization causes; the guest's own
 I/O, hypercalls and HLT exit alike in every virtualized mode and are left
-out (UNPRICED_EXITS).
+out (UNPRICED_EXITS). A vCPU's own clock (CycleClock: its TSC and APIC
+timer) uses the same weights with every exit priced.
 
 A remote TLB flush (shadow paging, `remote_tlb_flush`) is priced as one
 more exit, on the vCPU it kicks. VMM work is what an exit's handler does

@@ -361,6 +361,7 @@ def run_interrupts(src: str, mode: str, exit_code: int, interrupts: int, exit_re
     assert r.counters["interrupts"] == interrupts
     virtualized = hv.vmm.modes.MODES[mode].virtualized
     assert r.exits.get(exit_reason, 0) == (1 if virtualized else 0)
+    return r
 
 
 @pytest.mark.parametrize("mode", MSR_MODES)
@@ -510,3 +511,32 @@ def test_check_invariants_takes_the_apic_page_for_the_vms_own(mode):
     from conftest import LIB
     r = run_src(LIB + APIC_TIMER, mode, check_invariants=True)
     assert (r.reason, r.exit_code) == ("exit", 0x104), r.detail
+
+
+# An interrupt that waited for IF, then was held back by CR8 instead: once
+# IF is set it waits for no window, and lowering CR8 lets it in (exit codes
+# as SELF_IPI_STI's: 0 with IF clear, 0 under CR8 = 15, 1 after the MOV).
+HELD_THEN_TPR = APIC_IPI + """
+    cli
+    mov dword ptr [rbx + 0x300], 0x40000 | 31  ; ICR: self, fixed, vector 31
+    nop
+    mov r12, qword ptr [0x7000]                ; 0: IF is clear
+    mov eax, 15
+    mov cr8, rax
+    sti
+    nop
+    nop
+    mov r13, qword ptr [0x7000]                ; 0: CR8 holds it
+    xor eax, eax
+    mov cr8, rax
+    mov r14, qword ptr [0x7000]                ; 1
+    xor r15, r15
+""" + PACK_R12_R15 + """
+    out 0xF4, eax
+"""
+
+
+@pytest.mark.parametrize("mode", MSR_MODES)
+def test_an_interrupt_the_tpr_took_over_from_if_needs_no_window(mode):
+    r = run_interrupts(HELD_THEN_TPR, mode, 0x00_00_01_00, 1, "TPR_BELOW_THRESHOLD")
+    assert r.exits.get("INTERRUPT_WINDOW", 0) == 0

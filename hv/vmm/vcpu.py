@@ -507,7 +507,9 @@ class VCpu:
         the window opens)."""
         apic, e = self.apic, self.engine
         apic.tick()
-        if apic.pending() is not None:
+        if apic.pending() is None:
+            self._blocked = 0       # none waits (the TPR may hold one back: no window)
+        else:
             if not e.reg("rflags") & _IF or e.interrupt_shadow():
                 # Blocked: step to the instruction where the window opens,
                 # then in growing steps (a guest may keep IF clear for long).
