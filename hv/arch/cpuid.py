@@ -7,7 +7,7 @@ check), so CPUID is hv's in every mode.
 """
 from __future__ import annotations
 
-from .x86 import MSR_EFER
+from .x86 import CR4, MSR_EFER
 
 VENDOR = b"GenuineIntel"
 BRAND = b"hv virtual CPU (a toy hypervisor's model)"
@@ -62,10 +62,11 @@ QEMU_MSRS = frozenset({MSR_SYSENTER_CS, MSR_SYSENTER_ESP, MSR_SYSENTER_EIP, MSR_
 
 # The CR4 bits a feature makes legal (SDM Vol.3A §2.5: setting a bit whose
 # feature CPUID does not report is #GP); TSD and PCE have no CPUID bit.
-CR4_BY_FEATURE = {"de": 1 << 3, "pse": 1 << 4, "pae": 1 << 5, "pge": 1 << 7, "fxsr": 1 << 9,
-                  "sse": 1 << 10, "pcid": 1 << 17, "smep": 1 << 20, "smap": 1 << 21,
-                  "pku": 1 << 22, "la57": 1 << 12}
-CR4_ALWAYS = 1 << 2 | 1 << 8
+CR4_BY_FEATURE = {name: int(bit) for name, bit in (
+    ("de", CR4.DE), ("pse", CR4.PSE), ("pae", CR4.PAE), ("pge", CR4.PGE), ("fxsr", CR4.OSFXSR),
+    ("sse", CR4.OSXMMEXCPT), ("pcid", CR4.PCIDE), ("smep", CR4.SMEP), ("smap", CR4.SMAP),
+    ("pku", CR4.PKE), ("la57", CR4.LA57))}
+CR4_ALWAYS = int(CR4.TSD | CR4.PCE)
 
 
 def cr4_reserved(features) -> int:
