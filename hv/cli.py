@@ -93,11 +93,7 @@ def _add_config_options(r: argparse.ArgumentParser) -> None:
                         "has them")
     r.add_argument("--pwc", action="store_true",
                    help="page-walk caches and a nested TLB (fewer references per walk)")
-    r.add_argument("--profile", default=DEFAULT_PROFILE,
-                   help=f"the CPU whose costs price the counts and run the guest's clock "
-                        f"(RDTSC, the APIC timer): a bundled profile "
-                        f"({', '.join(bundled_profiles())}) or a .toml file "
-                        f"(default {DEFAULT_PROFILE})")
+    _add_profile_option(r)
     r.add_argument("--timeout", type=float, default=0,
                    help="stop after this many wall-clock seconds (default: no limit)")
     r.add_argument("--check-invariants", action="store_true",
@@ -112,6 +108,14 @@ def _add_config_options(r: argparse.ArgumentParser) -> None:
     r.add_argument("--cpu", default="", metavar="FEATURES",
                    help="the CPU's features, QEMU's -cpu spelling: max (all hv has, the "
                         "default), +feature, -feature, e.g. max,-pdpe1gb")
+
+
+def _add_profile_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--profile", default=DEFAULT_PROFILE,
+                   help=f"the CPU whose costs price the counts and run the guest's clock "
+                        f"(RDTSC, the APIC timer): a bundled profile "
+                        f"({', '.join(bundled_profiles())}) or a .toml file "
+                        f"(default {DEFAULT_PROFILE})")
 
 
 def _config(args) -> dict:
@@ -196,9 +200,7 @@ def _parser() -> argparse.ArgumentParser:
     k.add_argument("--timeout", type=float, metavar="SECONDS",
                    help="every test's wall-clock timeout, instead of unittests.cfg's "
                         "(default 90 s); 0: none (access takes about 6 minutes)")
-    k.add_argument("--profile", default=DEFAULT_PROFILE,
-                   help=f"the CPU whose costs run each test's clock (RDTSC, the APIC timer): "
-                        f"a bundled profile or a .toml file (default {DEFAULT_PROFILE})")
+    _add_profile_option(k)
     k.add_argument("--list", action="store_true",
                    help="print the tests and hv's options for each, without running them")
     k.add_argument("--json", action="store_true", help="print one JSON document on stdout")
