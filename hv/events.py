@@ -25,14 +25,17 @@ class Exit(NamedTuple):
     """One exit: the reason and its qualification (SDM Vol.3C §28.2.1),
     plus the operand value hv's handlers need: the byte written (IO), the
     new register value (CR_ACCESS, MSR_WRITE), the vector (EXCEPTION_NMI),
-    the guest-physical address (EPT_VIOLATION, EPT_MISCONFIG). (A named
-    tuple: built on every exit, at half a frozen dataclass's cost.)"""
+    the guest-physical address (EPT_VIOLATION, EPT_MISCONFIG); `gla`, the
+    guest-linear address whose walk met an EPT violation (its own VMCS
+    field; the page's, as TLB fills come). (A named tuple: built on every exit, at half a frozen
+    dataclass's cost.)"""
     reason: ExitReason
     qualification: int = 0
     rip: int = 0
     insn_len: int = 0
     value: int = 0
     error_code: int | None = None
+    gla: int = 0
 
 
 # The events below are raised on every fault and exit: their messages are
@@ -50,10 +53,11 @@ class VmExit(Exception):
 class EptViolation(VmExit):
     """An EPT walk found no entry, or one without the rights the access
     needs (SDM Vol.3C §29.3.3.2). The exit's `value` is the guest-physical
-    address (its own VMCS field), the qualification says which access."""
+    address (its own VMCS field), the qualification says which access;
+    `gla` the linear address whose walk it was, once the walk knows it."""
 
-    def __init__(self, gpa: int, qualification: int):
-        self.exit = Exit(ExitReason.EPT_VIOLATION, qualification, value=gpa)
+    def __init__(self, gpa: int, qualification: int, gla: int = 0):
+        self.exit = Exit(ExitReason.EPT_VIOLATION, qualification, value=gpa, gla=gla)
         self.gpa, self.qualification = gpa, qualification
 
 

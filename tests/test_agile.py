@@ -146,6 +146,62 @@ churn:
     assert s.exits["INVLPG"] == 64 and s["mmu_pte_write"] == 63
 
 
+# After the PT went nested (mark 2): PT entry 15 maps the shadowed PD
+# itself, and the guest points PD entry 0 at a new PT through that mapping,
+# below the switch. The write must still reach the shadow PD (EPT maps
+# shadowed tables read-only: an EPT_VIOLATION, emulated), or the read of
+# VA goes on through the old PT (0x11 for 0x22).
+WRITE_THROUGH_SWITCH = """
+    mov byte ptr [0x600000], 0x11
+    mov byte ptr [0x610000], 0x22
+    mov qword ptr [0x704000], 0x610003
+    mov qword ptr [0x703000 + 15 * 8], 0x702003
+    invlpg [r12 + 0xf000]
+    mov qword ptr [r12 + 0xf000], 0x704003
+    invlpg [r12]
+    mov al, byte ptr [r12]
+    mov dx, 0xf4
+    out dx, al
+"""
+# After the PT went nested, the guest clears EFER.NXE, walks the switch
+# again, and reads through a PTE with bit 63 set: reserved now, a #PF with
+# RSVD, though the shadow part runs with NXE set.
+NX_BELOW_SWITCH = """
+    mov ecx, 0xC0000080
+    rdmsr
+    and eax, 0xfffff7ff
+    wrmsr
+    mov al, byte ptr [r12]
+    mov rax, 0x8000000000601003
+    mov qword ptr [0x703000 + 8], rax
+    invlpg [r12 + 0x1000]
+    mov al, byte ptr [r12 + 0x1000]
+""" + EXIT
+
+
+def _outcome(r: hv.Result) -> tuple:
+    chain = [(step["vector"], step["error_code"]) for step in (r.crash or {}).get("chain", ())]
+    return r.reason, r.exit_code, chain
+
+
+@pytest.mark.parametrize("options", [{}, {"memo": False}, {"pwc": True}],
+                         ids=["memo", "no-memo", "pwc"])
+@pytest.mark.parametrize("tail", [WRITE_THROUGH_SWITCH, NX_BELOW_SWITCH],
+                         ids=["table-written-through-switch", "nx-reserved-below-switch"])
+def test_below_a_switch_the_guest_gets_what_every_other_mode_gives(tail, options):
+    """Two holes a nested subtree opened in the shadow part (kvm-unit-tests
+    access_test found both): a shadowed table written through a mapping
+    below a switch, and the guest's EFER.NXE below a switch."""
+    src = switch_at(PT).replace(mark(2) + "\n    mov rcx, 16", mark(2) + tail + "\n    mov rcx, 16")
+    r = agile_run(src, **options)
+    assert r.counters["agile.to_nested"] == 1
+    assert _outcome(r) == _outcome(hv.run("test", mmu="native", image=image(src)))
+    if tail is WRITE_THROUGH_SWITCH:
+        assert r.exit_code == 0x22 and r.exits["EPT_VIOLATION"] >= 1
+    else:
+        assert r.reason == "triple_fault" and r.crash["chain"][0]["error_code"] == 0x9
+
+
 # Every sample guest, as `hv compare` runs it, and every other with its defaults.
 CASES = list({c.run_key: c for c in compare.SUITE}.values()) + [
     compare.Case(g) for g in ("hello", "pagetouch")]

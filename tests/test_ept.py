@@ -179,7 +179,7 @@ def test_an_ept_violation_left_unmapped_ends_the_vm_as_an_hv_bug(monkeypatch):
     """The vCPU's one guard: the same exit right after its handler ran is
     an invariant failure, not a loop."""
     from hv.vmm.ept import EptPaging
-    monkeypatch.setattr(EptPaging, "ept_violation", lambda self, gpa: None)
+    monkeypatch.setattr(EptPaging, "ept_violation", lambda self, ex: None)
     r = hv.run("hello", mmu="ept")
     assert r.reason == "invariant" and "EPT_VIOLATION came back" in r.detail, r.detail
     assert r.exits == {"EPT_VIOLATION": 1}

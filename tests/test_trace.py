@@ -99,7 +99,8 @@ def test_shadow_exits_carry_their_qualification():
 def test_ept_violations_carry_the_guest_physical_address():
     _, events = traced("ept")
     touch = [e for e in only(events, "EPT_VIOLATION") if e["rip"] == LABELS["touch"]]
-    assert [(e["insns"], e["where"], e["gpa"]) for e in touch] == [(7, "touch", 0x1234000)]
+    assert [(e["insns"], e["where"], e["gpa"], e["gla"]) for e in touch] == [
+        (7, "touch", 0x1234000, 0x1234000)]
     # Qualification (SDM Vol.3C Table 28-7): a write (bit 1), the linear
     # address valid and the access to it (bits 7 and 8), nothing mapped (5:3).
     assert touch[0]["qualification"] == 0x182

@@ -143,6 +143,14 @@ class HardwareMMU:
             self.tlb.flush_asid(self.asid)
         self.counters["tlb_flush"] += 1
 
+    def invept(self) -> None:
+        """INVEPT single-context (the VMM changed an EPT entry's rights):
+        every translation this vCPU derived from EPT, counted as a flush."""
+        self.tlb.flush_asid(self.asid)
+        if self.tlb.walk_cache is not None:
+            self.tlb.walk_cache.flush_nested(self.asid)
+        self.counters["tlb_flush"] += 1
+
     def flush_physical(self) -> None:
         """Flush the physical CPU's whole TLB, every ASID's entries: a VM
         entry or exit on a CPU without VPIDs."""
@@ -238,19 +246,19 @@ class HardwareMMU:
             self.counters["tlb.evictions"] += 1
         return tr
 
-    def _nested(self, gpa: int, access: int, final: bool) -> tuple[int, int]:
+    def _nested(self, gpa: int, access: int, final: bool) -> tuple[int, int, bool]:
         """One EPT step of the two-dimensional walk, through the nested TLB
-        if there is one."""
+        if there is one (it keeps EPT's W: a write it refuses walks EPT)."""
         ntlb = self.tlb.walk_cache
         if ntlb is not None:
             hit = ntlb.nested_lookup(self.asid, gpa)
-            if hit is not None:
+            if hit is not None and (hit[2] or access != WRITE):
                 self.counters["pwc.ntlb_hits"] += 1
-                return hit[0] | (gpa & 0xFFF), hit[1]
-        hpa, shift = self.ept_walker.walk_ept(self.eptp, gpa, access, final)
+                return hit[0] | (gpa & 0xFFF), hit[1], hit[2]
+        hpa, shift, writable = self.ept_walker.walk_ept(self.eptp, gpa, access, final)
         if ntlb is not None:
-            ntlb.nested_insert(self.asid, gpa, hpa, shift)
-        return hpa, shift
+            ntlb.nested_insert(self.asid, gpa, hpa, shift, writable)
+        return hpa, shift, writable
 
 
 class QemuMMU:

@@ -30,7 +30,7 @@ class WalkCache:
         self.psc_entries, self.ntlb_entries = psc_entries, ntlb_entries
         # level -> (asid, vaddr bits) -> (next table, AND and OR of the entries above, switched)
         self.psc = {level: OrderedDict() for level in (4, 3, 2)}
-        self.ntlb: OrderedDict = OrderedDict()      # (asid, gfn) -> (hpa page, shift)
+        self.ntlb: OrderedDict = OrderedDict()      # (asid, gfn) -> (hpa page, shift, EPT's W)
 
     def lookup(self, asid: int, vaddr: int):
         """The deepest cached non-leaf entry for `vaddr`: (its level, next
@@ -51,8 +51,8 @@ class WalkCache:
     def nested_lookup(self, asid: int, gpa: int):
         return self.ntlb.get((asid, gpa >> 12))
 
-    def nested_insert(self, asid: int, gpa: int, hpa: int, shift: int) -> None:
-        self.ntlb[(asid, gpa >> 12)] = (hpa & ~0xFFF, shift)
+    def nested_insert(self, asid: int, gpa: int, hpa: int, shift: int, writable: bool) -> None:
+        self.ntlb[(asid, gpa >> 12)] = (hpa & ~0xFFF, shift, writable)
         if len(self.ntlb) > self.ntlb_entries:
             self.ntlb.popitem(last=False)
 
@@ -60,6 +60,10 @@ class WalkCache:
         for cache in self.psc.values():
             for key in [k for k in cache if k[0] == asid]:
                 del cache[key]
+
+    def flush_nested(self, asid: int) -> None:
+        for key in [k for k in self.ntlb if k[0] == asid]:
+            del self.ntlb[key]
 
     def flush_all(self) -> None:
         for cache in self.psc.values():

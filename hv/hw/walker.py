@@ -87,7 +87,8 @@ class Walker:
     VMM's software walk of guest tables (vmm.* counters). `nested`, for a
     two-dimensional walk, translates each guest-physical address the walk
     uses (every table entry and the final page) through EPT:
-    nested(gpa, access, final) -> (host-physical address, page shift).
+    nested(gpa, access, final) -> (host-physical address, page shift,
+    whether EPT allows writes).
 
     Counting: each loop reads an entry with `word` and counts it in
     `by_level` (this walker's references by level) on the next line, then
@@ -115,10 +116,13 @@ class Walker:
         # Agile paging (`switch`): a non-leaf entry with this bit holds the
         # guest-physical address of the guest's next table, and the walk
         # goes on there in two dimensions: through `switch_nested`, its
-        # references counted in `switch_by_level` ("guest").
+        # references counted in `switch_by_level` ("guest"), checked with
+        # the guest's EFER.NXE (`switch_nxe`), not the one the shadow part
+        # runs with.
         self.switch = 0
         self.switch_nested = None
         self.switch_by_level: list[int] | None = None
+        self.switch_nxe = True
 
     @classmethod
     def peeker(cls, mem, limit: int) -> "Walker":
@@ -233,6 +237,8 @@ class Walker:
                 level, table, all_and, any_or, switched = hit
                 if switched:
                     nested, by_level = self.switch_nested, self.switch_by_level
+                    if not self.switch_nxe:
+                        check, nxe = _CHECK_NO_NXE, False
                 level -= 1
         try:
             # arch.paging's table_index and is_leaf, inline: the hottest loop.
@@ -264,12 +270,17 @@ class Walker:
                 if entry & switch and nested is None:
                     # Agile paging: on in the guest's own tables, through EPT.
                     nested, by_level = self.switch_nested, self.switch_by_level
+                    if not self.switch_nxe:
+                        check, nxe = _CHECK_NO_NXE, False
                 if pwc is not None:
                     pwc.insert(self.asid, level, vaddr,
                                (table, all_and, any_or, nested is not self.nested))
                 level -= 1
             return self._leaf(vaddr, access, user, wp, nxe, level, entry_addr, entry,
                               all_and, any_or, path, nested)
+        except EptViolation as v:
+            # The exit names the linear address whose walk met it.
+            raise EptViolation(v.gpa, v.qualification, vaddr) from None
         finally:
             counters[self._walks] += 1
             counters[self._refs] += refs
@@ -307,13 +318,17 @@ class Walker:
         shift = _SHIFT[level]
         low = (1 << shift) - 1
         paddr = (entry & ADDR_MASK & ~low) | (vaddr & low)
+        dirty = bool(entry & D)
         if nested is not None:
-            paddr, ept_shift = nested(paddr, access, True)
+            paddr, ept_shift, ept_writable = nested(paddr, access, True)
             if ept_shift < shift:
                 shift = ept_shift
                 low = (1 << shift) - 1
+            # A page EPT maps without W is cached as clean: a write walks
+            # again, and meets the EPT violation.
+            dirty = dirty and ept_writable
         return Translation(vaddr & ~low, paddr & ~low, shift,
-                           writable, usable, nx, bool(entry & G), bool(entry & D))
+                           writable, usable, nx, bool(entry & G), dirty)
 
     def walk_unpaged(self, vaddr: int, access: int) -> Translation:
         """Paging off (CR0.PG clear): the linear address is guest-physical.
@@ -324,15 +339,17 @@ class Walker:
         if self.nested is None:
             return Translation(page, page, 12, True, True, False, False, True)
         before = self._counters[self._refs]
-        hpa, _shift = self.nested(page, access, True)
+        hpa, _shift, ept_writable = self.nested(page, access, True)
         self._counters[self._walks] += 1
         self._hist[self._counters[self._refs] - before] += 1
-        return Translation(page, hpa & ~0xFFF, 12, True, True, False, False, True)
+        return Translation(page, hpa & ~0xFFF, 12, True, True, False, False, ept_writable)
 
-    def walk_ept(self, eptp: int, gpa: int, access: int, final: bool) -> tuple[int, int]:
+    def walk_ept(self, eptp: int, gpa: int, access: int,
+                 final: bool) -> tuple[int, int, bool]:
         """Translate guest-physical `gpa` through EPT: (host-physical address,
-        page shift). One step of a two-dimensional walk: its references are
-        counted, it is no walk of its own. Raises EptViolation, EptMisconfig.
+        page shift, whether EPT allows writes). One step of a two-dimensional
+        walk: its references are counted, it is no walk of its own. Raises
+        EptViolation, EptMisconfig.
         """
         table = eptp & ADDR_MASK
         rights = ept.RWX
@@ -374,7 +391,7 @@ class Walker:
         if entry & bits != bits:
             self._set_bits(entry_addr, entry, bits)
         low = (1 << _SHIFT[level]) - 1
-        return (entry & ADDR_MASK & ~low) | (gpa & low), _SHIFT[level]
+        return (entry & ADDR_MASK & ~low) | (gpa & low), _SHIFT[level], bool(rights & ept.W)
 
     def peek(self, cr3: int, vaddr: int, nxe: bool) -> int | None:
         """The guest-physical address `vaddr` reads from now, or None."""

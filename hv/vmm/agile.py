@@ -15,9 +15,15 @@ without an exit; an INVLPG there needs none either. Where the guest loads
 CR3 often, the root itself switches: the hardware walks from the guest's
 CR3, nested from the top, and MOV to CR3 exits no more (as under `ept`).
 
+A shadowed guest table may also be reached as data through a switch (the
+guest writes its tables through a mapping whose table is nested): EPT
+maps it read-only, so that write exits too (EPT_VIOLATION) and is
+emulated as shadow paging's write-protection fault would be.
+
 Invariants (besides shadow paging's and EPT's):
 - A guest table frame is shadowed or walked nested, never both: a switch
   entry points at a frame no shadow page shadows (ShadowCache.check).
+- A shadowed guest table frame is never writable through EPT (AgileMMU.check).
 - Every vCPU's root is the policy's: nested or a shadow root, the same for
   all vCPUs of the VM before any of them runs again (`AgilePaging.reload`).
 
@@ -27,8 +33,11 @@ INVLPG's address lies below a switch is the CPU's, and costs nothing here.
 """
 from __future__ import annotations
 
+from ..arch import ept as arch_ept
+from ..arch.ept import EptQual
 from ..arch.vmx import ExitReason
 from ..errors import HvError, InvariantError
+from ..events import EmulateWrite
 from ..memory import parse_count
 from .shadow import ShadowCache, ShadowPaging
 
@@ -153,10 +162,26 @@ class AgilePolicy:
 DEFAULT_KNOBS = ",".join(f"{knob}={getattr(AgilePolicy, attr)}" for knob, attr in KNOBS.items())
 
 
+class AgileCache(ShadowCache):
+    """Shadow pages whose guest tables EPT write-protects too (this
+    module's docstring)."""
+
+    def __init__(self, guest, vmm_size: int, large_pages: bool, ept):
+        super().__init__(guest, vmm_size, large_pages)
+        self.ept = ept
+        ept.read_only = self.shadowed
+
+    def write_protect(self, c, gfn: int) -> None:
+        super().write_protect(c, gfn)
+        if self.ept.protect(c, gfn):
+            for paging in self.vcpus:
+                paging.hw.invept()
+
+
 class AgileMMU:
     """The VM's state under agile paging: its shadow pages, its EPT, the policy."""
 
-    def __init__(self, shadow: ShadowCache, ept, policy: AgilePolicy):
+    def __init__(self, shadow: AgileCache, ept, policy: AgilePolicy):
         self.shadow, self.ept, self.policy = shadow, ept, policy
 
     def check(self) -> None:
@@ -165,6 +190,10 @@ class AgileMMU:
         for gfn in self.policy.nested:
             if gfn in self.shadow.shadowed:
                 raise InvariantError(f"guest table {gfn:#x} is both nested and shadowed")
+        for gfn in self.shadow.shadowed:
+            leaf = self.ept.leaf(gfn << 12)
+            if leaf is not None and leaf[2] & arch_ept.W:
+                raise InvariantError(f"shadowed guest table {gfn:#x} is writable through EPT")
 
 
 class AgilePaging(ShadowPaging):
@@ -174,14 +203,25 @@ class AgilePaging(ShadowPaging):
 
     def __init__(self, hw, state: AgileMMU, stats):
         super().__init__(hw, state.shadow, stats)
-        self.ept, self.policy = state.ept, state.policy
+        self.shadow, self.ept, self.policy = state.shadow, state.ept, state.policy
         self.root_nested = False
 
     def nested_table(self, gfn: int, level: int) -> bool:
         return gfn in self.policy.nested
 
-    def ept_violation(self, gpa: int) -> None:
-        self.ept.map(self.counters, gpa)
+    def ept_violation(self, ex) -> EmulateWrite | None:
+        """EPT has no entry for the frame (map it), or refused a write to a
+        read-only one: a shadowed table's (emulated), or one shadowed no
+        more (writable again)."""
+        gpa = ex.value
+        if not ex.qualification & EptQual.WRITE or not ex.qualification & EptQual.READABLE:
+            self.ept.map(self.counters, gpa)
+        elif gpa >> 12 in self.shadow.shadowed:
+            self.counters["insn_emulation"] += 1
+            return EmulateWrite(ex.gla, gpa >> 12)
+        else:
+            self.ept.allow_write(self.counters, gpa)
+        return None
 
     def fixed(self, path: list, gfn: int | None = None) -> None:
         """The VMM knows where the guest-physical frames of a fixed hidden
@@ -220,6 +260,9 @@ class AgilePaging(ShadowPaging):
     def _load(self) -> None:
         super()._load()
         self.hw.nested_wp_exits = not self._wp
+        # Below a switch the guest's NX bits are reserved if its EFER.NXE is
+        # clear (the shadow part runs with NXE set).
+        self.hw.walker.switch_nxe = self._nxe
 
     def boot(self, cr0: int, cr3: int, cr4: int, efer: int) -> None:
         super().boot(cr0, cr3, cr4, efer)

@@ -15,8 +15,12 @@ Invariants:
 - EPT tables live in the VMM area, which no EPT entry maps.
 - A TLB entry caches a guest-virtual page at the smaller of the guest's and
   EPT's page sizes.
+- Agile paging (hv.vmm.agile): a frame in `read_only` (a shadowed guest
+  table) is mapped by a 4 KiB leaf without W once it is mapped at all.
 """
 from __future__ import annotations
+
+from typing import Container
 
 from ..arch import ept
 from ..arch.paging import ADDR_MASK, PAGE_SIZE, level_shift, table_index
@@ -35,6 +39,10 @@ class EptTables:
         self.large_pages = large_pages
         self.root = self.frames.alloc()
         self.eptp = ept.eptp(self.root)
+        # Guest frames EPT must not let the guest write (agile: its shadowed
+        # tables); a frame that leaves it is made writable at its next
+        # write's EPT violation (`allow_write`).
+        self.read_only: Container[int] = frozenset()
 
     def map(self, c, gpa: int) -> None:
         """Map the guest frame of `gpa` (and with large pages its whole 2 MiB
@@ -51,13 +59,19 @@ class EptTables:
         leaf_level = 1
         if self.large_pages:
             for level, size in ((3, GiB), (2, CHUNK)):
-                if self.guest.contiguous(gpa & ~(size - 1), size):
+                base = gpa & ~(size - 1)
+                if self.guest.contiguous(base, size) and not self._read_only_in(base, size):
                     leaf_level = level
                     break
         size = 1 << level_shift(leaf_level)
-        self._set_leaf(c, gpa, leaf_level, self.guest.hpa(gpa & ~(size - 1)))
+        rights = ept.RWX if leaf_level > 1 or gpa >> 12 not in self.read_only else ept.R | ept.X
+        self._set_leaf(c, gpa, leaf_level, self.guest.hpa(gpa & ~(size - 1)), rights)
 
-    def _set_leaf(self, c, gpa: int, leaf_level: int, hpa: int) -> None:
+    def _read_only_in(self, base: int, size: int) -> bool:
+        first, end = base >> 12, (base + size) >> 12
+        return any(first <= gfn < end for gfn in self.read_only)
+
+    def _set_leaf(self, c, gpa: int, leaf_level: int, hpa: int, rights: int = ept.RWX) -> None:
         table = self.root
         for level in range(4, leaf_level, -1):
             addr = table + table_index(gpa, level) * 8
@@ -68,22 +82,61 @@ class EptTables:
                 c["ept_tables"] += 1
             table = entry & ADDR_MASK
         addr = table + table_index(gpa, leaf_level) * 8
-        self.host.write_u64(addr, hpa | ept.RWX | ept.MT_WB | int(ept.EPTE.IPAT)
+        self.host.write_u64(addr, hpa | rights | ept.MT_WB | int(ept.EPTE.IPAT)
                             | (ept.LARGE if leaf_level > 1 else 0))
         c[("pages_4k", "pages_2m", "pages_1g")[leaf_level - 1]] += 1
+
+    def leaf(self, gpa: int) -> tuple[int, int, int] | None:
+        """The EPT leaf that maps `gpa`: (its address, level, entry), or None."""
+        table = self.root
+        for level in range(4, 0, -1):
+            addr = table + table_index(gpa, level) * 8
+            entry = self.host.read_u64(addr)
+            if not entry & ept.RWX:
+                return None
+            if ept.is_leaf(level, entry):
+                return addr, level, entry
+            table = entry & ADDR_MASK
+        raise AssertionError("unreachable: level 1 entries are leaves")
 
     def ensure(self, c, gpa: int) -> None:
         """Map the frame of `gpa` unless EPT maps it already (agile: a frame
         the VMM learnt of at a hidden fault)."""
-        table = self.root
-        for level in range(4, 0, -1):
-            entry = self.host.read_u64(table + table_index(gpa, level) * 8)
-            if not entry & ept.RWX:
-                self.map(c, gpa)
-                return
-            if ept.is_leaf(level, entry):
-                return
-            table = entry & ADDR_MASK
+        if self.leaf(gpa) is None:
+            self.map(c, gpa)
+
+    def protect(self, c, gfn: int) -> bool:
+        """Take W from the EPT leaf of guest frame `gfn` (a large one is
+        split down to 4 KiB first). True if EPT changed: the caller flushes
+        what the vCPUs derived from it (INVEPT)."""
+        found = self.leaf(gfn << 12)
+        if found is None or not found[2] & ept.W:
+            return False
+        addr, level, entry = found
+        while level > 1:
+            addr, level, entry = self._split(c, gfn << 12, addr, level, entry)
+        self.host.write_u64(addr, entry & ~ept.W)
+        return True
+
+    def _split(self, c, gpa: int, addr: int, level: int, entry: int) -> tuple[int, int, int]:
+        """Replace the large leaf `entry` at `addr` by a table of the same
+        mappings one level down; the new leaf that maps `gpa`."""
+        table = self.frames.alloc()
+        c["ept_tables"] += 1
+        size = 1 << level_shift(level - 1)
+        large = ept.LARGE if level - 1 > 1 else 0
+        base = entry & ADDR_MASK
+        keep = entry & ~ADDR_MASK & ~ept.LARGE
+        for i in range(512):
+            self.host.write_u64(table + i * 8, (base + i * size) | keep | large)
+        self.host.write_u64(addr, table | ept.RWX)
+        index = table_index(gpa, level - 1)
+        return table + index * 8, level - 1, (base + index * size) | keep | large
+
+    def allow_write(self, c, gpa: int) -> None:
+        """Give the EPT leaf of `gpa` its W back (a frame no longer read-only)."""
+        addr, _level, entry = self.leaf(gpa)
+        self.host.write_u64(addr, entry | ept.W)
 
     def check(self) -> None:
         """Every EPT leaf maps a guest frame to its own host frame; every EPT
@@ -122,5 +175,5 @@ class EptPaging(Paging):
         super().__init__(hw, guest)
         self.ept, self.counters = ept, stats.counters
 
-    def ept_violation(self, gpa: int) -> None:
-        self.ept.map(self.counters, gpa)
+    def ept_violation(self, ex) -> None:
+        self.ept.map(self.counters, ex.value)

@@ -97,7 +97,7 @@ def record(vcpu: "VCpu", ex: Exit) -> dict:
     if reason == ExitReason.EXCEPTION_NMI:
         rec.update(vector=ex.value, cr2=q, error_code=ex.error_code)
     elif reason == ExitReason.EPT_VIOLATION:
-        rec.update(gpa=ex.value, qualification=q)
+        rec.update(gpa=ex.value, qualification=q, gla=ex.gla)
     elif reason == ExitReason.EPT_MISCONFIG:
         rec.update(gpa=ex.value)
     elif reason == ExitReason.CR_ACCESS:
@@ -234,8 +234,11 @@ def _exception(vcpu: "VCpu", ex: Exit) -> None:
 @handles(ExitReason.EPT_VIOLATION)
 def _ept_violation(vcpu: "VCpu", ex: Exit) -> None:
     # `value` is the guest-physical address (its own VMCS field, SDM
-    # Vol.3C §28.2.1); the qualification says which access and why.
-    vcpu.mmu.ept_violation(ex.value)
+    # Vol.3C §28.2.1); the qualification says which access and why. Under
+    # agile paging the write may be one to emulate.
+    event = vcpu.mmu.ept_violation(ex)
+    if event is not None:
+        vcpu.inject(event)
 
 
 def _mmio(vcpu: "VCpu") -> None:

@@ -13,7 +13,7 @@ from ..arch.vmx import ExitReason
 from ..arch.x86 import Vector
 from ..hw.mmu import HardwareMMU, QemuMMU
 from ..memory import CHUNK, GiB, MiB, GuestMemory
-from .agile import AgileMMU, AgilePaging, AgilePolicy
+from .agile import AgileCache, AgileMMU, AgilePaging, AgilePolicy
 from .ept import EptPaging, EptTables
 from .paging import Paging, QemuPaging
 from .shadow import ShadowCache, ShadowPaging
@@ -162,8 +162,8 @@ class Agile(Mode):
         shadow_size = vmm_size(config)
         size = -(-2 * shadow_size // block) * block
         guest = GuestMemory.scattered(config.ram, size, block)
-        cache = ShadowCache(guest, shadow_size, large_pages=config.ept_large_pages)
         ept = EptTables(guest, size - shadow_size, config.ept_large_pages, base=shadow_size)
+        cache = AgileCache(guest, shadow_size, config.ept_large_pages, ept)
         return guest, AgileMMU(cache, ept, AgilePolicy(config.agile_policy, cache))
 
     def _paging(self, vm, cpu):
