@@ -184,8 +184,8 @@ def _outcome(r: hv.Result) -> tuple:
     return r.reason, r.exit_code, chain
 
 
-@pytest.mark.parametrize("options", [{}, {"memo": False}, {"pwc": True}],
-                         ids=["memo", "no-memo", "pwc"])
+@pytest.mark.parametrize("options", [{}, {"memo": False}, {"pwc": True}, {"ept_large_pages": True}],
+                         ids=["memo", "no-memo", "pwc", "ept-large-pages"])
 @pytest.mark.parametrize("tail", [WRITE_THROUGH_SWITCH, NX_BELOW_SWITCH],
                          ids=["table-written-through-switch", "nx-reserved-below-switch"])
 def test_below_a_switch_the_guest_gets_what_every_other_mode_gives(tail, options):

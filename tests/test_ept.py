@@ -1,10 +1,15 @@
 """EPT: the two-dimensional walk's arithmetic, EPT violations, and what is
 no longer an exit."""
+from collections import Counter
+
 import pytest
 
 import hv
 from hv.api import make_result
 from hv.arch import ept
+from hv.arch.paging import ADDR_MASK, level_shift
+from hv.memory import GiB, GuestMemory, parse_size
+from hv.vmm.ept import EptTables
 from hv.vmm.vm import VM, Config
 
 from conftest import LIB, image, run_src
@@ -190,3 +195,33 @@ def test_a_cold_two_dimensional_walk_takes_an_exit_per_frame():
     "one retry"): the boot tables' frames and the page, each once."""
     r, _ = ept_run(TOUCH_4K)
     assert r.ok and r.counters["pages_4k"] == r.exits["EPT_VIOLATION"] >= 5
+
+
+@pytest.mark.parametrize("ram, level", [("1G", 3), ("4M", 2)], ids=["1g-leaf", "2m-leaf"])
+def test_protect_splits_a_large_leaf_down_to_one_read_only_4k_page(ram, level):
+    """Agile paging write-protects a shadowed guest table in EPT: a large
+    leaf over it becomes tables of the same mappings, with W gone from
+    that one 4 KiB page only; a frame no longer protected gets W back."""
+    guest = GuestMemory.scattered(parse_size(ram), GiB, GiB)
+    tables = EptTables(guest, GiB, large_pages=True)
+    c = Counter()
+    gfn = 0x201                                 # in the second 2 MiB
+    tables.map(c, gfn << 12)
+    assert tables.leaf(gfn << 12)[1] == level
+    assert tables.protect(c, gfn) and not tables.protect(c, gfn)
+    # The map made the tables above its leaf (4 - level, besides the root),
+    # the split one per level below it.
+    assert c["ept_tables"] == (4 - level) + (level - 1)
+    span = 1 << 9 * (level - 1)                 # 4 KiB pages the large leaf mapped
+    first = gfn & ~(span - 1)
+    for page in (first, gfn - 1, gfn, gfn + 1, first + span - 1):
+        _addr, lv, entry = tables.leaf(page << 12)
+        # Every page still maps its own frame, readable and executable.
+        assert entry & ept.R and entry & ept.X
+        low = (1 << level_shift(lv)) - 1
+        assert entry & ADDR_MASK | (page << 12) & low == guest.hpa(page << 12)
+        assert bool(entry & ept.W) == (page != gfn)
+    assert tables.leaf(gfn << 12)[1] == 1
+    tables.check()
+    tables.allow_write(c, gfn << 12)
+    assert tables.leaf(gfn << 12)[2] & ept.W
