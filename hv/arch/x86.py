@@ -162,6 +162,7 @@ class RFLAGS(IntFlag):
     NT = 1 << 14
     RF = 1 << 16
     VM = 1 << 17
+    AC = 1 << 18
 
 
 # 64-bit IDT gate (SDM Vol.3A §6.14.1, Figure 6-8): 16 bytes.
@@ -181,6 +182,21 @@ def decode_idt_gate(raw: bytes) -> tuple[int, int, int, int, bool, int]:
     dpl = (lo >> 45) & 0x3
     present = bool((lo >> 47) & 1)
     return offset, selector, ist, gate_type, present, dpl
+
+
+# Outside IA-32e mode: 8-byte gates in protected mode (SDM Vol.3A §6.11,
+# Figure 6-2), 4-byte vectors (offset, segment) in real mode (§20.1.4).
+LEGACY_GATE_SIZE = 8
+IVT_ENTRY_SIZE = 4
+GATE_TASK, GATE_INTERRUPT16, GATE_TRAP16 = 0x5, 0x6, 0x7
+TSS32_ESP0 = 0x04           # a 32-bit TSS's ESPn at 4 + 8n, SSn at 8 + 8n (§7.2.1)
+
+
+def decode_legacy_gate(raw: bytes) -> tuple[int, int, int, bool, int]:
+    """(offset, selector, type, present, dpl) of an 8-byte protected-mode gate."""
+    lo = int.from_bytes(raw[0:8], "little")
+    offset = (lo & 0xFFFF) | ((lo >> 32) & 0xFFFF_0000)
+    return offset, (lo >> 16) & 0xFFFF, (lo >> 40) & 0xF, bool((lo >> 47) & 1), (lo >> 45) & 0x3
 
 
 # Flat 64-bit GDT descriptors (SDM Vol.3A §3.4.5): code L=1 P=1 S=1 type=execute/read.

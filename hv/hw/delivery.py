@@ -1,5 +1,10 @@
-"""Exception and interrupt delivery through the guest's IDT in IA-32e mode
-(SDM Vol.3A §6.12-§6.15), as the CPU does it: Unicorn never does.
+"""Exception and interrupt delivery through the guest's IDT (SDM Vol.3A
+§6.12-§6.15), as the CPU does it: Unicorn never does. In IA-32e mode
+through 16-byte gates (§6.14), in protected mode through 8-byte gates
+(§6.12), in real mode through the interrupt vector table (§20.1.4). Task
+gates are not modelled (no task switch): delivering through one is #GP,
+named in the chain. Outside IA-32e mode stack segments are taken as flat
+(base 0), as every kernel hv boots has them.
 
 A fault while delivering becomes the exception delivered instead, or #DF
 (Table 6-5); a fault while delivering #DF is a triple fault, which the
@@ -12,8 +17,10 @@ from __future__ import annotations
 
 from typing import Callable, NamedTuple
 
-from ..arch.x86 import (GATE_INTERRUPT, GATE_TRAP, HAS_ERROR_CODE, IDT_GATE_SIZE, RFLAGS,
-                        TSS_IST1, TSS_RSP0, Vector, causes_double_fault, decode_idt_gate)
+from ..arch.x86 import (GATE_INTERRUPT, GATE_INTERRUPT16, GATE_TASK, GATE_TRAP, GATE_TRAP16,
+                        HAS_ERROR_CODE, IDT_GATE_SIZE, IVT_ENTRY_SIZE, LEGACY_GATE_SIZE, RFLAGS,
+                        TSS32_ESP0, TSS_IST1, TSS_RSP0, Vector, causes_double_fault,
+                        decode_idt_gate, decode_legacy_gate)
 from ..events import Fault
 
 
@@ -114,22 +121,26 @@ class Delivery:
         except Fault as f:
             raise _Raised(f.vector, f.error_code, _faulted(f, f"reading {what}"), f.vaddr) from None
 
-    def _push_frame(self, vector: int, error_code: int | None, rip: int, software: bool) -> None:
-        """SDM Vol.2A "INT n/INTO/INT3/INT1" (IA-32e mode), in its order of checks."""
-        e = self.engine
-        ext = 0 if software else 1
-        gate_error = selector_error(vector << 3, True, ext)
-        idt_base, idt_limit = e.idtr()
+    def _gate_bytes(self, vector: int, size: int, ext: int) -> bytes:
+        """The IDT's entry for `vector`, `size` bytes each, within its limit."""
+        idt_base, idt_limit = self.engine.idtr()
         # The reasons (`why`) name no vector: the chain's step does.
-        if vector * IDT_GATE_SIZE + IDT_GATE_SIZE - 1 > idt_limit:
-            raise _Raised(Vector.GP, gate_error, "no IDT loaded" if idt_base == idt_limit == 0
+        if vector * size + size - 1 > idt_limit:
+            raise _Raised(Vector.GP, selector_error(vector << 3, True, ext),
+                          "no IDT loaded" if idt_base == idt_limit == 0
                           else f"the gate is beyond the IDT's limit {idt_limit:#x}")
-        offset, selector, ist, gtype, present, dpl = decode_idt_gate(
-            self._read(idt_base + vector * IDT_GATE_SIZE, IDT_GATE_SIZE, "the IDT gate"))
-        if gtype not in (GATE_INTERRUPT, GATE_TRAP):
-            raise _Raised(Vector.GP, gate_error, f"the gate's type {gtype:#x} is no interrupt "
-                          "or trap gate")
-        old_cpl = e.cpl()
+        return self._read(idt_base + vector * size, size, "the IDT gate")
+
+    def _check_gate(self, vector: int, software: bool, ext: int, selector: int, gtype: int,
+                    present: bool, dpl: int, types: tuple[int, ...]) -> tuple[int, int]:
+        """The checks of SDM Vol.2A "INT n/INTO/INT3/INT1", in its order:
+        (the CPL now, the handler's)."""
+        gate_error = selector_error(vector << 3, True, ext)
+        if gtype not in types:
+            why = ("a task gate (hv models no task switch)" if gtype == GATE_TASK
+                   else f"the gate's type {gtype:#x} is no interrupt or trap gate")
+            raise _Raised(Vector.GP, gate_error, why)
+        old_cpl = self.engine.cpl()
         if software and dpl < old_cpl:
             raise _Raised(Vector.GP, selector_error(vector << 3, True, 0),
                           f"the gate's DPL {dpl} is below CPL {old_cpl}")
@@ -137,7 +148,33 @@ class Delivery:
             raise _Raised(Vector.NP, gate_error, "the gate is not present")
         if selector & ~3 == 0:
             raise _Raised(Vector.GP, ext, "the gate's code selector is NULL")
-        new_cpl = self._handler_cpl(selector, ext, old_cpl)
+        return old_cpl, self._handler_cpl(selector, ext, old_cpl)
+
+    def _push(self, addr: int, value: int, size: int) -> None:
+        try:
+            self.write(addr, (value & ((1 << 8 * size) - 1)).to_bytes(size, "little"))
+        except Fault as f:
+            raise _Raised(f.vector, f.error_code, _faulted(f, "pushing the exception frame"),
+                          f.vaddr) from None
+
+    def _push_frame(self, vector: int, error_code: int | None, rip: int, software: bool) -> None:
+        mode = self.engine.cpu_mode()
+        if mode == "long":
+            self._deliver_long(vector, error_code, rip, software)
+        elif mode == "protected":
+            self._deliver_protected(vector, error_code, rip, software)
+        else:
+            self._deliver_real(vector, rip)
+
+    def _deliver_long(self, vector: int, error_code: int | None, rip: int,
+                      software: bool) -> None:
+        """IA-32e mode (SDM Vol.3A §6.14)."""
+        e = self.engine
+        ext = 0 if software else 1
+        offset, selector, ist, gtype, present, dpl = decode_idt_gate(
+            self._gate_bytes(vector, IDT_GATE_SIZE, ext))
+        old_cpl, new_cpl = self._check_gate(vector, software, ext, selector, gtype, present, dpl,
+                                            (GATE_INTERRUPT, GATE_TRAP))
         rsp = e.reg("rsp")
         if ist:
             rsp = int.from_bytes(self._read(e.tr_base() + TSS_IST1 + 8 * (ist - 1), 8,
@@ -151,21 +188,72 @@ class Delivery:
             frame.append(error_code)
         for value in frame:
             rsp = (rsp - 8) & (2**64 - 1)
-            try:
-                self.write(rsp, (value & (2**64 - 1)).to_bytes(8, "little"))
-            except Fault as f:
-                raise _Raised(f.vector, f.error_code, _faulted(f, "pushing the exception frame"),
-                              f.vaddr) from None
+            self._push(rsp, value, 8)
+        # SS: a NULL selector with RPL = CPL.
+        self._enter(selector, new_cpl, new_cpl if new_cpl != old_cpl else None, rsp, offset,
+                    gtype == GATE_INTERRUPT)
+
+    def _deliver_protected(self, vector: int, error_code: int | None, rip: int,
+                           software: bool) -> None:
+        """Protected mode (SDM Vol.3A §6.12.1): 32-bit gates push 4-byte
+        values, 16-bit ones 2-byte; to a more privileged handler on the
+        stack the 32-bit TSS names, the old SS and ESP first."""
+        e = self.engine
+        ext = 0 if software else 1
+        offset, selector, gtype, present, dpl = decode_legacy_gate(
+            self._gate_bytes(vector, LEGACY_GATE_SIZE, ext))
+        old_cpl, new_cpl = self._check_gate(vector, software, ext, selector, gtype, present, dpl,
+                                            (GATE_INTERRUPT, GATE_TRAP, GATE_INTERRUPT16,
+                                             GATE_TRAP16))
+        size = 4 if gtype in (GATE_INTERRUPT, GATE_TRAP) else 2
+        esp, new_ss = e.reg("rsp") & 0xFFFF_FFFF, None
+        frame = [e.reg("rflags"), e.reg("cs"), rip]
+        if new_cpl < old_cpl:
+            raw = self._read(e.tr_base() + TSS32_ESP0 + 8 * new_cpl, 6, "the TSS's ESP0 and SS0")
+            esp, new_ss = int.from_bytes(raw[:4], "little"), int.from_bytes(raw[4:], "little")
+            ss_desc = int.from_bytes(self._read(e.gdtr()[0] + (new_ss & ~7), 8,
+                                                "the stack segment descriptor"), "little")
+            frame = [e.reg("ss"), e.reg("rsp"), *frame]
+        if error_code is not None and vector in HAS_ERROR_CODE:
+            frame.append(error_code)
+        for value in frame:
+            esp = (esp - size) & 0xFFFF_FFFF
+            self._push(esp, value, size)
+        self._enter(selector, new_cpl, new_ss, esp, offset if size == 4 else offset & 0xFFFF,
+                    gtype in (GATE_INTERRUPT, GATE_INTERRUPT16))
+        if new_ss is not None:
+            e.stack_flag(ss_desc)
+
+    def _deliver_real(self, vector: int, rip: int) -> None:
+        """Real mode (SDM Vol.3A §20.1.4): FLAGS, CS and IP on SS:SP, then
+        the vector's segment:offset, IF, TF and AC clear."""
+        e = self.engine
+        raw = self._gate_bytes(vector, IVT_ENTRY_SIZE, 1)
+        sp, ss_base = e.reg("rsp") & 0xFFFF, e.reg("ss") << 4
+        for value in (e.reg("rflags"), e.reg("cs"), rip):
+            sp = (sp - 2) & 0xFFFF
+            self._push(ss_base + sp, value, 2)
+        flags = e.reg("rflags") & ~(RFLAGS.IF | RFLAGS.TF | RFLAGS.AC)
+        e.set_reg("rflags", flags)
+        e.set_reg("cs", int.from_bytes(raw[2:], "little"))
+        e.set_reg("rsp", e.reg("rsp") & ~0xFFFF | sp)
+        e.set_reg("rip", int.from_bytes(raw[:2], "little"))
+
+    def _enter(self, selector: int, cpl: int, ss: int | None, sp: int, ip: int,
+               interrupt_gate: bool) -> None:
+        """Run the handler: RFLAGS (an interrupt gate clears IF), CS at
+        `cpl`, the stack (SS only if the privilege changed), RIP."""
+        e = self.engine
         flags = e.reg("rflags") & ~(RFLAGS.TF | RFLAGS.NT | RFLAGS.RF | RFLAGS.VM)
-        if gtype == GATE_INTERRUPT:
+        if interrupt_gate:
             flags &= ~RFLAGS.IF
         e.set_reg("rflags", flags)
-        e.set_reg("cs", (selector & ~3) | new_cpl)
-        if new_cpl != old_cpl:
-            e.set_reg("ss", new_cpl)      # a NULL selector with RPL = CPL
-            e.set_cpl(new_cpl)
-        e.set_reg("rsp", rsp)
-        e.set_reg("rip", offset)
+        e.set_reg("cs", (selector & ~3) | cpl)
+        if ss is not None:
+            e.set_reg("ss", ss)
+            e.set_cpl(cpl)
+        e.set_reg("rsp", sp)
+        e.set_reg("rip", ip)
 
     def _handler_cpl(self, selector: int, ext: int, cpl: int) -> int:
         """The privilege level the handler runs at: its code segment's DPL,

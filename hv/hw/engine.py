@@ -73,6 +73,7 @@ _ENV_EXCEPTION_IS_INT = 5388    # 1 when the exception is an INT n (INT3, INTO)
 _ENV_OLD_EXCEPTION = 5496
 # hflags bits (qemu/target/i386/cpu.h): what QEMU decodes code as.
 _HF_INHIBIT_IRQ, _HF_CS32, _HF_SS32, _HF_CS64 = 1 << 3, 1 << 4, 1 << 5, 1 << 15
+_HF_PE, _HF_LMA = 1 << 7, 1 << 14
 # General registers in env.regs order (QEMU's R_EAX..R_R15).
 _GPRS = "rax rcx rdx rbx rsp rbp rsi rdi r8 r9 r10 r11 r12 r13 r14 r15".split()
 
@@ -365,6 +366,11 @@ class Engine:
         flags = self.hflags.value
         return 64 if flags & _HF_CS64 else 32 if flags & _HF_CS32 else 16
 
+    def cpu_mode(self) -> str:
+        """"long" (IA-32e: EFER.LMA), "protected" (CR0.PE) or "real"."""
+        flags = self.hflags.value
+        return "long" if flags & _HF_LMA else "protected" if flags & _HF_PE else "real"
+
     def leave_long_mode(self) -> None:
         """Leave IA-32e mode as a CPU does, by clearing CR0.PG (QEMU then
         clears EFER.LMA and decodes legacy code); segments loaded after it
@@ -384,8 +390,15 @@ class Engine:
         for seg in ("ss", "ds", "es", "fs", "gs"):
             self.set_reg(seg, ds)
         (desc,) = struct.unpack_from("<Q", gdt, ds & ~7)
-        if desc >> 54 & 1 and self.code_bits() != 64:
+        self.stack_flag(desc)
+
+    def stack_flag(self, ss_desc: int) -> None:
+        """QEMU's 32-bit stack flag for SS just written, from its descriptor's
+        B bit (the register API leaves it as it was)."""
+        if ss_desc >> 54 & 1 and self.code_bits() != 64:
             self.hflags.value |= _HF_SS32
+        else:
+            self.hflags.value &= ~_HF_SS32
 
     def enter_real_mode(self, cs: int) -> None:
         """The state INIT leaves (SDM Vol.3A §9.1.1, Table 9-1), at cs:0:
