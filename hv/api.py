@@ -1,7 +1,7 @@
 """The Python API: hv.run(guest, mmu=..., ...) -> Result."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 from . import asm, loader
@@ -153,18 +153,34 @@ def _json(result: dict) -> dict:
 
 def load_guest(guest: str | Path) -> tuple[str, "bytes | loader.Kernel"]:
     """A path to a .s source, a flat image (.bin) or a multiboot kernel (an
-    ELF), or the name of a bundled guest -> (name, image or Kernel)."""
+    ELF, or a flat image with a multiboot header: hv.loader.load_flat), or
+    the name of a bundled guest -> (name, image or Kernel)."""
     path = _guest_path(guest)
     if path.suffix == ".s":
-        return path.stem, asm.assemble_file(path).code
+        image = asm.assemble_file(path)
+        return path.stem, flat_guest(image.code, str(path), image.symbols, image.base)
     try:
-        image = path.read_bytes()
+        data = path.read_bytes()
     except OSError as e:
         raise HvError(f"cannot read {path}: {e.strerror}") from None
-    if loader.is_elf(image):
-        return path.stem, loader.load_multiboot(image, str(path))
-    check_image(image, str(path))
-    return path.stem, image
+    if loader.is_elf(data):
+        return path.stem, loader.load_multiboot(data, str(path))
+    check_image(data, str(path))
+    return path.stem, flat_guest(data, str(path))
+
+
+def flat_guest(image: bytes, what: str, symbols: dict[str, int] | None = None,
+               base: int = asm.DEFAULT_BASE) -> "bytes | loader.Kernel":
+    """A flat image as hv boots it: by the boot ABI (its bytes), or as a
+    multiboot kernel if it has a multiboot header in its first 8 KiB (a
+    Kernel; `symbols`, the labels of an image assembled at `base`, name
+    its addresses if it is loaded there)."""
+    kernel = loader.load_flat(image, what)
+    if kernel is None:
+        return image
+    if symbols and kernel.segments[0].paddr == base:
+        kernel = replace(kernel, symbols=dict(symbols))
+    return kernel
 
 
 def _guest_path(guest: str | Path) -> Path:
@@ -261,14 +277,16 @@ def run(guest: str | Path | list, mmu: str = "native", *, ram: int | str = "64M"
     profile           the CPU profile (hv.cost) whose modelled cycles the guest's
                       TSC and APIC timer count: a bundled name or a .toml path
     modules           paths of files given to a multiboot kernel as its modules
-    image             the guest's bytes, instead of loading `guest` (then a name)
+    image             the guest's bytes, instead of loading `guest` (then a name); with
+                      a multiboot header they are a kernel, as in a .bin
     on_console        on_console(vm, byte) sees each byte a guest prints, as printed
     trace             sees every exit: a callable gets each as a dict, a text file
                       gets each as a line, and a hv.vmm.exits.Trace picks the reasons
     """
     if image is not None:
         check_image(image, f"the image of {str(guest)!r}")
-        guests = [(str(guest), image, symbols or {})]
+        guests = [(str(guest), flat_guest(image, f"the image of {str(guest)!r}", symbols),
+                   symbols or {})]
     else:
         guests = [_load_with_symbols(g) for g in (guest if isinstance(guest, list) else [guest])]
     if trace is not None and not isinstance(trace, Trace):

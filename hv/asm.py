@@ -18,6 +18,17 @@ Layout takes several passes: an instruction's size can depend on a label
 value (short or near jump), so passes repeat until every forward reference
 was given the value the label ends up with.
 
+Code is 64-bit unless ``.code32`` or ``.code16`` says otherwise (until the
+next ``.codeNN``): keystone and capstone then work in that mode, and the
+checks follow it. There an operand-size prefix (66) that no operand asks
+for is a mismatch too, since keystone adds some (tests/test_asm.py pins
+them): to ``lgdt`` and ``lidt`` in 32-bit code and to ``ret`` and ``retf``
+in 16-bit code (a 24-bit GDT base, 4-byte return addresses), which hv
+drops; to every 16-bit near branch (a 32-bit one), which hv refuses, so
+16-bit code has short branches only (within 127 bytes). keystone makes every
+direct far jump (``jmp 0x08:label``) a 16-bit one, so hv encodes those
+itself. A register only 64-bit code has is an error in the other two.
+
 Symbols hold numbers, as keystone treats them: ``mov rax, label`` loads the
 address (``offset label`` is accepted too); GNU as would load from memory
 there, so write ``[label]`` for a memory operand.
@@ -31,7 +42,7 @@ import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from capstone import CS_ARCH_X86, CS_MODE_64, Cs
+from capstone import CS_ARCH_X86, CS_MODE_16, CS_MODE_32, CS_MODE_64, Cs
 from capstone import x86 as csx86
 from keystone import (
     KS_ARCH_X86,
@@ -39,6 +50,8 @@ from keystone import (
     KS_ERR_ASM_INVALIDOPERAND,
     KS_ERR_ASM_MISSINGFEATURE,
     KS_ERR_ASM_MNEMONICFAIL,
+    KS_MODE_16,
+    KS_MODE_32,
     KS_MODE_64,
     Ks,
     KsError,
@@ -60,6 +73,7 @@ class Image:
     base: int
     symbols: dict[str, int]     # label -> absolute address
     source_map: tuple           # (address, file, line, statement), sorted by address
+    code_bits: tuple = ()       # (address, 16, 32 or 64): where .codeNN changed the code size
 
 
 def assemble_file(path, base=DEFAULT_BASE, include_dirs=None) -> Image:
@@ -94,14 +108,15 @@ def assemble_source(text: str, name="<inline>", base=DEFAULT_BASE, include_dirs=
         return hit[0]
     chain = () if name.startswith("<") else (Path(name).resolve(),)
     included: list[Path] = []
-    statements = [st for src in _read(text, name, search, chain, included)
-                  for st in _parse_line(src)]
+    statements = _code_sizes([st for src in _read(text, name, search, chain, included)
+                              for st in _parse_line(src)])
     final = _layout(statements, base)
     if not final.code:
         raise AsmError("no code: the source assembles to 0 bytes", name)
     for insn, address, code, operands in final.checks:
         insn.verify(address, code, operands)
-    image = Image(bytes(final.code), base, final.labels, tuple(final.source_map))
+    image = Image(bytes(final.code), base, final.labels, tuple(final.source_map),
+                  tuple(final.code_bits))
     if len(_ASSEMBLED) >= 256:
         _ASSEMBLED.clear()
     _ASSEMBLED[key] = (image, tuple((path, _stamp(path)) for path in included))
@@ -157,25 +172,29 @@ _TARGET_RE = re.compile(r"0x[0-9a-f]+")
 _RIP_RE = re.compile(r"\[rip ([+-]) (0x[0-9a-f]+|\d+)\]")
 
 
-def disassemble(code: bytes, base=DEFAULT_BASE, symbols: dict[str, int] | None = None) -> list[str]:
+def disassemble(code: bytes, base=DEFAULT_BASE, symbols: dict[str, int] | None = None,
+                code_bits=()) -> list[str]:
     """One line per instruction; bytes capstone cannot decode become `.byte`.
     With `symbols` (an Image's), each label heads the code it names,
     decoding starts again at every label (data before it is not run into
-    its code), and branch targets and RIP-relative operands are named."""
+    its code), and branch targets and RIP-relative operands are named.
+    `code_bits` (an Image's) says where the code is 16- or 32-bit."""
     symbols = symbols or {}
     names = Symbols(symbols, base, base + len(code))
     labels: dict[int, list[str]] = {}
     for name, address in symbols.items():
         if base <= address < base + len(code):
             labels.setdefault(address - base, []).append(name)
-    starts = sorted(labels.keys() | {0})
+    changes = [(address - base, bits) for address, bits in code_bits]
+    starts = sorted(labels.keys() | {0} | {offset for offset, _ in changes if offset < len(code)})
     lines = []
     for begin, end in zip(starts, starts[1:] + [len(code)]):
         lines += [f"{base + begin:#x} <{name}>:" for name in labels.get(begin, ())]
+        bits = next((b for offset, b in reversed(changes) if offset <= begin), 64)
         offset = begin
         while offset < end:
-            for address, size, mnemonic, op_str in _cs().disasm_lite(code[offset:end],
-                                                                     base + offset):
+            for address, size, mnemonic, op_str in _cs(bits).disasm_lite(code[offset:end],
+                                                                          base + offset):
                 if symbols:
                     op_str += _named_operand(names, address + size, mnemonic, op_str)
                 lines.append(_listing(address, code[offset:offset + size], f"{mnemonic} {op_str}"))
@@ -244,14 +263,19 @@ def _listing(address: int, data: bytes, text: str) -> str:
 
 # --- engines, built once (creating them costs far more than using them) ------
 
-@functools.cache
-def _ks() -> Ks:
-    return Ks(KS_ARCH_X86, KS_MODE_64)
+# The code size (.code16, .code32, .code64) -> keystone's and capstone's mode.
+_KS_MODES = {16: KS_MODE_16, 32: KS_MODE_32, 64: KS_MODE_64}
+_CS_MODES = {16: CS_MODE_16, 32: CS_MODE_32, 64: CS_MODE_64}
 
 
 @functools.cache
-def _cs() -> Cs:
-    cs = Cs(CS_ARCH_X86, CS_MODE_64)
+def _ks(bits: int = 64) -> Ks:
+    return Ks(KS_ARCH_X86, _KS_MODES[bits])
+
+
+@functools.cache
+def _cs(bits: int = 64) -> Cs:
+    cs = Cs(CS_ARCH_X86, _CS_MODES[bits])
     cs.detail = True
     return cs
 
@@ -557,6 +581,13 @@ def _same_number(value: int, decoded: int, size: int) -> bool:
     return -(1 << bits - 1) <= value < 1 << bits and (value - decoded) % (1 << bits) == 0
 
 
+def _address_bits(ins, bits: int) -> int:
+    """The address size an instruction decoded in `bits`-bit code uses."""
+    if ins.prefix[3] != 0x67:
+        return bits
+    return {16: 32, 32: 16, 64: 32}[bits]
+
+
 @dataclass(frozen=True)
 class _Reg:
     name: str
@@ -565,10 +596,10 @@ class _Reg:
     def resolve(self, _pass):
         return self
 
-    def render(self, _mnemonic):
+    def render(self, _mnemonic, _bits=64):
         return self.name
 
-    def matches(self, op, ins):
+    def matches(self, op, ins, _bits):
         return op.type == csx86.X86_OP_REG and ins.reg_name(op.reg) == self.name
 
 
@@ -577,10 +608,10 @@ class _Imm:
     value: int
     relative = False
 
-    def render(self, _mnemonic):
+    def render(self, _mnemonic, _bits=64):
         return hex(self.value)
 
-    def matches(self, op, _ins):
+    def matches(self, op, _ins, _bits):
         return op.type == csx86.X86_OP_IMM and _same_number(self.value, op.imm, op.size)
 
 
@@ -602,7 +633,7 @@ class _Mem:
     disp: int
     relative: bool = False      # rip-based and disp is the target address
 
-    def render(self, mnemonic):
+    def render(self, mnemonic, bits=64):
         base, index = self.base, self.index
         if index in ("rsp", "esp") and self.scale == 1:
             base, index = index, base       # keystone turns [rbx + rsp] into [rbx]
@@ -610,7 +641,7 @@ class _Mem:
         if index:
             parts.append(f"{index}*{self.scale}")
         disp = _signed64(self.disp)
-        if not parts and _fits32(disp) and mnemonic != "movabs":
+        if not parts and _fits32(disp) and mnemonic != "movabs" and bits == 64:
             parts.append("riz*1")           # keystone encodes [X] as [rip + X]; [riz*1 + X] right
         inner = " + ".join(parts)
         if disp or not parts or base == "rip":
@@ -619,7 +650,7 @@ class _Mem:
         seg = f"{self.seg}:" if self.seg else ""
         return f"{size}{seg}[{inner}]"
 
-    def matches(self, op, ins):
+    def matches(self, op, ins, bits):
         if op.type != csx86.X86_OP_MEM:
             return False
         mem = op.mem
@@ -630,7 +661,13 @@ class _Mem:
             return False
         if (ins.reg_name(mem.segment) if mem.segment else None) != self.seg:
             return False
-        if (self.disp - mem.disp) % (1 << 64):
+        if bits == 64:
+            if (self.disp - mem.disp) % (1 << 64):
+                return False
+        # In 16- and 32-bit code an address wraps at the address size
+        # ([ebx + 0x80000000] is [ebx - 0x80000000]); a displacement that
+        # does not fit in it was truncated.
+        elif not _same_number(self.disp, mem.disp, _address_bits(ins, bits) // 8):
             return False
         if self.index and self.scale != 1:
             return (base, index, mem.scale) == (self.base, self.index, self.scale)
@@ -833,30 +870,73 @@ def _pack(value: int, size: int) -> bytes:
 _CONDITIONS = {"z": "e", "nz": "ne", "c": "b", "nae": "b", "nc": "ae", "nb": "ae", "na": "be",
                "nbe": "a", "nge": "l", "nl": "ge", "ng": "le", "nle": "g", "pe": "p", "po": "np"}
 _SYNONYMS = {"sal": "shl", "movabs": "mov", "fwait": "wait", "icebp": "int1",
-             "loopz": "loope", "loopnz": "loopne"}
-# GNU as mnemonics keystone gets wrong or lacks:
+             "loopz": "loope", "loopnz": "loopne", "pushal": "pushad", "popal": "popad"}
+# GNU as mnemonics keystone gets wrong or lacks, by code size:
 # source -> (what keystone is given, what capstone calls the result).
 _RESPELL = {
-    "pushf": ("pushfq", "pushfq"),      # keystone: 66 9c, a 16-bit push
-    "popf": ("popfq", "popfq"),         # keystone: 66 9d
-    "lret": ("retf", "retf"),
-    "lretq": ("retfq", "retfq"),
-    "xlat": ("xlatb", "xlatb"),
-    "sysretq": ("sysret", "sysretq"),   # keystone spells the 64-bit forms without q
-    "sysexitq": ("sysexit", "sysexitq"),
+    64: {
+        "pushf": ("pushfq", "pushfq"),      # keystone: 66 9c, a 16-bit push
+        "popf": ("popfq", "popfq"),         # keystone: 66 9d
+        "lret": ("retf", "retf"),
+        "lretq": ("retfq", "retfq"),
+        "xlat": ("xlatb", "xlatb"),
+        "sysretq": ("sysret", "sysretq"),   # keystone spells the 64-bit forms without q
+        "sysexitq": ("sysexit", "sysexitq"),
+    },
+    32: {
+        "pushf": ("pushfd", "pushfd"),      # keystone: 66 9c, a 16-bit push
+        "popf": ("popfd", "popfd"),
+        "iret": ("iretd", "iretd"),         # keystone: 66 cf, a 16-bit frame
+        "lret": ("retf", "retf"),
+        "xlat": ("xlatb", "xlatb"),
+    },
+    16: {
+        "lret": ("retf", "retf"),
+        "xlat": ("xlatb", "xlatb"),
+    },
 }
+# keystone gives these an operand-size prefix (66) that GNU as does not and
+# no operand asks for, by code size; hv drops it. In 32-bit code LGDT and
+# LIDT would load a 24-bit base; in 16-bit code RET and RETF would pop
+# 4-byte words.
+_DROP_66 = {32: frozenset({"lgdt", "lidt", "sgdt", "sidt"}),
+            16: frozenset({"ret", "retf", "lret"})}
+# capstone 5 names 98 and 99 cwde and cdq in 16-bit code too, where they
+# are cbw and cwd (without an operand-size prefix).
+_CS_16_NAMES = {"cwde": "cbw", "cdq": "cwd"}
 # Operand size unclear in 64-bit mode (GNU as warns or refuses; keystone
 # guesses: iret -> 66 cf, a 16-bit frame).
 _AMBIGUOUS = {"iret": "iretq (64-bit frame) or iretd", "sysret": "sysretq", "sysexit": "sysexitq"}
 _PREFIXES = {"lock": "lock", "rep": "rep", "repe": "rep", "repz": "rep", "repne": "repne", "repnz": "repne"}
+_LEGACY_PREFIXES = frozenset(b"\xf0\xf2\xf3\x2e\x36\x3e\x26\x64\x65\x66\x67")
 _SHIFTS = {"shl", "shr", "sar", "rol", "ror", "rcl", "rcr"}
 _BRANCHES = {"call", "loop", "loope", "loopz", "loopne", "loopnz", "xbegin"}     # and j*
+_FAR_JUMPS = {"jmp", "ljmp", "ljmpd"}       # jmp SEL:OFF
+# Mnemonics that name the operand size the other one of 16- and 32-bit code
+# takes an operand-size prefix for, by code size.
+_OTHER_SIZE = {32: frozenset({"cbw", "cwd", "pushfw", "popfw", "iretw", "pushaw", "popaw"}),
+               16: frozenset({"cwde", "cdq", "pushfd", "popfd", "iretd", "pushad", "popad"})}
 _KS_ERRORS = {
     KS_ERR_ASM_MNEMONICFAIL: "unknown mnemonic",
     KS_ERR_ASM_INVALIDOPERAND: "invalid operand",
-    KS_ERR_ASM_MISSINGFEATURE: "instruction not available in 64-bit mode",
+    KS_ERR_ASM_MISSINGFEATURE: "instruction not available in {bits}-bit mode",
     KS_ERR_ASM_FIXUP_INVALID: "target out of range",
 }
+
+
+def _long_only(name: str) -> bool:
+    """A register that only 64-bit code has (a REX prefix reaches it)."""
+    return name.startswith("r") or name in ("spl", "bpl", "sil", "dil", "cr8")
+
+
+def _drop_prefix(code: bytes, prefix: int) -> bytes:
+    """`code` without `prefix` among its leading legacy prefixes."""
+    for i, byte in enumerate(code):
+        if byte == prefix:
+            return code[:i] + code[i + 1:]
+        if byte not in _LEGACY_PREFIXES:
+            break
+    return code
 
 
 def _canonical(mnemonic: str) -> str:
@@ -871,8 +951,13 @@ class _Insn(_Statement):
     prefixes: tuple
     mnemonic: str
     operands: tuple
+    bits: int = 64              # the code size: .code16, .code32, .code64
 
     def emit(self, p):
+        if self.bits == 64 and self.mnemonic in _AMBIGUOUS:
+            raise _Bad(f"ambiguous operand size; write {_AMBIGUOUS[self.mnemonic]}")
+        if self.bits != 64:
+            self._check_registers()
         ops = [op.resolve(p) for op in self.operands]
         size = None
         if any(op.relative for op in ops):
@@ -888,35 +973,57 @@ class _Insn(_Statement):
         p.checks.append((self, p.address, code, ops))
         return code
 
+    def _check_registers(self):
+        for op in self.operands:
+            names = ((op.name,) if isinstance(op, _Reg)
+                     else (op.base, op.index) if isinstance(op, _MemExpr) else ())
+            for name in filter(None, names):
+                if _long_only(name):
+                    raise _Bad(f"register '{name}' exists only in 64-bit code (.code64)")
+
+    def _branch(self) -> bool:
+        return self.mnemonic in _BRANCHES or self.mnemonic.startswith("j")
+
     def _encode(self, ops, p) -> bytes:
-        name = _RESPELL.get(self.mnemonic, (self.mnemonic,))[0]
+        name = _RESPELL[self.bits].get(self.mnemonic, (self.mnemonic,))[0]
         text = " ".join((*self.prefixes, name))
         if ops:
-            text += " " + ", ".join(op.render(self.mnemonic) for op in ops)
+            text += " " + ", ".join(op.render(self.mnemonic, self.bits) for op in ops)
         # Only relative branches encode differently at another address (rip
         # displacements are already numbers here); a wrong guess would still
         # be caught by verify(), which decodes at the final address.
-        branch = self.mnemonic in _BRANCHES or self.mnemonic.startswith("j")
-        key = (text, p.address if branch else None)
+        key = (self.bits, text, p.address if self._branch() else None)
         if key not in p.cache:
             try:
-                p.cache[key] = _ks().asm(text, p.address, as_bytes=True)[0] or b""
+                code = _ks(self.bits).asm(text, p.address, as_bytes=True)[0] or b""
             except KsError as e:
-                raise _Bad(_KS_ERRORS.get(e.errno, f"keystone cannot assemble this ({e})")) from None
+                message = _KS_ERRORS.get(e.errno, f"keystone cannot assemble this ({e})")
+                raise _Bad(message.format(bits=self.bits)) from None
+            if self.mnemonic in _DROP_66.get(self.bits, ()):
+                code = _drop_prefix(code, 0x66)
+            p.cache[key] = code
         return p.cache[key]
 
     def verify(self, address, code, ops):
         """Raise unless capstone reads `code` as exactly this statement."""
-        found = list(_cs().disasm(code, address))
+        found = list(_cs(self.bits).disasm(code, address))
         if len(found) != 1 or found[0].size != len(code):
             raise self.src.error(f"keystone produced {code.hex(' ') or 'nothing'}, not one instruction")
         ins = found[0]
         if not self._same(ins, ops):
             raise self.src.error(self._mismatch(ins, ops))
+        if not self._operand_size_asked(ins):
+            size = 32 if self.bits == 16 else 16
+            hint = ("; in .code16 only short branches (within 127 bytes) are encoded right"
+                    if self._branch() else "")
+            raise self.src.error(f"keystone mis-encodes this as '{_text(ins)}' with a {size}-bit "
+                                 f"operand size ({code.hex(' ')}){hint}")
 
     def _same(self, ins, ops) -> bool:
         *prefixes, name = ins.mnemonic.split()
-        expected = _RESPELL.get(self.mnemonic, (None, self.mnemonic))[1]
+        if self.bits == 16 and ins.prefix[2] != 0x66:
+            name = _CS_16_NAMES.get(name, name)
+        expected = _RESPELL[self.bits].get(self.mnemonic, (None, self.mnemonic))[1]
         if [_PREFIXES.get(w, w) for w in prefixes] != [_PREFIXES[w] for w in self.prefixes] \
                 or _canonical(name) != _canonical(expected):
             return False
@@ -928,15 +1035,96 @@ class _Insn(_Statement):
                 and decoded[-1].type == csx86.X86_OP_IMM and decoded[-1].imm == 1:
             decoded.pop()       # `shl rax` is `shl rax, 1`
         orders = [decoded, decoded[::-1]] if _canonical(name) == "xchg" else [decoded]
-        return any(len(order) == len(ops) and all(o.matches(d, ins) for o, d in zip(ops, order))
+        return any(len(order) == len(ops) and all(self._matches(o, d, ins) for o, d in zip(ops, order))
                    for order in orders)
+
+    def _matches(self, op, decoded, ins) -> bool:
+        if self.bits != 64 and self._branch() and isinstance(op, _Imm):
+            # capstone reads a branch target as an address; in 16-bit code
+            # that is beyond the operand's size, and the same (IP wraps).
+            return decoded.type == csx86.X86_OP_IMM and (op.value - decoded.imm) % (1 << 64) == 0
+        return op.matches(decoded, ins, self.bits)
+
+    def _operand_size_asked(self, ins) -> bool:
+        """In 16- and 32-bit code an operand-size prefix (66) must be what the
+        mnemonic or an operand asks for: a 16-bit register, memory operand
+        or immediate in 32-bit code, a 32-bit one in 16-bit code (a branch's
+        target is no immediate). (64-bit code keeps its checks.)"""
+        if self.bits == 64 or ins.prefix[2] != 0x66 or self.mnemonic in _OTHER_SIZE[self.bits]:
+            return True
+        if any(d.type == csx86.X86_OP_REG and ins.reg_name(d.reg).startswith(("xmm", "ymm"))
+               for d in ins.operands):
+            return True         # SSE: 66 selects the instruction, not a size
+        other = 2 if self.bits == 32 else 4
+        kinds = (csx86.X86_OP_REG, csx86.X86_OP_MEM) + (() if self._branch() else (csx86.X86_OP_IMM,))
+        return any(d.type in kinds and d.size == other for d in ins.operands)
 
     def _mismatch(self, ins, ops) -> str:
         for op in ops:
-            if isinstance(op, _Mem) and op.absolute and not _fits32(op.disp):
+            if self.bits == 64 and isinstance(op, _Mem) and op.absolute and not _fits32(op.disp):
                 return (f"absolute address {op.disp:#x} does not fit in a sign-extended 32-bit "
                         "displacement (only movabs with al/ax/eax/rax takes a 64-bit address)")
-        return f"keystone mis-encodes this as '{f'{ins.mnemonic} {ins.op_str}'.strip()}'"
+        return f"keystone mis-encodes this as '{_text(ins)}'"
+
+
+def _text(ins) -> str:
+    return f"{ins.mnemonic} {ins.op_str}".strip()
+
+
+@dataclass(frozen=True)
+class _FarJump(_Statement):
+    """`jmp SEL:OFF` (or `ljmp`; `ljmpd` takes a 32-bit offset in 16-bit
+    code): a direct far jump, encoded by hv (EA, offset, selector), since
+    keystone makes each one a 16-bit jump (66 ea in 32-bit code)."""
+    selector: tuple
+    offset: tuple
+    wide: bool
+    bits: int = 64
+
+    def emit(self, p):
+        selector, offset = p.value(self.selector), p.value(self.offset)
+        if self.bits == 64:
+            raise _Bad("no direct far jump in 64-bit code (use retfq, or jmp through memory)")
+        if not 0 <= selector <= 0xFFFF:
+            raise _Bad(f"selector {selector:#x} does not fit in 16 bits")
+        size = 4 if self.bits == 32 or self.wide else 2
+        if not 0 <= offset < 1 << 8 * size:
+            hint = "; ljmpd takes a 32-bit one" if size == 2 else ""
+            raise _Bad(f"far jump offset {offset:#x} does not fit in {8 * size} bits{hint}")
+        code = (b"\x66" if size == 4 and self.bits == 16 else b"") + b"\xea" \
+            + offset.to_bytes(size, "little") + selector.to_bytes(2, "little")
+        p.checks.append((self, p.address, code, (selector, offset)))
+        return code
+
+    def verify(self, address, code, operands):
+        found = list(_cs(self.bits).disasm(code, address))
+        if not (len(found) == 1 and found[0].size == len(code) and found[0].mnemonic == "ljmp"
+                and [op.imm for op in found[0].operands] == list(operands)):
+            raise self.src.error(f"capstone does not read {code.hex(' ')} as this far jump")
+
+
+@dataclass(frozen=True)
+class _CodeSize(_Statement):
+    """.code16, .code32, .code64: how the instructions after it are encoded."""
+    bits: int
+
+    def emit(self, p):
+        if (p.code_bits[-1][1] if p.code_bits else 64) != self.bits:
+            p.code_bits.append((p.address, self.bits))
+        return b""
+
+
+def _code_sizes(statements: list) -> list:
+    """Every instruction with the code size the last .codeNN before it set
+    (64 before any)."""
+    bits, out = 64, []
+    for st in statements:
+        if isinstance(st, _CodeSize):
+            bits = st.bits
+        elif isinstance(st, (_Insn, _FarJump)):
+            st = replace(st, bits=bits)
+        out.append(st)
+    return out
 
 
 # --- parsing statements -----------------------------------------------------------
@@ -950,7 +1138,9 @@ _MNEMONIC_RE = re.compile(r"([A-Za-z][A-Za-z0-9]*)(?:\s+(.*))?")
 _DATA_SIZES = {".byte": 1, ".word": 2, ".short": 2, ".hword": 2, ".value": 2,
                ".long": 4, ".int": 4, ".quad": 8}
 _STRINGS = {".ascii": b"", ".asciz": b"\0", ".string": b"\0"}
-_NO_OPS = {".text", ".code64", ".global", ".globl"}
+_NO_OPS = {".text", ".global", ".globl"}
+_CODE_SIZES = {".code16": 16, ".code32": 32, ".code64": 64}
+_FAR_RE = re.compile(r"([^:\[\]]+):([^:\[\]]+)")     # SELECTOR:OFFSET
 _SECTION = "is not supported: a guest image is one flat section (keystone silently ignores it)"
 _REJECTED = {
     ".section": _SECTION, ".data": _SECTION, ".bss": _SECTION, ".rodata": _SECTION,
@@ -1010,6 +1200,10 @@ def _parse_directive(src, name, rest):
         if not re.fullmatch(_NAME, symbol):
             raise _Bad("invalid symbol name")
         return _Assign(src, _symbol_name(src, symbol), _parse_expr(_tokenize(value)))
+    if name in _CODE_SIZES:
+        if rest:
+            raise _Bad(f"'{name}' takes no arguments")
+        return _CodeSize(src, _CODE_SIZES[name])
     if name in _NO_OPS or (name == ".intel_syntax" and rest.strip() in ("", "noprefix")):
         return _Bytes(src, b"")
     if name in _REJECTED:
@@ -1043,8 +1237,12 @@ def _parse_insn(src, text):
     mnemonic = m[1].lower()
     if mnemonic in _PREFIXES:
         raise _Bad("a prefix needs its instruction on the same line")
-    if mnemonic in _AMBIGUOUS:
-        raise _Bad(f"ambiguous operand size; write {_AMBIGUOUS[mnemonic]}")
+    far = _FAR_RE.fullmatch(m[2] or "") if mnemonic in _FAR_JUMPS else None
+    if far:
+        return _FarJump(src, _parse_expr(_tokenize(far[1])), _parse_expr(_tokenize(far[2])),
+                        mnemonic == "ljmpd")
+    if mnemonic == "ljmpd":
+        raise _Bad("ljmpd takes SELECTOR:OFFSET")
     operands = tuple(_parse_operand(t) for t in _split_args(m[2])) if m[2] else ()
     return _Insn(src, tuple(prefixes), mnemonic, operands)
 
@@ -1066,6 +1264,7 @@ class _Pass:
         self.code = bytearray()
         self.source_map = []
         self.checks = []            # (insn, address, bytes, operands) to verify at the end
+        self.code_bits = []         # (address, bits) where the code size changes
 
     def run(self, statements):
         for st in statements:

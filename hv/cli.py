@@ -142,8 +142,9 @@ def _parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("run", help="boot a guest and report what its memory management cost")
     r.add_argument("guest", nargs="+",
-                   help="a .s or .bin file, a multiboot kernel (ELF), or the name of a bundled "
-                        "guest (hv guests); several: one VM each")
+                   help="a .s or .bin file, a multiboot kernel (ELF, or a .s or .bin with a "
+                        "multiboot header), or the name of a bundled guest (hv guests); "
+                        "several: one VM each")
     r.add_argument("--append", default="", metavar="ARGS",
                    help="a multiboot kernel's command line after its name")
     r.add_argument("--module", dest="modules", action="append", default=[], metavar="FILE",
@@ -403,16 +404,16 @@ def _cmd_asm(args) -> int:
 
 def _cmd_disasm(args) -> int:
     path = Path(args.binary)
-    symbols = None
+    symbols, code_bits = None, ()
     if path.suffix == ".s":
         image = asm.assemble_file(path, base=args.base)
-        code, symbols = image.code, image.symbols
+        code, symbols, code_bits = image.code, image.symbols, image.code_bits
     else:
         try:
             code = path.read_bytes()
         except OSError as e:
             raise HvError(f"cannot read {path}: {e.strerror}") from None
-    for line in asm.disassemble(code, args.base, symbols):
+    for line in asm.disassemble(code, args.base, symbols, code_bits):
         print(line)
     return 0
 

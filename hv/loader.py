@@ -8,6 +8,13 @@ and QEMU honour: Multiboot Specification 0.6.96, §3.1 (header), §3.2
   flags, checksum; the three sum to 0 mod 2^32), 4-byte aligned and wholly
   within the first 8 KiB of the file. Flags bits 0-15 are requirements a
   loader must refuse if it cannot meet them.
+- §3.1.3 (the a.out kludge, flags bit 16): five more fields, header_addr,
+  load_addr, load_end_addr, bss_end_addr, entry_addr, say where the file's
+  bytes go and where the kernel is entered. A flat image (no ELF: an
+  assembled `.s`, a `.bin`) is a multiboot kernel only by them
+  (`load_flat`), as GRUB and QEMU load one. An ELF is loaded by its own
+  headers and its bit 16 is ignored, as GRUB Legacy does (GRUB 2 and QEMU
+  would load by the header's addresses).
 - §3.2 (machine state): the kernel is entered at its ELF entry point in
   32-bit protected mode with paging off, EFLAGS.IF and VM clear, A20 on,
   flat 4 GiB CS and DS/ES/FS/GS/SS, EAX = 0x2BADB002 and EBX = the
@@ -110,6 +117,10 @@ class BootInfo:
     blobs: tuple[tuple[int, bytes], ...]
 
 
+_AOUT_KLUDGE = 1 << 16
+_AOUT = struct.Struct("<IIIII")     # header_addr, load_addr, load_end_addr, bss_end_addr, entry_addr
+
+
 def is_elf(data: bytes) -> bool:
     """Whether `data` starts like an ELF file (the caller picks a loader)."""
     return data[:4] == b"\x7fELF"
@@ -197,15 +208,29 @@ def _first_line(e: Exception) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
-def _header_flags(data: bytes, what: str) -> int:
-    """The flags of the multiboot header (§3.1), if hv can honour them. As
-    GRUB does, a magic number with a bad checksum is no header."""
-    found = [off for off in range(0, min(len(data), _SEARCH) - _HEADER.size + 1, 4)
-             if _HEADER.unpack_from(data, off)[0] == MULTIBOOT_MAGIC]
-    for off in found:
+def _magic_offsets(data: bytes) -> list[int]:
+    """Where the multiboot magic number lies, 4-byte aligned, with a whole
+    12-byte header in the first 8 KiB (§3.1)."""
+    return [off for off in range(0, min(len(data), _SEARCH) - _HEADER.size + 1, 4)
+            if _HEADER.unpack_from(data, off)[0] == MULTIBOOT_MAGIC]
+
+
+def find_header(data: bytes) -> int | None:
+    """The offset of the multiboot header in `data`, or None. As GRUB does,
+    a magic number with a bad checksum is no header."""
+    for off in _magic_offsets(data):
         magic, flags, checksum = _HEADER.unpack_from(data, off)
         if (magic + flags + checksum) % _4GiB == 0:
-            return _check_flags(flags, what)
+            return off
+    return None
+
+
+def _header_flags(data: bytes, what: str) -> int:
+    """The flags of the multiboot header (§3.1), if hv can honour them."""
+    off = find_header(data)
+    if off is not None:
+        return _check_flags(_HEADER.unpack_from(data, off)[1], what)
+    found = _magic_offsets(data)
     if found:
         raise HvError(f"{what} has a multiboot magic number at offset {found[0]:#x} but a bad "
                       f"checksum (magic + flags + checksum must be 0 mod 2^32)")
@@ -220,6 +245,48 @@ def _check_flags(flags: int, what: str) -> int:
         raise HvError(f"{what} requires multiboot features hv does not provide "
                       f"(header flags {flags:#x}: unknown required bits {unknown:#x})")
     return flags
+
+
+def load_flat(data: bytes, what: str, symbols: Mapping[str, int] | None = None) -> Kernel | None:
+    """The multiboot kernel a flat image is by its header's a.out kludge
+    (§3.1.3), or None if `data` has no multiboot header (it is then no
+    kernel: hv's own boot ABI runs it). HvError, naming `what`, for a
+    header without the kludge or with addresses that cannot be loaded."""
+    off = find_header(data)
+    if off is None:
+        return None
+    flags = _check_flags(_HEADER.unpack_from(data, off)[1], what)
+    if not flags & _AOUT_KLUDGE:
+        raise HvError(f"{what} has a multiboot header (at offset {off:#x}) without load "
+                      "addresses: a kernel that is no ELF needs the a.out kludge (flags bit 16)")
+    if off + _HEADER.size + _AOUT.size > len(data):
+        raise HvError(f"{what}'s multiboot header at offset {off:#x} is cut short: flags bit 16 "
+                      f"needs its 5 address fields")
+    header, load, load_end, bss_end, entry = _AOUT.unpack_from(data, off + _HEADER.size)
+    if load > header:
+        raise HvError(f"{what}'s multiboot header has load_addr {load:#x} above header_addr "
+                      f"{header:#x}: the header must be loaded")
+    start = off - (header - load)           # the file offset loaded at load_addr
+    if start < 0:
+        raise HvError(f"{what}'s multiboot header puts load_addr {load:#x} {-start} bytes "
+                      f"before the file's first byte (header_addr {header:#x}, at offset {off:#x})")
+    end = load + len(data) - start if load_end == 0 else load_end
+    if end <= header:
+        raise HvError(f"{what}'s multiboot header has load_end_addr {end:#x} at or below "
+                      f"header_addr {header:#x}: the header must be loaded")
+    if end - load > len(data) - start:
+        raise HvError(f"{what}'s multiboot header has load_end_addr {end:#x} past the file's end "
+                      f"({end - load} bytes from load_addr; the file has {len(data) - start})")
+    top = end if bss_end == 0 else bss_end
+    if top < end:
+        raise HvError(f"{what}'s multiboot header has bss_end_addr {bss_end:#x} below "
+                      f"load_end_addr {end:#x}")
+    if not load <= entry < end:
+        raise HvError(f"{what}'s multiboot header has entry_addr {entry:#x} outside the "
+                      f"loaded bytes [{load:#x}, {end:#x})")
+    segment = Segment(load, data[start:start + end - load], top - load)
+    _check_layout((segment,), entry, what)
+    return Kernel(what, entry, (segment,), dict(symbols or {}), flags)
 
 
 def _segment(data: bytes, ph: Mapping[str, int], what: str) -> Segment:

@@ -314,6 +314,25 @@ def test_leave_long_mode_runs_32_bit_code_and_the_guests_switch_to_long_mode():
     assert e.msr(0xC0000080) & 0x500 == 0x500          # LME, and LMA set by CR0.PG
 
 
+def test_a_real_mode_cs_write_leaves_the_base_and_enter_real_mode_sets_it():
+    """In real mode the register API writes CS's selector but not its base
+    (selector x 16): code would run from linear IP. enter_real_mode sets it."""
+    mem = PhysMem(2 << 20)
+    mem.write(0x8000, bytes.fromhex("b0 42 f4"))        # mov al, 0x42; hlt
+    mem.write(0x0000, bytes.fromhex("b0 11 f4"))        # mov al, 0x11; hlt
+    e = Engine(mem.host_addr, mem.size, python_mmu=True)
+    e._mem = mem
+    e.on_fill(lambda vaddr, access: (vaddr, 7))
+    e.leave_long_mode()
+    e.set_reg("cr0", 0x10)
+    e.set_reg("cs", 0x800)
+    assert e._cs_base.value == 0
+    e.enter_real_mode(0x800)
+    assert e._cs_base.value == 0x8000 and e.code_bits() == 16
+    e.run(0, 10)
+    assert e.reg("rax") & 0xFF == 0x42
+
+
 def test_a_stop_from_a_device_write_runs_the_write_again():
     """A stop requested in an MMIO write callback ends the run before the
     instruction completes: RIP stays on it and the next run writes again

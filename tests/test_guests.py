@@ -8,7 +8,9 @@ hv marks, see guests/pagetouch.s); for tlbstress, hugepages, compute and smp,
 what the TLB model makes of a working set beyond its reach, one within it,
 almost no memory traffic, and shootdowns on several vCPUs; for ptemod and
 ctxswitch, what PTE updates and CR3 switches cost with shadow paging and
-with EPT.
+with EPT; for multiboot, that a flat source with a multiboot header boots as a
+kernel, enters long mode itself, takes APIC timer interrupts and starts its
+other vCPUs with INIT and SIPI, the same in every mode.
 """
 import functools
 
@@ -16,6 +18,8 @@ import pytest
 
 import hv
 from hv.asm import assemble_source
+from hv.loader import MBI_ADDR, Kernel
+from hv.vmm.vm import VM, Config
 from hv.paths import bundled_guests
 
 from conftest import LIB, MODES, run_src
@@ -34,6 +38,7 @@ RESULT_LINE = {
     "smp": "smp: ok (1 vcpus, 8 rounds)",
     "ptemod": "ptemod: ok (2000 rounds, 4007 checks)",
     "ctxswitch": "ctxswitch: ok (16 address spaces, 2000 switches, 6048 checks)",
+    "multiboot": "multiboot: ok (1 vcpus, 3 timer interrupts)",
     "phases": "phases: ok (3 phases of 2500 rounds, 5064 PTEs churned, 320000 pages read, 343449 checks)",
 }
 
@@ -405,6 +410,141 @@ def test_smp_is_correct_in_any_interleaving(vcpus, quantum):
 def test_smp_with_vcpus_is_deterministic():
     assert (hv.run("smp", mmu="native", vcpus=4, quantum=1000).to_json()
             == run_smp("native", 4, 1000).to_json())
+
+
+# -- multiboot ---------------------------------------------------------------------------
+
+def multiboot_console(vcpus: int) -> str:
+    """What guests/multiboot.s prints with `vcpus` vCPUs."""
+    lines = ["32-bit protected mode, paging off, eax = 0x2badb002",
+             'long mode; loaded by hv, command line "multiboot"',
+             "3 APIC timer interrupts, vector 31"]
+    if vcpus > 1:
+        lines.append(f"INIT and SIPI to {vcpus - 1} other vcpus, trampoline at 0x8000")
+        lines += [f"vcpu {i}: real mode, protected mode, long mode" for i in range(1, vcpus)]
+    lines.append(f"ok ({vcpus} vcpus, 3 timer interrupts)")
+    return "".join(f"multiboot: {line}\n" for line in lines)
+
+
+@functools.cache
+def run_multiboot(mmu: str, vcpus: int) -> hv.Result:
+    return hv.run("multiboot", mmu=mmu, vcpus=vcpus)
+
+
+def test_multiboot_is_a_kernel_by_its_header():
+    _name, kernel = hv.load_guest("multiboot")
+    assert isinstance(kernel, Kernel)
+    # Loaded where it was assembled, entered at its 32-bit entry, with its
+    # BSS (page tables, stacks) zeroed past the image.
+    (segment,) = kernel.segments
+    assert segment.paddr == 0x100000 and kernel.entry == kernel.symbols["entry32"]
+    assert segment.memsz > len(segment.data) and kernel.header_flags == 1 << 16
+
+
+@pytest.mark.parametrize("mmu", MODES)
+@pytest.mark.parametrize("vcpus", [2, 3])
+def test_multiboot_starts_its_other_vcpus_in_every_mode(mmu, vcpus):
+    r = run_multiboot(mmu, vcpus)
+    assert (r.reason, r.exit_code) == ("exit", 0), f"{r.detail}\n{r.console}"
+    assert r.console == multiboot_console(vcpus)
+    # The BSP took the timer's interrupts, each waking its HLT; every AP
+    # halted at its end, in long mode, after reporting.
+    assert r.counters["interrupts"] == r.vcpus[0]["counters"]["interrupts"] == 3
+    assert r.vcpus[0]["counters"]["halt_exits"] == 3
+    assert [c["where"] for c in r.vcpus[1:]] == [".Lap_halt+0x1"] * (vcpus - 1)
+    assert all(c["halted"] for c in r.vcpus[1:])
+    # Each AP ran in the round its start-up IPI came (Machine._schedule):
+    # the BSP, waiting for it, spun far less than a quantum (10^6).
+    assert r.vcpus[0]["counters"]["insns"] < 20_000
+    # The same guest, architecturally, as in the oracle.
+    oracle = run_multiboot("qemu", vcpus)
+    assert r.counters["insns"] == oracle.counters["insns"]
+    assert r.exits["IO_INSTRUCTION"] == oracle.exits["IO_INSTRUCTION"]
+
+
+@pytest.mark.parametrize("mmu", MODES)
+def test_multiboot_counts_the_same_twice(mmu):
+    assert hv.run("multiboot", mmu=mmu, vcpus=2).to_json() == run_multiboot(mmu, 2).to_json()
+
+
+def test_multiboot_switches_modes_as_a_vmm_sees_it():
+    """Under a VMM its own way to long mode exits: CR4, CR3 and CR0 loads,
+    and EFER by WRMSR, on each vCPU; the APIC is MMIO (EPT_MISCONFIG)."""
+    r = run_multiboot("ept", 2)
+    for cpu in r.vcpus:
+        assert cpu["exits"]["MSR_READ"] == cpu["exits"]["MSR_WRITE"] == 1     # EFER.LME
+        assert cpu["counters"]["mmio_exits"] > 0
+    assert r.exits["EPT_MISCONFIG"] == r.counters["mmio_exits"]
+    shadow = run_multiboot("shadow", 2)
+    for cpu in shadow.vcpus:
+        assert cpu["counters"]["cr3_loads"] == 1       # long_mode_on's
+
+
+def test_multiboot_checks_the_boot_magic():
+    _name, kernel = hv.load_guest("multiboot")
+    vm = VM(kernel, Config())
+    vm.vcpus[0].engine.set_reg("rax", 0x1BADB002)       # the header's magic, not eax's
+    vm.run()
+    assert (vm.reason, vm.exit_code, bytes(vm.console)) == ("exit", 1, b"")
+
+
+def test_a_sipi_starts_the_ap_at_the_page_its_vector_names():
+    """Real mode at V:0, CS's base V x 0x1000 (the register API leaves the
+    base of CS alone: Engine.enter_real_mode sets it)."""
+    vm = VM(b"\xf4", Config(vcpus=2))     # vCPU 0 halts at once
+    # mov al, N; out 0xf4, al (the same bytes in 16-bit code)
+    vm.guest.write(0x8000, bytes.fromhex("b0 42 e6 f4"))       # the SIPI's page: exit 0x42
+    vm.guest.write(0x0000, bytes.fromhex("b0 11 e6 f4"))       # linear 0: exit 0x11
+    vm.vcpus[1].wait_for_sipi()
+    vm.vcpus[1].start_up(0x08)                                  # as VM.send_ipi does
+    vm.run()
+    assert (vm.reason, vm.exit_code) == ("exit", 0x42)
+
+
+# A flat source with a multiboot header (flags bit 16: where it loads and
+# where it is entered) is a kernel: entered in 32-bit protected mode,
+# paging off, eax = the boot magic, ebx = the MBI; its image's bytes as a
+# .bin boot the same. It reports eax == magic and ebx in one exit code.
+TINY_KERNEL = """
+header:
+    .long 0x1BADB002, 1 << 16, -(0x1BADB002 + (1 << 16))
+    .long header, header, end, end + 0x1000, entry
+.code32
+entry:
+    cmp eax, 0x2BADB002
+    sete al
+    movzx eax, al
+    shl ebx, 8
+    or eax, ebx
+    out 0xf4, eax
+end:
+"""
+
+
+@pytest.mark.parametrize("mmu", MODES)
+def test_a_source_with_a_multiboot_header_boots_as_a_kernel(tmp_path, mmu):
+    src = tmp_path / "tiny.s"
+    src.write_text(TINY_KERNEL)
+    r = hv.run(src, mmu=mmu)
+    assert (r.reason, r.exit_code) == ("exit", MBI_ADDR << 8 | 1), r.detail
+    image = tmp_path / "tiny.bin"
+    image.write_bytes(assemble_source(TINY_KERNEL).code)
+    assert hv.run(image, mmu=mmu).exit_code == r.exit_code
+    assert hv.run("tiny", mmu=mmu, image=image.read_bytes()).exit_code == r.exit_code
+
+
+def test_a_multiboot_header_without_load_addresses_is_refused(tmp_path):
+    src = tmp_path / "noaout.s"
+    src.write_text(".long 0x1BADB002, 0, -0x1BADB002\nhlt\n")
+    with pytest.raises(hv.HvError, match=r"noaout.s has a multiboot header \(at offset 0x0\) "
+                                         r"without load addresses"):
+        hv.run(src)
+
+
+def test_a_flat_image_without_a_header_keeps_the_boot_abi():
+    # 64-bit, at 0x100000, rdi = the vCPU's index: as before multiboot
+    r = run_src("lea rax, [rip]\nadd rax, rdi\nshr rax, 8\nout 0xf4, eax")
+    assert r.exit_code == 0x1000
 
 
 # -- ptemod and ctxswitch: shadow paging against EPT -------------------------------------

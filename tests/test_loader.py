@@ -9,7 +9,7 @@ import pytest
 
 from hv.errors import HvError
 from hv.loader import (MULTIBOOT_BOOT_MAGIC, MULTIBOOT_MAGIC, BootInfo, Kernel, Segment,
-                       build_boot_info, is_elf, load_multiboot)
+                       build_boot_info, find_header, is_elf, load_flat, load_multiboot)
 
 KUT = Path(__file__).resolve().parents[2] / "shared" / "kvm-unit-tests"
 MiB = 1 << 20
@@ -365,3 +365,87 @@ def test_a_kernel_loading_over_the_boot_information_is_refused():
     low = load_multiboot(make_elf([(0x8000, CODE, 0x3000)], entry=0x8000), "low.elf")
     with pytest.raises(HvError, match=r"low.elf loads over \[0x9000, 0x9558\)"):
         build_boot_info(low, 4 * MiB, "low.elf", [])
+
+
+# --- load_flat: a flat image by its a.out kludge (flags bit 16, §3.1.3) ------------------
+
+AOUT = 1 << 16
+
+
+def kludge(header=0x100000, load=0x100000, load_end=0, bss_end=0, entry=0x100020,
+           flags=AOUT) -> bytes:
+    """A multiboot header with the a.out kludge's five addresses."""
+    return mb_header(flags) + struct.pack("<5I", header, load, load_end, bss_end, entry)
+
+
+def flat_refusal(data: bytes, what: str = "k.bin") -> str:
+    with pytest.raises(HvError) as e:
+        load_flat(data, what)
+    text = str(e.value)
+    assert text.startswith(what) and "\n" not in text
+    return text
+
+
+def test_a_flat_image_loads_where_its_header_says():
+    image = kludge(bss_end=0x103000) + b"\xf4" * 32         # the code at 0x100020
+    k = load_flat(image, "k.bin", {"start": 0x100020})
+    assert k == Kernel("k.bin", 0x100020, (Segment(0x100000, image, 0x3000),),
+                       {"start": 0x100020}, AOUT)
+    assert k.end == 0x103000                        # the BSS counts, though not in the file
+
+
+def test_load_addr_and_load_end_addr_pick_the_bytes():
+    # The header at file offset 16 and load_addr = header_addr - 8: loading
+    # starts at file offset 8; load_end_addr leaves the last 4 bytes out.
+    body = kludge(header=0x200010, load=0x200008, load_end=0x20003C, entry=0x200030)
+    image = b"skipskip" + b"loadload" + body + b"\x90" * 12 + b"tail"
+    assert find_header(image) == 16
+    k = load_flat(image, "k.bin")
+    assert k.segments == (Segment(0x200008, image[8:-4], 0x34),) and k.entry == 0x200030
+
+
+def test_a_flat_image_without_a_header_is_no_kernel():
+    assert load_flat(b"\x90" * 64, "k.bin") is None
+    assert load_flat(mb_header(AOUT, checksum=1) + bytes(20), "k.bin") is None    # bad checksum
+    assert find_header(bytes(8192) + kludge()) is None          # beyond the first 8 KiB
+
+
+@pytest.mark.parametrize("image, message", [
+    (mb_header(0) + bytes(20),
+     "k.bin has a multiboot header (at offset 0x0) without load addresses: a kernel that is "
+     "no ELF needs the a.out kludge (flags bit 16)"),
+    (kludge()[:24],
+     "k.bin's multiboot header at offset 0x0 is cut short: flags bit 16 needs its 5 address "
+     "fields"),
+    (kludge(load=0x100004),
+     "k.bin's multiboot header has load_addr 0x100004 above header_addr 0x100000: the header "
+     "must be loaded"),
+    (kludge(load=0xFF000),
+     "k.bin's multiboot header puts load_addr 0xff000 4096 bytes before the file's first byte "
+     "(header_addr 0x100000, at offset 0x0)"),
+    (kludge(load_end=0x100000),
+     "k.bin's multiboot header has load_end_addr 0x100000 at or below header_addr 0x100000: "
+     "the header must be loaded"),
+    (kludge(load_end=0x100040),
+     "k.bin's multiboot header has load_end_addr 0x100040 past the file's end (64 bytes from "
+     "load_addr; the file has 32)"),
+    (kludge(bss_end=0x100010),
+     "k.bin's multiboot header has bss_end_addr 0x100010 below load_end_addr 0x100020"),
+    (kludge(entry=0x100020),
+     "k.bin's multiboot header has entry_addr 0x100020 outside the loaded bytes "
+     "[0x100000, 0x100020)"),
+    (kludge(header=0xFFFFFFF0, load=0xFFFFFFF0, entry=0xFFFFFFF0),
+     "k.bin loads above 4 GiB (a segment at 0xfffffff0..0x100000010): a multiboot kernel "
+     "starts with paging off"),
+    (kludge(flags=AOUT | 1 << 3)[:12] + bytes(20),
+     "k.bin requires multiboot features hv does not provide (header flags 0x10008: unknown "
+     "required bits 0x8)"),
+])
+def test_bad_load_addresses_are_refused_in_one_line(image, message):
+    assert flat_refusal(image) == message
+
+
+def test_an_elf_is_loaded_by_its_headers_not_by_the_kludge():
+    # bit 16 with addresses that would not load: an ELF ignores them (GRUB Legacy's rule)
+    elf = make_elf([(0x100000, kludge(load=0x100004) + b"\xf4", 33)])
+    assert load_multiboot(elf, "k.elf").segments[0].paddr == 0x100000

@@ -27,8 +27,8 @@ pins each, BENCHMARKS.md measures the cost of counting; ARCHITECTURE.md,
   EFER.LME, a far jump to a 64-bit code segment) runs as on a CPU. But a
   register write of SS leaves HF_SS32 (32-bit stack) clear: pushes would
   wrap at 64 KiB; `load_segments` sets it from the descriptor's B bit.
-  Nor does a write of CS in real mode clear the 32-bit code flag:
-  `enter_real_mode` clears both.
+  Nor does a write of CS in real mode clear the 32-bit code flag or load
+  CS's base (selector x 16): `enter_real_mode` sets all three.
 - For INT n the interrupt hook sees RIP after the instruction (QEMU's
   exception_next_eip), for a fault RIP at it; `software_interrupt()` tells them apart.
 - Writes through host memory (the VMM's) leave QEMU's translated code of
@@ -67,6 +67,7 @@ from ..errors import HvError
 _CTX_SIZE = 5608
 _ENV_RIP = 128                  # after regs[16]
 _ENV_HFLAGS = 176               # HF_CPL_MASK: bits 1:0
+_ENV_CS_BASE = 216              # segs[R_CS].base (segs[6] after hflags2: 24 bytes each)
 _ENV_SS_FLAGS = 252             # segs[R_SS].flags: DPL in bits 14:13
 _ENV_ERROR_CODE = 5384
 _ENV_EXCEPTION_IS_INT = 5388    # 1 when the exception is an INT n (INT3, INTO)
@@ -300,6 +301,7 @@ class Engine:
         self._fast["rip"] = ctypes.c_uint64.from_address(env + _ENV_RIP)
         self.hflags = ctypes.c_uint32.from_address(env + _ENV_HFLAGS)
         self._ss_flags = ctypes.c_uint32.from_address(env + _ENV_SS_FLAGS)
+        self._cs_base = ctypes.c_uint64.from_address(env + _ENV_CS_BASE)
         self._error_code = ctypes.c_int32.from_address(env + _ENV_ERROR_CODE)
         self._exception_is_int = ctypes.c_int32.from_address(env + _ENV_EXCEPTION_IS_INT)
         self._old_exception = ctypes.c_int32.from_address(env + _ENV_OLD_EXCEPTION)
@@ -408,8 +410,10 @@ class Engine:
         self.set_reg("cs", cs)
         for seg in ("ds", "es", "ss", "fs", "gs"):
             self.set_reg(seg, 0)
-        # The register API loads real-mode bases but leaves the 32-bit code
-        # and stack flags: 16-bit code from here.
+        # The register API leaves CS's base (an engine made in 64-bit mode)
+        # and the 32-bit code and stack flags: base selector x 16, 16-bit
+        # code from here.
+        self._cs_base.value = cs << 4
         self.hflags.value &= ~(_HF_CS32 | _HF_SS32)
         self.set_reg("rflags", 2)
         self.set_reg("rip", 0)

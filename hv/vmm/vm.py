@@ -466,8 +466,9 @@ class Machine:
                     self.current = cpu
                     took = vm.run_slice(cpu)
                     longest = max(longest, took)
-                    for woken in [c for c in idle if c.halted and c.can_wake()]:
-                        # An IPI woke it: it slept through this slice, and runs next.
+                    for woken in [c for c in idle if not c.halted or c.can_wake()]:
+                        # An IPI woke it (a start-up IPI, `VCpu.start_up`, already
+                        # did): it slept through this slice, and runs next.
                         vm.pass_time(took, [woken])
                         idle.remove(woken)
                         woken.halted = False
