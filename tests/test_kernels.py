@@ -152,7 +152,8 @@ def test_cpuid_presents_an_intel_cpu_with_only_what_hv_implements():
     _, b, c, d = cpu.cpuid(0, 0, 0)
     assert b"".join(x.to_bytes(4, "little") for x in (b, d, c)) == b"GenuineIntel"
     _, ebx7, ecx7, _ = cpu.cpuid(7, 0, 0)
-    assert ebx7 & (1 << 7 | 1 << 10 | 1 << 20) == 0        # no SMEP, INVPCID, SMAP
+    assert ebx7 & (1 << 7 | 1 << 10 | 1 << 20) == 1 << 7   # SMEP; no INVPCID, SMAP
+    assert CpuModel(parse_cpu("max,-smep")).cpuid(7, 0, 0)[1] & 1 << 7 == 0
     assert ecx7 & (1 << 3 | 1 << 16) == 0                   # no PKU, LA57
     assert cpu.cpuid(1, 0, 0)[2] & (1 << 17 | 1 << 21) == 0  # no PCID, x2APIC
     assert cpu.cpuid(0x8000_0008, 0, 0)[0] & 0xFF == cpuid.MAXPHYADDR
@@ -164,8 +165,9 @@ def test_parse_cpu_takes_qemus_spelling():
     assert parse_cpu("") == parse_cpu("max") == cpuid.IMPLEMENTED
     assert "pdpe1gb" not in parse_cpu("qemu64,-pdpe1gb")
     assert "rdtscp" not in parse_cpu("max,rdtscp=off")
-    assert parse_cpu("max,-smep") == cpuid.IMPLEMENTED      # taking away what is not there
-    for spec, why in (("+smep", "does not implement smep"), ("+bogus", "unknown CPU feature"),
+    assert parse_cpu("max,-smap") == cpuid.IMPLEMENTED      # taking away what is not there
+    assert parse_cpu("max,-smep") == cpuid.IMPLEMENTED - {"smep"}
+    for spec, why in (("+smap", "does not implement smap"), ("+bogus", "unknown CPU feature"),
                       ("-lm", "cannot be without lm"), ("max,pae=maybe", "neither")):
         with pytest.raises(HvError, match=why):
             parse_cpu(spec)
@@ -540,3 +542,47 @@ HELD_THEN_TPR = APIC_IPI + """
 def test_an_interrupt_the_tpr_took_over_from_if_needs_no_window(mode):
     r = run_interrupts(HELD_THEN_TPR, mode, 0x00_00_01_00, 1, "TPR_BELOW_THRESHOLD")
     assert r.exits.get("INTERRUPT_WINDOW", 0) == 0
+
+
+# VA 0x8000000000 maps frame 0x600000 as a user page (U at every level);
+# the code there exits with 0x42. The kernel (CPL 0) jumps to it with
+# CR4.SMEP set or clear; nothing maps an IDT, so a #PF is a triple fault
+# whose chain carries the error code.
+SMEP_GUEST = """
+    mov byte ptr [0x600000], 0xb0          ; mov al, 0x42
+    mov byte ptr [0x600001], 0x42
+    mov byte ptr [0x600002], 0xe6          ; out 0xf4, al
+    mov byte ptr [0x600003], 0xf4
+    mov rax, qword ptr [0x2000]
+    mov qword ptr [0x700000], rax
+    mov qword ptr [0x700008], 0x701007
+    mov qword ptr [0x701000], 0x702007
+    mov qword ptr [0x702000], 0x703007
+    mov qword ptr [0x703000], 0x600007
+    mov rax, 0x700000
+    mov cr3, rax
+    mov rax, cr4
+    or rax, {smep}
+    mov cr4, rax
+    mov rax, 0x8000000000
+    jmp rax
+"""
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("smep", [True, False], ids=["smep", "no-smep"])
+def test_smep_makes_a_supervisor_fetch_from_a_user_page_fault(mode, smep):
+    """SDM Vol.3A §4.6.1: with CR4.SMEP a fetch at CPL 0 from a user page
+    is a #PF with P and I (0x11); without it, the code runs."""
+    r = run_src(SMEP_GUEST.format(smep=1 << 20 if smep else 0), mode)
+    if smep:
+        assert r.reason == "triple_fault", r.detail
+        first = r.crash["chain"][0]
+        assert (first["vector"], first["error_code"], first["cr2"]) == (14, 0x11, 0x8000000000)
+    else:
+        assert (r.reason, r.exit_code) == ("exit", 0x42), r.detail
+
+
+def test_without_smep_in_cpuid_cr4_smep_is_gp():
+    r = run_src(SMEP_GUEST.format(smep=1 << 20), "native", cpu="max,-smep")
+    assert r.reason == "triple_fault" and r.crash["chain"][0]["vector"] == 13

@@ -198,3 +198,29 @@ def test_table_outside_guest_memory_is_an_escape():
     with pytest.raises(GuestEscape, match="outside guest memory"):
         walk(t)
     assert leaf
+
+
+def test_smep_faults_a_supervisor_fetch_from_a_user_page_even_from_the_tlb():
+    """SDM Vol.3A §4.6.1: with CR4.SMEP a fetch at CPL 0 from a user page is
+    #PF(P | I), with or without EFER.NXE; a TLB entry a user fetch filled
+    serves no supervisor fetch (HardwareMMU._allows)."""
+    from hv.arch.x86 import CR4, PG, WP
+    from hv.hw.mmu import HardwareMMU
+    from hv.hw.tlb import TLB
+
+    t = Tables()
+    t.map(VA, 0x300000, P | RW | US)
+    w = Walker(t.mem, Stats(), RAM)
+    for nxe in (True, False):
+        w.smep = True
+        with pytest.raises(PageFault) as pf:
+            w.walk(CR3, VA, FETCH, False, True, nxe)
+        assert pf.value.error_code == PFErr.P | PFErr.I
+        assert w.walk(CR3, VA, FETCH, True, True, nxe).pbase == 0x300000
+        w.smep = False
+        assert w.walk(CR3, VA, FETCH, False, True, nxe).pbase == 0x300000
+    mmu = HardwareMMU(t.mem, Stats(), TLB(), 0)
+    mmu.load(PG | WP, CR3, int(CR4.PAE | CR4.SMEP), 0)
+    assert mmu.fill(VA, FETCH, True)[0] == 0x300000          # cached by a user fetch
+    with pytest.raises(PageFault):
+        mmu.fill(VA, FETCH, False)

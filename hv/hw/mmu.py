@@ -16,8 +16,10 @@ The vCPU catches both (hv.vmm.vcpu). `QemuMMU` stands in for it in mode
 from __future__ import annotations
 
 from ..arch.paging import ADDR_MASK, P, PAGE_SIZE, PS, SWITCH, PFErr, table_index
-from ..arch.x86 import (MSR_EFER, NXE, PG, WP, TlbFlush, Vector, efer_write_flush,
+from ..arch.x86 import (CR4, MSR_EFER, NXE, PG, WP, TlbFlush, Vector, efer_write_flush,
                         mov_to_cr_flush)
+
+_SMEP = int(CR4.SMEP)
 from ..errors import GuestEscape
 from ..events import PageFault, page_fault_exit
 from ..memory import PhysMem
@@ -74,7 +76,7 @@ class HardwareMMU:
             self._root_by_level = w.by_level
         self._pf_exits = Vector.PF in exception_bitmap
         self.cr0 = self.cr3 = self.cr4 = self.efer = 0
-        self.wp = self.nxe = self.paging = False
+        self.wp = self.nxe = self.paging = self.smep = False
         self.nested_root = False
         self._root = 0          # what walks start from: CR3, tagged NESTED_ROOT if it is
         # Agile: a supervisor write refused in the guest's tables exits too
@@ -99,6 +101,7 @@ class HardwareMMU:
         self.cr0, self.cr3, self.cr4, self.efer = cr0, cr3, cr4, efer
         self.wp = bool(cr0 & WP)
         self.nxe = bool(efer & NXE)
+        self.smep = self.walker.smep = bool(cr4 & _SMEP)
         self.paging = bool(cr0 & PG)
         self._root = cr3 | NESTED_ROOT if nested_root else cr3
         if nested_root != self.nested_root:
@@ -218,7 +221,7 @@ class HardwareMMU:
         if access == WRITE:
             return tr.dirty and (tr.writable or not (user or self.wp))
         if access == FETCH:
-            return not tr.nx
+            return not tr.nx and (user or not (tr.user and self.smep))
         return True
 
     def _miss(self, vaddr: int, access: int, user: bool, count: bool) -> Translation:

@@ -69,11 +69,11 @@ def _counted(by_level: list[int], before: list[int]) -> tuple[int, ...]:
             by_level[4] - before[4])
 
 
-def pf_error_code(access: int, user: bool, nxe: bool) -> int:
+def pf_error_code(access: int, user: bool, nxe: bool, smep: bool = False) -> int:
     """The access bits of a #PF error code (SDM Vol.3A §4.7): W, U, and I
-    for a fetch with EFER.NXE."""
+    for a fetch with EFER.NXE or CR4.SMEP."""
     return ((_PF_W if access == WRITE else 0) | (_PF_U if user else 0)
-            | (_PF_I if access == FETCH and nxe else 0))
+            | (_PF_I if access == FETCH and (nxe or smep) else 0))
 
 
 class Walker:
@@ -123,6 +123,9 @@ class Walker:
         self.switch_nested = None
         self.switch_by_level: list[int] | None = None
         self.switch_nxe = True
+        # CR4.SMEP: a supervisor fetch from a user page faults (SDM Vol.3A
+        # §4.6.1). The walk's owner keeps it as CR4 is loaded.
+        self.smep = False
 
     @classmethod
     def peeker(cls, mem, limit: int) -> "Walker":
@@ -157,7 +160,8 @@ class Walker:
         memo = self.memo
         if memo is None or path is not None or self.pwc is not None:
             return self._walk(cr3, vaddr, access, user, wp, nxe, path, None)
-        key = (vaddr >> 12) << 64 | (cr3 & ~0xFFF) | access | user << 2 | wp << 3 | nxe << 4
+        key = ((vaddr >> 12) << 64 | (cr3 & ~0xFFF) | access | user << 2 | wp << 3 | nxe << 4
+               | self.smep << 5)
         hit = memo.results.get(key)
         if hit is None:
             return self._remember(memo, key, cr3, vaddr, access, user, wp, nxe)
@@ -255,7 +259,7 @@ class Walker:
                     read.append(entry_addr)
                 if entry & check[level] != P:
                     # Not present, or a reserved bit set (reserved_mask).
-                    err = pf_error_code(access, user, nxe)
+                    err = pf_error_code(access, user, nxe, self.smep)
                     raise PageFault(vaddr, err if not entry & P else err | _PF_P | _PF_RSVD,
                                     nested is not None)
                 all_and &= entry
@@ -299,15 +303,17 @@ class Walker:
             # rights or for the reserved low bits of its address.
             entry = self._set_bits(entry_addr, entry, A)
         if entry & _LARGE_LOW[level]:
-            raise PageFault(vaddr, pf_error_code(access, user, nxe) | _PF_P | _PF_RSVD,
+            raise PageFault(vaddr, pf_error_code(access, user, nxe, self.smep) | _PF_P | _PF_RSVD,
                             nested is not None)
         writable, usable = bool(all_and & RW), bool(all_and & US)
         nx = bool(nxe and any_or & NX)
         # SDM Vol.3A §4.6: a user access to a supervisor page, a fetch from
-        # an NX page, a write to a read-only page at CPL 3 or with CR0.WP.
-        if (user and not usable) or (access == FETCH and nx) or (
-                access == WRITE and not writable and (user or wp)):
-            raise PageFault(vaddr, pf_error_code(access, user, nxe) | _PF_P, nested is not None)
+        # an NX page (or, with CR4.SMEP, a supervisor fetch from a user
+        # page), a write to a read-only page at CPL 3 or with CR0.WP.
+        if (user and not usable) or (access == FETCH and (nx or usable and not user and self.smep)) \
+                or (access == WRITE and not writable and (user or wp)):
+            raise PageFault(vaddr, pf_error_code(access, user, nxe, self.smep) | _PF_P,
+                            nested is not None)
         bits = A | D if access == WRITE else A
         if entry & bits != bits:
             entry = self._set_bits(entry_addr, entry, bits)

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from ..arch.paging import (A, ADDR_MASK, D, ENTRIES_PER_TABLE, G, NX, P, PAGE_SIZE, PS, SWITCH,
                            PFErr, RW, US, large_frame, table_index)
-from ..arch.x86 import MSR_EFER, NXE, PG, WP, TlbFlush, efer_write_flush, mov_to_cr_flush
+from ..arch.x86 import CR4, MSR_EFER, NXE, PG, WP, TlbFlush, efer_write_flush, mov_to_cr_flush
 from ..errors import GuestEscape, InvariantError
 from ..events import EmulateWrite, PageFault
 from ..hw.walker import FETCH, READ, WRITE, Walker
@@ -43,6 +43,7 @@ ACC_ALL = ACC_W | ACC_U | ACC_X
 FLOOD_LIMIT = 3         # emulated writes with no use in between (KVM's detect_write_flooding)
 RESERVE = 8             # free shadow frames kept for one fault's path
 _PF_W, _PF_U, _PF_I = int(PFErr.W), int(PFErr.U), int(PFErr.I)     # plain ints: hot path
+_SMEP = int(CR4.SMEP)
 
 
 # A leaf the guest lets this walk write (its walk allows it, its PTE is
@@ -501,7 +502,8 @@ class ShadowPaging(Paging):
         path: list = []
         if self.cr0 & PG:
             # The guest's own walk (it sets A/D in the guest's tables, as the
-            # hardware would have).
+            # hardware would have), with the guest's CR4.SMEP.
+            self.guest_walker.smep = bool(self.cr4 & _SMEP)
             try:
                 self.guest_walker.walk(self.cr3, vaddr, access, user, self._wp, nxe, path)
             except PageFault as fault:
