@@ -6,9 +6,12 @@ from collections import Counter
 
 import pytest
 
+import hv
 from hv.arch.x86 import RFLAGS, Vector
 from hv.events import PageFault
 from hv.hw.delivery import Delivery
+
+from conftest import MODES
 
 IDT, GDT, TSS = 0x1000, 0x2000, 0x3000
 FLAT_CODE32, FLAT_DATA32 = 0x00CF_9A00_0000_FFFF, 0x00CF_9200_0000_FFFF
@@ -148,3 +151,72 @@ def test_real_mode_pushes_flags_cs_ip_on_ss_sp_and_jumps_through_the_vector_tabl
     frame = [cpu.get(0x10000 + ((new_sp + 2 * i) & 0xFFFF), 2) for i in range(3)]
     assert frame == [0x0102, 0x9000, 0x202 | RFLAGS.TF]    # FLAGS: 16 bits, AC above them
     assert (cpu.regs["cs"], cpu.regs["rip"], cpu.regs["rflags"]) == (0x1234, 0x56, 0x2)
+
+
+# A flat multiboot kernel that stays in 32-bit protected mode: its own GDT
+# and an IDT of 32-bit interrupt gates for #UD (6) and vector 0x30. INT
+# 0x30 adds 1 to ecx; UD2's handler adds 0x10 and steps EIP past it; a
+# fault in the handlers, or a gate read as 64-bit, would not end at the
+# OUT with 0x11. A real guest, in every mode (hv.run).
+KERNEL32 = """
+header:
+    .long 0x1BADB002, 1 << 16, -(0x1BADB002 + (1 << 16))
+    .long header, header, end, end + 0x1000, entry
+.code32
+entry:
+    lgdt [gdtr]
+    jmp 0x08:flat
+flat:
+    mov ax, 0x10
+    mov ds, ax
+    mov es, ax
+    mov ss, ax
+    mov esp, 0x90000
+    mov eax, offset on_ud
+    mov ebx, idt + 6 * 8
+    call set_gate
+    mov eax, offset on_int
+    mov ebx, idt + 0x30 * 8
+    call set_gate
+    lidt [idtr]
+    xor ecx, ecx
+    int 0x30
+    ud2
+    mov eax, ecx
+    out 0xf4, eax
+set_gate:                       ; eax = handler, ebx = the gate
+    mov word ptr [ebx], ax
+    mov word ptr [ebx + 2], 0x08
+    mov word ptr [ebx + 4], 0x8E00
+    shr eax, 16
+    mov word ptr [ebx + 6], ax
+    ret
+on_int:
+    inc ecx
+    iret
+on_ud:
+    add ecx, 0x10
+    add dword ptr [esp], 2
+    iret
+gdtr:
+    .word 23
+    .long gdt
+idtr:
+    .word 0x30 * 8 + 7
+    .long idt
+.align 8
+gdt:
+    .quad 0, 0x00CF9A000000FFFF, 0x00CF92000000FFFF
+idt:
+    .fill 0x31 * 8, 1, 0
+end:
+"""
+
+
+@pytest.mark.parametrize("mmu", MODES)
+def test_a_32_bit_kernel_takes_int_n_and_a_fault_through_its_own_idt(tmp_path, mmu):
+    src = tmp_path / "kernel32.s"
+    src.write_text(KERNEL32)
+    r = hv.run(src, mmu=mmu)
+    assert (r.reason, r.exit_code) == ("exit", 0x11), r.detail
+    assert r.counters["exceptions"] == 2
