@@ -333,6 +333,19 @@ def test_a_real_mode_cs_write_leaves_the_base_and_enter_real_mode_sets_it():
     assert e.reg("rax") & 0xFF == 0x42
 
 
+def test_the_default_cpu_has_no_stac_and_the_engines_broadwell_has():
+    import unicorn
+
+    uc = unicorn.Uc(unicorn.UC_ARCH_X86, unicorn.UC_MODE_64)
+    uc.mem_map(0x1000, 0x1000)
+    uc.mem_write(0x1000, bytes.fromhex("0f01cb f4"))       # stac; hlt
+    with pytest.raises(unicorn.UcError, match="INSN_INVALID"):
+        uc.emu_start(0x1000, 0x2000, count=1)
+    e = engine("stac\nhlt")
+    e.run(BASE, 1)
+    assert e.alignment_check() and e.reg("rflags") & 1 << 18
+
+
 def test_a_stop_from_a_device_write_runs_the_write_again():
     """A stop requested in an MMIO write callback ends the run before the
     instruction completes: RIP stays on it and the next run writes again

@@ -224,3 +224,29 @@ def test_smep_faults_a_supervisor_fetch_from_a_user_page_even_from_the_tlb():
     assert mmu.fill(VA, FETCH, True)[0] == 0x300000          # cached by a user fetch
     with pytest.raises(PageFault):
         mmu.fill(VA, FETCH, False)
+
+
+def test_smap_faults_a_supervisor_data_access_to_a_user_page_unless_ac():
+    """SDM Vol.3A §4.6.1: with CR4.SMAP a supervisor read or write of a user
+    page is #PF (P, and W for a write) while EFLAGS.AC is clear, for the
+    CPU's own (implicit) accesses whatever AC is; a TLB entry filled with
+    AC set serves no access with AC clear."""
+    from hv.arch.x86 import CR4, PG, WP
+    from hv.hw.mmu import HardwareMMU
+    from hv.hw.tlb import TLB
+
+    t = Tables()
+    t.map(VA, 0x300000, P | RW | US | A | D)
+    mmu = HardwareMMU(t.mem, Stats(), TLB(), 0)
+    mmu.load(PG | WP, CR3, int(CR4.PAE | CR4.SMAP), 0)
+    mmu.ac = True
+    assert mmu.fill(VA, WRITE, False)[0] == 0x300000
+    assert mmu.fill(VA, FETCH, False)[0] == 0x300000        # SMAP is for data
+    with pytest.raises(PageFault):
+        mmu.translate(VA, READ)                             # implicit: AC ignored
+    mmu.ac = False
+    for access, code in ((READ, PFErr.P), (WRITE, PFErr.P | PFErr.W)):
+        with pytest.raises(PageFault) as pf:
+            mmu.fill(VA, access, False)
+        assert pf.value.error_code == code
+    assert mmu.fill(VA, READ, True)[0] == 0x300000           # a user access

@@ -19,6 +19,9 @@ pins each, BENCHMARKS.md measures the cost of counting; ARCHITECTURE.md,
   address is in `uc_struct.invalid_addr` (`fault_address()`), found once
   per process by `_fault_offset()`.
 - Writing CS or SS does not change QEMU's CPL (hflags); `set_cpl` does.
+- Unicorn's default x86 CPU decodes no STAC or CLAC and drops CR4.SMAP (so
+  QEMU never keeps its TLB apart by EFLAGS.AC): the engine runs QEMU's
+  Broadwell model, whose features cover what hv may present.
 - An engine created in 64-bit mode keeps decoding 64-bit code after EFER,
   CR0 and CS are written: QEMU decodes by hflags (HF_LMA, HF_CS64), and
   WRMSR never clears EFER.LMA. Clearing CR0.PG with LMA set leaves long
@@ -66,6 +69,7 @@ from ..errors import HvError
 # a saved context is a copy of env after a 40-byte header.
 _CTX_SIZE = 5608
 _ENV_RIP = 128                  # after regs[16]
+_ENV_EFLAGS = 136               # after eip: IF, AC and the other system flags, kept
 _ENV_HFLAGS = 176               # HF_CPL_MASK: bits 1:0
 _ENV_CS_BASE = 216              # segs[R_CS].base (segs[6] after hflags2: 24 bytes each)
 _ENV_SS_FLAGS = 252             # segs[R_SS].flags: DPL in bits 14:13
@@ -75,6 +79,7 @@ _ENV_OLD_EXCEPTION = 5496
 # hflags bits (qemu/target/i386/cpu.h): what QEMU decodes code as.
 _HF_INHIBIT_IRQ, _HF_CS32, _HF_SS32, _HF_CS64 = 1 << 3, 1 << 4, 1 << 5, 1 << 15
 _HF_PE, _HF_LMA = 1 << 7, 1 << 14
+_AC = 1 << 18                   # EFLAGS.AC
 # General registers in env.regs order (QEMU's R_EAX..R_R15).
 _GPRS = "rax rcx rdx rbx rsp rbp rsi rdi r8 r9 r10 r11 r12 r13 r14 r15".split()
 
@@ -263,6 +268,9 @@ class Engine:
 
     def __init__(self, host_addr: int, size: int, python_mmu: bool = True):
         self.uc = uc = uc_mod.Uc(ucc.UC_ARCH_X86, ucc.UC_MODE_64)
+        # QEMU's Broadwell: the instructions of every feature hv may present
+        # (STAC and CLAC for SMAP); hv's CPUID says which the guest has.
+        uc.ctl_set_cpu_model(x86c.UC_CPU_X86_BROADWELL)
         uc.mem_map_ptr(0, size, ucc.UC_PROT_ALL, host_addr)
         self.python_mmu = python_mmu
         if python_mmu:
@@ -300,6 +308,7 @@ class Engine:
         self._fast_gprs = dict(self._fast)
         self._fast["rip"] = ctypes.c_uint64.from_address(env + _ENV_RIP)
         self.hflags = ctypes.c_uint32.from_address(env + _ENV_HFLAGS)
+        self._eflags = ctypes.c_uint64.from_address(env + _ENV_EFLAGS)
         self._ss_flags = ctypes.c_uint32.from_address(env + _ENV_SS_FLAGS)
         self._cs_base = ctypes.c_uint64.from_address(env + _ENV_CS_BASE)
         self._error_code = ctypes.c_int32.from_address(env + _ENV_ERROR_CODE)
@@ -357,6 +366,11 @@ class Engine:
 
     def cpl(self) -> int:
         return self.hflags.value & 3
+
+    def alignment_check(self) -> bool:
+        """EFLAGS.AC (STAC sets it; SMAP lets a supervisor access user
+        pages while it is set), read in place: QEMU keeps it in env."""
+        return bool(self._eflags.value & _AC)
 
     def interrupt_shadow(self) -> bool:
         """Whether the last instruction was STI or a load of SS, which

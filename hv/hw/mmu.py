@@ -19,7 +19,7 @@ from ..arch.paging import ADDR_MASK, P, PAGE_SIZE, PS, SWITCH, PFErr, table_inde
 from ..arch.x86 import (CR4, MSR_EFER, NXE, PG, WP, TlbFlush, Vector, efer_write_flush,
                         mov_to_cr_flush)
 
-_SMEP = int(CR4.SMEP)
+_SMEP, _SMAP = int(CR4.SMEP), int(CR4.SMAP)
 from ..errors import GuestEscape
 from ..events import PageFault, page_fault_exit
 from ..memory import PhysMem
@@ -76,7 +76,11 @@ class HardwareMMU:
             self._root_by_level = w.by_level
         self._pf_exits = Vector.PF in exception_bitmap
         self.cr0 = self.cr3 = self.cr4 = self.efer = 0
-        self.wp = self.nxe = self.paging = self.smep = False
+        self.wp = self.nxe = self.paging = self.smep = self.smap = False
+        # EFLAGS.AC of the guest's access being filled (the vCPU sets it
+        # while SMAP is on); the CPU's own accesses (`translate`) are
+        # implicit: SMAP applies whatever AC is.
+        self.ac = False
         self.nested_root = False
         self._root = 0          # what walks start from: CR3, tagged NESTED_ROOT if it is
         # Agile: a supervisor write refused in the guest's tables exits too
@@ -102,6 +106,7 @@ class HardwareMMU:
         self.wp = bool(cr0 & WP)
         self.nxe = bool(efer & NXE)
         self.smep = self.walker.smep = bool(cr4 & _SMEP)
+        self.smap = bool(cr4 & _SMAP)
         self.paging = bool(cr0 & PG)
         self._root = cr3 | NESTED_ROOT if nested_root else cr3
         if nested_root != self.nested_root:
@@ -166,8 +171,8 @@ class HardwareMMU:
         `retry`: the same miss again after the VM exit it raised (the walk
         starts over; the miss is counted once)."""
         tr = None if retry else self.tlb.lookup(self.asid, vaddr)
-        if tr is None or not self._allows(tr, access, user):
-            tr = self._miss(vaddr, access, user, not retry)
+        if tr is None or not self._allows(tr, access, user, self.ac):
+            tr = self._miss(vaddr, access, user, not retry, self.ac)
         paddr = tr.pbase | (vaddr & ((1 << tr.shift) - 1) & ~(PAGE_SIZE - 1))
         # Grant only what the model has checked: W once the page is dirty (so
         # the first write is seen), X only to fetches (so code is scanned).
@@ -186,8 +191,8 @@ class HardwareMMU:
         """A linear access the CPU makes itself (IDT reads, exception
         frames), counted like any other."""
         tr = None if retry else self.tlb.lookup(self.asid, vaddr)
-        if tr is None or not self._allows(tr, access, user):
-            tr = self._miss(vaddr, access, user, not retry)
+        if tr is None or not self._allows(tr, access, user, False):
+            tr = self._miss(vaddr, access, user, not retry, False)
         return tr.paddr(vaddr)
 
     def below_switch(self, vaddr: int) -> bool:
@@ -213,22 +218,27 @@ class HardwareMMU:
         """The TLB's translation of `vaddr`, if it holds one (no side effect)."""
         return self.tlb.lookup(self.asid, vaddr)
 
-    def _allows(self, tr: Translation, access: int, user: bool) -> bool:
-        """Whether a cached entry serves this access without a walk. A write
-        through an entry that is not yet dirty walks again to set D."""
+    def _allows(self, tr: Translation, access: int, user: bool, ac: bool) -> bool:
+        """Whether a cached entry serves this access without a walk (which
+        then faults where the rights say no). A write through an entry that
+        is not yet dirty walks again to set D."""
         if user and not tr.user:
+            return False
+        if access == FETCH:
+            return not tr.nx and (user or not (tr.user and self.smep))
+        if tr.user and not user and self.smap and not ac:
             return False
         if access == WRITE:
             return tr.dirty and (tr.writable or not (user or self.wp))
-        if access == FETCH:
-            return not tr.nx and (user or not (tr.user and self.smep))
         return True
 
-    def _miss(self, vaddr: int, access: int, user: bool, count: bool) -> Translation:
+    def _miss(self, vaddr: int, access: int, user: bool, count: bool,
+              ac: bool) -> Translation:
         """A TLB miss (`count`ed, unless it is one retried): walk, and cache
         what the walk found (the invariant above)."""
         if count:
             self.counters["tlb.misses"] += 1
+        self.walker.smap = self.smap and not ac
         try:
             if self.paging:
                 tr = self.walker.walk(self._root, vaddr, access, user, self.wp, self.nxe)

@@ -123,9 +123,11 @@ class Walker:
         self.switch_nested = None
         self.switch_by_level: list[int] | None = None
         self.switch_nxe = True
-        # CR4.SMEP: a supervisor fetch from a user page faults (SDM Vol.3A
-        # §4.6.1). The walk's owner keeps it as CR4 is loaded.
-        self.smep = False
+        # CR4.SMEP: a supervisor fetch from a user page faults; `smap`:
+        # CR4.SMAP applies to this walk's supervisor data access (EFLAGS.AC
+        # clear, or an implicit access): it faults on a user page (SDM
+        # Vol.3A §4.6.1). The walk's owner keeps both.
+        self.smep = self.smap = False
 
     @classmethod
     def peeker(cls, mem, limit: int) -> "Walker":
@@ -161,7 +163,7 @@ class Walker:
         if memo is None or path is not None or self.pwc is not None:
             return self._walk(cr3, vaddr, access, user, wp, nxe, path, None)
         key = ((vaddr >> 12) << 64 | (cr3 & ~0xFFF) | access | user << 2 | wp << 3 | nxe << 4
-               | self.smep << 5)
+               | self.smep << 5 | self.smap << 6)
         hit = memo.results.get(key)
         if hit is None:
             return self._remember(memo, key, cr3, vaddr, access, user, wp, nxe)
@@ -309,9 +311,11 @@ class Walker:
         nx = bool(nxe and any_or & NX)
         # SDM Vol.3A §4.6: a user access to a supervisor page, a fetch from
         # an NX page (or, with CR4.SMEP, a supervisor fetch from a user
-        # page), a write to a read-only page at CPL 3 or with CR0.WP.
+        # page), a write to a read-only page at CPL 3 or with CR0.WP, with
+        # SMAP a supervisor data access to a user page.
         if (user and not usable) or (access == FETCH and (nx or usable and not user and self.smep)) \
-                or (access == WRITE and not writable and (user or wp)):
+                or (access == WRITE and not writable and (user or wp)) \
+                or (usable and not user and access != FETCH and self.smap):
             raise PageFault(vaddr, pf_error_code(access, user, nxe, self.smep) | _PF_P,
                             nested is not None)
         bits = A | D if access == WRITE else A

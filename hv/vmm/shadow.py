@@ -502,8 +502,10 @@ class ShadowPaging(Paging):
         path: list = []
         if self.cr0 & PG:
             # The guest's own walk (it sets A/D in the guest's tables, as the
-            # hardware would have), with the guest's CR4.SMEP.
+            # hardware would have), with the guest's CR4.SMEP, and SMAP as
+            # the hardware applied it to this access (CR4 is the guest's).
             self.guest_walker.smep = bool(self.cr4 & _SMEP)
+            self.guest_walker.smap = self.hw.walker.smap
             try:
                 self.guest_walker.walk(self.cr3, vaddr, access, user, self._wp, nxe, path)
             except PageFault as fault:

@@ -126,6 +126,8 @@ class VCpu:
             if hpa is not None:
                 return hpa, PROT_R | PROT_W     # the one write being emulated
         user = self._hflags.value & 3 == 3
+        if self.hw.smap:
+            self.hw.ac = self.engine.alignment_check()
         try:
             paddr, perms = self.hw.fill(vaddr, access, user)
         except (VmExit, Fault) as raised:
