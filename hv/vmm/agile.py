@@ -172,10 +172,12 @@ class AgileCache(ShadowCache):
         ept.read_only = self.shadowed
 
     def write_protect(self, c, gfn: int) -> None:
-        super().write_protect(c, gfn)
+        """As shadow paging's, and in EPT too: one flush for both."""
+        leaves = self._protect_leaves(c, gfn)
         if self.ept.protect(c, gfn):
-            for paging in self.vcpus:
-                paging.hw.invept()
+            self.flush_all(c, ept=True)
+        elif leaves:
+            self.flush_all(c)
 
 
 class AgileMMU:
@@ -203,7 +205,7 @@ class AgilePaging(ShadowPaging):
 
     def __init__(self, hw, state: AgileMMU, stats):
         super().__init__(hw, state.shadow, stats)
-        self.shadow, self.ept, self.policy = state.shadow, state.ept, state.policy
+        self.ept, self.policy = state.ept, state.policy
         self.root_nested = False
 
     def nested_table(self, gfn: int, level: int) -> bool:
@@ -216,7 +218,7 @@ class AgilePaging(ShadowPaging):
         gpa = ex.value
         if not ex.qualification & EptQual.WRITE or not ex.qualification & EptQual.READABLE:
             self.ept.map(self.counters, gpa)
-        elif gpa >> 12 in self.shadow.shadowed:
+        elif gpa >> 12 in self.cache.shadowed:
             self.counters["insn_emulation"] += 1
             return EmulateWrite(ex.gla, gpa >> 12)
         else:

@@ -282,8 +282,14 @@ class ShadowCache:
 
     # -- write protection ------------------------------------------------------
     def write_protect(self, c, gfn: int) -> None:
-        """Make every leaf that maps `gfn` read-only (it became a page table):
-        a 2 MiB leaf over it goes (4 KiB ones replace it at the next fault)."""
+        """Make every leaf that maps `gfn` read-only (it became a page table),
+        then flush the TLBs if one changed."""
+        if self._protect_leaves(c, gfn):
+            self.flush_all(c)
+
+    def _protect_leaves(self, c, gfn: int) -> bool:
+        """Take W from the sptes that map `gfn`: a 2 MiB leaf over it goes
+        (4 KiB ones replace it at the next fault). True if one changed."""
         changed = False
         for spte_addr in list(self.large.get(gfn >> 9, ())):
             changed = self.zap_spte(c, spte_addr, 2) or changed
@@ -292,8 +298,7 @@ class ShadowCache:
             if spte & RW:
                 self.host.write_u64(spte_addr, spte & ~RW)
                 changed = True
-        if changed:
-            self.flush_all(c)
+        return changed
 
     def pte_write(self, c, gfn: int, changed: list[int]) -> None:
         """The guest wrote entries `changed` of its table `gfn`: zap the
@@ -360,10 +365,14 @@ class ShadowCache:
                 raise InvariantError(f"a vCPU's hardware walks {paging.hw.cr3:#x}, not its "
                                      f"shadow root {root.hpa:#x}")
 
-    def flush_all(self, c) -> None:
-        """Flush the TLB of every vCPU of the VM (KVM's kvm_flush_remote_tlbs)."""
+    def flush_all(self, c, ept: bool = False) -> None:
+        """Flush the TLB of every vCPU of the VM (KVM's kvm_flush_remote_tlbs);
+        `ept`: EPT's rights changed too (agile), so by INVEPT."""
         for paging in self.vcpus:
-            paging.hw.flush(TlbFlush.ALL)
+            if ept:
+                paging.hw.invept()
+            else:
+                paging.hw.flush(TlbFlush.ALL)
             if paging.counters is not c:
                 c["remote_tlb_flush"] += 1
 
