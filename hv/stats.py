@@ -20,6 +20,7 @@ COUNTER_NAMES = (
 OTHER_COUNTERS = (
     "console_dropped", "insn_emulation", "code_rescans",            # the VM, the vCPU
     "mmio_exits", "interrupts",                                     # devices
+    "invpcid",                                                      # the CPU
     "pf_fixed", "mmu_pte_write", "mmu_flooded", "mmu_cache_miss",   # shadow paging
     "mmu_shadow_zapped", "mmu_pde_zapped", "mmu_recycled", "remote_tlb_flush",
     *(f"mmu_shadow_pages.L{level}" for level in range(1, 5)),

@@ -97,7 +97,7 @@ def test_cr4_bits_of_features_the_cpu_has_not_are_gp():
     reserved (what kvm-unit-tests pcid checks of CR4.PCIDE)."""
     from hv.arch import cpuid
     reserved = cpuid.cr4_reserved(cpuid.IMPLEMENTED)
-    for bit in (CR4.PCIDE, CR4.PKE, CR4.LA57, CR4.VME, CR4.MCE,
+    for bit in (CR4.PKE, CR4.LA57, CR4.VME, CR4.MCE,
                 CR4.FSGSBASE, CR4.OSXSAVE, CR4.UMIP, 1 << 13):      # 13: VMXE
         assert mov_to_cr_faults(4, CR4.PAE | bit, 0, 0, reserved), bit
     for bit in (CR4.TSD, CR4.DE, CR4.PSE, CR4.PGE, CR4.PCE, CR4.OSFXSR, CR4.OSXMMEXCPT,
@@ -105,4 +105,19 @@ def test_cr4_bits_of_features_the_cpu_has_not_are_gp():
         assert not mov_to_cr_faults(4, CR4.PAE | bit, 0, 0, reserved), bit
     assert mov_to_cr_faults(4, CR4.PAE | CR4.SMEP, 0, 0,
                             cpuid.cr4_reserved(cpuid.IMPLEMENTED - {"smep"}))
-    assert not mov_to_cr_faults(4, CR4.PCIDE, 0, 0, cpuid.cr4_reserved({"pcid"}))
+    assert mov_to_cr_faults(4, CR4.PAE | CR4.PCIDE, 0, EFER.LMA,
+                            cpuid.cr4_reserved(cpuid.IMPLEMENTED - {"pcid"}))
+    assert not mov_to_cr_faults(4, CR4.PAE | CR4.PCIDE, 0, EFER.LMA, reserved)
+
+
+def test_cr4_pcide_is_set_only_in_ia32e_mode_with_pcid_0():
+    """SDM Vol.2B "MOV-Move to/from Control Registers": setting CR4.PCIDE
+    is #GP outside IA-32e mode or while CR3[11:0] is not 0; keeping it set
+    is not."""
+    lma, pae_pcide = EFER.LMA | EFER.LME, CR4.PAE | CR4.PCIDE
+    assert not mov_to_cr_faults(4, pae_pcide, CR4.PAE, lma, 0, 0x2000)
+    assert mov_to_cr_faults(4, pae_pcide, CR4.PAE, EFER.LME, 0, 0x2000)     # LMA clear
+    assert mov_to_cr_faults(4, pae_pcide, CR4.PAE, lma, 0, 0x2001)          # PCID 1
+    assert mov_to_cr_faults(4, pae_pcide, CR4.PAE, lma, 0, 0x2008)          # PWT
+    assert not mov_to_cr_faults(4, pae_pcide, pae_pcide, lma, 0, 0x2001)    # already set
+    assert mov_to_cr_faults(0, CR0.PE, CR4.PAE | CR4.PCIDE, lma)            # PG cleared

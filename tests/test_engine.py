@@ -416,3 +416,17 @@ def test_a_hook_per_address_counts_the_same_as_the_compiled_hook(monkeypatch, gu
     monkeypatch.setattr(hw_engine, "_sites", None)
     per_address = hv.run(guest, mmu)
     assert compiled.to_json() == per_address.to_json()
+
+
+def test_qemu_keeps_cr3_bit_63_and_does_not_decode_invpcid():
+    """With CR4.PCIDE, bit 63 of MOV to CR3 says "do not flush" and is never
+    loaded (SDM Vol.2B "MOV-Move to/from Control Registers"); QEMU 5 loads
+    it, so hv hands QEMU the value without it (hv.vmm.vcpu). QEMU 5 does not
+    decode INVPCID at all: hv carries it out."""
+    e = engine("mov rax, cr4\nor rax, 0x20000\nmov cr4, rax\n"
+               "mov rax, 0x8000000000000005\nmov cr3, rax\nmov rbx, cr3\nhlt")
+    e.run(BASE, 100)
+    assert e.reg("rbx") == 0x8000_0000_0000_0005
+    e = engine("invpcid rax, [rsi]\nhlt")
+    with pytest.raises(Exception, match="INSN_INVALID"):
+        e.run(BASE, 100)

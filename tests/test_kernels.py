@@ -86,18 +86,34 @@ def test_rmap_chain_maps_one_frame_fifteen_thousand_times(mode):
     assert r.console.rstrip().endswith("PASS")
 
 
+# kvm-unit-tests pcid's three configurations (x86/unittests.cfg) and, under
+# qemu (QEMU's MMU, no code scanning), what QEMU does with them: it loads
+# CR4.PCIDE without CPUID.PCID, does not decode INVPCID (#UD), and with
+# PCID the kernel ends reading outside memory (escape).
+PCID_CONFIGS = {
+    "qemu64,+pcid,+invpcid": ("PCID when enabled", "INVPCID when enabled", "escape"),
+    "qemu64,-pcid,-invpcid": ("PCID when disabled", "INVPCID when disabled",
+                              "FAIL: Test on PCID when disabled"),
+    "qemu64,-pcid,+invpcid": ("PCID when disabled", "INVPCID when enabled",
+                              "SUMMARY: 2 tests, 2 unexpected failures"),
+}
+
+
 @pytest.mark.parametrize("mode", MODES)
-def test_pcid_without_pcid_is_gp_and_invpcid_ud(mode):
-    """kvm-unit-tests pcid as hv's CPU is (-pcid,-invpcid): setting
-    CR4.PCIDE is #GP. Under qemu, QEMU's MMU and no code scanning, QEMU
-    loads it, as QEMU TCG fails this test itself: a documented
-    disagreement."""
-    r = hv.run(kut_image("pcid"), mode)
+@pytest.mark.parametrize("cpu", PCID_CONFIGS)
+def test_kvm_unit_tests_pcid_passes_in_its_three_configurations(mode, cpu):
+    """CR4.PCIDE is #GP without CPUID.PCID, outside IA-32e mode or with
+    CR3[11:0] set; clearing CR0.PG with it set is #GP; INVPCID is #UD
+    without its CPUID bit, #GP for a PCID other than 0 with PCIDE clear,
+    and runs its four types otherwise."""
+    r = hv.run(kut_image("pcid"), mode, cpu=cpu)
+    pcid, invpcid, under_qemu = PCID_CONFIGS[cpu]
     if mode == "qemu":
-        assert r.exit_code == 1 and "FAIL: Test on PCID when disabled" in r.console
+        assert under_qemu in (r.reason, r.console)[under_qemu != "escape"], r.detail
     else:
         assert (r.reason, r.exit_code) == ("exit", 0), r.detail
-        assert "PASS: Test on PCID when disabled" in r.console
+        assert f"PASS: Test on {pcid}" in r.console
+        assert f"PASS: Test on {invpcid}" in r.console
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -111,7 +127,9 @@ def test_la57_s_canonical_checks_pass_without_la57(mode):
         assert r.reason == "triple_fault" and "gs:" in r.detail
     else:
         assert (r.reason, r.exit_code) == ("exit", 0), r.detail
-        assert "SUMMARY: 54 tests, 5 skipped" in r.console
+        # INVPCID's canonical checks too (type 0 with a non-canonical address is #GP).
+        assert "SUMMARY: 56 tests, 4 skipped" in r.console
+        assert "PASS: Tested invpcid type 0 with 0xffaaaaaaaaaaaaaa value - failure" in r.console
 
 
 def test_pku_skips_on_a_cpu_without_it():
@@ -162,10 +180,10 @@ def test_cpuid_presents_an_intel_cpu_with_only_what_hv_implements():
     _, b, c, d = cpu.cpuid(0, 0, 0)
     assert b"".join(x.to_bytes(4, "little") for x in (b, d, c)) == b"GenuineIntel"
     _, ebx7, ecx7, _ = cpu.cpuid(7, 0, 0)
-    assert ebx7 & (1 << 7 | 1 << 10 | 1 << 20) == 1 << 7 | 1 << 20   # SMEP, SMAP; no INVPCID
+    assert ebx7 & (1 << 7 | 1 << 10 | 1 << 20) == 1 << 7 | 1 << 10 | 1 << 20  # SMEP, INVPCID, SMAP
     assert CpuModel(parse_cpu("max,-smep")).cpuid(7, 0, 0)[1] & 1 << 7 == 0
     assert ecx7 & (1 << 3 | 1 << 16) == 0                   # no PKU, LA57
-    assert cpu.cpuid(1, 0, 0)[2] & (1 << 17 | 1 << 21) == 0  # no PCID, x2APIC
+    assert cpu.cpuid(1, 0, 0)[2] & (1 << 17 | 1 << 21) == 1 << 17   # PCID; no x2APIC
     assert cpu.cpuid(0x8000_0008, 0, 0)[0] & 0xFF == cpuid.MAXPHYADDR
     assert cpu.cpuid(0, 0, 0)[0] < 0xA                      # no PMU leaf
     assert cpu.cpuid(1, 0, 3)[1] >> 24 == 3                 # the APIC ID

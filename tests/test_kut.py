@@ -89,8 +89,7 @@ def test_the_shared_images_map_onto_hvs_options(shared_tests):
         ("max", 128 * MiB, 90.0, None)      # host-phys-bits is QEMU's, not a feature
     assert t["pcid-disabled"].cpu == "qemu64,-pcid,-invpcid"
     assert t["pcid-disabled"].skip_reason is None
-    assert t["pcid-enabled"].skip_reason == \
-        "-cpu qemu64,+pcid,+invpcid: hv does not implement pcid yet"
+    assert t["pcid-enabled"].skip_reason is None
     assert t["cmpxchg8b"].skip_reason == "i386 only"
     assert t["access-reduced-maxphyaddr"].skip_reason.startswith("check = /sys/module/")
     assert t["x2apic"].skip_reason == "image not built"
@@ -297,7 +296,7 @@ def test_timeout_replaces_every_tests_own(capsys):
 def test_kut_list_of_the_shared_tests(capsys):
     need(SHARED / "kvm-unit-tests-src.tar.gz")
     status, out, _ = hv(capsys, SHARED, "pcid-*", "--list")
-    assert status == 0 and "hv does not implement pcid yet" in out and "x2apic" not in out
+    assert status == 0 and "qemu64,-pcid,+invpcid" in out and "x2apic" not in out
 
 
 def test_a_failure_fails_the_command(capsys, monkeypatch):

@@ -134,6 +134,50 @@ def test_cr3_load_flushes_non_global_entries_only():
     assert r.counters["cr3_loads"] == 1 and r.counters["tlb_flush"] == 3
 
 
+@pytest.mark.parametrize("mmu", ["native", "ept"])
+def test_pcid_keeps_each_address_space_s_entries_until_invpcid(mmu):
+    """SDM Vol.3A §4.10.4.1: with CR4.PCIDE a MOV to CR3 with bit 63 set
+    flushes nothing, and a PCID's entries survive a switch away and back;
+    INVPCID single-context drops them; CR3 reads back without bit 63. (A
+    stale entry may stay, not must: under shadow paging the remap exits
+    and the VMM drops it.)"""
+    r = run_src(MAP_4K + """
+        mov rax, cr4
+        or rax, 0x20000                     ; CR4.PCIDE (CR3 bits 11:0 are 0)
+        mov cr4, rax
+        mov r12, cr3
+        lea rax, [r12 + 1]
+        mov cr3, rax                        ; PCID 1 (flushes PCID 1)
+        mov rax, qword ptr [rcx]            ; caches VA -> 0x600000 under PCID 1
+        mov rax, 0x601003
+        mov qword ptr [rbx], rax            ; remap, no INVLPG
+        mov rax, 0x8000000000000000
+        or rax, r12
+        mov cr3, rax                        ; PCID 0, no flush
+        mov r8, qword ptr [rcx]             ; no PCID 0 entry: 0x22
+        mov r11, cr3
+        shr r11, 63                         ; bit 63 is not loaded: 0
+        mov rax, 0x8000000000000001
+        or rax, r12
+        mov cr3, rax                        ; PCID 1 again, no flush
+        mov r9, qword ptr [rcx]             ; PCID 1's stale entry: 0x11
+        push 0                              ; INVPCID descriptor: address ...
+        push 1                              ; ... and PCID 1
+        mov eax, 1
+        invpcid rax, [rsp]                  ; single-context
+        mov r10, qword ptr [rcx]            ; 0x22
+        shl r8, 16
+        shl r9, 8
+        or r8, r9
+        or r8, r10
+        or r8, r11
+        cmp r8, 0x221122
+        sete al
+    """ + EXIT, mmu)
+    assert r.exit_code == 1
+    assert (r.counters["cr3_loads"], r.counters["tlb_flush"], r.counters["invpcid"]) == (3, 2, 1)
+
+
 # vCPU 1 writes a MOV to CR3 into a code page both vCPUs already ran, runs
 # it, and only then does vCPU 0 run it: vCPU 0 must scan the page again
 # (whether a page was written since a scan is each vCPU's, not the VM's,

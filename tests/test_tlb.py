@@ -1,7 +1,7 @@
 """The TLB model: lookup by page size, tags, FIFO replacement, and architectural flushes."""
 import pytest
 
-from hv.hw.tlb import TLB
+from hv.hw.tlb import TLB, global_tag, tag
 from hv.hw.walker import Translation
 
 
@@ -22,10 +22,43 @@ def test_hit_covers_the_whole_page_of_each_size():
 
 def test_entries_are_tagged_by_asid():
     t = TLB(64, 4)
-    t.insert(1, tr(0x1000, 0x5000))
-    assert t.lookup(2, 0x1000) is None and t.lookup(1, 0x1000) is not None
+    t.insert(tag(1), tr(0x1000, 0x5000))
+    assert t.lookup(tag(2), 0x1000) is None and t.lookup(tag(1), 0x1000) is not None
     assert t.flush_asid(2) == 0 and len(t) == 1
     assert t.flush_asid(1) == 1 and len(t) == 0
+
+
+def test_entries_are_tagged_by_pcid_and_global_ones_serve_every_pcid():
+    """SDM Vol.3A §4.10.2.4: a global translation is used whatever the
+    current PCID; others only under the PCID they were cached for."""
+    t = TLB(64, 4)
+    t.insert(tag(1, 5), tr(0x1000, 0x5000))
+    t.insert(global_tag(tag(1, 5)), tr(0x2000, 0x6000, global_=True))
+    assert t.lookup(tag(1, 5), 0x1000) is not None and t.lookup(tag(1, 6), 0x1000) is None
+    assert t.lookup(tag(1, 6), 0x2000) is not None and t.lookup(tag(2, 5), 0x2000) is None
+
+
+def test_flushes_by_pcid():
+    """MOV to CR3 drops one PCID's non-global entries (flush_tag), INVVPID
+    single-context retaining globals every PCID's (flush_nonglobal),
+    single-context everything (flush_asid)."""
+    t = TLB(64, 4)
+
+    def fill():
+        for pcid in (1, 2):
+            t.insert(tag(1, pcid), tr(0x1000, 0x5000))
+        t.insert(global_tag(tag(1)), tr(0x2000, 0x6000, global_=True))
+        t.insert(tag(2, 1), tr(0x1000, 0x5000))
+    fill()
+    assert t.flush_tag(tag(1, 1)) == 1 and t.lookup(tag(1, 2), 0x1000) is not None
+    assert t.flush_nonglobal(1) == 1 and t.lookup(tag(1, 2), 0x2000) is not None
+    assert t.flush_asid(1) == 1 and len(t) == 1
+    t.flush_all()
+    fill()
+    assert t.invlpg(tag(1, 1), 0x1000) == 1 and t.invlpg(tag(1, 1), 0x2000) == 1   # INVLPG
+    fill()
+    assert t.invlpg(tag(1, 1), 0x2000, globals_=False) == 0     # INVPCID individual-address
+    assert t.invvpid_address(1, 0x1000) == 2 and t.lookup(tag(2, 1), 0x1000) is not None
 
 
 def test_fifo_replacement_within_a_set_ignores_hits():
@@ -50,7 +83,7 @@ def test_capacity_bounds_the_entries():
 
 def test_flush_nonglobal_keeps_global_entries():
     t = TLB(64, 4)
-    t.insert(0, tr(0x1000, 0x5000, global_=True))
+    t.insert(global_tag(0), tr(0x1000, 0x5000, global_=True))
     t.insert(0, tr(0x2000, 0x6000))
     assert t.flush_nonglobal(0) == 1
     assert t.lookup(0, 0x1000) is not None and t.lookup(0, 0x2000) is None
@@ -59,11 +92,11 @@ def test_flush_nonglobal_keeps_global_entries():
 
 def test_invlpg_drops_every_size_covering_the_address_even_global():
     t = TLB(64, 4)
-    t.insert(0, tr(0x20_0000, 0x40_0000, shift=21, global_=True))
+    t.insert(global_tag(0), tr(0x20_0000, 0x40_0000, shift=21, global_=True))
     t.insert(0, tr(0x20_1000, 0x9000))
-    t.insert(1, tr(0x20_1000, 0x9000))
+    t.insert(tag(1), tr(0x20_1000, 0x9000))
     assert t.invlpg(0, 0x20_1234) == 2
-    assert t.lookup(0, 0x20_1000) is None and t.lookup(1, 0x20_1000) is not None
+    assert t.lookup(0, 0x20_1000) is None and t.lookup(tag(1), 0x20_1000) is not None
 
 
 class Engine:
@@ -85,13 +118,13 @@ def test_engines_of_the_asid_forget_whatever_leaves():
     mine, other = Engine(), Engine()
     t.attach(1, mine)
     t.attach(2, other)
-    t.insert(1, tr(0x1000, 0x5000, writable=False))
-    t.insert(1, tr(0x1000, 0x5000, writable=True))     # same frame, more rights: harmless
+    t.insert(tag(1), tr(0x1000, 0x5000, writable=False))
+    t.insert(tag(1), tr(0x1000, 0x5000, writable=True))     # same frame, more rights: harmless
     assert mine.log == []
-    t.insert(1, tr(0x1000, 0x7000))                    # another frame: Unicorn must forget
+    t.insert(tag(1), tr(0x1000, 0x7000))                    # another frame: Unicorn must forget
     assert mine.log == [0x1000]
-    t.insert(1, tr(0x20_0000, 0x40_0000, shift=21))
-    t.invlpg(1, 0x20_0000)                             # a large page: everything
+    t.insert(tag(1, 3), tr(0x20_0000, 0x40_0000, shift=21))
+    t.invlpg(tag(1, 3), 0x20_0000)                          # a large page: everything
     assert mine.log == [0x1000, "all"]
     t.flush_nonglobal(1)
     assert mine.log == [0x1000, "all", "all"] and other.log == []

@@ -2,8 +2,8 @@
 
 The CPU hv presents is one coherent Intel CPU with only the features hv
 implements (SDM Vol.2A "CPUID", Table 3-8; Vol.4 for MSR numbers). Unicorn
-alone would advertise QEMU's (PCID among them, which hv's TLB does not
-model), so CPUID is hv's in every mode.
+alone would advertise QEMU's (features hv's walker and TLB do not model),
+so CPUID is hv's in every mode.
 """
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ FEATURES = {
 # What hv implements, all on by default (--cpu may take some away).
 IMPLEMENTED = frozenset(
     "fpu de pse tsc msr pae cx8 apic sep pge cmov pat clflush mmx fxsr sse sse2 sse3 ssse3 "
-    "cx16 sse4.1 sse4.2 popcnt lahf-lm syscall nx pdpe1gb rdtscp lm smep smap".split())
+    "cx16 sse4.1 sse4.2 popcnt lahf-lm syscall nx pdpe1gb rdtscp lm smep smap pcid invpcid".split())
 # Features hv must not be without: its boot paths and walker assume them.
 REQUIRED = frozenset("fpu tsc msr pae apic cx8 fxsr sse sse2 lm nx".split())
 

@@ -27,6 +27,7 @@ class ExitReason(IntEnum):
     TPR_BELOW_THRESHOLD = 43
     EPT_VIOLATION = 48
     EPT_MISCONFIG = 49
+    INVPCID = 58
 
 
 class Hypercall(IntEnum):

@@ -46,14 +46,16 @@ class CR4(IntFlag):
 
 
 def mov_to_cr_faults(cr: int, value: int, cr4: int, efer: int = 0,
-                     cr4_reserved: int = 0) -> bool:
+                     cr4_reserved: int = 0, cr3: int = 0) -> bool:
     """Whether MOV to CRn with `value` is #GP(0) (SDM Vol.2B, "MOV-Move
     to/from Control Registers"; Vol.3A §2.5, §4.5.2): reserved bits 63:32
     of CR0 and CR4, the CR4 bits of features the CPU has not
     (`cr4_reserved`: hv.arch.cpuid), PG without PE or NW without CD in CR0, bits
-    63:MAXPHYADDR of CR3 (bit 63 is no-flush with CR4.PCIDE); with IA-32e
-    mode active (EFER.LMA), clearing CR4.PAE, or CR0.PG in 64-bit mode (the
-    only mode hv runs guests in: it models no compatibility mode)."""
+    63:MAXPHYADDR of CR3 (bit 63 is no-flush with CR4.PCIDE); setting
+    CR4.PCIDE outside IA-32e mode or while CR3 bits 11:0 are not 0; with
+    IA-32e mode active (EFER.LMA), clearing CR4.PAE, or CR0.PG in 64-bit
+    mode (the only mode hv runs guests in: it models no compatibility mode;
+    so clearing CR0.PG with CR4.PCIDE set is #GP too)."""
     if cr == 3:
         return bool(value & (_CR3_RSVD_PCID if cr4 & _PCIDE else _CR3_RSVD))
     if value >> 32:
@@ -61,7 +63,8 @@ def mov_to_cr_faults(cr: int, value: int, cr4: int, efer: int = 0,
     if cr == 0:
         return bool(value & _PG and not value & _PE or value & _NW and not value & _CD
                     or efer & _LMA and not value & _PG)
-    return bool(cr == 4 and (efer & _LMA and not value & _PAE or value & cr4_reserved))
+    return bool(cr == 4 and (efer & _LMA and not value & _PAE or value & cr4_reserved
+                             or value & ~cr4 & _PCIDE and (cr3 & 0xFFF or not efer & _LMA)))
 
 
 # Plain ints for the check above (IntFlag arithmetic costs a microsecond).
@@ -87,25 +90,33 @@ class TlbFlush(IntEnum):
     """What a change of paging controls invalidates in the TLB and the
     paging-structure caches of the address space (its ASID)."""
     NONE = 0
-    NONGLOBAL = 1   # every entry but the global ones
-    ALL = 2         # every entry, global ones too
+    PCID = 1        # the current PCID's entries but the global ones
+    NONGLOBAL = 2   # every PCID's entries but the global ones
+    ALL = 3         # every entry, global ones too
 
 
 # Plain ints: these run on exit paths (IntFlag arithmetic costs a microsecond).
 WP, PG, PGE, NXE = int(CR0.WP), int(CR0.PG), int(CR4.PGE), int(EFER.NXE)
 _CR0_FLUSH = int(CR0.PG | CR0.WP)
-_CR4_FLUSH = int(CR4.PGE | CR4.PAE | CR4.PSE | CR4.PCIDE | CR4.SMEP)
-_NONE, _NONGLOBAL, _ALL = TlbFlush.NONE, TlbFlush.NONGLOBAL, TlbFlush.ALL
+_CR4_FLUSH = int(CR4.PGE | CR4.PAE | CR4.PSE | CR4.SMEP)
+NOFLUSH = 1 << 63       # MOV to CR3 with CR4.PCIDE: keep the PCID's entries
+PCID_MASK = 0xFFF       # CR3 bits 11:0 with CR4.PCIDE: the current PCID
+_NONE, _PCID, _ALL = TlbFlush.NONE, TlbFlush.PCID, TlbFlush.ALL
 
 
 def mov_to_cr_flush(cr: int, old: int, new: int, cr4: int) -> TlbFlush:
     """What MOV to CRn invalidates (SDM Vol.3A §4.10.4.1): MOV to CR3 the
-    non-global entries, or all of them while CR4.PGE is clear (G counts only
+    non-global entries of the PCID it loads (none with CR4.PCIDE and bit 63
+    set), or all of them while CR4.PGE and PCIDE are clear (G counts only
     with PGE, §4.10.2.4); MOV to CR0 or CR4 all of them when it changes
-    CR0.PG or WP, or CR4.PGE, PAE, PSE, PCIDE or SMEP."""
+    CR0.PG or WP, or CR4.PGE, PAE, PSE or SMEP, or clears CR4.PCIDE."""
     if cr == 3:
-        return _NONGLOBAL if cr4 & PGE else _ALL
-    return _ALL if (old ^ new) & (_CR0_FLUSH if cr == 0 else _CR4_FLUSH) else _NONE
+        if cr4 & _PCIDE:
+            return _NONE if new & NOFLUSH else _PCID
+        return _PCID if cr4 & PGE else _ALL
+    if cr == 0:
+        return _ALL if (old ^ new) & _CR0_FLUSH else _NONE
+    return _ALL if (old ^ new) & _CR4_FLUSH or old & ~new & _PCIDE else _NONE
 
 
 def efer_write_flush(old: int, new: int) -> TlbFlush:

@@ -22,6 +22,9 @@ pins each, BENCHMARKS.md measures the cost of counting; ARCHITECTURE.md,
 - Unicorn's default x86 CPU decodes no STAC or CLAC and drops CR4.SMAP (so
   QEMU never keeps its TLB apart by EFLAGS.AC): the engine runs QEMU's
   Broadwell model, whose features cover what hv may present.
+- QEMU 5 loads bit 63 of a MOV to CR3 with CR4.PCIDE (the no-flush bit,
+  which CR3 never holds) and does not decode INVPCID (an invalid opcode):
+  hv.vmm.vcpu hands QEMU the value without the bit, and runs INVPCID itself.
 - An engine created in 64-bit mode keeps decoding 64-bit code after EFER,
   CR0 and CS are written: QEMU decodes by hflags (HF_LMA, HF_CS64), and
   WRMSR never clears EFER.LMA. Clearing CR0.PG with LMA set leaves long

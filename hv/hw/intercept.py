@@ -33,9 +33,10 @@ from ..errors import InvariantError
 # bytes are INC and DEC, so the candidates of a 64-bit scan include every
 # start a 32-bit decoder would see; the hook decodes in the CPU's mode.
 # And 0F 20 /r after a REX prefix with R set: MOV from CR8 (its only form;
-# CR8 is the local APIC's TPR, which QEMU under Unicorn does not keep).
+# CR8 is the local APIC's TPR, which QEMU under Unicorn does not keep); and
+# 66 0F 38 82 /r, INVPCID (Vol.2A "INVPCID"), which QEMU 5 does not decode.
 _OPCODES = re.compile(rb"(?:\x0f|\xc5.|\xc4[\x01\x21\x41\x61\x81\xa1\xc1\xe1].)[\x00\x08\x22\x01\x30\x31\x32]"
-                      rb"|[\x44-\x47\x4c-\x4f]\x0f\x20", re.DOTALL)
+                      rb"|[\x44-\x47\x4c-\x4f]\x0f\x20|\x0f\x38\x82", re.DOTALL)
 # Legacy prefixes and REX (SDM Vol.2A §2.1.1, §2.2.1).
 _PREFIXES = frozenset(b"\x66\x67\xf2\xf3\xf0\x2e\x36\x3e\x26\x64\x65") | frozenset(range(0x40, 0x50))
 MAX_INSN = 15
@@ -83,11 +84,13 @@ def ends_open(code: bytes, limit: int) -> bool:
 class Intercepted:
     """A decoded intercepted instruction.
 
-    kind: "mov_cr", "mov_from_cr8", "invlpg", "wrmsr", "rdmsr", "rdtsc",
-    "rdtscp", "invd", "lgdt", "lidt", "lldt" or "ltr". For mov_cr: `cr` and the
-    source register name `reg`; for mov_from_cr8: the destination `reg`;
-    for lldt and ltr: the selector's `reg`, or a memory operand as invlpg's. For invlpg: the memory operand
-    (`base`, `index`, `scale`, `disp`, `segment` register names or None).
+    kind: "mov_cr", "mov_from_cr8", "invlpg", "invpcid", "wrmsr", "rdmsr",
+    "rdtsc", "rdtscp", "invd", "lgdt", "lidt", "lldt" or "ltr". For mov_cr:
+    `cr` and the source register name `reg`; for mov_from_cr8: the
+    destination `reg`; for lldt and ltr: the selector's `reg`, or a memory
+    operand as invlpg's. For invlpg: the memory operand (`base`, `index`,
+    `scale`, `disp`, `segment` register names or None); invpcid has both
+    (the type's `reg`, the descriptor's address).
     """
     kind: str
     size: int
@@ -140,6 +143,14 @@ def decode(code: bytes, address: int, bits: int = 64) -> Intercepted | None:
             return Intercepted(insn.mnemonic, insn.size, text, reg=name(op.reg))
         mem = op.mem
         return Intercepted(insn.mnemonic, insn.size, text,
+                           base=name(mem.base) if mem.base else None,
+                           index=name(mem.index) if mem.index else None,
+                           scale=mem.scale, disp=mem.disp,
+                           segment=name(mem.segment) if mem.segment else None)
+    if insn.id == csx86.X86_INS_INVPCID:
+        reg, mem = insn.operands[0].reg, insn.operands[1].mem
+        name = insn.reg_name
+        return Intercepted("invpcid", insn.size, text, reg=name(reg),
                            base=name(mem.base) if mem.base else None,
                            index=name(mem.index) if mem.index else None,
                            scale=mem.scale, disp=mem.disp,

@@ -16,15 +16,15 @@ The vCPU catches both (hv.vmm.vcpu). `QemuMMU` stands in for it in mode
 from __future__ import annotations
 
 from ..arch.paging import ADDR_MASK, P, PAGE_SIZE, PS, SWITCH, PFErr, table_index
-from ..arch.x86 import (CR4, MSR_EFER, NXE, PG, WP, TlbFlush, Vector, efer_write_flush,
-                        mov_to_cr_flush)
+from ..arch.x86 import (CR4, MSR_EFER, NOFLUSH, NXE, PCID_MASK, PG, PGE, WP, TlbFlush, Vector,
+                        efer_write_flush, mov_to_cr_flush)
 
-_SMEP, _SMAP = int(CR4.SMEP), int(CR4.SMAP)
+_SMEP, _SMAP, _PCIDE = int(CR4.SMEP), int(CR4.SMAP), int(CR4.PCIDE)
 from ..errors import GuestEscape
 from ..events import PageFault, page_fault_exit
 from ..memory import PhysMem
 from ..stats import Stats
-from .tlb import TLB
+from .tlb import TLB, global_tag, tag
 from .walker import FETCH, WRITE, Translation, Walker
 
 # Rights granted to Unicorn's TLB (UC_PROT_*).
@@ -65,7 +65,13 @@ class HardwareMMU:
         self.eptp, self.agile = eptp, agile
         self.walker = w = Walker(mem, stats, mem.size, dim=dim,
                                  nested=None if eptp is None or agile else self._nested)
-        w.pwc, w.asid = tlb.walk_cache, asid
+        # The TLB tag of this CPU's translations: its ASID and current PCID
+        # (CR3 bits 11:0 with CR4.PCIDE; SDM Vol.3A §4.10.1), and the one
+        # its global translations take (`pge`: CR4.PGE).
+        self.tag = w.asid = tag(asid)
+        self._gtag = global_tag(self.tag)
+        self.pge = False
+        w.pwc = tlb.walk_cache
         self.ept_walker = None
         if eptp is not None:
             self.ept_walker = Walker(mem, stats, mem.size, dim="ept")
@@ -107,6 +113,9 @@ class HardwareMMU:
         self.nxe = bool(efer & NXE)
         self.smep = self.walker.smep = bool(cr4 & _SMEP)
         self.smap = bool(cr4 & _SMAP)
+        self.pge = bool(cr4 & PGE)
+        self.tag = self.walker.asid = tag(self.asid, cr3 & PCID_MASK if cr4 & _PCIDE else 0)
+        self._gtag = global_tag(self.tag)
         self.paging = bool(cr0 & PG)
         self._root = cr3 | NESTED_ROOT if nested_root else cr3
         if nested_root != self.nested_root:
@@ -118,12 +127,13 @@ class HardwareMMU:
 
     def mov_to_cr(self, cr: int, value: int) -> None:
         """MOV to CR0, CR3 or CR4 as the CPU runs it: the register, and the
-        TLB invalidation it implies."""
+        TLB invalidation it implies (CR3's bit 63 says which, and is not
+        loaded)."""
         old = {0: self.cr0, 3: self.cr3, 4: self.cr4}[cr]
         flush = mov_to_cr_flush(cr, old, value, self.cr4)
         if cr == 3:
             self.counters["cr3_loads"] += 1
-            self.load(self.cr0, value, self.cr4, self.efer, self.nested_root)
+            self.load(self.cr0, value & ~NOFLUSH, self.cr4, self.efer, self.nested_root)
         elif cr == 0:
             self.load(value, self.cr3, self.cr4, self.efer, self.nested_root)
         else:
@@ -138,14 +148,34 @@ class HardwareMMU:
             self.flush(flush)
 
     def invlpg(self, vaddr: int) -> None:
+        """INVLPG: `vaddr`'s entries of the current PCID, and global ones."""
         self.counters["invlpg"] += 1
-        self.tlb.invlpg(self.asid, vaddr)
+        self.tlb.invlpg(self.tag, vaddr)
+
+    def invpcid(self, kind: int, pcid: int, vaddr: int) -> None:
+        """INVPCID of type `kind` (SDM Vol.2A "INVPCID"), checked: 0, one
+        address of `pcid` but its global entry; 1, `pcid`'s non-global
+        entries; 2, every entry; 3, every non-global entry. Types 1-3
+        count as flushes."""
+        self.counters["invpcid"] += 1
+        if kind == 0:
+            self.tlb.invlpg(tag(self.asid, pcid), vaddr, globals_=False)
+            return
+        if kind == 1:
+            self.tlb.flush_tag(tag(self.asid, pcid))
+        else:
+            self.flush(TlbFlush.ALL if kind == 2 else TlbFlush.NONGLOBAL)
+            return
+        self.counters["tlb_flush"] += 1
 
     def flush(self, what: TlbFlush) -> None:
-        """Invalidate this vCPU's address space (its ASID), counted."""
+        """Invalidate this vCPU's address space (its ASID): the current
+        PCID's non-global entries, every PCID's, or everything; counted."""
         if not what:
             return
-        if what is TlbFlush.NONGLOBAL:
+        if what is TlbFlush.PCID:
+            self.tlb.flush_tag(self.tag)
+        elif what is TlbFlush.NONGLOBAL:
             self.tlb.flush_nonglobal(self.asid)
         else:
             self.tlb.flush_asid(self.asid)
@@ -170,7 +200,7 @@ class HardwareMMU:
         """Unicorn's TLB missed: (physical address, rights to cache).
         `retry`: the same miss again after the VM exit it raised (the walk
         starts over; the miss is counted once)."""
-        tr = None if retry else self.tlb.lookup(self.asid, vaddr)
+        tr = None if retry else self.tlb.lookup(self.tag, vaddr)
         if tr is None or not self._allows(tr, access, user, self.ac):
             tr = self._miss(vaddr, access, user, not retry, self.ac)
         paddr = tr.pbase | (vaddr & ((1 << tr.shift) - 1) & ~(PAGE_SIZE - 1))
@@ -190,7 +220,7 @@ class HardwareMMU:
     def translate(self, vaddr: int, access: int, user: bool = False, retry: bool = False) -> int:
         """A linear access the CPU makes itself (IDT reads, exception
         frames), counted like any other."""
-        tr = None if retry else self.tlb.lookup(self.asid, vaddr)
+        tr = None if retry else self.tlb.lookup(self.tag, vaddr)
         if tr is None or not self._allows(tr, access, user, False):
             tr = self._miss(vaddr, access, user, not retry, False)
         return tr.paddr(vaddr)
@@ -216,7 +246,7 @@ class HardwareMMU:
 
     def lookup(self, vaddr: int) -> Translation | None:
         """The TLB's translation of `vaddr`, if it holds one (no side effect)."""
-        return self.tlb.lookup(self.asid, vaddr)
+        return self.tlb.lookup(self.tag, vaddr)
 
     def _allows(self, tr: Translation, access: int, user: bool, ac: bool) -> bool:
         """Whether a cached entry serves this access without a walk (which
@@ -255,7 +285,7 @@ class HardwareMMU:
             if tr.pbase >= limit and tr.pbase not in self.devices:
                 raise GuestEscape(f"{vaddr:#x} maps guest-physical {tr.pbase:#x}, outside guest "
                                   f"memory [0, {limit:#x})")
-        if self.tlb.insert(self.asid, tr):
+        if self.tlb.insert(self._gtag if tr.global_ and self.pge else self.tag, tr):
             self.counters["tlb.evictions"] += 1
         return tr
 
@@ -283,6 +313,10 @@ class QemuMMU:
     def __init__(self, engine, mem: PhysMem):
         self.engine = engine
         self.walker = Walker(mem, Stats(), mem.size)
+
+    def invpcid(self, kind: int, pcid: int, vaddr: int) -> None:
+        """INVPCID, which QEMU 5 does not decode: its TLB forgets everything."""
+        self.engine.flush_tlb()
 
     def translate(self, vaddr: int, access: int, user: bool = False, retry: bool = False) -> int:
         e = self.engine

@@ -10,10 +10,12 @@ ASPLOS 2008.
 - The nested TLB caches guest-physical -> host-physical translations of a
   two-dimensional walk's EPT steps: a hit skips an EPT walk.
 
-Each structure is fully associative, FIFO, tagged by ASID like the TLB, and
-is invalidated with it: a TLB operation that drops an ASID's entries drops
-that ASID's paging-structure caches (MOV to CR3, INVLPG and INVVPID do so,
-SDM Vol.3A §4.10.4.1); dropping everything drops the nested TLB too.
+Each structure is fully associative and FIFO. The paging-structure caches
+are tagged like the TLB (ASID and PCID) and invalidated with it: a TLB
+operation that drops a tag's entries drops that tag's paging-structure
+caches (MOV to CR3, INVLPG, INVPCID and INVVPID do so, SDM Vol.3A
+§4.10.4.1). The nested TLB is tagged by ASID; dropping everything drops it
+too.
 """
 from __future__ import annotations
 
@@ -28,23 +30,23 @@ NTLB_ENTRIES = 32
 class WalkCache:
     def __init__(self, psc_entries: int = PSC_ENTRIES, ntlb_entries: int = NTLB_ENTRIES):
         self.psc_entries, self.ntlb_entries = psc_entries, ntlb_entries
-        # level -> (asid, vaddr bits) -> (next table, AND and OR of the entries above, switched)
+        # level -> (tag, vaddr bits) -> (next table, AND and OR of the entries above, switched)
         self.psc = {level: OrderedDict() for level in (4, 3, 2)}
         self.ntlb: OrderedDict = OrderedDict()      # (asid, gfn) -> (hpa page, shift, EPT's W)
 
-    def lookup(self, asid: int, vaddr: int):
+    def lookup(self, tag: int, vaddr: int):
         """The deepest cached non-leaf entry for `vaddr`: (its level, next
         table, AND and OR of the entries down to it, whether the walk had
         switched to the guest's tables by then: agile paging), or None."""
         for level in (2, 3, 4):
-            hit = self.psc[level].get((asid, vaddr >> level_shift(level)))
+            hit = self.psc[level].get((tag, vaddr >> level_shift(level)))
             if hit is not None:
                 return (level, *hit)
         return None
 
-    def insert(self, asid: int, level: int, vaddr: int, value: tuple) -> None:
+    def insert(self, tag: int, level: int, vaddr: int, value: tuple) -> None:
         cache = self.psc[level]
-        cache[(asid, vaddr >> level_shift(level))] = value
+        cache[(tag, vaddr >> level_shift(level))] = value
         if len(cache) > self.psc_entries:
             cache.popitem(last=False)
 
@@ -56,9 +58,10 @@ class WalkCache:
         if len(self.ntlb) > self.ntlb_entries:
             self.ntlb.popitem(last=False)
 
-    def flush_asid(self, asid: int) -> None:
+    def flush_tags(self, which) -> None:
+        """The paging-structure caches' entries of the tags `which` picks."""
         for cache in self.psc.values():
-            for key in [k for k in cache if k[0] == asid]:
+            for key in [k for k in cache if which(k[0])]:
                 del cache[key]
 
     def flush_nested(self, asid: int) -> None:

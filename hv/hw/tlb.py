@@ -1,7 +1,9 @@
 """The TLB model: the source of truth for cached translations.
 
-A set-associative TLB tagged by address-space id (ASID/VPID), holding 4 KiB,
-2 MiB and 1 GiB translations, with FIFO replacement in each set.
+A set-associative TLB tagged by address-space id (ASID/VPID) and PCID,
+holding 4 KiB, 2 MiB and 1 GiB translations, with FIFO replacement in each
+set. A global translation (G with CR4.PGE) is kept under its ASID's GLOBAL
+tag instead of a PCID: it serves every PCID (SDM Vol.3A §4.10.2.4).
 
 Why one level and not an L1/L2 pair: Unicorn's own TLB sits in front of the
 model and absorbs every hit it can, invisibly; the model only sees accesses
@@ -28,14 +30,31 @@ from __future__ import annotations
 from .walker import Translation
 
 SHIFTS = (12, 21, 30)
-ASID_BITS = 16
-ASID_MASK = (1 << ASID_BITS) - 1
+# A tag: the ASID (16 bits) above a PCID field of 13 bits: the PCID (12
+# bits), or GLOBAL.
+PCID_BITS = 13
+GLOBAL = 1 << 12
+TAG_BITS = 16 + PCID_BITS
+TAG_MASK = (1 << TAG_BITS) - 1
 
 
-def _key(asid: int, shift: int, vpn: int) -> int:
-    """An entry's tag as one int (hashing a tuple costs three times more):
-    the page number, its size (0, 1, 2: 4 KiB, 2 MiB, 1 GiB), the ASID."""
-    return (vpn << 2 | (shift - 12) // 9) << ASID_BITS | asid
+def tag(asid: int, pcid: int = 0) -> int:
+    return asid << PCID_BITS | pcid
+
+
+def global_tag(tag: int) -> int:
+    """The GLOBAL tag of `tag`'s ASID."""
+    return tag >> PCID_BITS << PCID_BITS | GLOBAL
+
+
+def _asid(key: int) -> int:
+    return (key & TAG_MASK) >> PCID_BITS
+
+
+def _key(tag: int, shift: int, vpn: int) -> int:
+    """An entry's key as one int (hashing a tuple costs three times more):
+    the page number, its size (0, 1, 2: 4 KiB, 2 MiB, 1 GiB), the tag."""
+    return (vpn << 2 | (shift - 12) // 9) << TAG_BITS | tag
 
 
 class TLB:
@@ -48,6 +67,7 @@ class TLB:
         self._sets: list[list[int]] = [[] for _ in range(self.nsets)]
         self._map: dict[int, Translation] = {}
         self._by_size = [0, 0, 0]       # entries held per page size (SHIFTS order)
+        self._globals = 0               # entries held under a GLOBAL tag
         # ASID -> engines that fill Unicorn's TLB from this one (Engine:
         # flush_page, flush_tlb). With VPIDs one engine per ASID; without,
         # vCPU j of every VM shares ASID 0.
@@ -62,29 +82,37 @@ class TLB:
         self._engines.setdefault(asid, []).append(engine)
 
     def held(self, asid: int) -> list[Translation]:
-        """The translations held for `asid`."""
-        return [tr for k, tr in self._map.items() if k & ASID_MASK == asid]
+        """The translations held for `asid` (any PCID)."""
+        return [tr for k, tr in self._map.items() if _asid(k) == asid]
 
-    def lookup(self, asid: int, vaddr: int) -> Translation | None:
+    def lookup(self, tag: int, vaddr: int) -> Translation | None:
+        """The translation of `vaddr` under `tag`, or a global one of its ASID."""
+        tr = self._lookup(tag, vaddr)
+        if tr is None and self._globals:
+            tr = self._lookup(global_tag(tag), vaddr)
+        return tr
+
+    def _lookup(self, tag: int, vaddr: int) -> Translation | None:
         m, by_size = self._map, self._by_size
         if by_size[0]:
-            tr = m.get((vaddr >> 12 << 2) << ASID_BITS | asid)
+            tr = m.get((vaddr >> 12 << 2) << TAG_BITS | tag)
             if tr is not None:
                 return tr
         if by_size[1]:
-            tr = m.get((vaddr >> 21 << 2 | 1) << ASID_BITS | asid)
+            tr = m.get((vaddr >> 21 << 2 | 1) << TAG_BITS | tag)
             if tr is not None:
                 return tr
         if by_size[2]:
-            return m.get((vaddr >> 30 << 2 | 2) << ASID_BITS | asid)
+            return m.get((vaddr >> 30 << 2 | 2) << TAG_BITS | tag)
         return None
 
-    def insert(self, asid: int, tr: Translation) -> bool:
-        """Cache `tr`; True if that evicted another entry."""
+    def insert(self, tag: int, tr: Translation) -> bool:
+        """Cache `tr` under `tag` (a GLOBAL one for a global translation);
+        True if that evicted another entry."""
         shift = tr.shift
         vpn = tr.vbase >> shift
         size = (shift - 12) // 9
-        key = (vpn << 2 | size) << ASID_BITS | asid
+        key = (vpn << 2 | size) << TAG_BITS | tag
         m = self._map
         old = m.get(key)
         if old is not None:
@@ -101,6 +129,8 @@ class TLB:
         s.append(key)
         m[key] = tr
         self._by_size[size] += 1
+        if tag & GLOBAL:
+            self._globals += 1
         if len(s) > self.ways:
             oldest = s[0]
             self._forget(oldest, self._drop(oldest))
@@ -110,13 +140,15 @@ class TLB:
     def _drop(self, key: int) -> Translation:
         """Take entry `key` out of the model (its engines still hold it)."""
         tr = self._map.pop(key)
-        self._sets[((key >> (ASID_BITS + 2)) ^ (tr.shift << 4)) % self.nsets].remove(key)
-        self._by_size[key >> ASID_BITS & 3] -= 1
+        self._sets[((key >> (TAG_BITS + 2)) ^ (tr.shift << 4)) % self.nsets].remove(key)
+        self._by_size[key >> TAG_BITS & 3] -= 1
+        if key & GLOBAL:
+            self._globals -= 1
         return tr
 
     def _forget(self, key: int, tr: Translation) -> None:
         """Entry `key` left the model: the engines of its ASID drop it."""
-        for engine in self._engines.get(key & ASID_MASK, ()):
+        for engine in self._engines.get(_asid(key), ()):
             if tr.shift == 12:
                 engine.flush_page(tr.vbase)
             else:
@@ -128,7 +160,7 @@ class TLB:
         doomed = [k for k, tr in self._map.items() if pred(k, tr)]
         for k in doomed:
             self._drop(k)
-        for asid in {k & ASID_MASK for k in doomed}:
+        for asid in {_asid(k) for k in doomed}:
             for engine in self._engines.get(asid, ()):
                 engine.flush_tlb()
         return len(doomed)
@@ -141,27 +173,49 @@ class TLB:
         return self._drop_where(lambda k, tr: True)
 
     def flush_asid(self, asid: int) -> int:
-        """Every entry of one ASID, global ones too (INVVPID single-context, CR4.PGE toggle)."""
-        self._flush_walk_cache(asid)
-        return self._drop_where(lambda k, tr: k & ASID_MASK == asid)
+        """Every entry of one ASID, every PCID's and global ones too
+        (INVVPID single-context, CR4.PGE toggle, INVPCID all-context)."""
+        self._flush_walk_cache(lambda t: t >> PCID_BITS == asid)
+        return self._drop_where(lambda k, tr: _asid(k) == asid)
 
     def flush_nonglobal(self, asid: int) -> int:
-        """Non-global entries of one ASID (MOV to CR3)."""
-        self._flush_walk_cache(asid)
-        return self._drop_where(lambda k, tr: k & ASID_MASK == asid and not tr.global_)
+        """Non-global entries of one ASID, every PCID's (INVVPID
+        single-context retaining globals, INVPCID all-non-global)."""
+        self._flush_walk_cache(lambda t: t >> PCID_BITS == asid)
+        return self._drop_where(lambda k, tr: _asid(k) == asid
+                                and not k & GLOBAL)
 
-    def _flush_walk_cache(self, asid: int) -> None:
+    def flush_tag(self, tag: int) -> int:
+        """Non-global entries of one ASID and PCID (MOV to CR3, INVPCID
+        single-context)."""
+        self._flush_walk_cache(lambda t: t == tag)
+        return self._drop_where(lambda k, tr: k & TAG_MASK == tag)
+
+    def _flush_walk_cache(self, which) -> None:
         if self.walk_cache is not None:
-            self.walk_cache.flush_asid(asid)
+            self.walk_cache.flush_tags(which)
 
-    def invlpg(self, asid: int, vaddr: int) -> int:
-        """The entries of one ASID that translate `vaddr`, global or not
-        (INVLPG, INVVPID individual-address)."""
-        self._flush_walk_cache(asid)
+    def invlpg(self, tag: int, vaddr: int, globals_: bool = True) -> int:
+        """The entries of one ASID and PCID that translate `vaddr`, and the
+        ASID's global ones unless not `globals_` (INVLPG; INVPCID
+        individual-address)."""
+        self._flush_walk_cache(lambda t: t == tag)
+        tags = (tag, global_tag(tag)) if globals_ else (tag,)
+        return self._invalidate(vaddr, tags)
+
+    def invvpid_address(self, asid: int, vaddr: int) -> int:
+        """The entries of one ASID that translate `vaddr`, every PCID's and
+        global ones (INVVPID individual-address)."""
+        self._flush_walk_cache(lambda t: t >> PCID_BITS == asid)
+        tags = {k & TAG_MASK for k in self._map if _asid(k) == asid}
+        return self._invalidate(vaddr, tags)
+
+    def _invalidate(self, vaddr: int, tags) -> int:
         n = 0
-        for shift in SHIFTS:
-            key = _key(asid, shift, vaddr >> shift)
-            if key in self._map:
-                self._forget(key, self._drop(key))
-                n += 1
+        for t in tags:
+            for shift in SHIFTS:
+                key = _key(t, shift, vaddr >> shift)
+                if key in self._map:
+                    self._forget(key, self._drop(key))
+                    n += 1
         return n

@@ -213,6 +213,11 @@ def _invlpg(vcpu: "VCpu", ex: Exit) -> None:
     vcpu.mmu.invlpg(ex.qualification)
 
 
+@handles(ExitReason.INVPCID)
+def _invpcid(vcpu: "VCpu", ex: Exit) -> None:
+    vcpu.run_invpcid(ex, vcpu.mmu)
+
+
 @handles(ExitReason.MSR_WRITE)
 def _wrmsr(vcpu: "VCpu", ex: Exit) -> None:
     vcpu.run_wrmsr(ex.qualification, ex.value)

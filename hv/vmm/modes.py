@@ -90,10 +90,12 @@ class Shadow(Mode):
     name = "shadow"
     help = ("shadow paging: the VMM's shadow tables, exits on CR3 loads, INVLPG, "
             "page-table writes and hidden page faults")
-    # The VMM keeps the guest's paging registers: MOV to CR, INVLPG and
-    # WRMSR(EFER) exit, and every #PF the hardware takes on the shadow tables.
+    # The VMM keeps the guest's paging registers: MOV to CR, INVLPG (and so
+    # INVPCID, SDM Vol.3C §26.1.3) and WRMSR(EFER) exit, and every #PF the
+    # hardware takes on the shadow tables.
     intercepts = BASE_INTERCEPTS | VIRTUAL_CPU_INTERCEPTS | {ExitReason.CR_ACCESS,
-                                                             ExitReason.INVLPG}
+                                                             ExitReason.INVLPG,
+                                                             ExitReason.INVPCID}
     exception_bitmap = frozenset({Vector.PF})
     # A device page's spte has reserved bits set: a #PF with RSVD exits.
     mmio_exit = ExitReason.EXCEPTION_NMI

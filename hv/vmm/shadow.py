@@ -30,7 +30,8 @@ from __future__ import annotations
 
 from ..arch.paging import (A, ADDR_MASK, D, ENTRIES_PER_TABLE, G, NX, P, PAGE_SIZE, PS, SWITCH,
                            PFErr, RW, US, large_frame, table_index)
-from ..arch.x86 import CR4, MSR_EFER, NXE, PG, WP, TlbFlush, efer_write_flush, mov_to_cr_flush
+from ..arch.x86 import (CR4, MSR_EFER, NOFLUSH, NXE, PCID_MASK, PG, WP, TlbFlush,
+                        efer_write_flush, mov_to_cr_flush)
 from ..errors import GuestEscape, InvariantError
 from ..events import EmulateWrite, PageFault
 from ..hw.walker import FETCH, READ, WRITE, Walker
@@ -43,7 +44,7 @@ ACC_ALL = ACC_W | ACC_U | ACC_X
 FLOOD_LIMIT = 3         # emulated writes with no use in between (KVM's detect_write_flooding)
 RESERVE = 8             # free shadow frames kept for one fault's path
 _PF_W, _PF_U, _PF_I = int(PFErr.W), int(PFErr.U), int(PFErr.I)     # plain ints: hot path
-_SMEP = int(CR4.SMEP)
+_SMEP, _PCIDE = int(CR4.SMEP), int(CR4.PCIDE)
 
 
 # A leaf the guest lets this walk write (its walk allows it, its PTE is
@@ -361,7 +362,7 @@ class ShadowCache:
         for paging in self.vcpus:
             root = paging.root
             if root is not None and (self.pages.get(root.key) is not root
-                                     or paging.hw.cr3 != root.hpa):
+                                     or paging.hw.cr3 & ADDR_MASK != root.hpa):
                 raise InvariantError(f"a vCPU's hardware walks {paging.hw.cr3:#x}, not its "
                                      f"shadow root {root.hpa:#x}")
 
@@ -441,20 +442,28 @@ class ShadowPaging(Paging):
 
     def _load(self) -> None:
         """The registers the hardware runs the guest with (this class's
-        docstring)."""
+        docstring); CR3 carries the guest's PCID, so the TLB keeps each
+        address space's entries apart as the guest's CPU would (KVM's
+        vmx_load_mmu_pgd)."""
         if self.root is not None:
-            self.hw.load(self.cr0 | WP | PG, self.root.hpa, self.cr4, self.efer | NXE)
+            pcid = self.cr3 & PCID_MASK if self.cr4 & _PCIDE else 0
+            self.hw.load(self.cr0 | WP | PG, self.root.hpa | pcid, self.cr4, self.efer | NXE)
 
     # -- exit handlers: the guest's paging registers ----------------------------
     def write_cr(self, cr: int, value: int) -> None:
         """MOV to CR0/CR3/CR4 (a CR_ACCESS exit): the register, a root for a
         new CR3 (found again in the cache: KVM's kvm_mmu_new_pgd), and the
-        TLB invalidation the guest expects."""
+        TLB invalidation the guest expects. No VMX operation flushes one
+        PCID of a VPID: where the guest's MOV to CR3 would, the VMM flushes
+        every PCID's non-global entries (INVVPID single-context retaining
+        globals); with bit 63 set, nothing."""
         flush = mov_to_cr_flush(cr, {0: self.cr0, 3: self.cr3, 4: self.cr4}[cr], value,
                                 self.cr4)
+        if flush is TlbFlush.PCID:
+            flush = TlbFlush.NONGLOBAL
         if cr == 3:
             self.counters["cr3_loads"] += 1
-            self.cr3 = value
+            self.cr3 = value & ~NOFLUSH
             self.root = None
             self.reload()
         elif cr == 0:
@@ -483,9 +492,26 @@ class ShadowPaging(Paging):
         self._load()
         self.hw.flush(flush)
 
+    def invpcid(self, kind: int, pcid: int, vaddr: int) -> None:
+        """INVPCID (an exit, checked): type 0 as INVLPG for the current
+        PCID, with INVVPID's individual-address flush (every PCID's entry
+        for `vaddr`) for another; types 1 and 3 flush every PCID's
+        non-global entries, 2 everything (INVVPID: this class's write_cr)."""
+        self.counters["invpcid"] += 1
+        if kind == 0:
+            if pcid == self.hw.tag & PCID_MASK:
+                self._zap_leaf(vaddr)
+            self.hw.tlb.invvpid_address(self.hw.asid, vaddr)
+        else:
+            self.hw.flush(TlbFlush.ALL if kind == 2 else TlbFlush.NONGLOBAL)
+
     def invlpg(self, vaddr: int) -> None:
         """INVLPG (an exit): zap the leaf spte for `vaddr` (rebuilt from the
         guest's PTE on the next hidden fault) and drop the TLB entry."""
+        self._zap_leaf(vaddr)
+        self.hw.invlpg(vaddr)
+
+    def _zap_leaf(self, vaddr: int) -> None:
         if self.root is not None:
             table = self.root.hpa
             for level in range(4, 0, -1):
@@ -497,7 +523,6 @@ class ShadowPaging(Paging):
                     self.cache.zap_spte(self.counters, spte_addr, level)
                     break
                 table = spte & ADDR_MASK
-        self.hw.invlpg(vaddr)
 
     # -- the hardware's #PF on the shadow tables ----------------------------------
     def page_fault(self, vaddr: int, error_code: int) -> PageFault | EmulateWrite | None:

@@ -25,7 +25,8 @@ from ..cost import CycleClock
 from ..arch.cpuid import LINEAR_BITS
 from ..arch.paging import PAGE_SIZE, PFErr, is_canonical
 from ..arch.vmx import ExitReason, cr_access_qualification
-from ..arch.x86 import CR0, HAS_ERROR_CODE, MSR_EFER, RFLAGS, Vector, mov_to_cr_faults
+from ..arch.x86 import (CR0, CR4, HAS_ERROR_CODE, MSR_EFER, NOFLUSH, RFLAGS, Vector,
+                        mov_to_cr_faults)
 from ..errors import InvariantError
 from ..events import EmulateWrite, Exit, Fault, GeneralProtection, PageFault, VmExit
 from ..devices.lapic import APIC_DEFAULT_BASE, LocalApic
@@ -47,6 +48,7 @@ VMCALL = b"\x0f\x01\xc1"
 _MMIO_PF_READ = int(PFErr.P | PFErr.RSVD)
 _MMIO_PF_WRITE = _MMIO_PF_READ | int(PFErr.W)
 _IF = int(RFLAGS.IF)
+_PCIDE = int(CR4.PCIDE)
 # LGDT, LIDT, LLDT, LTR; and the access byte (P and type) LLDT and LTR
 # load: an LDT, an available 64-bit TSS (SDM Vol.3A Table 3-2).
 _TABLE_LOADS = frozenset({"lgdt", "lidt", "lldt", "ltr"})
@@ -201,6 +203,8 @@ class VCpu:
             self.run_rdmsr(ex.qualification, ex.rip, ex.insn_len)
         elif ex.reason == ExitReason.CPUID:
             self.run_cpuid()
+        elif ex.reason == ExitReason.INVPCID:
+            self.run_invpcid(ex, self.hw)
         else:
             raise InvariantError(f"no mode may leave {ex.reason.name} to the hardware")
 
@@ -209,6 +213,9 @@ class VCpu:
         e = self.engine
         if ins.kind in ("rdtsc", "rdtscp"):
             self.tsc.before(rip, ins.size, self.hw.cr4)
+            return
+        if ins.kind == "invpcid":
+            self._invpcid(rip, ins)
             return
         if e.cpl() != 0:
             return      # about to #GP
@@ -222,12 +229,18 @@ class VCpu:
             if ins.cr not in (0, 3, 4):
                 return      # CR2 is no paging control, and loads without an exit
             value = e.reg(ins.reg)
-            if mov_to_cr_faults(ins.cr, value, self.hw.cr4, self.hw.efer,
-                                self.vm.cpu.cr4_reserved):
+            # QEMU's EFER has LMA, which the CPU sets itself (SDM Vol.3A §9.8.5).
+            if mov_to_cr_faults(ins.cr, value, self.hw.cr4, e.msr(MSR_EFER),
+                                self.vm.cpu.cr4_reserved, e.reg("cr3")):
                 # Refused before it runs (Unicorn would load it): #GP(0) at it.
                 self._pending = (GeneralProtection(), READ)
                 self.request_stop()
                 return
+            if ins.cr == 3 and value & NOFLUSH:
+                # CR3 never holds bit 63; QEMU 5 would load it: it gets the
+                # value without, and the register is the guest's again after.
+                e.set_reg(ins.reg, value & ~NOFLUSH)
+                self.after.set(rip, ins.size, {ins.reg: value})
             ex = Exit(ExitReason.CR_ACCESS, cr_access_qualification(ins.cr, 0), rip, ins.size,
                       value=value)
         elif ins.kind == "invlpg":
@@ -243,6 +256,44 @@ class VCpu:
             ex = Exit(ExitReason.MSR_WRITE, e.reg("rcx") & 0xFFFF_FFFF, rip, ins.size,
                       value=value)
         self.event(ex)
+
+    def _invpcid(self, rip: int, ins: Intercepted) -> None:
+        """INVPCID, which QEMU 5 does not decode: #UD without the feature
+        (QEMU's), #GP above CPL 0, else an exit where the mode intercepts it
+        (the VMM's then, as the CPU's otherwise: `run_invpcid`)."""
+        e = self.engine
+        if "invpcid" not in self.vm.cpu.features:
+            return
+        if e.cpl() != 0:
+            self._fault_now(GeneralProtection(), rip)
+            return
+        self.event(Exit(ExitReason.INVPCID, self._effective_address(ins, rip), rip, ins.size,
+                        value=e.reg(ins.reg)))
+
+    def run_invpcid(self, ex: Exit, tlb) -> None:
+        """INVPCID of type `ex.value` with the descriptor at
+        `ex.qualification` (SDM Vol.2A "INVPCID"): its #PF and #GPs, or
+        `tlb.invpcid` (the CPU's, or the VMM's), and on past it."""
+        try:
+            desc = self._read_linear(ex.qualification, 16)
+        except Fault as fault:
+            self._fault_now(fault, ex.rip)
+            return
+        kind = ex.value
+        pcid, vaddr = int.from_bytes(desc[:8], "little"), int.from_bytes(desc[8:], "little")
+        if (kind > 3 or pcid >> 12 or kind == 0 and not is_canonical(vaddr, LINEAR_BITS)
+                or kind < 2 and pcid and not self.engine.reg("cr4") & _PCIDE):
+            self._fault_now(GeneralProtection(), ex.rip)
+            return
+        tlb.invpcid(kind, pcid, vaddr)
+        self.engine.set_reg("rip", ex.rip + ex.insn_len)
+
+    def _fault_now(self, fault: Fault, rip: int) -> None:
+        """The instruction at `rip`, which QEMU does not run, faults."""
+        self._faulted = True
+        self.deliver(fault.vector, fault.error_code, rip,
+                     fault.vaddr if isinstance(fault, PageFault) else 0)
+        self.request_stop()
 
     def _cr8(self, rip: int, ins: Intercepted) -> None:
         """MOV to or from CR8, the local APIC's TPR (SDM Vol.3A §11.8.6),
