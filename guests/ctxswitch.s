@@ -7,12 +7,22 @@
 ; shadow tables of the address space the guest switches to; as long as it
 ; keeps them (KVM's cache of shadow pages, by guest frame), a space seen
 ; before costs no shadow page (no mmu_cache_miss) and no hidden fault. Under
-; EPT a switch is no exit at all. On every MMU the switch flushes the TLB,
-; so the pages touched after it miss again.
+; EPT a switch is no exit at all.
+;
+; Where CPUID reports PCID (hv's default CPU; `--cpu -pcid` takes it away)
+; the guest sets CR4.PCIDE and space s runs with PCID s + 1, switched to
+; with CR3 bit 63 set: the TLB keeps every space's entries, so after the
+; first cycle a switch costs no TLB miss natively or under EPT. Without
+; PCID every switch flushes the TLB and the pages touched after it miss
+; again. Under shadow paging the switch exits either way, and the VMM's
+; flush, where the guest asks for one, takes every PCID's entries (no VMX
+; operation flushes one PCID).
 ;
 ; The guest builds a kernel address space (paging.s): [0, 16 MiB)
 ; identity-mapped with 2 MiB pages (image, stacks, page-table pool), one
-; PML4 entry's worth, and SPACES = 16 address spaces. Space s has a PML4 of
+; PML4 entry's worth, and SPACES = 8 address spaces (fewer than the 12 ways
+; of hv's TLB model: with PCID every space's entry for a page fits in that
+; page's set). Space s has a PML4 of
 ; its own whose entry 0 is the kernel's: they share the kernel's page
 ; directory pointer table and everything below it, as an OS shares its
 ; kernel half. Its PML4 entry 1 leads to tables of its own that map
@@ -22,7 +32,8 @@
 ;
 ; Then SWITCHES = 2000 switches, i = 0 .. SWITCHES-1, round-robin:
 ;
-;   1. MOV to CR3 of space s = i mod SPACES
+;   1. MOV to CR3 of space s = i mod SPACES (its PML4, with PCID s + 1 and
+;      bit 63 where the guest uses PCID)
 ;   2. read both private pages and check their IDs (the space's own pages,
 ;      at the address every space uses), and check the visit count: the
 ;      space's own, i / SPACES
@@ -42,8 +53,9 @@
 ;                visits each
 ;
 ; Every check is counted (asm/check.s). The console is quiet between the
-; marks. Then a line for the address spaces, one for the switches and
-; "ctxswitch: ok (16 address spaces, 2000 switches, 6048 checks)" with exit
+; marks. Then a line for the address spaces, one for the switches, one
+; saying whether they used PCID and
+; "ctxswitch: ok (8 address spaces, 2000 switches, 6024 checks)" with exit
 ; code 0; if any check failed, a "FAIL" line for each (the first ten), a
 ; "FAILED" line and exit code 1. An unexpected exception exits with 0xEE
 ; (idt.s). Needs 16 MiB of RAM. Only vCPU 0 runs the test (the library has
@@ -58,15 +70,18 @@
 .include "paging.s"
 .include "check.s"
 
-SPACES_SHIFT    = 4
-SPACES          = 1 << SPACES_SHIFT     ; 16
-SWITCHES        = 2000          ; a multiple of SPACES: 125 cycles
+SPACES_SHIFT    = 3
+SPACES          = 1 << SPACES_SHIFT     ; 8
+SWITCHES        = 2000          ; a multiple of SPACES: 250 cycles
 IDENT_END       = 0x1000000     ; [0, 16 MiB) identity-mapped with 2 MiB pages
 USER_VA         = 0x8000000000  ; virtual: the private pages (PML4 entry 1)
 PRIV_PAGES      = 2
 TAG             = 0x4354585300000000    ; ID(s, j) = TAG + s * 2^8 + j
 VISITS          = 8             ; page 0's visit count, at this offset
 KERNEL_PML4E    = 0             ; the PML4 entry every space shares
+CPUID_PCID      = 1 << 17       ; CPUID.1:ECX
+CR4_PCIDE       = 1 << 17
+CR3_NOFLUSH     = 0x8000000000000000
 
 FLAGS_RW        = PTE_P | PTE_RW
 
@@ -108,6 +123,33 @@ main:
     inc ebx
     cmp ebx, SPACES
     jb .Lspace
+
+; -- PCID, where the CPU has it: what each switch loads into CR3 --------------------
+    mov eax, 1
+    cpuid
+    xor r9d, r9d                ; no PCID: the roots as they are
+    test ecx, CPUID_PCID
+    jz .Lcr3s
+    mov rax, cr4                ; CR3 bits 11:0 are 0 here, as setting PCIDE needs
+    or rax, CR4_PCIDE
+    mov cr4, rax
+    mov r9, CR3_NOFLUSH
+.Lcr3s:
+    mov qword ptr [rip + pcid_on], r9
+    xor ebx, ebx                ; s
+.Lcr3:
+    lea rax, [rip + roots]
+    mov rdx, qword ptr [rax + rbx*8]
+    test r9, r9
+    jz .Lcr3_store
+    lea rdx, [rdx + rbx + 1]    ; PCID s + 1 ...
+    or rdx, r9                  ; ... and no flush
+.Lcr3_store:
+    lea rax, [rip + cr3s]
+    mov qword ptr [rax + rbx*8], rdx
+    inc ebx
+    cmp ebx, SPACES
+    jb .Lcr3
     mov rax, qword ptr [rip + kernel_root]
     mov cr3, rax
 
@@ -115,7 +157,7 @@ main:
     mov ebx, 1
     call hv_mark
     xor r12d, r12d              ; i, the switch
-    lea r13, [rip + roots]
+    lea r13, [rip + cr3s]
     mov r14, USER_VA
     mov r15, TAG
     xor r8d, r8d                ; checks passed
@@ -202,6 +244,12 @@ main:
     lea rsi, [rip + msg_switches]
     mov edx, SWITCHES
     call sayf
+    lea rsi, [rip + msg_no_pcid]
+    cmp qword ptr [rip + pcid_on], 0
+    je .Lsay_pcid
+    lea rsi, [rip + msg_pcid]
+.Lsay_pcid:
+    call sayf
     lea rsi, [rip + msg_ok]
     mov edx, SPACES
     mov ecx, SWITCHES
@@ -248,6 +296,8 @@ id_of:
 check_prefix:           .asciz "ctxswitch: "
 msg_spaces:             .asciz "kernel cr3=%x; %d address spaces, PML4s %x to %x: each shares the kernel's PML4 entry (16 MiB identity-mapped) and maps 2 private pages at 0x8000000000\n"
 msg_switches:           .asciz "%d switches round-robin: each read the space's 2 pages, checked its visits and counted one more; the frames checked after\n"
+msg_pcid:               .asciz "PCID: space s switched to with PCID s + 1 and CR3 bit 63 set (no flush)\n"
+msg_no_pcid:            .asciz "no PCID: every switch flushed the TLB\n"
 msg_ok:                 .asciz "ok (%d address spaces, %d switches, %d checks)\n"
 msg_what_id:            .asciz "private page after the switch"
 msg_what_visits:        .asciz "the space's visits before this one"
@@ -258,5 +308,7 @@ msg_what_frame_visits:  .asciz "visits counted in the space's frame"
 .align 4096
 kernel_root:    .quad 0         ; the kernel's PML4
 roots:          .zero 8 * SPACES        ; space s's PML4 at [s]
+cr3s:           .zero 8 * SPACES        ; what switching to space s loads into CR3
+pcid_on:        .quad 0         ; CR3_NOFLUSH if the switches use PCID, else 0
 frames:         .zero 8 * SPACES * PRIV_PAGES   ; space s's page j at [s * PRIV_PAGES + j]
 .align 4096

@@ -48,7 +48,9 @@ SUITE = (
     Case("compute", window=(1, 2)),         # the loop
     Case("pgfault", window=(1, 2)),         # the write pass: one #PF per page
     Case("ptemod", window=(1, 2)),          # the PTE-update rounds
-    Case("ctxswitch", window=(1, 2)),       # the CR3 switches
+    # The CR3 switches, each flushing the TLB, then with PCID keeping it.
+    Case("ctxswitch", {"cpu": "-pcid"}, window=(1, 2), note="no PCID"),
+    Case("ctxswitch", window=(1, 2), note="PCID"),
     Case("forkwait", window=(1, 3)),        # every fork, use and teardown
     Case("tlbstress", window=(2, 3)),       # the steady-state passes
     Case("hugepages", window=(2, 3)),       # the same on 2 MiB pages
@@ -103,9 +105,18 @@ def cases(guests: list[str], vcpus: list[int], options: dict,
         if window:
             raise HvError("--between applies to the guests named: the sample suite prices "
                           "each guest over its own window (name guests to choose theirs)")
-        return [replace(c, options={**options, **c.options}) for c in SUITE]
+        return [_with(options, c) for c in SUITE]
     return [Case(g, {**options, "vcpus": n}, window or _suite_window(g))
             for g in guests for n in vcpus]
+
+
+def _with(options: dict, case: Case) -> Case:
+    """`case` with the run's options; its --cpu takes features from the
+    run's CPU, not its place."""
+    merged = {**options, **case.options}
+    if "cpu" in case.options:
+        merged["cpu"] = ",".join(filter(None, (options.get("cpu"), case.options["cpu"])))
+    return replace(case, options=merged)
 
 
 def _suite_window(guest: str) -> tuple[int, int] | None:

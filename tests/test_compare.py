@@ -159,7 +159,8 @@ def test_the_suite_runs_clean(suite):
     assert compare.all_ok(suite)
 
 
-@pytest.mark.parametrize("label", ["ptemod", "forkwait", "pgfault", "ctxswitch"])
+@pytest.mark.parametrize("label", ["ptemod", "forkwait", "pgfault", "ctxswitch (no PCID)",
+                                   "ctxswitch (PCID)"])
 def test_shadow_loses_through_exits(suite, label):
     runs = _case(suite, label)["runs"]
     shadow, ept = runs["shadow"], runs["ept"]
@@ -484,11 +485,13 @@ def test_no_plot_when_no_case_finished(monkeypatch, tmp_path, capsys):
         compare.plot(dict(profile={}, modes=["native"], cases=[]), str(png))
 
 
-# The one sample where agile paging is more than 5% behind the better of
+# The samples where agile paging is more than 5% behind the better of
 # shadow and ept (README, "Agile paging"): smp's window on one vCPU is a few
 # thousand instructions of first touches, each a hidden fault under a shadow
-# part and nothing under EPT.
-AGILE_BEHIND = {"smp"}
+# part and nothing under EPT; ctxswitch with PCID costs EPT 10% over native,
+# and the CR3 load that exits before the root nests, with the switch, is
+# 12% of that.
+AGILE_BEHIND = {"smp", "ctxswitch (PCID)"}
 
 
 @pytest.mark.parametrize("name", [n for n in bundled_profiles()
