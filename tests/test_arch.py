@@ -97,14 +97,15 @@ def test_cr4_bits_of_features_the_cpu_has_not_are_gp():
     reserved (what kvm-unit-tests pcid checks of CR4.PCIDE)."""
     from hv.arch import cpuid
     reserved = cpuid.cr4_reserved(cpuid.IMPLEMENTED)
-    for bit in (CR4.PKE, CR4.LA57, CR4.VME, CR4.MCE,
+    for bit in (CR4.LA57, CR4.VME, CR4.MCE,
                 CR4.FSGSBASE, CR4.OSXSAVE, CR4.UMIP, 1 << 13):      # 13: VMXE
         assert mov_to_cr_faults(4, CR4.PAE | bit, 0, 0, reserved), bit
     for bit in (CR4.TSD, CR4.DE, CR4.PSE, CR4.PGE, CR4.PCE, CR4.OSFXSR, CR4.OSXMMEXCPT,
-                CR4.SMEP, CR4.SMAP):
+                CR4.SMEP, CR4.SMAP, CR4.PKE):
         assert not mov_to_cr_faults(4, CR4.PAE | bit, 0, 0, reserved), bit
-    assert mov_to_cr_faults(4, CR4.PAE | CR4.SMEP, 0, 0,
-                            cpuid.cr4_reserved(cpuid.IMPLEMENTED - {"smep"}))
+    for feature, bit in (("smep", CR4.SMEP), ("pku", CR4.PKE)):
+        assert mov_to_cr_faults(4, CR4.PAE | bit, 0, 0,
+                                cpuid.cr4_reserved(cpuid.IMPLEMENTED - {feature}))
     assert mov_to_cr_faults(4, CR4.PAE | CR4.PCIDE, 0, EFER.LMA,
                             cpuid.cr4_reserved(cpuid.IMPLEMENTED - {"pcid"}))
     assert not mov_to_cr_faults(4, CR4.PAE | CR4.PCIDE, 0, EFER.LMA, reserved)

@@ -333,17 +333,30 @@ def test_a_real_mode_cs_write_leaves_the_base_and_enter_real_mode_sets_it():
     assert e.reg("rax") & 0xFF == 0x42
 
 
-def test_the_default_cpu_has_no_stac_and_the_engines_broadwell_has():
+def test_the_default_cpu_has_no_stac_broadwell_no_pke_and_the_engines_model_both():
     import unicorn
+    from unicorn import x86_const
 
-    uc = unicorn.Uc(unicorn.UC_ARCH_X86, unicorn.UC_MODE_64)
-    uc.mem_map(0x1000, 0x1000)
+    def bare(model=None):
+        uc = unicorn.Uc(unicorn.UC_ARCH_X86, unicorn.UC_MODE_64)
+        if model is not None:
+            uc.ctl_set_cpu_model(model)
+        uc.mem_map(0x1000, 0x1000)
+        return uc
+    uc = bare()
     uc.mem_write(0x1000, bytes.fromhex("0f01cb f4"))       # stac; hlt
     with pytest.raises(unicorn.UcError, match="INSN_INVALID"):
         uc.emu_start(0x1000, 0x2000, count=1)
-    e = engine("stac\nhlt")
-    e.run(BASE, 1)
+    uc = bare(x86_const.UC_CPU_X86_BROADWELL)
+    uc.mem_write(0x1000, bytes(_ks.asm("mov rax, cr4\nor rax, 0x400000\nmov cr4, rax\n"
+                                       "mov rbx, cr4\nhlt", 0x1000)[0]))
+    uc.emu_start(0x1000, 0x2000, count=4)
+    assert not uc.reg_read(x86_const.UC_X86_REG_RBX) & 1 << 22     # MOV to CR4 drops PKE
+    e = engine("stac\nmov rax, cr4\nor rax, 0x400000\nmov cr4, rax\nmov rbx, cr4\n"
+               "xor ecx, ecx\nxor edx, edx\nmov eax, 12\nwrpkru\nxor eax, eax\nrdpkru\nhlt")
+    e.run(BASE, 100)
     assert e.alignment_check() and e.reg("rflags") & 1 << 18
+    assert e.reg("rbx") & 1 << 22 and e.reg("rax") == 12
 
 
 def test_a_stop_from_a_device_write_runs_the_write_again():

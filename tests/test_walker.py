@@ -250,3 +250,49 @@ def test_smap_faults_a_supervisor_data_access_to_a_user_page_unless_ac():
             mmu.fill(VA, access, False)
         assert pf.value.error_code == code
     assert mmu.fill(VA, READ, True)[0] == 0x300000           # a user access
+
+
+def test_protection_keys_refuse_data_accesses_to_user_pages_even_from_the_tlb():
+    """SDM Vol.3A §4.6.2 and §4.7: with CR4.PKE, PKRU's AD for a user
+    page's key refuses every data access, WD a write at CPL 3 or with
+    CR0.WP; the #PF has PK, also when the access faults for another reason
+    too; a faulting access sets no A bit; fetches and supervisor pages
+    ignore PKRU; a WRPKRU applies to entries the TLB holds."""
+    from hv.arch.x86 import CR4, PG, WP
+    from hv.hw.mmu import PROT_W, HardwareMMU
+    from hv.hw.tlb import TLB
+
+    key = 5
+    t = Tables()
+    leaf = t.map(VA, 0x300000, P | RW | US | D | key << 59)
+    w = Walker(t.mem, Stats(), RAM)
+    w.pke, w.pkru = True, 1 << 2 * key                      # AD
+    for access, user, code in ((READ, True, PFErr.U), (READ, False, 0),
+                               (WRITE, False, PFErr.W)):
+        with pytest.raises(PageFault) as pf:
+            w.walk(CR3, VA, access, user, True, True)
+        assert pf.value.error_code == PFErr.P | PFErr.PK | code
+    assert not t.mem.read_u64(leaf) & A
+    assert w.walk(CR3, VA, FETCH, True, True, True).pkey == key
+    w.pkru = 2 << 2 * key                                   # WD
+    assert w.walk(CR3, VA, WRITE, False, False, True).writable     # supervisor, WP clear
+    with pytest.raises(PageFault) as pf:
+        w.walk(CR3, VA, WRITE, False, True, True)
+    assert pf.value.error_code == PFErr.P | PFErr.W | PFErr.PK
+    t.mem.write_u64(leaf, 0x300000 | P | US | key << 59)     # read-only too: PK still
+    with pytest.raises(PageFault) as pf:
+        w.walk(CR3, VA, WRITE, True, True, True)
+    assert pf.value.error_code == PFErr.P | PFErr.W | PFErr.U | PFErr.PK
+    t.mem.write_u64(leaf, 0x300000 | P | RW | key << 59)     # a supervisor page
+    w.pkru = 3 << 2 * key
+    assert w.walk(CR3, VA, WRITE, False, True, True).pbase == 0x300000
+
+    t.mem.write_u64(leaf, 0x300000 | P | RW | US | A | D | key << 59)
+    mmu = HardwareMMU(t.mem, Stats(), TLB(), 0)
+    mmu.load(PG | WP, CR3, int(CR4.PAE | CR4.PKE), 0)
+    assert mmu.fill(VA, WRITE, True)[1] & PROT_W
+    mmu.set_pkru(2 << 2 * key)                              # WD: the cached entry refuses
+    assert not mmu.fill(VA, READ, True)[1] & PROT_W
+    with pytest.raises(PageFault) as pf:
+        mmu.fill(VA, WRITE, True)
+    assert pf.value.error_code & PFErr.PK

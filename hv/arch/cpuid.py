@@ -37,7 +37,10 @@ FEATURES = {
 # What hv implements, all on by default (--cpu may take some away).
 IMPLEMENTED = frozenset(
     "fpu de pse tsc msr pae cx8 apic sep pge cmov pat clflush mmx fxsr sse sse2 sse3 ssse3 "
-    "cx16 sse4.1 sse4.2 popcnt lahf-lm syscall nx pdpe1gb rdtscp lm smep smap pcid invpcid".split())
+    "cx16 sse4.1 sse4.2 popcnt lahf-lm syscall nx pdpe1gb rdtscp lm smep smap pcid invpcid "
+    "pku".split())
+# CPUID.7.0:ECX.OSPKE: CR4.PKE as the vCPU has it, no feature of its own.
+OSPKE = 1 << 4
 # Features hv must not be without: its boot paths and walker assume them.
 REQUIRED = frozenset("fpu tsc msr pae apic cx8 fxsr sse sse2 lm nx".split())
 

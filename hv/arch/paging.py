@@ -110,3 +110,4 @@ class PFErr(IntFlag):
     U = 1 << 2      # the access was in user mode (CPL 3)
     RSVD = 1 << 3   # a reserved bit was set in some entry
     I = 1 << 4      # the access was an instruction fetch (with NXE)
+    PK = 1 << 5     # protection keys refused the data access (CR4.PKE)

@@ -58,9 +58,10 @@ class CpuModel:
             leaf, reg, bit = c.FEATURES[name]
             self._regs[leaf, reg] = self._regs.get((leaf, reg), 0) | 1 << bit
 
-    def cpuid(self, leaf: int, subleaf: int, apic_id: int) -> tuple[int, int, int, int]:
-        """EAX, EBX, ECX, EDX of CPUID (SDM Vol.2A "CPUID"); leaves hv has
-        not are zeros."""
+    def cpuid(self, leaf: int, subleaf: int, apic_id: int,
+              cr4: int = 0) -> tuple[int, int, int, int]:
+        """EAX, EBX, ECX, EDX of CPUID (SDM Vol.2A "CPUID") on a vCPU with
+        `cr4` (OSPKE is CR4.PKE); leaves hv has not are zeros."""
         leaf &= 0xFFFF_FFFF
         if leaf == 0:
             b, d, cx = struct.unpack("<3I", c.VENDOR)
@@ -70,7 +71,9 @@ class CpuModel:
             ebx = apic_id << 24 | self.vcpus << 16 | 8 << 8
             return c.SIGNATURE, ebx, self._reg(1, "ecx"), self._reg(1, "edx")
         if leaf == 7:
-            return (0, self._reg(7, "ebx"), self._reg(7, "ecx"), 0) if subleaf == 0 else (0,) * 4
+            ospke = c.OSPKE if cr4 & c.CR4.PKE else 0
+            return (0, self._reg(7, "ebx"), self._reg(7, "ecx") | ospke, 0) if subleaf == 0 \
+                else (0,) * 4
         if leaf == 0x8000_0000:
             return c.MAX_EXT_LEAF, 0, 0, 0
         if leaf == 0x8000_0001:

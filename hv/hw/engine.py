@@ -20,8 +20,9 @@ pins each, BENCHMARKS.md measures the cost of counting; ARCHITECTURE.md,
   per process by `_fault_offset()`.
 - Writing CS or SS does not change QEMU's CPL (hflags); `set_cpl` does.
 - Unicorn's default x86 CPU decodes no STAC or CLAC and drops CR4.SMAP (so
-  QEMU never keeps its TLB apart by EFLAGS.AC): the engine runs QEMU's
-  Broadwell model, whose features cover what hv may present.
+  QEMU never keeps its TLB apart by EFLAGS.AC); Broadwell drops CR4.PKE
+  and decodes no RDPKRU or WRPKRU: the engine runs QEMU's Skylake-Server
+  model, whose features cover what hv may present.
 - QEMU 5 loads bit 63 of a MOV to CR3 with CR4.PCIDE (the no-flush bit,
   which CR3 never holds) and does not decode INVPCID (an invalid opcode):
   hv.vmm.vcpu hands QEMU the value without the bit, and runs INVPCID itself.
@@ -271,9 +272,10 @@ class Engine:
 
     def __init__(self, host_addr: int, size: int, python_mmu: bool = True):
         self.uc = uc = uc_mod.Uc(ucc.UC_ARCH_X86, ucc.UC_MODE_64)
-        # QEMU's Broadwell: the instructions of every feature hv may present
-        # (STAC and CLAC for SMAP); hv's CPUID says which the guest has.
-        uc.ctl_set_cpu_model(x86c.UC_CPU_X86_BROADWELL)
+        # QEMU's Skylake-Server: the instructions and CR4 bits of every
+        # feature hv may present (STAC and CLAC for SMAP, CR4.PKE, RDPKRU and
+        # WRPKRU); hv's CPUID says which the guest has.
+        uc.ctl_set_cpu_model(x86c.UC_CPU_X86_SKYLAKE_SERVER)
         uc.mem_map_ptr(0, size, ucc.UC_PROT_ALL, host_addr)
         self.python_mmu = python_mmu
         if python_mmu:

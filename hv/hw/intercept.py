@@ -34,7 +34,8 @@ from ..errors import InvariantError
 # start a 32-bit decoder would see; the hook decodes in the CPU's mode.
 # And 0F 20 /r after a REX prefix with R set: MOV from CR8 (its only form;
 # CR8 is the local APIC's TPR, which QEMU under Unicorn does not keep); and
-# 66 0F 38 82 /r, INVPCID (Vol.2A "INVPCID"), which QEMU 5 does not decode.
+# 66 0F 38 82 /r, INVPCID (Vol.2A "INVPCID"), which QEMU 5 does not decode;
+# and 0F 01 EE, EF: RDPKRU, WRPKRU (Vol.2B), whose PKRU the MMU keeps.
 _OPCODES = re.compile(rb"(?:\x0f|\xc5.|\xc4[\x01\x21\x41\x61\x81\xa1\xc1\xe1].)[\x00\x08\x22\x01\x30\x31\x32]"
                       rb"|[\x44-\x47\x4c-\x4f]\x0f\x20|\x0f\x38\x82", re.DOTALL)
 # Legacy prefixes and REX (SDM Vol.2A §2.1.1, §2.2.1).
@@ -60,8 +61,9 @@ def candidate_starts(code: bytes, limit: int) -> list[int]:
             if code[end - 1] == 0x00:
                 if reg not in (2, 3):
                     continue        # 0F 00 but neither LLDT nor LTR
-            elif not (reg == 7 and (memory or code[end] == 0xF9) or reg in (2, 3) and memory):
-                continue            # 0F 01 but none of INVLPG, RDTSCP, LGDT, LIDT
+            elif not (reg == 7 and (memory or code[end] == 0xF9) or reg in (2, 3) and memory
+                      or code[end] in (0xEE, 0xEF)):
+                continue            # 0F 01 but none of INVLPG, RDTSCP, LGDT, LIDT, RD/WRPKRU
         j = i
         while True:
             if j < limit:
@@ -85,7 +87,8 @@ class Intercepted:
     """A decoded intercepted instruction.
 
     kind: "mov_cr", "mov_from_cr8", "invlpg", "invpcid", "wrmsr", "rdmsr",
-    "rdtsc", "rdtscp", "invd", "lgdt", "lidt", "lldt" or "ltr". For mov_cr:
+    "rdtsc", "rdtscp", "invd", "rdpkru", "wrpkru", "lgdt", "lidt", "lldt" or
+    "ltr". For mov_cr:
     `cr` and the source register name `reg`; for mov_from_cr8: the
     destination `reg`; for lldt and ltr: the selector's `reg`, or a memory
     operand as invlpg's. For invlpg: the memory operand (`base`, `index`,
@@ -113,7 +116,7 @@ def _capstone(mode: int) -> capstone.Cs:
 _CS = {64: _capstone(capstone.CS_MODE_64), 32: _capstone(capstone.CS_MODE_32),
        16: _capstone(capstone.CS_MODE_16)}
 _SIMPLE = (csx86.X86_INS_WRMSR, csx86.X86_INS_RDMSR, csx86.X86_INS_RDTSC, csx86.X86_INS_RDTSCP,
-           csx86.X86_INS_INVD)
+           csx86.X86_INS_INVD, csx86.X86_INS_RDPKRU, csx86.X86_INS_WRPKRU)
 # One operand, a memory address (or, for LLDT and LTR, a selector register).
 _MEMORY_OPERAND = (csx86.X86_INS_INVLPG, csx86.X86_INS_LGDT, csx86.X86_INS_LIDT,
                    csx86.X86_INS_LLDT, csx86.X86_INS_LTR)

@@ -19,13 +19,13 @@ from ..arch.paging import ADDR_MASK, P, PAGE_SIZE, PS, SWITCH, PFErr, table_inde
 from ..arch.x86 import (CR4, MSR_EFER, NOFLUSH, NXE, PCID_MASK, PG, PGE, WP, TlbFlush, Vector,
                         efer_write_flush, mov_to_cr_flush)
 
-_SMEP, _SMAP, _PCIDE = int(CR4.SMEP), int(CR4.SMAP), int(CR4.PCIDE)
+_SMEP, _SMAP, _PCIDE, _PKE = int(CR4.SMEP), int(CR4.SMAP), int(CR4.PCIDE), int(CR4.PKE)
 from ..errors import GuestEscape
 from ..events import PageFault, page_fault_exit
 from ..memory import PhysMem
 from ..stats import Stats
 from .tlb import TLB, global_tag, tag
-from .walker import FETCH, WRITE, Translation, Walker
+from .walker import FETCH, WRITE, Translation, Walker, pkru_denies
 
 # Rights granted to Unicorn's TLB (UC_PROT_*).
 PROT_R, PROT_W, PROT_X = 1, 2, 4
@@ -82,7 +82,10 @@ class HardwareMMU:
             self._root_by_level = w.by_level
         self._pf_exits = Vector.PF in exception_bitmap
         self.cr0 = self.cr3 = self.cr4 = self.efer = 0
-        self.wp = self.nxe = self.paging = self.smep = self.smap = False
+        self.wp = self.nxe = self.paging = self.smep = self.smap = self.pke = False
+        # PKRU, the CPU's register (WRPKRU: `set_pkru`); no VMX control
+        # makes WRPKRU exit, so it is the guest's in every mode.
+        self.pkru = 0
         # EFLAGS.AC of the guest's access being filled (the vCPU sets it
         # while SMAP is on); the CPU's own accesses (`translate`) are
         # implicit: SMAP applies whatever AC is.
@@ -113,6 +116,10 @@ class HardwareMMU:
         self.nxe = bool(efer & NXE)
         self.smep = self.walker.smep = bool(cr4 & _SMEP)
         self.smap = bool(cr4 & _SMAP)
+        pke = bool(cr4 & _PKE)
+        if pke != self.pke:
+            self.pke = self.walker.pke = pke
+            self.tlb.rights_changed(self.asid)
         self.pge = bool(cr4 & PGE)
         self.tag = self.walker.asid = tag(self.asid, cr3 & PCID_MASK if cr4 & _PCIDE else 0)
         self._gtag = global_tag(self.tag)
@@ -146,6 +153,12 @@ class HardwareMMU:
             flush = efer_write_flush(self.efer, value)
             self.load(self.cr0, self.cr3, self.cr4, value, self.nested_root)
             self.flush(flush)
+
+    def set_pkru(self, value: int) -> None:
+        """WRPKRU: no TLB entry changes, what they allow does."""
+        self.pkru = self.walker.pkru = value
+        if self.pke:
+            self.tlb.rights_changed(self.asid)
 
     def invlpg(self, vaddr: int) -> None:
         """INVLPG: `vaddr`'s entries of the current PCID, and global ones."""
@@ -205,10 +218,12 @@ class HardwareMMU:
             tr = self._miss(vaddr, access, user, not retry, self.ac)
         paddr = tr.pbase | (vaddr & ((1 << tr.shift) - 1) & ~(PAGE_SIZE - 1))
         # Grant only what the model has checked: W once the page is dirty (so
-        # the first write is seen), X only to fetches (so code is scanned).
+        # the first write is seen) and PKRU allows it, X only to fetches (so
+        # code is scanned).
         if access == FETCH:
             return paddr, PROT_R | PROT_X
-        writable = tr.dirty and (tr.writable or not (user or self.wp))
+        writable = tr.dirty and (tr.writable or not (user or self.wp)) and not (
+            self.pke and tr.user and pkru_denies(self.pkru, tr.pkey, True, user, self.wp))
         if writable and self.memo is not None and paddr >> 12 in self.memo.frames:
             # A table a remembered walk read: the first write must be seen.
             if access == WRITE:
@@ -257,6 +272,11 @@ class HardwareMMU:
         if access == FETCH:
             return not tr.nx and (user or not (tr.user and self.smep))
         if tr.user and not user and self.smap and not ac:
+            return False
+        # PKRU refuses: the walk again, which faults (a model's shortcut: a
+        # CPU raises this #PF from the TLB entry).
+        if self.pke and tr.user and pkru_denies(self.pkru, tr.pkey, access == WRITE, user,
+                                                self.wp):
             return False
         if access == WRITE:
             return tr.dirty and (tr.writable or not (user or self.wp))

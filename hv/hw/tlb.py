@@ -81,6 +81,12 @@ class TLB:
         """Keep `engine`'s TLB within this one for the entries of `asid`."""
         self._engines.setdefault(asid, []).append(engine)
 
+    def rights_changed(self, asid: int) -> None:
+        """What the entries of `asid` allow changed though none changed
+        (PKRU, CR4.PKE): its engines forget the rights they cached."""
+        for engine in self._engines.get(asid, ()):
+            engine.flush_tlb()
+
     def held(self, asid: int) -> list[Translation]:
         """The translations held for `asid` (any PCID)."""
         return [tr for k, tr in self._map.items() if _asid(k) == asid]
@@ -121,7 +127,7 @@ class TLB:
             # harmless only if the new translation maps the same frame with
             # no fewer rights.
             if (old.pbase == tr.pbase and old.nx == tr.nx and old.user == tr.user
-                    and old.writable <= tr.writable):
+                    and old.writable <= tr.writable and old.pkey == tr.pkey):
                 m[key] = tr         # keeps its place in the FIFO
                 return False
             self._forget(key, self._drop(key))

@@ -22,6 +22,7 @@ from ..stats import Stats
 
 READ, WRITE, FETCH = 0, 1, 2        # access kinds, as Unicorn numbers them minus 16
 _SHIFT = (0,) + tuple(level_shift(level) for level in (1, 2, 3, 4))
+_PF_PK = int(PFErr.PK)
 _PF_P, _PF_W, _PF_U, _PF_RSVD, _PF_I = (int(PFErr.P), int(PFErr.W), int(PFErr.U),
                                         int(PFErr.RSVD), int(PFErr.I))
 # P and reserved_mask by level (index 0 unused), without the low address
@@ -42,12 +43,14 @@ _LEVELS_READ = [None] + [tuple(int(lv >= leaf) for lv in range(5)) for leaf in (
 
 class Translation:
     """What a successful walk learned: what a TLB entry caches."""
-    __slots__ = ("vbase", "pbase", "shift", "writable", "user", "nx", "global_", "dirty")
+    __slots__ = ("vbase", "pbase", "shift", "writable", "user", "nx", "global_", "dirty",
+                 "pkey")
 
-    def __init__(self, vbase, pbase, shift, writable, user, nx, global_, dirty):
+    def __init__(self, vbase, pbase, shift, writable, user, nx, global_, dirty, pkey=0):
         self.vbase, self.pbase, self.shift = vbase, pbase, shift
         self.writable, self.user, self.nx = writable, user, nx
         self.global_, self.dirty = global_, dirty
+        self.pkey = pkey            # the leaf's protection key (bits 62:59)
 
     def paddr(self, vaddr: int) -> int:
         return self.pbase | (vaddr & ((1 << self.shift) - 1))
@@ -55,7 +58,7 @@ class Translation:
     def piece(self, vaddr: int) -> "Translation":
         """The 4 KiB piece of this translation that holds `vaddr`."""
         return Translation(vaddr & ~0xFFF, self.paddr(vaddr) & ~0xFFF, 12, self.writable,
-                           self.user, self.nx, self.global_, self.dirty)
+                           self.user, self.nx, self.global_, self.dirty, self.pkey)
 
     def __repr__(self):
         flags = "".join(c for c, on in (("W", self.writable), ("U", self.user), ("X", not self.nx),
@@ -67,6 +70,14 @@ def _counted(by_level: list[int], before: list[int]) -> tuple[int, ...]:
     """What a walk added to references by level (index 0 unused)."""
     return (0, by_level[1] - before[1], by_level[2] - before[2], by_level[3] - before[3],
             by_level[4] - before[4])
+
+
+def pkru_denies(pkru: int, pkey: int, write: bool, user: bool, wp: bool) -> bool:
+    """Whether PKRU refuses a data access to a user-mode address with
+    protection key `pkey` (SDM Vol.3A §4.6.2): AD refuses every access, WD
+    a write at CPL 3 or with CR0.WP."""
+    rights = pkru >> 2 * pkey
+    return bool(rights & 1 or rights & 2 and write and (user or wp))
 
 
 def pf_error_code(access: int, user: bool, nxe: bool, smep: bool = False) -> int:
@@ -126,8 +137,10 @@ class Walker:
         # CR4.SMEP: a supervisor fetch from a user page faults; `smap`:
         # CR4.SMAP applies to this walk's supervisor data access (EFLAGS.AC
         # clear, or an implicit access): it faults on a user page (SDM
-        # Vol.3A §4.6.1). The walk's owner keeps both.
-        self.smep = self.smap = False
+        # Vol.3A §4.6.1); `pke`: CR4.PKE, the data accesses to user pages
+        # that `pkru` refuses fault (§4.6.2). The walk's owner keeps them.
+        self.smep = self.smap = self.pke = False
+        self.pkru = 0
 
     @classmethod
     def peeker(cls, mem, limit: int) -> "Walker":
@@ -163,7 +176,7 @@ class Walker:
         if memo is None or path is not None or self.pwc is not None:
             return self._walk(cr3, vaddr, access, user, wp, nxe, path, None)
         key = ((vaddr >> 12) << 64 | (cr3 & ~0xFFF) | access | user << 2 | wp << 3 | nxe << 4
-               | self.smep << 5 | self.smap << 6)
+               | self.smep << 5 | self.smap << 6 | self.pke << 7 | self.pkru << 8)
         hit = memo.results.get(key)
         if hit is None:
             return self._remember(memo, key, cr3, vaddr, access, user, wp, nxe)
@@ -309,14 +322,19 @@ class Walker:
                             nested is not None)
         writable, usable = bool(all_and & RW), bool(all_and & US)
         nx = bool(nxe and any_or & NX)
+        pkey = entry >> 59 & 0xF
+        # With CR4.PKE, PK is in the error code of any fault of a data
+        # access to a user page that PKRU refuses (SDM Vol.3A §4.7).
+        pk = _PF_PK if (self.pke and usable and access != FETCH
+                        and pkru_denies(self.pkru, pkey, access == WRITE, user, wp)) else 0
         # SDM Vol.3A §4.6: a user access to a supervisor page, a fetch from
         # an NX page (or, with CR4.SMEP, a supervisor fetch from a user
         # page), a write to a read-only page at CPL 3 or with CR0.WP, with
-        # SMAP a supervisor data access to a user page.
+        # SMAP a supervisor data access to a user page, what PKRU refuses.
         if (user and not usable) or (access == FETCH and (nx or usable and not user and self.smep)) \
                 or (access == WRITE and not writable and (user or wp)) \
-                or (usable and not user and access != FETCH and self.smap):
-            raise PageFault(vaddr, pf_error_code(access, user, nxe, self.smep) | _PF_P,
+                or (usable and not user and access != FETCH and self.smap) or pk:
+            raise PageFault(vaddr, pf_error_code(access, user, nxe, self.smep) | _PF_P | pk,
                             nested is not None)
         bits = A | D if access == WRITE else A
         if entry & bits != bits:
@@ -338,7 +356,7 @@ class Walker:
             # again, and meets the EPT violation.
             dirty = dirty and ept_writable
         return Translation(vaddr & ~low, paddr & ~low, shift,
-                           writable, usable, nx, bool(entry & G), dirty)
+                           writable, usable, nx, bool(entry & G), dirty, pkey)
 
     def walk_unpaged(self, vaddr: int, access: int) -> Translation:
         """Paging off (CR0.PG clear): the linear address is guest-physical.

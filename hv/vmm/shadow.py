@@ -41,6 +41,7 @@ from .paging import Paging
 
 ACC_W, ACC_U, ACC_X = 1, 2, 4
 ACC_ALL = ACC_W | ACC_U | ACC_X
+ACC_PKEY_SHIFT = 3      # a direct page's role: its leaves' protection key above ACC_*
 FLOOD_LIMIT = 3         # emulated writes with no use in between (KVM's detect_write_flooding)
 RESERVE = 8             # free shadow frames kept for one fault's path
 _PF_W, _PF_U, _PF_I = int(PFErr.W), int(PFErr.U), int(PFErr.I)     # plain ints: hot path
@@ -52,17 +53,19 @@ _SMEP, _PCIDE = int(CR4.SMEP), int(CR4.PCIDE)
 # 4-level paging ignores (SDM Vol.3A Table 4-20), as KVM's
 # SPTE_MMU_WRITABLE.
 MAY_WRITE = 1 << 53
+PKEY_SHIFT = 59         # a leaf's protection key, bits 62:59 (CR4.PKE)
 
 
 def make_spte(hpa: int, acc: int, global_: bool, may_write: bool, protected: bool,
-              large: bool = False) -> int:
+              large: bool = False, pkey: int = 0) -> int:
     """A shadow leaf for host frame `hpa` (KVM's make_spte): the rights the
     guest's walk allows (`acc`), W when the guest lets this walk write
     (`may_write`) and the frame is no shadowed table (`protected`: see the
-    module's invariants), G as the guest's leaf has it; `large`: 2 MiB."""
+    module's invariants), G and the protection key as the guest's leaf has
+    them (the CPU checks the guest's PKRU against it); `large`: 2 MiB."""
     return (hpa | P | (RW if may_write and not protected else 0) | (MAY_WRITE if may_write else 0)
             | (US if acc & ACC_U else 0) | (0 if acc & ACC_X else NX) | (G if global_ else 0)
-            | (PS if large else 0))
+            | (PS if large else 0) | pkey << PKEY_SHIFT)
 
 
 def make_link(hpa: int) -> int:
@@ -540,6 +543,7 @@ class ShadowPaging(Paging):
             # the hardware applied it to this access (CR4 is the guest's).
             self.guest_walker.smep = bool(self.cr4 & _SMEP)
             self.guest_walker.smap = self.hw.walker.smap
+            self.guest_walker.pke, self.guest_walker.pkru = self.hw.pke, self.hw.pkru
             try:
                 self.guest_walker.walk(self.cr3, vaddr, access, user, self._wp, nxe, path)
             except PageFault as fault:
@@ -554,7 +558,8 @@ class ShadowPaging(Paging):
             if self.nested_table(gfn, level - 1):
                 # Agile: from here on the hardware walks the guest's tables;
                 # but it runs them with CR0.WP set, as the shadow part needs.
-                if access == WRITE and not _path_acc(path) & ACC_W:
+                if access == WRITE and not _path_acc(path) & ACC_W or self._wd_bypassed(
+                        access, user, _path_acc(path), path[-1][2]):
                     c["insn_emulation"] += 1
                     return EmulateWrite(vaddr, _leaf_gfn(vaddr, path[-1]))
                 cache.link_switch(c, sp, table_index(vaddr, level), gfn, acc)
@@ -577,9 +582,12 @@ class ShadowPaging(Paging):
         base = gfn & ~0x1FF
         large = (cache.large_pages and leaf_level > 1 and not cache.tables_in.get(base >> 9)
                  and cache.guest.contiguous(base << 12, 2 << 20))
+        # Direct pages are kept by the key too: their leaves carry it.
+        pkey = leaf >> PKEY_SHIFT & 0xF
         for level in range(leaf_level, 2 if large else 1, -1):
             span = 1 << 9 * (level - 1)         # 4 KiB frames under one entry
-            child = cache.get_page(c, gfn & ~(span - 1), level - 1, True, acc, nxe)
+            child = cache.get_page(c, gfn & ~(span - 1), level - 1, True,
+                                   acc | pkey << ACC_PKEY_SHIFT, nxe)
             cache.link(sp, table_index(vaddr, level), child)
             sp = child
         hpa = cache.guest.hpa((base if large else gfn) << 12)
@@ -592,12 +600,14 @@ class ShadowPaging(Paging):
                               f"memory [0, {cache.guest.ram:#x})")
         may_write = bool(acc & ACC_W and leaf & D)
         protected = gfn in cache.shadowed
-        if access == WRITE and not (may_write and not protected):
+        if access == WRITE and not (may_write and not protected) or self._wd_bypassed(
+                access, user, acc, leaf):
             # A write the guest allows but the shadow must not: to a guest
-            # page table, or to a read-only page with the guest's CR0.WP=0.
+            # page table, or to a read-only page (or one PKRU's WD guards)
+            # with the guest's CR0.WP=0.
             c["insn_emulation"] += 1
             return EmulateWrite(vaddr, gfn)
-        spte = make_spte(hpa, acc, bool(leaf & G), may_write, protected, large)
+        spte = make_spte(hpa, acc, bool(leaf & G), may_write, protected, large, pkey)
         if large:
             cache.set_large(c, sp, table_index(vaddr, 2), base, spte)
         else:
@@ -605,6 +615,13 @@ class ShadowPaging(Paging):
         c["pf_fixed"] += 1
         self.fixed(path, gfn)
         return None
+
+    def _wd_bypassed(self, access: int, user: bool, acc: int, leaf: int) -> bool:
+        """A supervisor write to a user page whose key PKRU's WD guards,
+        which the guest's CR0.WP=0 lets through and the CPU, running with
+        WP set, refuses: the VMM emulates it."""
+        return bool(access == WRITE and not user and not self._wp and self.hw.pke
+                    and acc & ACC_U and self.hw.pkru >> 2 * (leaf >> PKEY_SHIFT & 0xF) & 2)
 
     def fixed(self, path: list, gfn: int | None = None) -> None:
         """A hidden fault was fixed after the guest's walk `path` (level,

@@ -48,7 +48,7 @@ VMCALL = b"\x0f\x01\xc1"
 _MMIO_PF_READ = int(PFErr.P | PFErr.RSVD)
 _MMIO_PF_WRITE = _MMIO_PF_READ | int(PFErr.W)
 _IF = int(RFLAGS.IF)
-_PCIDE = int(CR4.PCIDE)
+_PCIDE, _PKE = int(CR4.PCIDE), int(CR4.PKE)
 # LGDT, LIDT, LLDT, LTR; and the access byte (P and type) LLDT and LTR
 # load: an LDT, an available 64-bit TSS (SDM Vol.3A Table 3-2).
 _TABLE_LOADS = frozenset({"lgdt", "lidt", "lldt", "ltr"})
@@ -217,6 +217,9 @@ class VCpu:
         if ins.kind == "invpcid":
             self._invpcid(rip, ins)
             return
+        if ins.kind in ("rdpkru", "wrpkru"):
+            self._pkru(rip, ins)
+            return
         if e.cpl() != 0:
             return      # about to #GP
         if ins.cr == 8:
@@ -288,6 +291,20 @@ class VCpu:
         tlb.invpcid(kind, pcid, vaddr)
         self.engine.set_reg("rip", ex.rip + ex.insn_len)
 
+    def _pkru(self, rip: int, ins: Intercepted) -> None:
+        """RDPKRU and WRPKRU, at any CPL (SDM Vol.2B): #UD without the
+        feature (QEMU's model has it: hv's CPUID decides); else QEMU runs
+        them, with its own #UD (CR4.PKE clear) and #GP (ECX, EDX), and the
+        MMU learns what WRPKRU loads (no VMX control makes it exit)."""
+        e = self.engine
+        if "pku" not in self.vm.cpu.features:
+            self._faulted = True
+            self.deliver(Vector.UD, None, rip)
+            self.request_stop()
+        elif (ins.kind == "wrpkru" and e.reg("cr4") & _PKE
+              and not (e.reg("rcx") | e.reg("rdx")) & 0xFFFF_FFFF):
+            self.hw.set_pkru(e.reg("rax") & 0xFFFF_FFFF)
+
     def _fault_now(self, fault: Fault, rip: int) -> None:
         """The instruction at `rip`, which QEMU does not run, faults."""
         self._faulted = True
@@ -354,7 +371,8 @@ class VCpu:
 
     def run_cpuid(self) -> None:
         e = self.engine
-        regs = self.vm.cpu.cpuid(e.reg("rax"), e.reg("rcx") & 0xFFFF_FFFF, self.apic.apic_id)
+        regs = self.vm.cpu.cpuid(e.reg("rax"), e.reg("rcx") & 0xFFFF_FFFF, self.apic.apic_id,
+                                 e.reg("cr4"))
         for name, value in zip(("rax", "rbx", "rcx", "rdx"), regs):
             e.set_reg(name, value)
 
