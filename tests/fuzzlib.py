@@ -127,7 +127,8 @@ OUTSIDE_HIGH = (1 << 40, 0x3FFF_FFFF_F000)
 # MAXPHYADDR (46 and 40): 51:46.
 RSVD_BITS = tuple(range(46, 52))
 # Bits every entry may hold with no effect: 11:9 (ignored), 58:52 (ignored;
-# 62:59 are protection keys, ignored without CR4.PKE), PWT, PCD.
+# 62:59 are protection keys, ignored without CR4.PKE: `entries` draws
+# them apart), PWT, PCD.
 IGNORED_BITS = (3, 4, 9, 10, 11, 52, 55, 58, 61)
 
 P, RW, US, PWT, PCD, A, D, PS, G, NX = (1, 2, 4, 8, 16, 32, 64, 128, 256, 1 << 63)
@@ -172,6 +173,8 @@ def entries(draw) -> int:
         value |= 1 << draw(st.sampled_from(RSVD_BITS))
     if draw(st.integers(0, 4)) == 4:
         value |= 1 << draw(st.sampled_from(IGNORED_BITS))
+    if draw(st.integers(0, 3)) == 3:
+        value |= draw(st.integers(1, 15)) << 59     # a protection key (CR4.PKE)
     return value
 
 
@@ -197,6 +200,7 @@ def paging_cases(draw) -> PagingCase:
         st.tuples(st.just("c")),
         st.tuples(st.just("wp"), st.booleans()),
         st.tuples(st.just("nxe"), st.booleans()),
+        st.tuples(st.just("pk"), st.booleans(), st.integers(0, 2**32 - 1)),
     )
     ops = draw(st.lists(op, min_size=1, max_size=24))
     pages = []
@@ -212,7 +216,7 @@ def paging_cases(draw) -> PagingCase:
 # by a blob of qwords that describes the case (paging_blob): the tables'
 # initial entries and the script. render_paging(case) gives the same image
 # as a source: the interpreter and the blob as commented `.quad` lines.
-OP_END, OP_READ, OP_WRITE, OP_EXEC, OP_PTE, OP_INVLPG, OP_CR3, OP_WP, OP_NXE = range(9)
+OP_END, OP_READ, OP_WRITE, OP_EXEC, OP_PTE, OP_INVLPG, OP_CR3, OP_WP, OP_NXE, OP_PK = range(10)
 
 PAGING_GUEST = """\
     jmp main
@@ -232,7 +236,8 @@ PATTERN = {pattern:#x}
 ;   script      (op, a, b, c) quadruples, ending with op 0:
 ;               1 read a=va; 2 write a=va b=value; 3 exec a=va;
 ;               4 entry write a=guest-physical address b=value;
-;               5 INVLPG a=va; 6 CR3 reload; 7 CR0.WP=a; 8 EFER.NXE=a.
+;               5 INVLPG a=va; 6 CR3 reload; 7 CR0.WP=a; 8 EFER.NXE=a;
+;               9 CR4.PKE=a, then with PKE WRPKRU b.
 ;               Writes (2, 4): then c=0 INVLPG every page of the list,
 ;               c=1 reload CR3.
 main:
@@ -266,7 +271,7 @@ main:
     mov rcx, qword ptr [rbp + 16]
     mov r9, qword ptr [rbp + 24]
     add rbp, 32
-    cmp rax, 8
+    cmp rax, 9
     ja .Lbad_op
     lea rdx, [rip + op_table]
     jmp qword ptr [rdx + rax*8]
@@ -304,6 +309,9 @@ op_wp:
     jmp .Lnext
 op_nxe:
     call set_nxe
+    jmp .Lnext
+op_pk:
+    call set_pk
     jmp .Lnext
 flush:
     test r9, r9
@@ -487,6 +495,25 @@ set_nxe:
     call flush_cr3
     jmp newline
 
+; set_pk: rbx = 0/1: CR4.PKE; with it rcx to PKRU (no TLB flush: none is
+; needed). "K <rbx>"
+set_pk:
+    mov al, 'K'
+    call tag
+    mov rax, cr4
+    and rax, ~0x400000
+    mov rdx, rbx
+    shl rdx, 22
+    or rax, rdx
+    mov cr4, rax
+    test rbx, rbx
+    jz newline
+    mov eax, ecx
+    xor ecx, ecx
+    xor edx, edx
+    wrpkru
+    jmp newline
+
 ; fill_data: every qword of every data frame: PATTERN | (its address & 0xFFFFF8) << 8.
 fill_data:
     lea rsi, [rip + data_list]
@@ -530,7 +557,7 @@ dump:
 
 .align 8
 op_table:
-    .quad op_end, op_read, op_write, op_exec, op_pte, op_invlpg, op_cr3, op_wp, op_nxe
+    .quad op_end, op_read, op_write, op_exec, op_pte, op_invlpg, op_cr3, op_wp, op_nxe, op_pk
 {lists}
 .align 8
 blob:
@@ -597,6 +624,9 @@ def _script(case: PagingCase) -> list[tuple[str, tuple[int, int, int, int]]]:
             out.append((f"cr0.wp = {int(op[1])}", (OP_WP, int(op[1]), 0, 0)))
         elif kind == "nxe":
             out.append((f"efer.nxe = {int(op[1])}", (OP_NXE, int(op[1]), 0, 0)))
+        elif kind == "pk":
+            out.append((f"cr4.pke = {int(op[1])}" + (f", pkru = {op[2]:#x}" if op[1] else ""),
+                        (OP_PK, int(op[1]), op[2], 0)))
         else:
             raise ValueError(op)
     out.append(("end", (OP_END, 0, 0, 0)))
@@ -831,6 +861,8 @@ _MOV_CR0_CR4 = re.compile(rb"\x0f\x22(?=[\x00-\x07\x20-\x27\x40-\x47\x60-\x67\x8
 # /3): a non-canonical base is #GP by the SDM and loads under the oracle.
 _TABLE_LOADS = re.compile(rb"\x0f(?:\x01(?=[\x10-\x1f\x50-\x5f\x90-\x9f])|\x00(?=[\x10-\x1f\x50-\x5f"
                           rb"\x90-\x9f\xd0-\xdf]))", re.S)
+# INVPCID (0F 38 82): QEMU 5 does not decode it (#UD under the oracle).
+_INVPCID = re.compile(rb"\x0f\x38\x82")
 
 
 def scrub_code(code: bytes) -> bytes:
@@ -846,6 +878,8 @@ def scrub_code(code: bytes) -> bytes:
     (their 30 and 32 bytes become 90, as 31's): hv's MSR model answers in
     its modes, QEMU's MSRs under the oracle (test_kernels.py). Nor LGDT,
     LIDT, LLDT and LTR (their 01 or 00 byte becomes 90): a non-canonical
-    base is #GP(0) in hv's modes, loaded under the oracle."""
+    base is #GP(0) in hv's modes, loaded under the oracle. Nor INVPCID (its
+    82 becomes 90): hv runs it, QEMU 5 does not decode it."""
+    code = _INVPCID.sub(b"\x0f\x38\x90", code)
     code = _TABLE_LOADS.sub(b"\x0f\x90", _MOV_CR0_CR4.sub(b"\x0f\x90", code))
     return code.translate(_NO_TSC_OR_MSR)

@@ -88,12 +88,12 @@ class Intercepted:
 
     kind: "mov_cr", "mov_from_cr8", "invlpg", "invpcid", "wrmsr", "rdmsr",
     "rdtsc", "rdtscp", "invd", "rdpkru", "wrpkru", "lgdt", "lidt", "lldt" or
-    "ltr". For mov_cr:
-    `cr` and the source register name `reg`; for mov_from_cr8: the
-    destination `reg`; for lldt and ltr: the selector's `reg`, or a memory
-    operand as invlpg's. For invlpg: the memory operand (`base`, `index`,
-    `scale`, `disp`, `segment` register names or None); invpcid has both
-    (the type's `reg`, the descriptor's address).
+    "ltr" (the mnemonic). For mov_cr: `cr` and the source register name
+    `reg`; for mov_from_cr8: the destination `reg`; for lldt and ltr: the
+    selector's `reg`, or a memory operand as invlpg's. For invlpg: the
+    memory operand (`base`, `index`, `scale`, `disp`, `segment` register
+    names or None); invpcid has both (the type's `reg`, the descriptor's
+    address).
     """
     kind: str
     size: int
@@ -141,23 +141,13 @@ def decode(code: bytes, address: int, bits: int = 64) -> Intercepted | None:
     if insn.id in _SIMPLE:
         return Intercepted(insn.mnemonic, insn.size, text)
     if insn.id in _MEMORY_OPERAND:
-        op, name = insn.operands[0], insn.reg_name
+        op = insn.operands[0]
         if op.type == csx86.X86_OP_REG:
-            return Intercepted(insn.mnemonic, insn.size, text, reg=name(op.reg))
-        mem = op.mem
-        return Intercepted(insn.mnemonic, insn.size, text,
-                           base=name(mem.base) if mem.base else None,
-                           index=name(mem.index) if mem.index else None,
-                           scale=mem.scale, disp=mem.disp,
-                           segment=name(mem.segment) if mem.segment else None)
+            return Intercepted(insn.mnemonic, insn.size, text, reg=insn.reg_name(op.reg))
+        return _with_memory(insn, text, op.mem)
     if insn.id == csx86.X86_INS_INVPCID:
-        reg, mem = insn.operands[0].reg, insn.operands[1].mem
-        name = insn.reg_name
-        return Intercepted("invpcid", insn.size, text, reg=name(reg),
-                           base=name(mem.base) if mem.base else None,
-                           index=name(mem.index) if mem.index else None,
-                           scale=mem.scale, disp=mem.disp,
-                           segment=name(mem.segment) if mem.segment else None)
+        return _with_memory(insn, text, insn.operands[1].mem,
+                            reg=insn.reg_name(insn.operands[0].reg))
     if insn.id == csx86.X86_INS_MOV and len(insn.operands) == 2:
         dst, src = insn.operands
         if dst.type == csx86.X86_OP_REG and insn.reg_name(dst.reg).startswith("cr"):
@@ -166,6 +156,16 @@ def decode(code: bytes, address: int, bits: int = 64) -> Intercepted | None:
         if src.type == csx86.X86_OP_REG and insn.reg_name(src.reg) == "cr8":
             return Intercepted("mov_from_cr8", insn.size, text, cr=8, reg=insn.reg_name(dst.reg))
     return None
+
+
+def _with_memory(insn, text: str, mem, reg: str | None = None) -> Intercepted:
+    """`insn` with its memory operand `mem` (and a register operand `reg`)."""
+    name = insn.reg_name
+    return Intercepted(insn.mnemonic, insn.size, text, reg=reg,
+                       base=name(mem.base) if mem.base else None,
+                       index=name(mem.index) if mem.index else None,
+                       scale=mem.scale, disp=mem.disp,
+                       segment=name(mem.segment) if mem.segment else None)
 
 
 def _decode_vex(code: bytes, address: int) -> Intercepted | None:
