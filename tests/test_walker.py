@@ -296,3 +296,21 @@ def test_protection_keys_refuse_data_accesses_to_user_pages_even_from_the_tlb():
     with pytest.raises(PageFault) as pf:
         mmu.fill(VA, WRITE, True)
     assert pf.value.error_code & PFErr.PK
+
+
+def test_the_walk_memo_keeps_walks_under_different_pkru_apart():
+    """A replayed walk must be the walk PKRU allows now: AD for key 2 is
+    PKRU bit 4, which the memo's key once put where CR3 bit 12 is (and the
+    tables' root here is 0x1000)."""
+    from hv.hw.memo import WalkMemo
+
+    t = Tables()
+    t.map(VA, 0x300000, P | RW | US | A | D | 2 << 59)
+    w = Walker(t.mem, Stats(), RAM)
+    w.memo, w.pke = WalkMemo([]), True
+    assert w.walk(CR3, VA, READ, True, True, True).pbase == 0x300000
+    assert w.walk(CR3, VA, READ, True, True, True).pbase == 0x300000    # replayed
+    w.pkru = 1 << 4
+    with pytest.raises(PageFault) as pf:
+        w.walk(CR3, VA, READ, True, True, True)
+    assert pf.value.error_code == PFErr.P | PFErr.U | PFErr.PK

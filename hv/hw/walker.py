@@ -175,8 +175,10 @@ class Walker:
         memo = self.memo
         if memo is None or path is not None or self.pwc is not None:
             return self._walk(cr3, vaddr, access, user, wp, nxe, path, None)
+        # The page in bits 64-115, CR3's root (and NESTED_ROOT) in 12-63,
+        # the controls below 12, PKRU above them all.
         key = ((vaddr >> 12) << 64 | (cr3 & ~0xFFF) | access | user << 2 | wp << 3 | nxe << 4
-               | self.smep << 5 | self.smap << 6 | self.pke << 7 | self.pkru << 8)
+               | self.smep << 5 | self.smap << 6 | self.pke << 7 | self.pkru << 116)
         hit = memo.results.get(key)
         if hit is None:
             return self._remember(memo, key, cr3, vaddr, access, user, wp, nxe)
