@@ -88,8 +88,9 @@ def test_rmap_chain_maps_one_frame_fifteen_thousand_times(mode):
 
 # kvm-unit-tests pcid's three configurations (x86/unittests.cfg) and, under
 # qemu (QEMU's MMU, no code scanning), what QEMU does with them: it loads
-# CR4.PCIDE without CPUID.PCID, does not decode INVPCID (#UD), and with
-# PCID the kernel ends reading outside memory (escape).
+# CR4.PCIDE without CPUID.PCID, does not decode INVPCID (#UD), and lets
+# the MOV to CR0 that clears PG in 64-bit mode load (no #GP): the kernel,
+# unpaged, ends reading outside memory (escape).
 PCID_CONFIGS = {
     "qemu64,+pcid,+invpcid": ("PCID when enabled", "INVPCID when enabled", "escape"),
     "qemu64,-pcid,-invpcid": ("PCID when disabled", "INVPCID when disabled",
