@@ -173,13 +173,11 @@ class HardwareMMU:
         self.counters["invpcid"] += 1
         if kind == 0:
             self.tlb.invlpg(tag(self.asid, pcid), vaddr, globals_=False)
-            return
-        if kind == 1:
+        elif kind == 1:
             self.tlb.flush_tag(tag(self.asid, pcid))
+            self.counters["tlb_flush"] += 1
         else:
             self.flush(TlbFlush.ALL if kind == 2 else TlbFlush.NONGLOBAL)
-            return
-        self.counters["tlb_flush"] += 1
 
     def flush(self, what: TlbFlush) -> None:
         """Invalidate this vCPU's address space (its ASID): the current
@@ -333,10 +331,6 @@ class QemuMMU:
     def __init__(self, engine, mem: PhysMem):
         self.engine = engine
         self.walker = Walker(mem, Stats(), mem.size)
-
-    def invpcid(self, kind: int, pcid: int, vaddr: int) -> None:
-        """INVPCID, which QEMU 5 does not decode: its TLB forgets everything."""
-        self.engine.flush_tlb()
 
     def translate(self, vaddr: int, access: int, user: bool = False, retry: bool = False) -> int:
         e = self.engine

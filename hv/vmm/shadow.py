@@ -496,10 +496,11 @@ class ShadowPaging(Paging):
         self.hw.flush(flush)
 
     def invpcid(self, kind: int, pcid: int, vaddr: int) -> None:
-        """INVPCID (an exit, checked): type 0 as INVLPG for the current
-        PCID, with INVVPID's individual-address flush (every PCID's entry
-        for `vaddr`) for another; types 1 and 3 flush every PCID's
-        non-global entries, 2 everything (INVVPID: this class's write_cr)."""
+        """INVPCID (an exit, checked): type 0 zaps the leaf as INVLPG does
+        if `pcid` is the current one, and drops every PCID's entry for
+        `vaddr` (INVVPID individual-address); types 1 and 3 flush every
+        PCID's non-global entries, 2 everything (INVVPID: this class's
+        write_cr)."""
         self.counters["invpcid"] += 1
         if kind == 0:
             if pcid == self.hw.tag & PCID_MASK:

@@ -268,7 +268,7 @@ class VCpu:
         if "invpcid" not in self.vm.cpu.features:
             return
         if e.cpl() != 0:
-            self._fault_now(GeneralProtection(), rip)
+            self._raise_now(Vector.GP, 0, rip)
             return
         self.event(Exit(ExitReason.INVPCID, self._effective_address(ins, rip), rip, ins.size,
                         value=e.reg(ins.reg)))
@@ -280,13 +280,14 @@ class VCpu:
         try:
             desc = self._read_linear(ex.qualification, 16)
         except Fault as fault:
-            self._fault_now(fault, ex.rip)
+            self._raise_now(fault.vector, fault.error_code, ex.rip,
+                            fault.vaddr if isinstance(fault, PageFault) else 0)
             return
         kind = ex.value
         pcid, vaddr = int.from_bytes(desc[:8], "little"), int.from_bytes(desc[8:], "little")
         if (kind > 3 or pcid >> 12 or kind == 0 and not is_canonical(vaddr, LINEAR_BITS)
                 or kind < 2 and pcid and not self.engine.reg("cr4") & _PCIDE):
-            self._fault_now(GeneralProtection(), ex.rip)
+            self._raise_now(Vector.GP, 0, ex.rip)
             return
         tlb.invpcid(kind, pcid, vaddr)
         self.engine.set_reg("rip", ex.rip + ex.insn_len)
@@ -298,18 +299,15 @@ class VCpu:
         MMU learns what WRPKRU loads (no VMX control makes it exit)."""
         e = self.engine
         if "pku" not in self.vm.cpu.features:
-            self._faulted = True
-            self.deliver(Vector.UD, None, rip)
-            self.request_stop()
+            self._raise_now(Vector.UD, None, rip)
         elif (ins.kind == "wrpkru" and e.reg("cr4") & _PKE
               and not (e.reg("rcx") | e.reg("rdx")) & 0xFFFF_FFFF):
             self.hw.set_pkru(e.reg("rax") & 0xFFFF_FFFF)
 
-    def _fault_now(self, fault: Fault, rip: int) -> None:
+    def _raise_now(self, vector: int, error_code: int | None, rip: int, cr2: int = 0) -> None:
         """The instruction at `rip`, which QEMU does not run, faults."""
         self._faulted = True
-        self.deliver(fault.vector, fault.error_code, rip,
-                     fault.vaddr if isinstance(fault, PageFault) else 0)
+        self.deliver(vector, error_code, rip, cr2)
         self.request_stop()
 
     def _cr8(self, rip: int, ins: Intercepted) -> None:
@@ -502,9 +500,7 @@ class VCpu:
             if self.vm.ended:
                 self.request_stop()
         else:
-            self._faulted = True
-            self.deliver(Vector.UD, None, rip)
-            self.request_stop()
+            self._raise_now(Vector.UD, None, rip)
         return True
 
     # -- state ---------------------------------------------------------------
