@@ -9,7 +9,9 @@
 ; through 8 page tables. 4096 translations are more than hv's TLB model
 ; holds (1536 entries, 12 ways: each of its 128 sets sees 32 of the pages,
 ; in order, and replaces FIFO), so once the TLB is warm every touch of a
-; page misses and walks the 4 levels again.
+; page misses and walks the 4 levels again. Started on 5-level paging (hv
+; run --paging-levels 5: CR4.LA57), it puts the same tables under a PML5
+; (entry 0), and every walk has 5 levels.
 ;
 ; The passes are asm/wset.s's: pass 0 writes one qword in every page, each
 ; later pass reads every page, checks the value and writes a new one to
@@ -70,7 +72,7 @@ main:
     add rdx, PAGE_SIZE
     dec r12d
     jnz .Lmap
-    mov cr3, rdi
+    call load_root
 
 ; -- the passes (asm/wset.s): the console is quiet from mark 1 to mark 3 ------
     mov rdi, WS_VA
@@ -93,11 +95,27 @@ park:                           ; vCPUs other than 0: stop here
     hlt
     jmp park
 
+; load_root: rdi = the PML4 -> CR3 = it, or with CR4.LA57 a new PML5 whose
+; entry 0 is it (paging.s builds 4-level tables; the working set is below
+; 256 TiB, where a PML5 needs that one entry).
+load_root:
+    mov rax, cr4
+    bt rax, 12                  ; CR4.LA57
+    jnc .Lroot
+    call page_alloc
+    or rdi, PT_TABLE_FLAGS
+    mov qword ptr [rax], rdi
+    mov rdi, rax
+.Lroot:
+    mov qword ptr [rip + root], rdi
+    mov cr3, rdi
+    ret
+
 check_prefix:       .asciz "tlbstress: "
 msg_space:          .asciz "own page tables, cr3=%x: 32 MiB identity-mapped with 2 MiB pages, 4096 pages of 4 KiB at 0x40000000 on frames 0x1000000-0x1ffffff\n"
 msg_ok:             .asciz "ok (%d pages of 4 KiB, %d passes, %d checks)\n"
 
 ; Data, in a page of its own (see asm/gdt.s).
 .align 4096
-root:               .quad 0     ; the PML4
+root:               .quad 0     ; CR3: the PML4, or the PML5 above it
 .align 4096

@@ -237,6 +237,7 @@ def run(guest: str | Path | list, mmu: str = "native", *, ram: int | str = "64M"
         vcpus: int = Config.vcpus, vms: int = 1, tlb_entries: int = Config.tlb_entries,
         tlb_ways: int = Config.tlb_ways, max_insns: int = Config.max_insns,
         quantum: int = Config.quantum, ept_large_pages: bool = Config.ept_large_pages,
+        ept_levels: int = Config.ept_levels, paging_levels: int = Config.paging_levels,
         asid: bool = Config.asid, pwc: bool = Config.pwc,
         check_invariants: bool = Config.check_invariants, timeout: float = Config.timeout,
         memo: bool = Config.memo, agile_policy: str = Config.agile_policy,
@@ -260,6 +261,9 @@ def run(guest: str | Path | list, mmu: str = "native", *, ram: int | str = "64M"
     ept_large_pages   the host backs guest memory with large pages: EPT maps 2 MiB
                       and 1 GiB pages where it can, shadow tables 2 MiB pages
                       where the guest has them and keeps no page table there
+    ept_levels        EPT's levels: 4, or 5 (5-level EPT)
+    paging_levels     the boot ABI's paging: 4, or 5 (5-level paging: CR4.LA57
+                      and a PML5 at 0x50000; the CPU must have la57)
     asid              tag TLB entries with the VM's VPID (False: every VM entry
                       and exit flushes the TLB)
     pwc               page-walk caches and a nested TLB
@@ -295,7 +299,8 @@ def run(guest: str | Path | list, mmu: str = "native", *, ram: int | str = "64M"
         raise HvError(f"--vms must be from 1 to {MAX_VMS}, not {vms}")
     config = Config(mmu=mmu, ram=parse_size(ram) if isinstance(ram, str) else ram, vcpus=vcpus,
                     tlb_entries=tlb_entries, tlb_ways=tlb_ways, max_insns=max_insns,
-                    quantum=quantum, ept_large_pages=ept_large_pages, asid=asid, pwc=pwc,
+                    quantum=quantum, ept_large_pages=ept_large_pages, ept_levels=ept_levels,
+                    paging_levels=paging_levels, asid=asid, pwc=pwc,
                     check_invariants=check_invariants, timeout=timeout, memo=memo,
                     agile_policy=agile_policy, cpu=cpu, append=append, profile=profile,
                     trace=trace)

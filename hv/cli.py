@@ -91,6 +91,11 @@ def _add_config_options(r: argparse.ArgumentParser) -> None:
                    help="the host backs guest memory with large pages: EPT maps 2 MiB (and "
                         "1 GiB) pages where it can, shadow tables 2 MiB pages where the guest "
                         "has them")
+    r.add_argument("--ept-levels", type=int, choices=(4, 5), default=4,
+                   help="EPT's levels (default 4; 5: 5-level EPT, up to 35-reference walks)")
+    r.add_argument("--paging-levels", type=int, choices=(4, 5), default=4,
+                   help="the paging a flat guest starts on (default 4; 5: CR4.LA57, "
+                        "needs la57 in --cpu)")
     r.add_argument("--pwc", action="store_true",
                    help="page-walk caches and a nested TLB (fewer references per walk)")
     _add_profile_option(r)
@@ -121,7 +126,8 @@ def _add_profile_option(p: argparse.ArgumentParser) -> None:
 def _config(args) -> dict:
     return dict(ram=args.ram, tlb_entries=args.tlb_entries, tlb_ways=args.tlb_ways,
                 max_insns=args.max_insns, quantum=args.quantum,
-                ept_large_pages=args.ept_large_pages, pwc=args.pwc, timeout=args.timeout,
+                ept_large_pages=args.ept_large_pages, ept_levels=args.ept_levels,
+                paging_levels=args.paging_levels, pwc=args.pwc, timeout=args.timeout,
                 check_invariants=args.check_invariants, memo=args.memo,
                 agile_policy=args.agile_policy, cpu=args.cpu, profile=args.profile)
 

@@ -23,7 +23,7 @@ OTHER_COUNTERS = (
     "invpcid",                                                      # the CPU
     "pf_fixed", "mmu_pte_write", "mmu_flooded", "mmu_cache_miss",   # shadow paging
     "mmu_shadow_zapped", "mmu_pde_zapped", "mmu_recycled", "remote_tlb_flush",
-    *(f"mmu_shadow_pages.L{level}" for level in range(1, 5)),
+    *(f"mmu_shadow_pages.L{level}" for level in range(1, 6)),
     "vmm.guest_walks", "vmm.guest_walk_refs", "vmm.guest_ad_writes",
     "ept_tables", "pages_4k", "pages_2m", "pages_1g",               # EPT
     "pwc.hits", "pwc.ntlb_hits",                                    # --pwc
@@ -52,7 +52,7 @@ class Stats:
 
     def level_refs(self, dim: str) -> list[int]:
         """The counts by level of `dim`'s references, for the walker to increment."""
-        return self.refs.setdefault(dim, [0] * 5)
+        return self.refs.setdefault(dim, [0] * 6)
 
     @property
     def refs_by_tag(self) -> Counter[tuple[str, int]]:

@@ -97,13 +97,12 @@ def test_cr4_bits_of_features_the_cpu_has_not_are_gp():
     reserved (what kvm-unit-tests pcid checks of CR4.PCIDE)."""
     from hv.arch import cpuid
     reserved = cpuid.cr4_reserved(cpuid.IMPLEMENTED)
-    for bit in (CR4.LA57, CR4.VME, CR4.MCE,
-                CR4.FSGSBASE, CR4.OSXSAVE, CR4.UMIP, 1 << 13):      # 13: VMXE
+    for bit in (CR4.VME, CR4.MCE, CR4.FSGSBASE, CR4.OSXSAVE, CR4.UMIP, 1 << 13):   # 13: VMXE
         assert mov_to_cr_faults(4, CR4.PAE | bit, 0, 0, reserved), bit
     for bit in (CR4.TSD, CR4.DE, CR4.PSE, CR4.PGE, CR4.PCE, CR4.OSFXSR, CR4.OSXMMEXCPT,
-                CR4.SMEP, CR4.SMAP, CR4.PKE):
+                CR4.SMEP, CR4.SMAP, CR4.PKE, CR4.LA57):
         assert not mov_to_cr_faults(4, CR4.PAE | bit, 0, 0, reserved), bit
-    for feature, bit in (("smep", CR4.SMEP), ("pku", CR4.PKE)):
+    for feature, bit in (("smep", CR4.SMEP), ("pku", CR4.PKE), ("la57", CR4.LA57)):
         assert mov_to_cr_faults(4, CR4.PAE | bit, 0, 0,
                                 cpuid.cr4_reserved(cpuid.IMPLEMENTED - {feature}))
     assert mov_to_cr_faults(4, CR4.PAE | CR4.PCIDE, 0, EFER.LMA,
@@ -122,3 +121,19 @@ def test_cr4_pcide_is_set_only_in_ia32e_mode_with_pcid_0():
     assert mov_to_cr_faults(4, pae_pcide, CR4.PAE, lma, 0, 0x2008)          # PWT
     assert not mov_to_cr_faults(4, pae_pcide, pae_pcide, lma, 0, 0x2001)    # already set
     assert mov_to_cr_faults(0, CR0.PE, CR4.PAE | CR4.PCIDE, lma)            # PG cleared
+
+
+def test_5_level_paging_is_entered_from_outside_ia32e_mode():
+    """SDM Vol.2B "MOV-Move to/from Control Registers": CR4.LA57 changes
+    only while IA-32e mode is inactive; IA-32e mode is left by clearing
+    CR0.PG in compatibility mode (#GP in 64-bit mode, or with CR4.PCIDE),
+    Vol.3A §9.8.5.4: the way kvm-unit-tests la57 enters 5-level paging."""
+    lma = EFER.LMA | EFER.LME
+    pae = CR4.PAE
+    assert mov_to_cr_faults(4, pae | CR4.LA57, pae, lma)              # set in IA-32e mode
+    assert mov_to_cr_faults(4, pae, pae | CR4.LA57, lma)              # or cleared
+    assert not mov_to_cr_faults(4, pae | CR4.LA57, pae | CR4.LA57, lma)
+    assert not mov_to_cr_faults(4, pae | CR4.LA57, pae, EFER.LME)    # paging off
+    assert mov_to_cr_faults(0, CR0.PE, pae, lma, code64=True)
+    assert not mov_to_cr_faults(0, CR0.PE, pae, lma, code64=False)  # compatibility mode
+    assert mov_to_cr_faults(0, CR0.PE, pae | CR4.PCIDE, lma, code64=False)

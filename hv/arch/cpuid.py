@@ -12,7 +12,11 @@ from .x86 import CR4, MSR_EFER
 VENDOR = b"GenuineIntel"
 BRAND = b"hv virtual CPU (a toy hypervisor's model)"
 MAXPHYADDR = 40         # what the walker enforces (hv.arch.paging.PHYS_MASK)
-LINEAR_BITS = 48
+# Linear-address width, CPUID.80000008H:EAX[15:8]: 57 with la57. A CPU with
+# 5-level paging checks the addresses WRMSR, LGDT, LIDT, LLDT, LTR and
+# INVPCID load for 57-bit canonical form whatever CR4.LA57 says (Intel,
+# "5-Level Paging and 5-Level EPT" white paper, §2.5; kvm-unit-tests la57).
+LINEAR_BITS, LINEAR_BITS_LA57 = 48, 57
 MAX_BASIC_LEAF = 0x7    # no leaf 0xA: no PMU, so kernels touch no PMU MSR
 MAX_EXT_LEAF = 0x8000_0008
 # Leaf 1 EAX: family 6, model 0x1A (Nehalem, the first CPU with EPT), stepping 5.
@@ -38,7 +42,7 @@ FEATURES = {
 IMPLEMENTED = frozenset(
     "fpu de pse tsc msr pae cx8 apic sep pge cmov pat clflush mmx fxsr sse sse2 sse3 ssse3 "
     "cx16 sse4.1 sse4.2 popcnt lahf-lm syscall nx pdpe1gb rdtscp lm smep smap pcid invpcid "
-    "pku".split())
+    "pku la57".split())
 # CPUID.7.0:ECX.OSPKE: CR4.PKE as the vCPU has it, no feature of its own.
 OSPKE = 1 << 4
 # Features hv must not be without: its boot paths and walker assume them.

@@ -30,14 +30,20 @@ MT_WB = int(EPTE.MT_WB)
 EPT_ADDR_MASK = ADDR_MASK
 INVALID_MEMORY_TYPES = frozenset({2, 3, 7})     # SDM Vol.3C §29.3.3.1
 
-# EPTP (SDM Vol.3C §25.6.11): memory type WB, page-walk length 4, A/D enable.
+# EPTP (SDM Vol.3C §25.6.11): memory type WB (bits 2:0), the page-walk
+# length less one (bits 5:3: 4 or 5 levels), A/D enable (bit 6).
 EPTP_WB = 6
-EPTP_WALK_4 = 3 << 3
+EPTP_WALK_SHIFT = 3
 EPTP_AD = 1 << 6
 
 
-def eptp(pml4_hpa: int, ad: bool = True) -> int:
-    return pml4_hpa | EPTP_WB | EPTP_WALK_4 | (EPTP_AD if ad else 0)
+def eptp(root_hpa: int, ad: bool = True, levels: int = 4) -> int:
+    return root_hpa | EPTP_WB | (levels - 1) << EPTP_WALK_SHIFT | (EPTP_AD if ad else 0)
+
+
+def eptp_levels(eptp_value: int) -> int:
+    """The levels of the EPT an EPTP points at: 4, or 5 (5-level EPT)."""
+    return (eptp_value >> EPTP_WALK_SHIFT & 7) + 1
 
 
 def is_leaf(level: int, entry: int) -> bool:
@@ -52,7 +58,7 @@ def misconfigured(level: int, entry: int) -> bool:
         return True
     if entry & RSVD_HIGH:
         return True
-    if level == 4 and entry & LARGE:
+    if level >= 4 and entry & LARGE:
         return True
     leaf = is_leaf(level, entry)
     if not leaf and entry & MT_MASK:

@@ -1,4 +1,4 @@
-"""x86-64 4-level paging: entry bits, levels and the #PF error code.
+"""x86-64 4- and 5-level paging: entry bits, levels and the #PF error code.
 
 Pure definitions, no behaviour. Entries are plain ints tested with these
 masks (the walker is a hot path); the IntFlag classes name the same bits for
@@ -50,10 +50,11 @@ class Level(IntEnum):
     PD = 2
     PDPT = 3
     PML4 = 4
+    PML5 = 5        # with CR4.LA57 (SDM Vol.3A §4.5.1)
 
 
 def level_shift(level: int) -> int:
-    """Bits of linear address translated below `level`: 12, 21, 30, 39."""
+    """Bits of linear address translated below `level`: 12, 21, 30, 39, 48."""
     return PAGE_SHIFT + 9 * (level - 1)
 
 
@@ -80,6 +81,12 @@ def large_frame(entry: int, level: int) -> int:
 PAGE_SIZES = {1: 1 << 12, 2: 1 << 21, 3: 1 << 30}
 
 
+def linear_bits(levels: int) -> int:
+    """The width of a linear address 4- or 5-level paging translates
+    (SDM Vol.3A §4.5.1): 48 or 57 bits."""
+    return level_shift(levels) + 9
+
+
 def is_canonical(vaddr: int, bits: int = 48) -> bool:
     """Canonical form for `bits`-bit linear addresses: bits 63:bits-1 all
     equal (SDM Vol.1 §3.3.7.1)."""
@@ -90,13 +97,13 @@ def is_canonical(vaddr: int, bits: int = 48) -> bool:
 def reserved_mask(level: int, entry: int, nxe: bool) -> int:
     """Bits of `entry` that must be zero at `level` (SDM Vol.3A §4.5.4, Table 4-20).
 
-    Bit 7 is reserved in a PML4E; in a 1 GiB or 2 MiB leaf the address bits
+    Bit 7 is reserved in a PML5E and a PML4E; in a 1 GiB or 2 MiB leaf the address bits
     below the page size (except PAT, bit 12) are reserved.
     """
     mask = RSVD_HIGH
     if not nxe:
         mask |= NX
-    if level == 4:
+    if level >= 4:
         mask |= PS
     elif level in (2, 3) and entry & PS:
         mask |= ((1 << level_shift(level)) - 1) & ~((1 << 13) - 1)

@@ -46,30 +46,31 @@ class CR4(IntFlag):
 
 
 def mov_to_cr_faults(cr: int, value: int, cr4: int, efer: int = 0,
-                     cr4_reserved: int = 0, cr3: int = 0) -> bool:
+                     cr4_reserved: int = 0, cr3: int = 0, code64: bool = True) -> bool:
     """Whether MOV to CRn with `value` is #GP(0) (SDM Vol.2B, "MOV-Move
     to/from Control Registers"; Vol.3A §2.5, §4.5.2): reserved bits 63:32
     of CR0 and CR4, the CR4 bits of features the CPU has not
     (`cr4_reserved`: hv.arch.cpuid), PG without PE or NW without CD in CR0, bits
     63:MAXPHYADDR of CR3 (bit 63 is no-flush with CR4.PCIDE); setting
-    CR4.PCIDE outside IA-32e mode or while CR3 bits 11:0 are not 0; with
-    IA-32e mode active (EFER.LMA), clearing CR4.PAE, or CR0.PG in 64-bit
-    mode (the only mode hv runs guests in: it models no compatibility mode;
-    so clearing CR0.PG with CR4.PCIDE set is #GP too)."""
+    CR4.PCIDE outside IA-32e mode or while CR3 bits 11:0 are not 0;
+    clearing CR0.PG in 64-bit mode (`code64`: IA-32e mode is left from
+    compatibility mode, §9.8.5.4) or with CR4.PCIDE set; with IA-32e mode
+    active (EFER.LMA), clearing CR4.PAE or changing CR4.LA57."""
     if cr == 3:
         return bool(value & (_CR3_RSVD_PCID if cr4 & _PCIDE else _CR3_RSVD))
     if value >> 32:
         return cr in (0, 4)
     if cr == 0:
         return bool(value & _PG and not value & _PE or value & _NW and not value & _CD
-                    or efer & _LMA and not value & _PG)
-    return bool(cr == 4 and (efer & _LMA and not value & _PAE or value & cr4_reserved
+                    or not value & _PG and (efer & _LMA and code64 or cr4 & _PCIDE))
+    return bool(cr == 4 and (efer & _LMA and (not value & _PAE or (value ^ cr4) & _LA57)
+                             or value & cr4_reserved
                              or value & ~cr4 & _PCIDE and (cr3 & 0xFFF or not efer & _LMA)))
 
 
 # Plain ints for the check above (IntFlag arithmetic costs a microsecond).
 _PE, _NW, _CD, _PG = int(CR0.PE), int(CR0.NW), int(CR0.CD), int(CR0.PG)
-_PAE, _PCIDE = int(CR4.PAE), int(CR4.PCIDE)
+_PAE, _PCIDE, _LA57 = int(CR4.PAE), int(CR4.PCIDE), int(CR4.LA57)
 _CR3_RSVD = ~PHYS_MASK & (2**64 - 1)
 _CR3_RSVD_PCID = _CR3_RSVD & ~(1 << 63)
 

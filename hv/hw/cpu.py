@@ -53,6 +53,8 @@ class CpuModel:
     def __init__(self, features: frozenset[str] = c.IMPLEMENTED, vcpus: int = 1):
         self.features, self.vcpus = features, vcpus
         self.cr4_reserved = c.cr4_reserved(features)    # MOV to CR4 with these: #GP
+        # What WRMSR, LGDT, LIDT, LLDT, LTR and INVPCID check addresses against.
+        self.linear_bits = c.LINEAR_BITS_LA57 if "la57" in features else c.LINEAR_BITS
         self._regs: dict[tuple[int, str], int] = {}
         for name in features:
             leaf, reg, bit = c.FEATURES[name]
@@ -82,7 +84,7 @@ class CpuModel:
             part = c.BRAND.ljust(48, b"\0")[(leaf - 0x8000_0002) * 16:][:16]
             return struct.unpack("<4I", part)
         if leaf == 0x8000_0008:
-            return c.MAXPHYADDR | c.LINEAR_BITS << 8, 0, 0, 0
+            return c.MAXPHYADDR | self.linear_bits << 8, 0, 0, 0
         return 0, 0, 0, 0
 
     def _reg(self, leaf: int, reg: str) -> int:
@@ -98,8 +100,9 @@ class Msrs:
     keeps (hv.arch.cpuid.QEMU_MSRS), `tsc()` is the vCPU's clock and `apic`
     its local APIC (APIC_BASE)."""
 
-    def __init__(self, engine, tsc: Callable[[], int], apic):
+    def __init__(self, engine, tsc: Callable[[], int], apic, linear_bits: int = c.LINEAR_BITS):
         self.engine, self.tsc, self.apic = engine, tsc, apic
+        self.linear_bits = linear_bits      # of a canonical address (CpuModel.linear_bits)
         self.tsc_offset = 0
         self.tsc_adjust = 0
         self.pat = c.PAT_RESET
@@ -121,7 +124,7 @@ class Msrs:
         """Whether the write is allowed; hv's own MSRs change here, QEMU's
         when QEMU runs the instruction after."""
         if index in c.CANONICAL_MSRS:
-            return is_canonical(value, c.LINEAR_BITS)
+            return is_canonical(value, self.linear_bits)
         if index in c.QEMU_MSRS:
             return True
         if index == c.MSR_TSC:

@@ -25,7 +25,7 @@ from ..events import PageFault, page_fault_exit
 from ..memory import PhysMem
 from ..stats import Stats
 from .tlb import TLB, global_tag, tag
-from .walker import FETCH, WRITE, Translation, Walker, pkru_denies
+from .walker import FETCH, FIVE_LEVEL, WRITE, Translation, Walker, pkru_denies, root
 
 # Rights granted to Unicorn's TLB (UC_PROT_*).
 PROT_R, PROT_W, PROT_X = 1, 2, 4
@@ -124,7 +124,7 @@ class HardwareMMU:
         self.tag = self.walker.asid = tag(self.asid, cr3 & PCID_MASK if cr4 & _PCIDE else 0)
         self._gtag = global_tag(self.tag)
         self.paging = bool(cr0 & PG)
-        self._root = cr3 | NESTED_ROOT if nested_root else cr3
+        self._root = root(cr3, cr4) | NESTED_ROOT if nested_root else root(cr3, cr4)
         if nested_root != self.nested_root:
             w = self.walker
             w.nested = self._nested if nested_root else None
@@ -248,7 +248,7 @@ class HardwareMMU:
         if self.nested_root:
             return True
         table, word = self.cr3 & ADDR_MASK, self.mem.word
-        for level in (4, 3, 2):
+        for level in (5, 4, 3, 2) if self._root & FIVE_LEVEL else (4, 3, 2):
             entry = word((table + table_index(vaddr, level) * 8) >> 3)
             if not entry & P or entry & PS:
                 return False
@@ -336,5 +336,6 @@ class QemuMMU:
         e = self.engine
         if not e.reg("cr0") & PG:
             return vaddr
-        return self.walker.walk(e.reg("cr3"), vaddr, access, user, bool(e.reg("cr0") & WP),
+        return self.walker.walk(root(e.reg("cr3"), e.reg("cr4")), vaddr, access, user,
+                                bool(e.reg("cr0") & WP),
                                 bool(e.msr(MSR_EFER) & NXE)).paddr(vaddr)

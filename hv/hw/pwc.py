@@ -23,7 +23,7 @@ from collections import OrderedDict
 
 from ..arch.paging import level_shift
 
-PSC_ENTRIES = 32        # per level: PML4E, PDPTE and PDE caches
+PSC_ENTRIES = 32        # per level: PML5E, PML4E, PDPTE and PDE caches
 NTLB_ENTRIES = 32
 
 
@@ -31,14 +31,14 @@ class WalkCache:
     def __init__(self, psc_entries: int = PSC_ENTRIES, ntlb_entries: int = NTLB_ENTRIES):
         self.psc_entries, self.ntlb_entries = psc_entries, ntlb_entries
         # level -> (tag, vaddr bits) -> (next table, AND and OR of the entries above, switched)
-        self.psc = {level: OrderedDict() for level in (4, 3, 2)}
+        self.psc = {level: OrderedDict() for level in (5, 4, 3, 2)}
         self.ntlb: OrderedDict = OrderedDict()      # (asid, gfn) -> (hpa page, shift, EPT's W)
 
     def lookup(self, tag: int, vaddr: int):
         """The deepest cached non-leaf entry for `vaddr`: (its level, next
         table, AND and OR of the entries down to it, whether the walk had
         switched to the guest's tables by then: agile paging), or None."""
-        for level in (2, 3, 4):
+        for level in (2, 3, 4, 5):
             hit = self.psc[level].get((tag, vaddr >> level_shift(level)))
             if hit is not None:
                 return (level, *hit)

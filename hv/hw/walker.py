@@ -1,6 +1,6 @@
 """The page walker: the one place that counts walk references.
 
-One walk follows SDM Vol.3A §4.5 (4-level paging): at each level read the
+One walk follows SDM Vol.3A §4.5 (4- and 5-level paging): at each level read the
 entry, check P and the reserved bits, accumulate RW/US/NX, stop at a leaf.
 Accessed and Dirty bits are set the way QEMU's MMU (the project's oracle)
 sets them: A in each entry as the walk uses it, A and D in the leaf only when
@@ -16,29 +16,43 @@ from ..arch import ept
 from ..arch.ept import EptQual
 from ..arch.paging import (A, ADDR_MASK, D, G, NX, P, PS, RSVD_HIGH, RW, US, PFErr, Level,
                            level_shift, reserved_mask)
+from ..arch.x86 import CR4
 from ..errors import GuestEscape
 from ..events import EptMisconfig, EptViolation, Fault, NonCanonical, PageFault
 from ..stats import Stats
 
 READ, WRITE, FETCH = 0, 1, 2        # access kinds, as Unicorn numbers them minus 16
-_SHIFT = (0,) + tuple(level_shift(level) for level in (1, 2, 3, 4))
+_LEVELS = (1, 2, 3, 4, 5)
+_SHIFT = (0,) + tuple(level_shift(level) for level in _LEVELS)
 _PF_PK = int(PFErr.PK)
 _PF_P, _PF_W, _PF_U, _PF_RSVD, _PF_I = (int(PFErr.P), int(PFErr.W), int(PFErr.U),
                                         int(PFErr.RSVD), int(PFErr.I))
 # P and reserved_mask by level (index 0 unused), without the low address
 # bits of a large leaf, which _LARGE_LOW adds when PS is set at levels 2
 # and 3: an entry passes if `entry & check[level] == P`.
-_CHECK_NXE = (0,) + tuple(P | reserved_mask(level, 0, True) for level in (1, 2, 3, 4))
-_CHECK_NO_NXE = (0,) + tuple(P | reserved_mask(level, 0, False) for level in (1, 2, 3, 4))
+_CHECK_NXE = (0,) + tuple(P | reserved_mask(level, 0, True) for level in _LEVELS)
+_CHECK_NO_NXE = (0,) + tuple(P | reserved_mask(level, 0, False) for level in _LEVELS)
 _LARGE_LOW = tuple(reserved_mask(level, PS, True) & ~_CHECK_NXE[level] if level in (2, 3) else 0
-                   for level in range(5))
+                   for level in range(6))
 _EPT_SUSPECT = RSVD_HIGH | ept.MT_MASK | ept.LARGE
 _EPT_NEED = (ept.R, ept.W, ept.X)       # the right each access kind needs
 _EPT_QUAL = (int(EptQual.READ), int(EptQual.WRITE), int(EptQual.FETCH))
 ACCESS_NAMES = ("read", "write", "fetch")
 LEVEL_NAMES = {lv.value: lv.name for lv in Level}
-# References by level (index 0 unused) of a walk from the PML4 to a leaf at level i.
-_LEVELS_READ = [None] + [tuple(int(lv >= leaf) for lv in range(5)) for leaf in (1, 2, 3, 4)]
+# References by level (index 0 unused) of a walk from the top of `levels`
+# levels to a leaf at level i: _LEVELS_READ[levels][i].
+_LEVELS_READ = {top: [None] + [tuple(int(leaf <= lv <= top) for lv in range(6))
+                               for leaf in range(1, top + 1)] for top in (4, 5)}
+# Tags a root that 5-level paging walks (CR4.LA57: `root`); the walk memo
+# keeps its walks apart from 4-level walks of the same table.
+FIVE_LEVEL = 1 << 62
+_LA57 = int(CR4.LA57)
+
+
+def root(cr3: int, cr4: int) -> int:
+    """What a walk of the tables at `cr3` starts from under `cr4`: CR3,
+    tagged FIVE_LEVEL with CR4.LA57."""
+    return cr3 | FIVE_LEVEL if cr4 & _LA57 else cr3
 
 
 class Translation:
@@ -69,7 +83,7 @@ class Translation:
 def _counted(by_level: list[int], before: list[int]) -> tuple[int, ...]:
     """What a walk added to references by level (index 0 unused)."""
     return (0, by_level[1] - before[1], by_level[2] - before[2], by_level[3] - before[3],
-            by_level[4] - before[4])
+            by_level[4] - before[4], by_level[5] - before[5])
 
 
 def pkru_denies(pkru: int, pkey: int, write: bool, user: bool, wp: bool) -> bool:
@@ -88,9 +102,10 @@ def pf_error_code(access: int, user: bool, nxe: bool, smep: bool = False) -> int
 
 
 class Walker:
-    """Walks 4-level tables in `mem` (addresses below `limit`) and counts
-    every reference in `stats`: x86-64 paging structures with `walk`, EPT
-    with `walk_ept`.
+    """Walks 4- or 5-level tables in `mem` (addresses below `limit`) and
+    counts every reference in `stats`: x86-64 paging structures with `walk`
+    (5 levels from a `root` tagged FIVE_LEVEL), EPT with `walk_ept` (as
+    many levels as the EPTP says).
 
     `dim` names the tables walked in reference tags: "guest" for the guest's
     own tables, "shadow" for shadow tables, "ept" for EPT. A `hardware`
@@ -116,7 +131,7 @@ class Walker:
         # its entries are tagged with (--pwc).
         self.pwc, self.asid = None, 0
         self._counters = stats.counters
-        self.by_level = stats.level_refs(dim) if hardware else [0] * 5
+        self.by_level = stats.level_refs(dim) if hardware else [0] * 6
         self._hist = stats.walk_hist if hardware else None
         prefix = "tlb." if hardware else f"vmm.{dim}_"
         self._walks, self._refs, self._ad = (f"{prefix}walks", f"{prefix}walk_refs",
@@ -161,7 +176,8 @@ class Walker:
 
     def walk(self, cr3: int, vaddr: int, access: int, user: bool, wp: bool, nxe: bool,
              path: list | None = None) -> Translation:
-        """Translate `vaddr` for `access` at CPL 3 (`user`) or CPL 0..2.
+        """Translate `vaddr` for `access` at CPL 3 (`user`) or CPL 0..2
+        through the tables at `cr3` (a `root`: FIVE_LEVEL for 5 levels).
 
         Raises PageFault with the architectural error code (SDM Vol.3A §4.7),
         or NonCanonical; a nested walk raises EptViolation or EptMisconfig.
@@ -169,13 +185,19 @@ class Walker:
         entry read, the leaf last. A nested walk returns the host-physical
         translation, at the smaller of the two page sizes.
         """
-        top = vaddr >> 47
-        if top and top != 0x1FFFF:
-            raise NonCanonical(vaddr)
+        # Canonical: bits 63:47 (63:56 with 5 levels) all equal.
+        if cr3 & FIVE_LEVEL:
+            top = vaddr >> 56
+            if top and top != 0xFF:
+                raise NonCanonical(vaddr)
+        else:
+            top = vaddr >> 47
+            if top and top != 0x1FFFF:
+                raise NonCanonical(vaddr)
         memo = self.memo
         if memo is None or path is not None or self.pwc is not None:
             return self._walk(cr3, vaddr, access, user, wp, nxe, path, None)
-        # The page in bits 64-115, CR3's root (and NESTED_ROOT) in 12-63,
+        # The page in bits 64-115, CR3's root (and NESTED_ROOT, FIVE_LEVEL) in 12-63,
         # the controls below 12, PKRU above them all.
         key = ((vaddr >> 12) << 64 | (cr3 & ~0xFFF) | access | user << 2 | wp << 3 | nxe << 4
                | self.smep << 5 | self.smap << 6 | self.pke << 7 | self.pkru << 116)
@@ -193,18 +215,21 @@ class Walker:
         b[2] += own[2]
         b[3] += own[3]
         b[4] += own[4]
+        b[5] += own[5]
         if ept_refs is not None:
             b = self.nested_by_level
             b[1] += ept_refs[1]
             b[2] += ept_refs[2]
             b[3] += ept_refs[3]
             b[4] += ept_refs[4]
+            b[5] += ept_refs[5]
         if switched is not None:
             b = self.switch_by_level
             b[1] += switched[1]
             b[2] += switched[2]
             b[3] += switched[3]
             b[4] += switched[4]
+            b[5] += switched[5]
         return tr
 
     def _remember(self, memo, key: int, cr3: int, vaddr: int, access: int, user: bool,
@@ -230,9 +255,10 @@ class Walker:
             if not any(switched):
                 switched = None
         else:
-            # Without page-walk caches a walk reads its levels from 4 down
-            # to its leaf: its own references say which.
-            own = _LEVELS_READ[5 - refs + (0 if ept_refs is None else sum(ept_refs))]
+            # Without page-walk caches a walk reads its levels from the top
+            # down to its leaf: its own references say which.
+            top = 5 if cr3 & FIVE_LEVEL else 4
+            own = _LEVELS_READ[top][top + 1 - refs + (0 if ept_refs is None else sum(ept_refs))]
         memo.put(key, (tr, refs, own, ept_refs, switched), read)
         return tr
 
@@ -247,7 +273,7 @@ class Walker:
                                                       self.limit, self.pwc, self.switch)
         refs = 0
         table = cr3 & ADDR_MASK
-        level = 4
+        level = 5 if cr3 & FIVE_LEVEL else 4
         # RW and US must be set at every level, NX at none: AND and OR of
         # the entries read (SDM Vol.3A §4.6).
         all_and, any_or = -1, 0
@@ -383,7 +409,7 @@ class Walker:
         """
         table = eptp & ADDR_MASK
         rights = ept.RWX
-        level = 4
+        level = (eptp >> ept.EPTP_WALK_SHIFT & 7) + 1     # ept.eptp_levels, inline
         word, by_level, limit = self._word, self.by_level, self.limit
         read = None if self.memo is None else self.memo.recording
         refs = 0

@@ -119,7 +119,8 @@ class AgilePolicy:
         shadows = self.cache.shadowed.get(gfn)
         if n < self.SWITCH_WRITES or not shadows:
             return
-        if any(level == 4 for _gfn, level, *_role in shadows):
+        top = max(vcpu.levels for vcpu in self.cache.vcpus)    # 4, or 5 (CR4.LA57)
+        if any(level == top for _gfn, level, *_role in shadows):
             self._nest_root(c)              # a root has no entry above it to switch
         else:
             self.nested.add(gfn)

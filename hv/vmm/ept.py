@@ -5,7 +5,8 @@ The guest owns its page tables: CR3 loads, INVLPG and guest page faults are
 no exits. The hardware translates guest-virtual to guest-physical with the
 guest's tables and every guest-physical address (each guest table entry,
 and the final page) to host-physical with the VMM's EPT: a two-dimensional
-walk of up to (4+1)*(4+1)-1 = 24 references. The VMM fills EPT lazily: the
+walk of up to (4+1)*(4+1)-1 = 24 references ((5+1)*(5+1)-1 = 35 with a
+5-level guest on 5-level EPT, `--ept-levels 5`). The VMM fills EPT lazily: the
 first touch of a guest frame is an EPT_VIOLATION exit.
 
 Invariants:
@@ -33,12 +34,13 @@ from .paging import Paging
 class EptTables:
     """The EPT of one VM, shared by its vCPUs."""
 
-    def __init__(self, guest: GuestMemory, vmm_size: int, large_pages: bool, base: int = 0):
+    def __init__(self, guest: GuestMemory, vmm_size: int, large_pages: bool, base: int = 0,
+                 levels: int = 4):
         self.guest, self.host = guest, guest.host
         self.frames = VmmFrames(self.host, vmm_size, base)
-        self.large_pages = large_pages
+        self.large_pages, self.levels = large_pages, levels
         self.root = self.frames.alloc()
-        self.eptp = ept.eptp(self.root)
+        self.eptp = ept.eptp(self.root, levels=levels)
         # Guest frames EPT must not let the guest write (agile: its shadowed
         # tables); a frame that leaves it is made writable at its next
         # write's EPT violation (`allow_write`).
@@ -73,7 +75,7 @@ class EptTables:
 
     def _set_leaf(self, c, gpa: int, leaf_level: int, hpa: int, rights: int = ept.RWX) -> None:
         table = self.root
-        for level in range(4, leaf_level, -1):
+        for level in range(self.levels, leaf_level, -1):
             addr = table + table_index(gpa, level) * 8
             entry = self.host.read_u64(addr)
             if not entry & ept.RWX:
@@ -89,7 +91,7 @@ class EptTables:
     def leaf(self, gpa: int) -> tuple[int, int, int] | None:
         """The EPT leaf that maps `gpa`: (its address, level, entry), or None."""
         table = self.root
-        for level in range(4, 0, -1):
+        for level in range(self.levels, 0, -1):
             addr = table + table_index(gpa, level) * 8
             entry = self.host.read_u64(addr)
             if not entry & ept.RWX:
@@ -163,7 +165,7 @@ class EptTables:
                                              f"{entry & ADDR_MASK:#x}, not its own frame")
                 else:
                     visit(entry & ADDR_MASK, level - 1, here)
-        visit(self.root, 4, 0)
+        visit(self.root, self.levels, 0)
 
 
 class EptPaging(Paging):

@@ -129,7 +129,7 @@ class Ept(Mode):
         block = GiB if config.ept_large_pages else CHUNK
         size = -(-vmm_size(config) // block) * block
         guest = GuestMemory.scattered(config.ram, size, block)
-        return guest, EptTables(guest, size, config.ept_large_pages)
+        return guest, EptTables(guest, size, config.ept_large_pages, levels=config.ept_levels)
 
     def _paging(self, vm, cpu):
         return EptPaging(self._hardware(vm, cpu, eptp=vm.mmu.eptp), vm.guest, vm.mmu, cpu.stats)
@@ -164,7 +164,8 @@ class Agile(Mode):
         shadow_size = vmm_size(config)
         size = -(-2 * shadow_size // block) * block
         guest = GuestMemory.scattered(config.ram, size, block)
-        ept = EptTables(guest, size - shadow_size, config.ept_large_pages, base=shadow_size)
+        ept = EptTables(guest, size - shadow_size, config.ept_large_pages, base=shadow_size,
+                        levels=config.ept_levels)
         cache = AgileCache(guest, shadow_size, config.ept_large_pages, ept)
         return guest, AgileMMU(cache, ept, AgilePolicy(config.agile_policy, cache))
 

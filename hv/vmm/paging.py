@@ -9,7 +9,7 @@ the hardware's, and its MOV to CR, INVLPG and WRMSR run on the hardware
 from __future__ import annotations
 
 from ..arch.x86 import MSR_EFER, NXE, PG
-from ..hw.walker import Walker
+from ..hw.walker import Walker, root
 
 
 class Paging:
@@ -29,8 +29,9 @@ class Paging:
     reload = None
 
     def guest_tables(self) -> tuple[int, bool]:
-        """The guest's CR3 and EFER.NXE: what its own tables say."""
-        return self.hw.cr3, self.hw.nxe
+        """The root of the guest's tables (its CR3, as hv.hw.walker.root
+        tags it) and EFER.NXE: what its own tables say."""
+        return root(self.hw.cr3, self.hw.cr4), self.hw.nxe
 
     def guest_paging(self) -> bool:
         """Whether the guest has paging on (CR0.PG)."""
@@ -77,4 +78,5 @@ class QemuPaging:
         e = self.hw.engine
         if not e.reg("cr0") & PG:
             return vaddr if vaddr < self._peeker.limit else None
-        return self._peeker.peek(e.reg("cr3"), vaddr, bool(e.msr(MSR_EFER) & NXE))
+        return self._peeker.peek(root(e.reg("cr3"), e.reg("cr4")), vaddr,
+                                 bool(e.msr(MSR_EFER) & NXE))

@@ -2,7 +2,7 @@
 KVM's shadow MMU, arch/x86/kvm/mmu/mmu.c and paging_tmpl.h).
 
 The hardware walks shadow page tables (guest-virtual -> host-physical, real
-4-level format, in the VMM's part of host memory) and never the guest's. The
+4- or 5-level format as the guest's, in the VMM's part of host memory) and never the guest's. The
 VMM builds them lazily on hidden page faults: a miss in the shadow tables
 that the guest's own tables resolve. Shadow pages are cached by guest frame
 and role (level, direct, accumulated access), KVM's `kvm_mmu_page`, so an
@@ -34,7 +34,7 @@ from ..arch.x86 import (CR4, MSR_EFER, NOFLUSH, NXE, PCID_MASK, PG, WP, TlbFlush
                         efer_write_flush, mov_to_cr_flush)
 from ..errors import GuestEscape, InvariantError
 from ..events import EmulateWrite, PageFault
-from ..hw.walker import FETCH, READ, WRITE, Walker
+from ..hw.walker import FETCH, READ, WRITE, Walker, root
 from ..memory import GuestMemory, VmmFrames
 from ..stats import Stats
 from .paging import Paging
@@ -45,7 +45,7 @@ ACC_PKEY_SHIFT = 3      # a direct page's role: its leaves' protection key above
 FLOOD_LIMIT = 3         # emulated writes with no use in between (KVM's detect_write_flooding)
 RESERVE = 8             # free shadow frames kept for one fault's path
 _PF_W, _PF_U, _PF_I = int(PFErr.W), int(PFErr.U), int(PFErr.I)     # plain ints: hot path
-_SMEP, _PCIDE = int(CR4.SMEP), int(CR4.PCIDE)
+_SMEP, _PCIDE, _LA57 = int(CR4.SMEP), int(CR4.PCIDE), int(CR4.LA57)
 
 
 # A leaf the guest lets this walk write (its walk allows it, its PTE is
@@ -411,8 +411,14 @@ class ShadowPaging(Paging):
     def _nxe(self) -> bool:
         return bool(self.efer & NXE)
 
+    @property
+    def levels(self) -> int:
+        """The guest's paging levels (CR4.LA57), and its shadow root's, also
+        the direct one while its paging is off (the CPU runs with its CR4)."""
+        return 5 if self.cr4 & _LA57 else 4
+
     def guest_tables(self) -> tuple[int, bool]:
-        return self.cr3, self._nxe
+        return root(self.cr3, self.cr4), self._nxe
 
     def guest_paging(self) -> bool:
         return bool(self.cr0 & PG)
@@ -435,12 +441,13 @@ class ShadowPaging(Paging):
         if self.root is None:
             self.cache.ensure_free(self.counters)
             if self.cr0 & PG:
-                self.root = self.cache.get_page(self.counters, self.cr3 >> 12, 4, False, ACC_ALL,
-                                                self._nxe)
+                self.root = self.cache.get_page(self.counters, self.cr3 >> 12, self.levels,
+                                                False, ACC_ALL, self._nxe)
             else:
                 # Paging off: a direct root, guest-virtual = guest-physical
                 # (KVM's nonpaging mode: the CPU itself always pages).
-                self.root = self.cache.get_page(self.counters, 0, 4, True, ACC_ALL, self._nxe)
+                self.root = self.cache.get_page(self.counters, 0, self.levels, True, ACC_ALL,
+                                                self._nxe)
             self._load()
 
     def _load(self) -> None:
@@ -478,8 +485,13 @@ class ShadowPaging(Paging):
             else:
                 self._load()
         else:
+            toggled = (self.cr4 ^ value) & _LA57
             self.cr4 = value
-            self._load()
+            if toggled:
+                self.root = None        # a root of the other number of levels
+                self.reload()
+            else:
+                self._load()
         self.hw.flush(flush)
 
     def wrmsr(self, msr: int, value: int) -> None:
@@ -518,7 +530,7 @@ class ShadowPaging(Paging):
     def _zap_leaf(self, vaddr: int) -> None:
         if self.root is not None:
             table = self.root.hpa
-            for level in range(4, 0, -1):
+            for level in range(self.root.level, 0, -1):
                 spte_addr = table + table_index(vaddr, level) * 8
                 spte = self.host.read_u64(spte_addr)
                 if not spte & P or spte & SWITCH:
@@ -546,7 +558,8 @@ class ShadowPaging(Paging):
             self.guest_walker.smap = self.hw.walker.smap
             self.guest_walker.pke, self.guest_walker.pkru = self.hw.pke, self.hw.pkru
             try:
-                self.guest_walker.walk(self.cr3, vaddr, access, user, self._wp, nxe, path)
+                self.guest_walker.walk(root(self.cr3, self.cr4), vaddr, access, user, self._wp,
+                                       nxe, path)
             except PageFault as fault:
                 return fault
         cache.ensure_free(c)
@@ -576,7 +589,7 @@ class ShadowPaging(Paging):
             gfn = _leaf_gfn(vaddr, path[-1])
         else:
             # Paging off: as one dirty page spanning the direct root.
-            leaf_level, leaf, gfn = 4, A | D, vaddr >> 12
+            leaf_level, leaf, gfn = sp.level, A | D, vaddr >> 12
         # A guest large page is shadowed by direct pages down to 4 KiB, or
         # (host large pages: `large_pages`) down to a 2 MiB leaf where no guest
         # table is in it.

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 from .. import asm
 from ..cost import CycleClock
-from ..arch.cpuid import LINEAR_BITS
 from ..arch.paging import PAGE_SIZE, PFErr, is_canonical
 from ..arch.vmx import ExitReason, cr_access_qualification
 from ..arch.x86 import (CR0, CR4, HAS_ERROR_CODE, MSR_EFER, NOFLUSH, RFLAGS, Vector,
@@ -101,7 +100,7 @@ class VCpu:
         self.tsc = Tsc(e, self.clock, self.after)
         self.apic = LocalApic(index, self.clock, self._send_ipi, bsp=index == 0)
         self._sent_ipi = False                    # this APIC write sent an IPI
-        self.msrs = Msrs(e, self.tsc.now, self.apic)
+        self.msrs = Msrs(e, self.tsc.now, self.apic, vm.cpu.linear_bits)
         self._blocked = 0                         # slices an interrupt waited for IF
         self.io_value = 0                         # what an IN's handler read
         self._mmio: list | None = None            # the device access in flight
@@ -234,7 +233,7 @@ class VCpu:
             value = e.reg(ins.reg)
             # QEMU's EFER has LMA, which the CPU sets itself (SDM Vol.3A §9.8.5).
             if mov_to_cr_faults(ins.cr, value, self.hw.cr4, e.msr(MSR_EFER),
-                                self.vm.cpu.cr4_reserved, e.reg("cr3")):
+                                self.vm.cpu.cr4_reserved, e.reg("cr3"), e.code_bits() == 64):
                 # Refused before it runs (Unicorn would load it): #GP(0) at it.
                 self._pending = (GeneralProtection(), READ)
                 self.request_stop()
@@ -285,7 +284,8 @@ class VCpu:
             return
         kind = ex.value
         pcid, vaddr = int.from_bytes(desc[:8], "little"), int.from_bytes(desc[8:], "little")
-        if (kind > 3 or pcid >> 12 or kind == 0 and not is_canonical(vaddr, LINEAR_BITS)
+        if (kind > 3 or pcid >> 12
+                or kind == 0 and not is_canonical(vaddr, self.vm.cpu.linear_bits)
                 or kind < 2 and pcid and not self.engine.reg("cr4") & _PCIDE):
             self._raise_now(Vector.GP, 0, ex.rip)
             return
@@ -357,7 +357,7 @@ class VCpu:
                 error = sel & 0xFFFC
         except (VmExit, Fault, EmulateWrite):
             return              # the operand faults: QEMU's to raise
-        if not is_canonical(base, LINEAR_BITS):
+        if not is_canonical(base, self.vm.cpu.linear_bits):
             self.fault_insn(GeneralProtection(error_code=error))
 
     # -- the CPU model: CPUID, RDMSR, WRMSR (the hardware's, or the VMM's) ----

@@ -49,6 +49,7 @@ GDT_ADDR = 0x1000
 PML4_ADDR = 0x2000
 PDPT_ADDR = 0x3000
 PD_ADDR = 0x4000            # one page directory per GiB of RAM
+PML5_ADDR = 0x5_0000        # --paging-levels 5: a PML5 whose entry 0 is the PML4
 STACK_TOP = 0xA_0000
 STACK_SIZE = 0x4000
 MAX_VCPUS = 16
@@ -84,6 +85,8 @@ class Config:
     max_insns: int = 500_000_000
     quantum: int = 1_000_000
     ept_large_pages: bool = False   # host large pages: EPT's and the shadow tables' (README)
+    ept_levels: int = 4         # EPT's levels: 4, or 5 (5-level EPT)
+    paging_levels: int = 4      # the boot ABI's paging: 4, or 5 (CR4.LA57; needs la57)
     asid: bool = True           # tag TLB entries by VM (VPID); False: flush at every entry/exit
     pwc: bool = False           # page-walk caches and a nested TLB (hv/hw/pwc.py)
     check_invariants: bool = False  # check the VMM's invariants after every exit (slow)
@@ -99,7 +102,12 @@ class Config:
         if self.mmu not in MODES:
             raise HvError(f"unknown MMU mode {self.mmu!r} (choose from {', '.join(MODES)})")
         parse_policy(self.agile_policy)
-        parse_cpu(self.cpu)
+        features = parse_cpu(self.cpu)
+        if self.ept_levels not in (4, 5) or self.paging_levels not in (4, 5):
+            raise HvError(f"paging has 4 or 5 levels, not --ept-levels {self.ept_levels} "
+                          f"--paging-levels {self.paging_levels}")
+        if self.paging_levels == 5 and "la57" not in features:
+            raise HvError("--paging-levels 5 needs a CPU with la57 (--cpu +la57)")
         check_modes(load_profile(self.profile), (self.mmu,))
         if not 4 * MiB <= self.ram <= MAX_RAM or self.ram % (2 * MiB):
             raise HvError(f"RAM must be a multiple of 2 MiB from 4 MiB to 64 GiB, "
@@ -232,15 +240,19 @@ class VM:
             m.write_u64(PDPT_ADDR + 8 * i, (PD_ADDR + i * 0x1000) | P | RW)
         for page in range(self.config.ram >> 21):
             m.write_u64(PD_ADDR + 8 * page, (page << 21) | P | RW | PS)
+        if self.config.paging_levels == 5:
+            m.write_u64(PML5_ADDR, PML4_ADDR | P | RW)
 
     def _boot(self, cpu: VCpu) -> None:
         e = cpu.engine
         e.set_gdtr(GDT_ADDR, 3 * 8 - 1)
         e.set_msr(MSR_EFER, BOOT_EFER)
-        e.set_reg("cr4", BOOT_CR4)
-        e.set_reg("cr3", PML4_ADDR)
+        cr3, cr4 = (PML5_ADDR, BOOT_CR4 | int(CR4.LA57)) if self.config.paging_levels == 5 else (
+            PML4_ADDR, BOOT_CR4)
+        e.set_reg("cr4", cr4)
+        e.set_reg("cr3", cr3)
         e.set_reg("cr0", BOOT_CR0)
-        cpu.mmu.boot(BOOT_CR0, PML4_ADDR, BOOT_CR4, BOOT_EFER)
+        cpu.mmu.boot(BOOT_CR0, cr3, cr4, BOOT_EFER)
         e.set_reg("cs", CODE_SEL)
         for seg in ("ss", "ds", "es"):
             e.set_reg(seg, DATA_SEL)
