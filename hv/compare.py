@@ -30,6 +30,8 @@ class Case:
     def label(self) -> str:
         vcpus = self.options.get("vcpus", 1)
         notes = ([f"{vcpus} vCPUs"] if vcpus > 1 else []) + (
+            ["5-level paging"] if self.options.get("paging_levels") == 5 else []) + (
+            ["5-level EPT"] if self.options.get("ept_levels") == 5 else []) + (
             ["host large pages"] if self.options.get("ept_large_pages") else []) + (
             [self.note] if self.note else [])
         return self.guest + (f" ({', '.join(notes)})" if notes else "")
@@ -55,6 +57,9 @@ SUITE = (
     Case("tlbstress", window=(2, 3)),       # the steady-state passes
     Case("hugepages", window=(2, 3)),       # the same on 2 MiB pages
     Case("hugepages", {"ept_large_pages": True}, window=(2, 3)),   # and host large pages
+    # A guest on 5-level paging: 29-reference walks on 4-level EPT, 35 on 5.
+    Case("tlbstress", {"paging_levels": 5}, window=(2, 3)),
+    Case("tlbstress", {"paging_levels": 5, "ept_levels": 5}, window=(2, 3)),
     # Churn and TLB-hostile reads, together and apart: all three phases,
     # then each (windows of the same runs).
     Case("phases", window=(1, 4), note="all phases"),

@@ -70,6 +70,8 @@ def test_a_failing_guest_gives_status_1(capsys, tmp_path):
     (["disasm", "/no/such/file.bin"], "cannot read"),
     (["run", "hello", "--mmu", "agile", "--agile-policy", "dynamic:trial=-1"],
      "agile policy knob 'trial=-1': must be at least 0"),
+    (["run", "hello", "--paging-levels", "5", "--cpu=-la57"], "needs a CPU with la57"),
+    (["run", "hello", "--ept-levels", "3"], "invalid choice: 3 (choose from 4, 5)"),
 ])
 def test_bad_input_is_one_line_and_status_2(capsys, args, message):
     status, out, err = hv(capsys, *args)

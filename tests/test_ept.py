@@ -225,3 +225,51 @@ def test_protect_splits_a_large_leaf_down_to_one_read_only_4k_page(ram, level):
     tables.check()
     tables.allow_write(c, gfn << 12)
     assert tables.leaf(gfn << 12)[2] & ept.W
+
+
+# The 2 MiB boot mapping of 0x1000000, read once more after a flush.
+TOUCH_2M = mark(3) + """
+    mov rax, cr3
+    mov cr3, rax
+    mov rax, qword ptr [0x1000000]
+""" + mark(4) + EXIT
+# (the window's marks, the guest's leaf level) of each guest page size.
+GUEST_PAGES = {"4k": (TOUCH_4K, (1, 2), 1), "2m": (mark(1) + "mov rax, qword ptr [0x1000000]\n"
+                                                   + mark(2) + TOUCH_2M, (3, 4), 2)}
+# EPT's leaf level, and the options and RAM that give it.
+EPT_PAGES = {"4k": (1, {}), "2m": (2, {"ept_large_pages": True}),
+             "1g": (3, {"ept_large_pages": True, "ram": 2 << 30})}
+
+
+@pytest.mark.parametrize("paging_levels", (4, 5))
+@pytest.mark.parametrize("ept_levels", (4, 5))
+@pytest.mark.parametrize("guest_page,ept_page", [("4k", "4k"), ("4k", "2m"), ("4k", "1g"),
+                                                 ("2m", "4k"), ("2m", "2m")])
+def test_two_dimensional_walk_arithmetic(paging_levels, ept_levels, guest_page, ept_page):
+    """A walk reads g guest entries (its levels down to the leaf) and
+    translates each of their guest-physical addresses and the page's through
+    EPT, e entries each: g + (g + 1) e references. 4 on 4 levels with 4 KiB
+    pages: 24; 5 on 5: 35; 5 on 4 or 4 on 5: 29 (issue 14)."""
+    src, window, guest_leaf = GUEST_PAGES[guest_page]
+    ept_leaf, options = EPT_PAGES[ept_page]
+    r, _ = ept_run(src, paging_levels=paging_levels, ept_levels=ept_levels, **options)
+    g, e = paging_levels - guest_leaf + 1, ept_levels - ept_leaf + 1
+    per_walk, d = refs_per_walk(r, *window)
+    assert per_walk == g + (g + 1) * e
+    by_level = r.tlb["walk_refs_by_level"]
+    assert ("guest.PML5" in by_level) == (paging_levels == 5)
+    assert ("ept.PML5" in by_level) == (ept_levels == 5)
+
+
+@pytest.mark.parametrize("mmu", ("native", "shadow", "agile"))
+@pytest.mark.parametrize("paging_levels", (4, 5))
+@pytest.mark.parametrize("guest_page", ("4k", "2m"))
+def test_one_dimensional_walks_read_one_entry_per_level(mmu, paging_levels, guest_page):
+    """Natively, and on shadow tables (which have the guest's levels), a
+    walk reads one entry per level down to its leaf."""
+    src, window, guest_leaf = GUEST_PAGES[guest_page]
+    r = run_src(src, mmu=mmu, paging_levels=paging_levels, check_invariants=True)
+    per_walk, _ = refs_per_walk(r, *window)
+    # Shadow tables map a guest large page with 4 KiB pages (no host large pages).
+    leaf = 1 if mmu != "native" else guest_leaf
+    assert per_walk == paging_levels - leaf + 1

@@ -118,19 +118,28 @@ def test_kvm_unit_tests_pcid_passes_in_its_three_configurations(mode, cpu):
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_la57_s_canonical_checks_pass_without_la57(mode):
-    """kvm-unit-tests la57 on a CPU without LA57 checks 48-bit canonical
-    bases: LGDT, LIDT, LTR and LLDT of a non-canonical one are #GP. Under
-    qemu QEMU loads them, and accepts a non-canonical GS_BASE from WRMSR
-    too: the guest's next GS access faults until it triple-faults."""
-    r = hv.run(kut_image("la57"), mode)
+@pytest.mark.parametrize("cpu", ("max", "max,-la57"))
+def test_kvm_unit_tests_la57_passes_with_and_without_la57(mode, cpu):
+    """kvm-unit-tests la57: setting CR4.LA57 in 64-bit mode is #GP; LGDT,
+    LIDT, LTR, LLDT, WRMSR of FS/GS/KERNEL_GS_BASE, LSTAR, CSTAR and
+    INVPCID check 57-bit canonical form on a CPU with LA57 (48-bit without);
+    with LA57 the kernel then far-returns to compatibility mode, clears
+    CR0.PG (leaving IA-32e mode), sets CR4.LA57 and pages on 5 levels.
+    Under qemu QEMU loads the non-canonical bases, and a non-canonical
+    GS_BASE from WRMSR too: the guest's next GS access faults until it
+    triple-faults."""
+    r = hv.run(kut_image("la57"), mode, cpu=cpu)
     if mode == "qemu":
         assert r.reason == "triple_fault" and "gs:" in r.detail
-    else:
-        assert (r.reason, r.exit_code) == ("exit", 0), r.detail
-        # INVPCID's canonical checks too (type 0 with a non-canonical address is #GP).
-        assert "SUMMARY: 56 tests, 4 skipped" in r.console
-        assert "PASS: Tested invpcid type 0 with 0xffaaaaaaaaaaaaaa value - failure" in r.console
+        return
+    assert (r.reason, r.exit_code) == ("exit", 0), r.detail
+    assert "SUMMARY: 56 tests, 4 skipped" in r.console
+    la57 = "-la57" not in cpu
+    assert ("PASS: Tested invpcid type 0 with 0xffaaaaaaaaaaaaaa value - "
+            + ("success" if la57 else "failure")) in r.console
+    assert ("Switching to 5 level paging mode" in r.console) == la57
+    five = {"native": "guest", "shadow": "shadow", "ept": "guest", "agile": "shadow"}[mode]
+    assert (f"{five}.PML5" in r.tlb["walk_refs_by_level"]) == la57
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -195,10 +204,12 @@ def test_cpuid_presents_an_intel_cpu_with_only_what_hv_implements():
     _, ebx7, ecx7, _ = cpu.cpuid(7, 0, 0)
     assert ebx7 & (1 << 7 | 1 << 10 | 1 << 20) == 1 << 7 | 1 << 10 | 1 << 20  # SMEP, INVPCID, SMAP
     assert CpuModel(parse_cpu("max,-smep")).cpuid(7, 0, 0)[1] & 1 << 7 == 0
-    assert ecx7 & (1 << 3 | 1 << 4 | 1 << 16) == 1 << 3     # PKU; OSPKE (CR4.PKE clear); no LA57
+    assert ecx7 & (1 << 3 | 1 << 4 | 1 << 16) == 1 << 3 | 1 << 16  # PKU, LA57; OSPKE: PKE clear
     assert cpu.cpuid(7, 0, 0, cr4=1 << 22)[2] & 1 << 4       # OSPKE: CR4.PKE
     assert cpu.cpuid(1, 0, 0)[2] & (1 << 17 | 1 << 21) == 1 << 17   # PCID; no x2APIC
-    assert cpu.cpuid(0x8000_0008, 0, 0)[0] & 0xFF == cpuid.MAXPHYADDR
+    # MAXPHYADDR, and the linear-address width: 57 bits with LA57, else 48.
+    assert cpu.cpuid(0x8000_0008, 0, 0)[0] == cpuid.MAXPHYADDR | 57 << 8
+    assert CpuModel(parse_cpu("-la57")).cpuid(0x8000_0008, 0, 0)[0] == cpuid.MAXPHYADDR | 48 << 8
     assert cpu.cpuid(0, 0, 0)[0] < 0xA                      # no PMU leaf
     assert cpu.cpuid(1, 0, 3)[1] >> 24 == 3                 # the APIC ID
 
@@ -207,9 +218,9 @@ def test_parse_cpu_takes_qemus_spelling():
     assert parse_cpu("") == parse_cpu("max") == cpuid.IMPLEMENTED
     assert "pdpe1gb" not in parse_cpu("qemu64,-pdpe1gb")
     assert "rdtscp" not in parse_cpu("max,rdtscp=off")
-    assert parse_cpu("max,-la57") == cpuid.IMPLEMENTED      # taking away what is not there
+    assert parse_cpu("max,-x2apic") == cpuid.IMPLEMENTED    # taking away what is not there
     assert parse_cpu("max,-smep") == cpuid.IMPLEMENTED - {"smep"}
-    for spec, why in (("+la57", "does not implement la57"), ("+bogus", "unknown CPU feature"),
+    for spec, why in (("+x2apic", "does not implement x2apic"), ("+bogus", "unknown CPU feature"),
                       ("-lm", "cannot be without lm"), ("max,pae=maybe", "neither")):
         with pytest.raises(HvError, match=why):
             parse_cpu(spec)

@@ -6,7 +6,9 @@ from hv.arch.paging import A, D, NX, P, PS, RW, US, G, PFErr
 from hv.memory import PhysMem
 from hv.errors import GuestEscape
 from hv.events import PageFault
-from hv.hw.walker import FETCH, READ, WRITE, Walker
+from hv.events import NonCanonical
+from hv.hw.memo import WalkMemo
+from hv.hw.walker import FETCH, FIVE_LEVEL, READ, WRITE, Walker
 from hv.stats import Stats
 
 RAM = 4 << 20
@@ -314,3 +316,31 @@ def test_the_walk_memo_keeps_walks_under_different_pkru_apart():
     with pytest.raises(PageFault) as pf:
         w.walk(CR3, VA, READ, True, True, True)
     assert pf.value.error_code == PFErr.P | PFErr.U | PFErr.PK
+
+
+def test_five_level_walks_start_at_the_pml5_and_check_57_bit_canonical_form():
+    """SDM Vol.3A §4.5.1: with CR4.LA57 a walk starts at the PML5 (bits
+    56:48) and an address is canonical when bits 63:57 equal bit 56."""
+    t = Tables()
+    pml4 = CR3                      # the 4-level tables under the PML5's entry
+    pml5 = t.alloc()
+    high = 0x00AB_0000_0000_0000 | VA    # PML5 index 0xAB: not canonical at 48 bits
+    t.map(VA, 0x30_0000)
+    t.mem.write_u64(pml5 + 0xAB * 8, pml4 | P | RW | US)
+    t.mem.write_u64(pml5, pml4 | P | RW | US)
+    w = Walker(t.mem, Stats(), RAM)
+    w.memo = WalkMemo([])
+    with pytest.raises(NonCanonical):
+        w.walk(pml4, high, READ, False, True, True)
+    for va in (VA, high):
+        tr = w.walk(pml5 | FIVE_LEVEL, va, READ, False, True, True)
+        assert tr.paddr(va + 0x10) == 0x30_0010
+    assert w.stats.counters["tlb.walk_refs"] == 10 and w.stats.walk_hist == {5: 2}
+    assert w.by_level == [0, 2, 2, 2, 2, 2]
+    with pytest.raises(NonCanonical):
+        w.walk(pml5 | FIVE_LEVEL, 0x0100_0000_0000_0000 | VA, READ, False, True, True)
+    # The same root walked with 4 and with 5 levels: the memo keeps the two
+    # apart (read as a PML5, the PML4 has no entry 0).
+    assert w.walk(pml4, VA, READ, False, True, True).paddr(VA) == 0x30_0000
+    with pytest.raises(PageFault):
+        w.walk(pml4 | FIVE_LEVEL, VA, READ, False, True, True)
