@@ -26,12 +26,16 @@ Guest-physical layout (guest RAM is 2 GiB, RAM):
                         identity-map [0, 16 MiB): code, stack, IDT, GDT and
                         all of TABLES and DATA stay reachable, so the guest
                         keeps running whatever the random part holds
+    0x302000            FIXED_PML4: with 5-level paging (a case's `levels`,
+                        run with --paging-levels 5) the random root is a
+                        PML5 whose entry 0 is FIXED_PML4, whose entry 0 is
+                        FIXED_PDPT
     TABLES              random paging-structure pages; TABLES[0] is the root
     DATA                data frames, every qword pattern(address)
     HIGH (1 GiB) ...    zero RAM, a 1 GiB-aligned target in RAM
 
 The random part of the address space uses only the table indices INDICES
-(8, 9, 0x100, 0x1ff, at every level, so never PML4[0]) and the page offsets
+(8, 9, 0x100, 0x1ff, at every level, so never the root's entry 0) and the page offsets
 OFFSETS (0x40, 0x48, 0x800, 0xff8: exactly the entries at INDICES, so a write
 through an alias of a table rewrites a live entry), plus reads at 0xffc that
 run into the next page, and sometimes non-canonical addresses. Every entry
@@ -91,7 +95,7 @@ def budget(default: int) -> int:
 
 
 # -- layout ------------------------------------------------------------------
-FIXED_PDPT, FIXED_PD = 0x300000, 0x301000
+FIXED_PDPT, FIXED_PD, FIXED_PML4 = 0x300000, 0x301000, 0x302000
 TABLES = (0x408000, 0x409000, 0x500000, 0x5FF000, 0x400000, 0x401000)
 ROOT = TABLES[0]
 DATA = (0x600000, 0x608000, 0x609000, 0x700000, 0x7FF000)
@@ -134,18 +138,22 @@ IGNORED_BITS = (3, 4, 9, 10, 11, 52, 55, 58, 61)
 P, RW, US, PWT, PCD, A, D, PS, G, NX = (1, 2, 4, 8, 16, 32, 64, 128, 256, 1 << 63)
 
 
-def canonical(va: int) -> int:
-    return va | (0xFFFF << 48) if va >> 47 & 1 else va
+def canonical(va: int, levels: int = 4) -> int:
+    bits = 9 * levels + 12             # 48 or 57
+    return va | (2**64 - (1 << bits)) if va >> bits - 1 & 1 else va
 
 
-def is_canonical(va: int) -> bool:
-    top = va >> 47
-    return top == 0 or top == (1 << 17) - 1
+def is_canonical(va: int, levels: int = 4) -> bool:
+    top = va >> 9 * levels + 11
+    return top == 0 or top == (1 << 64 - 9 * levels - 11) - 1
 
 
-def make_va(i4: int, i3: int, i2: int, i1: int, off: int, noncanonical: bool = False) -> int:
-    va = canonical(i4 << 39 | i3 << 30 | i2 << 21 | i1 << 12 | off)
-    return va ^ (1 << 52) if noncanonical else va
+def make_va(i4: int, i3: int, i2: int, i1: int, off: int, noncanonical: bool = False,
+            i5: int | None = None) -> int:
+    """The address of those table indices (i5: of the PML5, with 5 levels)."""
+    levels = 4 if i5 is None else 5
+    va = canonical((i5 or 0) << 48 | i4 << 39 | i3 << 30 | i2 << 21 | i1 << 12 | off, levels)
+    return va ^ (1 << 9 * levels + 16) if noncanonical else va     # bit 52, or 61
 
 
 # -- the case ---------------------------------------------------------------
@@ -155,6 +163,7 @@ class PagingCase:
     ops: list[tuple]                        # see _script
     # Virtual pages the script uses: each is INVLPG'd after a write
     pages: list[int] = field(default_factory=list)
+    levels: int = 4                         # of paging: 5 runs with --paging-levels 5
 
 
 @st.composite
@@ -182,9 +191,11 @@ def entries(draw) -> int:
 def paging_cases(draw) -> PagingCase:
     ents = draw(st.lists(st.tuples(st.integers(0, len(TABLES) - 1), st.sampled_from(INDICES),
                                    entries()), min_size=1, max_size=24))
+    levels = draw(st.sampled_from((4, 5)))
     idx = st.sampled_from(INDICES)
     pool = draw(st.lists(st.tuples(idx, idx, idx, idx, st.sampled_from(OFFSETS + (CROSS,)),
-                                   st.integers(0, 15).map(lambda n: n == 15)),
+                                   st.integers(0, 15).map(lambda n: n == 15),
+                                   idx if levels == 5 else st.none()),
                          min_size=1, max_size=6))
     vas = [make_va(*v) for v in pool]
     value = entries()
@@ -206,9 +217,10 @@ def paging_cases(draw) -> PagingCase:
     pages = []
     for v in vas:
         for page in (v & ~0xFFF, (v & ~0xFFF) + 0x1000 if v & 0xFFF == CROSS else None):
-            if page is not None and page < 2**64 and is_canonical(page) and page not in pages:
+            if page is not None and page < 2**64 and is_canonical(page, levels) \
+                    and page not in pages:
                 pages.append(page)
-    return PagingCase(ents, ops, pages)
+    return PagingCase(ents, ops, pages, levels)
 
 
 # -- the guest ----------------------------------------------------------------
@@ -588,7 +600,9 @@ def paging_interpreter() -> bytes:
 
 
 def _init_entries(case: PagingCase) -> list[tuple[int, int]]:
-    init = [(FIXED_PDPT, FIXED_PD | P | RW), (ROOT, FIXED_PDPT | P | RW)]
+    init = [(FIXED_PDPT, FIXED_PD | P | RW), (ROOT, FIXED_PDPT | P | RW)] if case.levels == 4 \
+        else [(FIXED_PDPT, FIXED_PD | P | RW), (FIXED_PML4, FIXED_PDPT | P | RW),
+              (ROOT, FIXED_PML4 | P | RW)]
     init += [(FIXED_PD + 8 * i, (i << 21) | P | RW | PS) for i in range(8)]
     for page in REACHABLE_PAGES:
         for off in EXEC_OFFSETS:
@@ -616,7 +630,7 @@ def _script(case: PagingCase) -> list[tuple[str, tuple[int, int, int, int]]]:
             out.append((f"entry {pa:#x} <- {op[3]:#x}, then {op[4]}",
                         (OP_PTE, pa, op[3], int(op[4] == "cr3"))))
         elif kind == "i":
-            if is_canonical(op[1]):     # INVLPG of a non-canonical address: not generated
+            if is_canonical(op[1], case.levels):    # INVLPG of a non-canonical address: not generated
                 out.append((f"invlpg {op[1]:#x}", (OP_INVLPG, op[1], 0, 0)))
         elif kind == "c":
             out.append(("reload cr3", (OP_CR3, 0, 0, 0)))

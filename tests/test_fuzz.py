@@ -73,7 +73,8 @@ def paging_mismatch(res: dict) -> str | None:
 @fuzz_settings(130)
 @given(F.paging_cases())
 def test_random_page_tables_agree_with_the_oracle(case):
-    res = F.run_all(F.paging_image(case), ram=F.RAM)
+    """On 4- and 5-level paging (`case.levels`: --paging-levels)."""
+    res = F.run_all(F.paging_image(case), ram=F.RAM, paging_levels=case.levels)
     for m, r in res.items():
         assert r.reason in F.REASONS, (m, r.reason, r.detail)
         # The generated guest never ends any other way: every fault of an
@@ -81,7 +82,8 @@ def test_random_page_tables_agree_with_the_oracle(case):
         assert r.reason in ("exit", "escape"), (m, r.reason, r.detail, r.console[-400:])
         assert r.reason == "escape" or r.exit_code == 0, (m, r.detail, r.console[-400:])
     diff = paging_mismatch(res)
-    assert diff is None, f"{diff}\n{F.describe(res)}\n--- guest source:\n{F.render_paging(case)}"
+    assert diff is None, (f"{diff}\n{F.describe(res)}\n--- guest source (paging_levels="
+                          f"{case.levels}):\n{F.render_paging(case)}")
 
 
 def test_the_rendered_source_is_the_fuzzed_image():
@@ -97,6 +99,25 @@ def test_the_rendered_source_is_the_fuzzed_image():
     r = F.run_mode(F.paging_image(case), "native", ram=F.RAM)
     assert r.reason == "exit" and r.exit_code == 0
     assert r.console.startswith(f"r {va:#x} #14 0x0 {va:#x}\n")
+
+
+def test_a_5_level_case_walks_from_the_pml5():
+    """With 5 levels the root is a PML5 (entry 0: the fixed tables); an
+    address is canonical at 57 bits, so one with PML5 index 8 is a walk,
+    not a #GP, and it reaches DATA through four random tables."""
+    va = F.make_va(9, 0x100, 0x1FF, 8, 0x48, i5=8)
+    assert va >> 48 == 8 and F.is_canonical(va, 5) and not F.is_canonical(va)
+    entries = [(0, 8, F.TABLES[1] | F.P | F.RW), (1, 9, F.TABLES[2] | F.P | F.RW),
+               (2, 0x100, F.TABLES[3] | F.P | F.RW), (3, 0x1FF, F.TABLES[4] | F.P | F.RW),
+               (4, 8, F.DATA[0] | F.P | F.RW)]
+    case = F.PagingCase(entries=entries, ops=[("r", va), ("r", F.make_va(9, 9, 9, 9, 0x40, True, 8))],
+                        pages=[va & ~0xFFF], levels=5)
+    res = F.run_all(F.paging_image(case), ram=F.RAM, paging_levels=5)
+    want = f"r {va:#x} = {F.PATTERN | (F.DATA[0] | 0x48) << 8:#x}\n"
+    for m, r in res.items():
+        assert (r.reason, r.exit_code) == ("exit", 0), (m, r.detail)
+        assert r.console.startswith(want), (m, r.console[:200])
+        assert "#13" in r.console.splitlines()[1], m        # non-canonical at 57 bits: #GP
 
 
 # -- 2. random instruction bytes -------------------------------------------------
