@@ -307,9 +307,17 @@ def test_a_table_base_that_is_not_canonical_is_gp(mode, load, insn, error):
     assert r.crash["insn"].startswith(insn)
 
 
-def test_a_non_canonical_fs_base_is_gp():
-    r = run_src("mov ecx, 0xC0000100\nmov edx, 0x8000\nxor eax, eax\nwrmsr\nhlt", "ept")
-    assert r.reason == "triple_fault" and r.crash["insn"].startswith("wrmsr")
+@pytest.mark.parametrize("cpu,high,gp", [("max", 0x100_0000, True), ("max", 0x8000, False),
+                                         ("-la57", 0x8000, True)])
+def test_a_non_canonical_fs_base_is_gp(cpu, high, gp):
+    """Canonical at 57 bits on a CPU with LA57 (bit 56 up to bit 63 equal),
+    at 48 bits without (bit 47 up)."""
+    r = run_src(f"mov ecx, 0xC0000100\nmov edx, {high:#x}\nxor eax, eax\nwrmsr\nhlt", "ept",
+                cpu=cpu)
+    if gp:
+        assert r.reason == "triple_fault" and r.crash["insn"].startswith("wrmsr")
+    else:
+        assert r.reason == "halted", r.detail
 
 
 # -- the local APIC and interrupts, from a flat guest ----------------------------

@@ -88,7 +88,7 @@ def test_a_replayed_walk_counts_what_the_walk_counted():
     after_first = (dict(stats.counters), dict(stats.walk_hist), list(stats.refs["guest"]))
     assert w.walk(0x1000, 0, READ, False, True, True) is first       # replayed
     assert stats.counters["tlb.walks"] == 2 and stats.counters["tlb.walk_refs"] == 8
-    assert stats.walk_hist == {4: 2} and stats.refs["guest"] == [0, 2, 2, 2, 2]
+    assert stats.walk_hist == {4: 2} and stats.refs["guest"] == [0, 2, 2, 2, 2, 0]
     assert after_first[0]["tlb.ad_writes"] == stats.counters["tlb.ad_writes"]   # nothing set
 
 
