@@ -252,7 +252,8 @@ def test_two_dimensional_walk_arithmetic(paging_levels, ept_levels, guest_page, 
     pages: 24; 5 on 5: 35; 5 on 4 or 4 on 5: 29 (issue 14)."""
     src, window, guest_leaf = GUEST_PAGES[guest_page]
     ept_leaf, options = EPT_PAGES[ept_page]
-    r, _ = ept_run(src, paging_levels=paging_levels, ept_levels=ept_levels, **options)
+    r, vm = ept_run(src, paging_levels=paging_levels, ept_levels=ept_levels, **options)
+    assert ept.eptp_levels(vm.mmu.eptp) == ept_levels
     g, e = paging_levels - guest_leaf + 1, ept_levels - ept_leaf + 1
     per_walk, d = refs_per_walk(r, *window)
     assert per_walk == g + (g + 1) * e

@@ -81,12 +81,6 @@ def large_frame(entry: int, level: int) -> int:
 PAGE_SIZES = {1: 1 << 12, 2: 1 << 21, 3: 1 << 30}
 
 
-def linear_bits(levels: int) -> int:
-    """The width of a linear address 4- or 5-level paging translates
-    (SDM Vol.3A §4.5.1): 48 or 57 bits."""
-    return level_shift(levels) + 9
-
-
 def is_canonical(vaddr: int, bits: int = 48) -> bool:
     """Canonical form for `bits`-bit linear addresses: bits 63:bits-1 all
     equal (SDM Vol.1 §3.3.7.1)."""

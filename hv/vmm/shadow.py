@@ -2,8 +2,8 @@
 KVM's shadow MMU, arch/x86/kvm/mmu/mmu.c and paging_tmpl.h).
 
 The hardware walks shadow page tables (guest-virtual -> host-physical, real
-4- or 5-level format as the guest's, in the VMM's part of host memory) and never the guest's. The
-VMM builds them lazily on hidden page faults: a miss in the shadow tables
+4- or 5-level format as the guest's tables, in the VMM's part of host
+memory) and never the guest's. The VMM builds them lazily on hidden page faults: a miss in the shadow tables
 that the guest's own tables resolve. Shadow pages are cached by guest frame
 and role (level, direct, accumulated access), KVM's `kvm_mmu_page`, so an
 address space the guest switches back to is found again.
