@@ -195,6 +195,11 @@ def test_a_kernel_with_more_ram_than_below_the_pc_hole_is_refused():
         hv.run(kut_image("dummy"), ram="4G")
 
 
+def test_a_kernel_chooses_its_own_paging_levels():
+    with pytest.raises(HvError, match="chooses its own"):
+        hv.run(kut_image("dummy"), paging_levels=5)
+
+
 # -- the CPU model ----------------------------------------------------------------
 
 def test_cpuid_presents_an_intel_cpu_with_only_what_hv_implements():

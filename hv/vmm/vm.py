@@ -140,6 +140,9 @@ class VM:
             if config.ram > MAX_KERNEL_RAM:
                 raise HvError(f"a kernel gets at most {format_size(MAX_KERNEL_RAM)} of RAM "
                               "(hv models no RAM above the PC's hole below 4 GiB)")
+            if config.paging_levels != 4:
+                raise HvError("--paging-levels is the boot ABI's: a multiboot kernel starts "
+                              "with paging off and chooses its own (CR4.LA57)")
             boot_info = loader.build_boot_info(self.kernel, config.ram,
                                                f"{name} {config.append}".strip(), modules)
             self.symbols = asm.Symbols(self.kernel.symbols, self.kernel.segments[0].paddr,
