@@ -489,8 +489,8 @@ def test_no_plot_when_no_case_finished(monkeypatch, tmp_path, capsys):
 # shadow and ept (README, "Agile paging"): smp's window on one vCPU is a few
 # thousand instructions of first touches, each a hidden fault under a shadow
 # part and nothing under EPT; ctxswitch with PCID costs EPT 10% over native,
-# and the CR3 load that exits before the root nests, with the switch, is
-# 12% of that.
+# and the CR3 load that exits and nests the root, with the switch, is 8%
+# of that.
 AGILE_BEHIND = {"smp", "ctxswitch (PCID)"}
 
 

@@ -281,9 +281,11 @@ class AgilePaging(ShadowPaging):
             super().wrmsr(msr, value)
 
     def write_cr(self, cr: int, value: int) -> None:
-        super().write_cr(cr, value)
         if cr == 3:
+            # First: a load that nests the root builds no shadow root for
+            # the new CR3 (the reload below switches to the nested one).
             self.policy.cr3_loaded(self.counters)
+        super().write_cr(cr, value)
 
     def table_written(self, gfn: int, before: bytes) -> None:
         super().table_written(gfn, before)
