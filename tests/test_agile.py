@@ -248,7 +248,7 @@ again:
 
 
 @pytest.mark.parametrize("policy, message", [
-    ("bogus", "unknown agile policy 'bogus' (choose from dynamic, shadow, nested)"),
+    ("bogus", "unknown agile policy 'bogus' (choose from dynamic, adaptive, shadow, nested)"),
     ("shadow:writes=1", "agile policy 'shadow' has no knobs"),
     ("dynamic:speed=3", "agile policy knob 'speed=3': write knob=N with a knob of writes, cr3, "
                         "window, trial"),
@@ -258,3 +258,22 @@ again:
 def test_a_bad_policy_is_one_clear_error(policy, message):
     with pytest.raises(hv.HvError, match=re.escape(message)):
         hv.run("hello", mmu="agile", agile_policy=policy)
+
+
+def test_adaptive_switches_the_whole_vm_where_agile_nests_one_table():
+    """--mmu adaptive is agile's machinery with the whole-VM policy (VEE
+    2011): the PT that agile nests alone makes adaptive nest the root, so
+    the measured reads walk in two dimensions from the top (ept's 24
+    references), where agile walks shadow entries down to the switch."""
+    src = switch_at(PT)
+    agile = agile_run(src).between(2, 3)
+    adaptive = hv.run("test", mmu="adaptive", image=image(src), check_invariants=True)
+    assert (adaptive.reason, adaptive.exit_code) == ("exit", 0)
+    assert adaptive.counters["agile.to_nested"] == 1
+    d = adaptive.between(2, 3)
+    assert d["tlb.walk_refs"] == 24 * d["tlb.walks"] > agile["tlb.walk_refs"]
+    same = agile_run(src, agile_policy="adaptive").to_json()
+    mine = adaptive.to_json()
+    for j in (same, mine):
+        del j["mmu"], j["config"]
+    assert same == mine         # --mmu adaptive is --mmu agile --agile-policy adaptive

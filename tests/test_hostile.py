@@ -309,7 +309,8 @@ def test_paging_structure_outside_ram(mode, where):
         shadowed = f"level-{level} paging structure at {table:#x}"
         nested = f"guest-physical {table:#x}"     # EPT refuses to map it
         # (agile walks a table nested where the guest wrote the one above)
-        named = {"ept": [nested], "agile": [shadowed, nested]}.get(mode, [shadowed])
+        named = {"ept": [nested], "agile": [shadowed, nested],
+                 "adaptive": [shadowed, nested]}.get(mode, [shadowed])
         assert any(n in r.detail for n in named), r.detail
 
 

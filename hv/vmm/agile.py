@@ -48,18 +48,20 @@ NESTED_INTERCEPTS = frozenset({ExitReason.IO_INSTRUCTION, ExitReason.HLT, ExitRe
                                ExitReason.MSR_READ, ExitReason.MSR_WRITE,
                                ExitReason.TPR_BELOW_THRESHOLD, ExitReason.INTERRUPT_WINDOW,
                                ExitReason.INVD})
-POLICIES = ("dynamic", "shadow", "nested")
-# The dynamic policy's knobs: `--agile-policy dynamic:writes=2,trial=0`.
+POLICIES = ("dynamic", "adaptive", "shadow", "nested")
+# The measuring policies' knobs: `--agile-policy dynamic:writes=2,trial=0`.
 KNOBS = {"writes": "SWITCH_WRITES", "cr3": "SWITCH_CR3", "window": "WINDOW", "trial": "TRIAL"}
+MEASURING = ("dynamic", "adaptive")
 
 
 def parse_policy(text: str) -> tuple[str, dict[str, int]]:
-    """'dynamic[:knob=N,...]', 'shadow' or 'nested' -> (kind, knobs)."""
+    """'dynamic[:knob=N,...]', 'adaptive[:knob=N,...]', 'shadow' or
+    'nested' -> (kind, knobs)."""
     kind, _, rest = text.partition(":")
     if kind not in POLICIES:
         raise HvError(f"unknown agile policy {kind!r} (choose from {', '.join(POLICIES)})")
-    if rest and kind != "dynamic":
-        raise HvError(f"agile policy {kind!r} has no knobs (only dynamic has: "
+    if rest and kind not in MEASURING:
+        raise HvError(f"agile policy {kind!r} has no knobs (only dynamic and adaptive have: "
                       f"{', '.join(KNOBS)})")
     knobs = {}
     for item in filter(None, rest.split(",")):
@@ -89,6 +91,10 @@ class AgilePolicy:
     nested. Every TRIAL windows whatever is nested is tried back as shadow
     (never with TRIAL 0): write-protected again, it goes nested again at
     the same rates. Each knob can be set: "dynamic:writes=2,cr3=8,window=1e5,trial=0".
+    "adaptive": the whole VM is shadowed or nested (`--mmu adaptive`, after
+    Wang et al., "Selective hardware/software memory virtualization", VEE
+    2011): where "dynamic" would nest a table, the root goes nested; every
+    TRIAL windows the VM is tried back as shadow. The same knobs.
     "shadow": nothing is ever nested (the `shadow` mode's counts).
     "nested": the root is nested from the start (the `ept` mode's counts).
     """
@@ -102,7 +108,8 @@ class AgilePolicy:
         for attr, value in knobs.items():
             setattr(self, attr, value)
         self.cache = cache
-        self.dynamic = kind == "dynamic"
+        self.dynamic = kind in MEASURING
+        self.whole_vm = kind == "adaptive"
         self.elapsed = lambda: 0            # the VM's clock (the mode sets it)
         self.nested: set[int] = set()       # guest table frames walked nested
         self.root_nested = kind == "nested"
@@ -120,7 +127,7 @@ class AgilePolicy:
         if n < self.SWITCH_WRITES or not shadows:
             return
         top = max(vcpu.levels for vcpu in self.cache.vcpus)    # 4, or 5 (CR4.LA57)
-        if any(level == top for _gfn, level, *_role in shadows):
+        if self.whole_vm or any(level == top for _gfn, level, *_role in shadows):
             self._nest_root(c)              # a root has no entry above it to switch
         else:
             self.nested.add(gfn)
