@@ -273,7 +273,7 @@ def run(guest: str | Path | list, mmu: str = "native", *, ram: int | str = "64M"
                       TLB miss in full; slower, the counts are the same)
     agile_policy      agile: "dynamic" (subtrees go nested where the guest writes
                       its tables; knobs: "dynamic:writes=2,cr3=2,window=1e6,trial=8"),
-                      "adaptive" (the whole VM instead: `--mmu adaptive`; the same knobs),
+                      "whole" (the whole VM instead: `--mmu adaptive`; the same knobs),
                       "shadow" (never: `shadow`'s counts), "nested" (everything:
                       `ept`'s counts); README, "Agile paging"
     cpu               the CPU's features in QEMU's -cpu spelling: "max", "+pdpe1gb",

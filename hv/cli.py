@@ -108,7 +108,7 @@ def _add_config_options(r: argparse.ArgumentParser) -> None:
                         "tables did not change (slower; the counts are the same)")
     r.add_argument("--agile-policy", default="dynamic", metavar="POLICY",
                    help="agile: when subtrees go nested: dynamic (where the guest writes its "
-                        f"tables; knobs: dynamic:{DEFAULT_KNOBS}), adaptive (the whole VM "
+                        f"tables; knobs: dynamic:{DEFAULT_KNOBS}), whole (the whole VM "
                         "instead, as --mmu adaptive; the same knobs), shadow (never: shadow's "
                         "counts), nested (all: ept's counts)")
     r.add_argument("--cpu", default="", metavar="FEATURES",

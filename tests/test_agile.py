@@ -248,7 +248,7 @@ again:
 
 
 @pytest.mark.parametrize("policy, message", [
-    ("bogus", "unknown agile policy 'bogus' (choose from dynamic, adaptive, shadow, nested)"),
+    ("bogus", "unknown agile policy 'bogus' (choose from dynamic, whole, shadow, nested)"),
     ("shadow:writes=1", "agile policy 'shadow' has no knobs"),
     ("dynamic:speed=3", "agile policy knob 'speed=3': write knob=N with a knob of writes, cr3, "
                         "window, trial"),
@@ -272,8 +272,8 @@ def test_adaptive_switches_the_whole_vm_where_agile_nests_one_table():
     assert adaptive.counters["agile.to_nested"] == 1
     d = adaptive.between(2, 3)
     assert d["tlb.walk_refs"] == 24 * d["tlb.walks"] > agile["tlb.walk_refs"]
-    same = agile_run(src, agile_policy="adaptive").to_json()
+    same = agile_run(src, agile_policy="whole").to_json()
     mine = adaptive.to_json()
     for j in (same, mine):
         del j["mmu"], j["config"]
-    assert same == mine         # --mmu adaptive is --mmu agile --agile-policy adaptive
+    assert same == mine         # --mmu adaptive is --mmu agile --agile-policy whole

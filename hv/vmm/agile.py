@@ -48,20 +48,20 @@ NESTED_INTERCEPTS = frozenset({ExitReason.IO_INSTRUCTION, ExitReason.HLT, ExitRe
                                ExitReason.MSR_READ, ExitReason.MSR_WRITE,
                                ExitReason.TPR_BELOW_THRESHOLD, ExitReason.INTERRUPT_WINDOW,
                                ExitReason.INVD})
-POLICIES = ("dynamic", "adaptive", "shadow", "nested")
+POLICIES = ("dynamic", "whole", "shadow", "nested")
 # The measuring policies' knobs: `--agile-policy dynamic:writes=2,trial=0`.
 KNOBS = {"writes": "SWITCH_WRITES", "cr3": "SWITCH_CR3", "window": "WINDOW", "trial": "TRIAL"}
-MEASURING = ("dynamic", "adaptive")
+MEASURING = ("dynamic", "whole")
 
 
 def parse_policy(text: str) -> tuple[str, dict[str, int]]:
-    """'dynamic[:knob=N,...]', 'adaptive[:knob=N,...]', 'shadow' or
+    """'dynamic[:knob=N,...]', 'whole[:knob=N,...]', 'shadow' or
     'nested' -> (kind, knobs)."""
     kind, _, rest = text.partition(":")
     if kind not in POLICIES:
         raise HvError(f"unknown agile policy {kind!r} (choose from {', '.join(POLICIES)})")
     if rest and kind not in MEASURING:
-        raise HvError(f"agile policy {kind!r} has no knobs (only dynamic and adaptive have: "
+        raise HvError(f"agile policy {kind!r} has no knobs (only dynamic and whole have: "
                       f"{', '.join(KNOBS)})")
     knobs = {}
     for item in filter(None, rest.split(",")):
@@ -91,7 +91,7 @@ class AgilePolicy:
     nested. Every TRIAL windows whatever is nested is tried back as shadow
     (never with TRIAL 0): write-protected again, it goes nested again at
     the same rates. Each knob can be set: "dynamic:writes=2,cr3=8,window=1e5,trial=0".
-    "adaptive": the whole VM is shadowed or nested (`--mmu adaptive`, after
+    "whole": the whole VM is shadowed or nested (`--mmu adaptive`, after
     Wang et al., "Selective hardware/software memory virtualization", VEE
     2011): where "dynamic" would nest a table, the root goes nested; every
     TRIAL windows the VM is tried back as shadow. The same knobs.
@@ -109,7 +109,7 @@ class AgilePolicy:
             setattr(self, attr, value)
         self.cache = cache
         self.dynamic = kind in MEASURING
-        self.whole_vm = kind == "adaptive"
+        self.whole_vm = kind == "whole"
         self.elapsed = lambda: 0            # the VM's clock (the mode sets it)
         self.nested: set[int] = set()       # guest table frames walked nested
         self.root_nested = kind == "nested"

@@ -187,13 +187,13 @@ class Agile(Mode):
 
 class Adaptive(Agile):
     """Agile's machinery with the whole-VM policy: `--mmu agile
-    --agile-policy adaptive` (whose knobs that spelling sets)."""
+    --agile-policy whole` (whose knobs that spelling sets)."""
     name = "adaptive"
     help = ("the whole VM shadowed or nested, switched by measured exits (after Wang et "
             "al., VEE 2011): agile paging's policy without subtrees")
 
     def policy(self, config) -> str:
-        return "adaptive"
+        return "whole"
 
 
 MODES: dict[str, Mode] = {m.name: m for m in (Native(), Shadow(), Ept(), Agile(), Adaptive(),
