@@ -102,10 +102,11 @@ def test_default(hv):
         "*::test_all[[]shadow[]] PASSED*",
         "*::test_all[[]ept[]] PASSED*",
         "*::test_all[[]agile[]] PASSED*",
+        "*::test_all[[]adaptive[]] PASSED*",
         "*::test_all[[]qemu[]] PASSED*",
         "*::test_default PASSED*",
     ])
-    result.assert_outcomes(passed=8)
+    result.assert_outcomes(passed=9)
 
 
 def test_option_runs_each_test_once_per_mode(pytester, run_pytest):
@@ -140,7 +141,7 @@ def test_x(hv):
 ''')
     result = run_pytest("--hv-mmu=native,nested")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
-    result.stderr.fnmatch_lines(["*--hv-mmu: no MMU mode 'nested' (modes: native, shadow, ept, agile, qemu, all)"])
+    result.stderr.fnmatch_lines(["*--hv-mmu: no MMU mode 'nested' (modes: native, shadow, ept, agile, adaptive, qemu, all)"])
     result = run_pytest()
     result.stdout.fnmatch_lines(["*test_x: @pytest.mark.hv_modes: no MMU mode 'shadw'*"])
     result.assert_outcomes(errors=1)
