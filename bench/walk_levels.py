@@ -31,4 +31,5 @@ def run(memo):
             w.walk(CR3, va, READ, False, True, True)
     return (time.perf_counter() - t) / (200 * len(VAS)) * 1e6
 best = {m: min(run(m) for _ in range(5)) for m in (False, True)}
-print(sys.argv[1] if len(sys.argv) > 1 else "walker:", f"walked {best[False]:.3f} us, replayed {best[True]:.3f} us")
+label = sys.argv[1] if len(sys.argv) > 1 else "walker:"
+print(label, f"walked {best[False]:.3f} us, replayed {best[True]:.3f} us")
