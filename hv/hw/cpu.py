@@ -100,7 +100,7 @@ class Msrs:
     keeps (hv.arch.cpuid.QEMU_MSRS), `tsc()` is the vCPU's clock and `apic`
     its local APIC (APIC_BASE)."""
 
-    def __init__(self, engine, tsc: Callable[[], int], apic, linear_bits: int = c.LINEAR_BITS):
+    def __init__(self, engine, tsc: Callable[[], int], apic, linear_bits: int):
         self.engine, self.tsc, self.apic = engine, tsc, apic
         self.linear_bits = linear_bits      # of a canonical address (CpuModel.linear_bits)
         self.tsc_offset = 0

@@ -124,7 +124,7 @@ class HardwareMMU:
         self.tag = self.walker.asid = tag(self.asid, cr3 & PCID_MASK if cr4 & _PCIDE else 0)
         self._gtag = global_tag(self.tag)
         self.paging = bool(cr0 & PG)
-        self._root = root(cr3, cr4) | NESTED_ROOT if nested_root else root(cr3, cr4)
+        self._root = root(cr3, cr4) | (NESTED_ROOT if nested_root else 0)
         if nested_root != self.nested_root:
             w = self.walker
             w.nested = self._nested if nested_root else None
