@@ -54,9 +54,10 @@ def deliver(cpu: FakeCpu, vector, error_code=None, rip=0x1234, **kw):
     def read(vaddr, n):
         return bytes(cpu.mem[vaddr:vaddr + n])
 
-    def write(vaddr, data):
-        if 0xF000 <= vaddr < 0x10000:       # an unmapped page, for a fault
-            raise PageFault(vaddr, 0x2)
+    def write(vaddr, data, first):
+        assert vaddr >> 12 == first >> 12 and vaddr <= first < vaddr + len(data)
+        if 0xF000 <= first < 0x10000:       # an unmapped page, for a fault
+            raise PageFault(first, 0x2)
         cpu.mem[vaddr:vaddr + len(data)] = data
 
     counters = Counter()
@@ -138,6 +139,14 @@ def test_a_fault_pushing_the_frame_is_a_double_fault_and_on_that_stack_a_triple_
     assert [(s.name, s.why) for s in chain] == [
         ("#PF(0x2) at 0x4321", "#PF(0x2) at 0xf00c pushing the exception frame"),
         ("#DF(0x0)", "#PF(0x2) at 0xf00c pushing the exception frame")]
+
+
+def test_a_frame_across_two_pages_is_pushed_value_by_value_up_to_the_fault():
+    cpu = protected_cpu(rsp=0x10008)           # EFLAGS and CS above 0x10000, EIP below
+    cpu.gate32(Vector.GP, 0x6000)
+    chain, _ = deliver(cpu, Vector.GP, 0x18)
+    assert chain[0].why == "#PF(0x2) at 0xfffc pushing the exception frame"
+    assert [cpu.get(0x10000 + 4 * i, 4) for i in range(2)] == [0x08, 0x202]
 
 
 @pytest.mark.parametrize("sp", [0x100, 0x2])

@@ -193,10 +193,22 @@ def test_flush_page_drops_one_translation_only():
 
 
 def test_direct_register_access_matches_the_binding():
+    from unicorn import x86_const as x86c
+
+    from hv.hw.engine import _REGS
     e = engine("nop")
     for name, value in (("rax", 2**64 - 1), ("r15", 0x1234), ("rip", BASE + 1), ("cr2", 0xDEAD000)):
         e.set_reg(name, value)
-        assert e.reg(name) == e.uc.reg_read(__import__("hv.hw.engine").hw.engine._REGS[name]) == value
+        assert e.reg(name) == e.uc.reg_read(_REGS[name]) == value
+    # Selectors, and the descriptor tables and TR, are read in place too.
+    e.uc.reg_write(x86c.UC_X86_REG_GDTR, (0, 0x12345000, 0x7F, 0))
+    e.uc.reg_write(x86c.UC_X86_REG_IDTR, (0, 0xFFFF_8000_0000_1000, 0xFFF, 0))
+    e.uc.reg_write(x86c.UC_X86_REG_TR, (0x28, 0x6000, 0x67, 0x8B00))
+    assert e.gdtr() == (0x12345000, 0x7F) and e.idtr() == (0xFFFF_8000_0000_1000, 0xFFF)
+    assert e.tr_base() == 0x6000
+    for name, value in (("cs", 0x33), ("ss", 0x2B)):
+        e.set_reg(name, value)
+        assert e.reg(name) == e.uc.reg_read(_REGS[name]) == value
 
 
 def test_host_writes_leave_translated_code_stale_until_invalidated():

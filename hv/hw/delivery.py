@@ -24,6 +24,12 @@ from ..arch.x86 import (GATE_INTERRUPT, GATE_INTERRUPT16, GATE_TASK, GATE_TRAP, 
 from ..events import Fault
 
 
+# RFLAGS bits a handler starts with clear (as ints: IntFlag arithmetic is
+# slow on this path).
+_ENTER_CLEARS = int(RFLAGS.TF | RFLAGS.NT | RFLAGS.RF | RFLAGS.VM)
+_INTERRUPT_GATE_CLEARS = _ENTER_CLEARS | int(RFLAGS.IF)
+
+
 class Step(NamedTuple):
     """One event of a chain that ended in a triple fault: the event whose
     delivery failed (its error code, None if it has none; CR2 for a #PF)
@@ -71,8 +77,9 @@ def selector_error(index: int, idt: bool, ext: int) -> int:
 
 class Delivery:
     """Delivers events for one vCPU. `read(vaddr, n) -> bytes` and
-    `write(vaddr, data)` are the CPU's linear accesses (supervisor, within
-    one page for a write), each raising `Fault`."""
+    `write(vaddr, data, first)` are the CPU's linear accesses (supervisor;
+    a write within the page of `first`, the address translated, which a
+    fault names), each raising `Fault`."""
 
     def __init__(self, engine, read: Callable[[int, int], bytes],
                  write: Callable[[int, bytes], None], counters):
@@ -150,12 +157,27 @@ class Delivery:
             raise _Raised(Vector.GP, ext, "the gate's code selector is NULL")
         return old_cpl, self._handler_cpl(selector, ext, old_cpl)
 
-    def _push(self, addr: int, value: int, size: int) -> None:
+    def _push(self, addr: int, data: bytes, first: int) -> None:
         try:
-            self.write(addr, (value & ((1 << 8 * size) - 1)).to_bytes(size, "little"))
+            self.write(addr, data, first)
         except Fault as f:
             raise _Raised(f.vector, f.error_code, _faulted(f, "pushing the exception frame"),
                           f.vaddr) from None
+
+    def _push_all(self, sp: int, values: list[int], size: int, mask: int) -> int:
+        """Push `values`, first to last, below `sp`; the new SP. Where they
+        share the first push's page, one write (a fault names the first
+        push's address, as pushing one by one would); else one by one."""
+        first, low = (sp - size) & mask, (sp - size * len(values)) & mask
+        if low <= first and low >> 12 == first >> 12:
+            data = b"".join((v & ((1 << 8 * size) - 1)).to_bytes(size, "little")
+                            for v in reversed(values))
+            self._push(low, data, first)
+            return low
+        for value in values:
+            sp = (sp - size) & mask
+            self._push(sp, (value & ((1 << 8 * size) - 1)).to_bytes(size, "little"), sp)
+        return sp
 
     def _push_frame(self, vector: int, error_code: int | None, rip: int, software: bool) -> None:
         mode = self.engine.cpu_mode()
@@ -186,9 +208,7 @@ class Delivery:
         frame = [e.reg("ss"), e.reg("rsp"), e.reg("rflags"), e.reg("cs"), rip]
         if error_code is not None and vector in HAS_ERROR_CODE:
             frame.append(error_code)
-        for value in frame:
-            rsp = (rsp - 8) & (2**64 - 1)
-            self._push(rsp, value, 8)
+        rsp = self._push_all(rsp, frame, 8, 2**64 - 1)
         # SS: a NULL selector with RPL = CPL.
         self._enter(selector, new_cpl, new_cpl if new_cpl != old_cpl else None, rsp, offset,
                     gtype == GATE_INTERRUPT)
@@ -216,9 +236,7 @@ class Delivery:
             frame = [e.reg("ss"), e.reg("rsp"), *frame]
         if error_code is not None and vector in HAS_ERROR_CODE:
             frame.append(error_code)
-        for value in frame:
-            esp = (esp - size) & 0xFFFF_FFFF
-            self._push(esp, value, size)
+        esp = self._push_all(esp, frame, size, 0xFFFF_FFFF)
         self._enter(selector, new_cpl, new_ss, esp, offset if size == 4 else offset & 0xFFFF,
                     gtype in (GATE_INTERRUPT, GATE_INTERRUPT16))
         if new_ss is not None:
@@ -232,7 +250,7 @@ class Delivery:
         sp, ss_base = e.reg("rsp") & 0xFFFF, e.reg("ss") << 4
         for value in (e.reg("rflags"), e.reg("cs"), rip):
             sp = (sp - 2) & 0xFFFF
-            self._push(ss_base + sp, value, 2)
+            self._push(ss_base + sp, (value & 0xFFFF).to_bytes(2, "little"), ss_base + sp)
         flags = e.reg("rflags") & ~(RFLAGS.IF | RFLAGS.TF | RFLAGS.AC)
         e.set_reg("rflags", flags)
         e.set_reg("cs", int.from_bytes(raw[2:], "little"))
@@ -244,9 +262,7 @@ class Delivery:
         """Run the handler: RFLAGS (an interrupt gate clears IF), CS at
         `cpl`, the stack (SS only if the privilege changed), RIP."""
         e = self.engine
-        flags = e.reg("rflags") & ~(RFLAGS.TF | RFLAGS.NT | RFLAGS.RF | RFLAGS.VM)
-        if interrupt_gate:
-            flags &= ~RFLAGS.IF
+        flags = e.reg("rflags") & ~(_INTERRUPT_GATE_CLEARS if interrupt_gate else _ENTER_CLEARS)
         e.set_reg("rflags", flags)
         e.set_reg("cs", (selector & ~3) | cpl)
         if ss is not None:

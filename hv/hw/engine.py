@@ -75,8 +75,13 @@ _CTX_SIZE = 5608
 _ENV_RIP = 128                  # after regs[16]
 _ENV_EFLAGS = 136               # after eip: IF, AC and the other system flags, kept
 _ENV_HFLAGS = 176               # HF_CPL_MASK: bits 1:0
-_ENV_CS_BASE = 216              # segs[R_CS].base (segs[6] after hflags2: 24 bytes each)
-_ENV_SS_FLAGS = 252             # segs[R_SS].flags: DPL in bits 14:13
+# After hflags2: segs[6] (ES, CS, SS, DS, FS, GS), ldt, tr, gdt, idt, each a
+# SegmentCache of 24 bytes: selector (u32), base (u64, at 8), limit (u32, at
+# 16), flags (u32, at 20).
+_ENV_SEGS, _SEG_SIZE = 184, 24
+_SEG_CS, _SEG_SS, _SEG_TR, _SEG_GDT, _SEG_IDT = 1, 2, 7, 8, 9
+_ENV_CS_BASE = _ENV_SEGS + _SEG_CS * _SEG_SIZE + 8
+_ENV_SS_FLAGS = _ENV_SEGS + _SEG_SS * _SEG_SIZE + 20    # DPL in bits 14:13
 _ENV_ERROR_CODE = 5384
 _ENV_EXCEPTION_IS_INT = 5388    # 1 when the exception is an INT n (INT3, INTO)
 _ENV_OLD_EXCEPTION = 5496
@@ -260,6 +265,10 @@ _uc_reg_write = _uclib.uc_reg_write
 _WIDE = frozenset(getattr(x86c, f"UC_X86_REG_{n.upper()}") for n in (
     "rax rbx rcx rdx rsi rdi rbp rsp r8 r9 r10 r11 r12 r13 r14 r15 rip rflags "
     "cr0 cr2 cr3 cr4 fs_base gs_base").split())
+# Segment selectors are written the same way (Unicorn reads 16 bits of the
+# value and loads the descriptor); read in place (Engine._fast).
+_DIRECT_WRITE = _WIDE | {getattr(x86c, f"UC_X86_REG_{n.upper()}")
+                         for n in "cs ss ds es fs gs".split()}
 
 
 class Engine:
@@ -312,6 +321,13 @@ class Engine:
         # Writes of RIP go through Unicorn, which must end the block it is in.
         self._fast_gprs = dict(self._fast)
         self._fast["rip"] = ctypes.c_uint64.from_address(env + _ENV_RIP)
+        # Selectors read in place (written through Unicorn, which loads the
+        # descriptor); the descriptor tables' and TR's base and limit too.
+        for name, seg in (("cs", _SEG_CS), ("ss", _SEG_SS)):
+            self._fast[name] = ctypes.c_uint32.from_address(env + _ENV_SEGS + seg * _SEG_SIZE)
+        self._tables = {seg: (ctypes.c_uint64.from_address(env + _ENV_SEGS + seg * _SEG_SIZE + 8),
+                              ctypes.c_uint32.from_address(env + _ENV_SEGS + seg * _SEG_SIZE + 16))
+                        for seg in (_SEG_TR, _SEG_GDT, _SEG_IDT)}
         self.hflags = ctypes.c_uint32.from_address(env + _ENV_HFLAGS)
         self._eflags = ctypes.c_uint64.from_address(env + _ENV_EFLAGS)
         self._ss_flags = ctypes.c_uint32.from_address(env + _ENV_SS_FLAGS)
@@ -340,7 +356,7 @@ class Engine:
             fast.value = value & 0xFFFF_FFFF_FFFF_FFFF
             return
         reg = _REGS[name]
-        if reg in _WIDE:
+        if reg in _DIRECT_WRITE:
             self._value.value = value & 0xFFFF_FFFF_FFFF_FFFF
             if _uc_reg_write(self._handle, reg, self._value_ref):
                 raise EngineError(f"cannot write {name}")
@@ -353,18 +369,18 @@ class Engine:
     def set_msr(self, index: int, value: int) -> None:
         self.uc.reg_write(x86c.UC_X86_REG_MSR, (index, value))
 
-    def _table(self, reg: int) -> tuple[int, int, int]:
-        sel, base, limit, _flags = self.uc.reg_read(reg)
-        return base, limit, sel
+    def _table(self, seg: int) -> tuple[int, int]:
+        base, limit = self._tables[seg]
+        return base.value, limit.value
 
     def gdtr(self) -> tuple[int, int]:
-        return self._table(x86c.UC_X86_REG_GDTR)[:2]
+        return self._table(_SEG_GDT)
 
     def idtr(self) -> tuple[int, int]:
-        return self._table(x86c.UC_X86_REG_IDTR)[:2]
+        return self._table(_SEG_IDT)
 
     def tr_base(self) -> int:
-        return self._table(x86c.UC_X86_REG_TR)[0]
+        return self._table(_SEG_TR)[0]
 
     def set_gdtr(self, base: int, limit: int) -> None:
         self.uc.reg_write(x86c.UC_X86_REG_GDTR, (0, base, limit, 0))

@@ -712,14 +712,17 @@ class VCpu:
             out += self.vm.mem.read(paddr, n)
         return out
 
-    def _write_linear(self, vaddr: int, data: bytes) -> None:
-        """Write within one page, as the CPU does when it pushes a frame."""
+    def _write_linear(self, vaddr: int, data: bytes, first: int) -> None:
+        """Write within the page of `first`, as the CPU pushes a frame:
+        `first` is translated (the address a fault names), `data` written
+        at `vaddr`."""
         try:
-            hpa = self._linear(vaddr, WRITE)
+            hpa = self._linear(first, WRITE)
         except EmulateWrite as em:
-            self.mmu.vmm_write(em, data)    # onto a shadowed guest page table
+            # Onto a shadowed guest page table.
+            self.mmu.vmm_write(EmulateWrite(vaddr, em.gfn), data)
             return
-        self.vm.mem.write(hpa, data)
+        self.vm.mem.write(hpa - first + vaddr, data)
 
     # -- reports -------------------------------------------------------------
     def insns(self) -> int:
