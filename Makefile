@@ -30,9 +30,12 @@ bench: $(STAMP)
 	$(BIN)/python bench/bench.py
 
 # KVM's kvm-unit-tests (../shared/kvm-unit-tests: prebuilt images and the
-# source's x86/unittests.cfg) in every mode: PASS, FAIL or SKIP each.
+# source's x86/unittests.cfg) in every mode: PASS, FAIL or SKIP each, JOBS at
+# once; access (hours in each mode) without a timeout.
+JOBS ?= $(shell nproc)
 kut: $(STAMP)
-	$(BIN)/hv kut ../shared/kvm-unit-tests --mmu native,shadow,ept,agile,qemu
+	$(BIN)/hv kut ../shared/kvm-unit-tests --mmu native,shadow,ept,agile,qemu --jobs $(JOBS) \
+		--timeout access=0
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache compare.png

@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import re
 import sys
+import time
 from importlib import metadata
 from pathlib import Path
 
@@ -205,9 +205,12 @@ def _parser() -> argparse.ArgumentParser:
     k.add_argument("--max-insns", type=_positive, default=kut.DEFAULT_MAX_INSNS,
                    help="stop a test after this many instructions (default 1e11: its "
                         "timeout stops it first)")
-    k.add_argument("--timeout", type=float, metavar="SECONDS",
-                   help="every test's wall-clock timeout, instead of unittests.cfg's "
-                        "(default 90 s); 0: none (access takes about 6 minutes)")
+    k.add_argument("--timeout", action="append", default=[], metavar="[TEST=]SECONDS",
+                   help="the wall-clock timeout of every test, or of TEST (a name or glob), "
+                        "instead of unittests.cfg's (default 90 s); 0: none; repeatable, "
+                        "applied in order (access needs 0: it runs for hours)")
+    k.add_argument("-j", "--jobs", type=_positive, default=1, metavar="N",
+                   help="run N tests at once, each in a process of its own (default 1)")
     _add_profile_option(k)
     k.add_argument("--list", action="store_true",
                    help="print the tests and hv's options for each, without running them")
@@ -339,10 +342,7 @@ def _cmd_kut(args) -> int:
 
     sources, names = kut.split_args([args.source, *args.tests] if args.source else [])
     tests = kut.load_tests(sources, names, args.group)
-    if args.timeout is not None:
-        if args.timeout < 0:
-            raise HvError("--timeout must not be negative")
-        tests = [dataclasses.replace(t, timeout=args.timeout) for t in tests]
+    tests = kut.set_timeouts(tests, args.timeout)
     source = " ".join(map(str, sources))
     check_modes(load_profile(args.profile), args.mmu)
     if args.list:
@@ -361,13 +361,15 @@ def _cmd_kut(args) -> int:
         def step(test: kut.Test, mode: str, done: int) -> None:
             bar.update(task, completed=done, description=f"{test.name} [{mode}]")
 
+        start = time.perf_counter()
         outcomes = kut.run_all(tests, args.mmu, max_insns=args.max_insns, profile=args.profile,
-                               on_progress=step)
+                               jobs=args.jobs, on_progress=step)
+        wall = time.perf_counter() - start
     if args.json:
         json.dump(kut.to_json(source, args.mmu, tests, outcomes), sys.stdout, indent=2)
         sys.stdout.write("\n")
     else:
-        kut.print_results(tests, args.mmu, outcomes, make_console())
+        kut.print_results(tests, args.mmu, outcomes, make_console(), wall)
     if kut.interrupted(outcomes):
         print("hv: interrupted: the runs finished before Ctrl-C are shown", file=sys.stderr)
         return 130

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import re
 import shlex
+import signal
 import tarfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
@@ -294,6 +295,26 @@ def load_tests(source: Path | Sequence[Path], names: Sequence[str] = (),
     return [t for t in tests if _chosen(t, names, groups)]
 
 
+def set_timeouts(tests: Sequence[Test], specs: Sequence[str]) -> list[Test]:
+    """The tests with the timeouts of `specs` (hv kut --timeout), applied in
+    order: SECONDS for every test, NAME=SECONDS for the tests NAME (a glob)
+    matches; 0 is none. HvError for a bad one."""
+    tests = list(tests)
+    for spec in specs:
+        pattern, _, text = spec.rpartition("=")
+        try:
+            seconds = float(text)
+        except ValueError:
+            raise HvError(f"--timeout {spec}: not [TEST=]SECONDS") from None
+        if seconds < 0:
+            raise HvError("--timeout must not be negative")
+        if pattern and not any(fnmatchcase(t.name, pattern) for t in tests):
+            raise HvError(f"--timeout {spec}: no test {pattern!r} is run")
+        tests = [replace(t, timeout=seconds) if not pattern or fnmatchcase(t.name, pattern)
+                 else t for t in tests]
+    return tests
+
+
 def _chosen(test: Test, names: Sequence[str], groups: Sequence[str]) -> bool:
     if names and not any(fnmatchcase(test.name, p) for p in names):
         return False
@@ -424,19 +445,70 @@ def run_test(test: Test, mode: str, *, max_insns: int = DEFAULT_MAX_INSNS,
 
 
 def run_all(tests: Sequence[Test], modes: Sequence[str], *,
-            max_insns: int = DEFAULT_MAX_INSNS, profile: str = DEFAULT_PROFILE,
+            max_insns: int = DEFAULT_MAX_INSNS, profile: str = DEFAULT_PROFILE, jobs: int = 1,
             on_progress: Callable[[Test, str, int], None] | None = None) -> list[Outcome]:
-    """Each test in each mode, in order; `on_progress(test, mode, done)`
-    before each run. A run interrupted by Ctrl-C is the last."""
+    """Each test in each mode, the outcomes in that order; `on_progress(test,
+    mode, done)` as each run starts. `jobs` > 1 runs that many at once, each
+    in a process of its own. After Ctrl-C no run starts: those under way
+    end interrupted, and the outcomes are the runs that ended."""
+    runs = [(test, mode) for test in tests for mode in modes]
+    if jobs > 1:
+        return _run_parallel(runs, jobs, max_insns, profile, on_progress)
     outcomes: list[Outcome] = []
-    for test in tests:
-        for mode in modes:
-            if on_progress is not None:
-                on_progress(test, mode, len(outcomes))
-            outcomes.append(run_test(test, mode, max_insns=max_insns, profile=profile))
-            if interrupted(outcomes[-1:]):
-                return outcomes
+    for test, mode in runs:
+        if on_progress is not None:
+            on_progress(test, mode, len(outcomes))
+        outcomes.append(run_test(test, mode, max_insns=max_insns, profile=profile))
+        if interrupted(outcomes[-1:]):
+            break
     return outcomes
+
+
+def _run_parallel(runs: list[tuple[Test, str]], jobs: int, max_insns: int, profile: str,
+                  on_progress: Callable[[Test, str, int], None] | None) -> list[Outcome]:
+    import multiprocessing
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    ended: dict[int, Outcome] = {}
+    queue = iter(enumerate(runs))
+    pending = {}
+    # spawn: a fork of a process with threads (rich's progress bar) is unsafe.
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=_ignore_sigint) as pool:
+        def start() -> None:
+            for i, (test, mode) in queue:
+                if on_progress is not None:
+                    on_progress(test, mode, len(ended))
+                pending[pool.submit(_worker_run, test, mode, max_insns, profile)] = i
+                return
+        try:
+            for _ in range(jobs):
+                start()
+            while pending:
+                done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for future in done:
+                    ended[pending.pop(future)] = future.result()
+                    if not interrupted(ended.values()):
+                        start()
+        except KeyboardInterrupt:
+            # The workers had Ctrl-C too: their runs end, interrupted.
+            for future, i in pending.items():
+                ended[i] = future.result()
+    return [ended[i] for i in sorted(ended)]
+
+
+def _ignore_sigint() -> None:
+    """A worker between runs ignores Ctrl-C (the parent decides)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _worker_run(test: Test, mode: str, max_insns: int, profile: str) -> Outcome:
+    """run_test in a worker, where Ctrl-C ends the run, with its counts."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        return run_test(test, mode, max_insns=max_insns, profile=profile)
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def interrupted(outcomes: Sequence[Outcome]) -> bool:
@@ -502,8 +574,9 @@ def _notes(tests: Sequence[Test], modes: Sequence[str],
 
 
 def print_results(tests: Sequence[Test], modes: Sequence[str], outcomes: Sequence[Outcome],
-                  console: Console) -> None:
-    """The table (a row per test, a column per mode), then the reasons."""
+                  console: Console, wall: float | None = None) -> None:
+    """The table (a row per test, a column per mode), then the reasons and
+    the counts, in `wall` seconds (by default the runs' own, added up)."""
     from rich.markup import escape
     from rich.table import Table
     cells = {(o.test, o.mode): o for o in outcomes}
@@ -520,7 +593,7 @@ def print_results(tests: Sequence[Test], modes: Sequence[str], outcomes: Sequenc
     for note in notes:
         console.print(note, highlight=False)
     counts = {s: sum(o.status == s for o in outcomes) for s in (PASS, FAIL, SKIP)}
-    seconds = sum(o.seconds for o in outcomes)
+    seconds = sum(o.seconds for o in outcomes) if wall is None else wall
     console.print(f"\n{len(outcomes)} runs: " + ", ".join(
         f"[{_STYLE[s]}]{n} {s}[/]" for s, n in counts.items()) + f" in {seconds:.1f} s",
         highlight=False)

@@ -3,6 +3,7 @@ QEMU options mapped onto hv's (or a SKIP saying why), runs judged by the
 exit code, and the command. The real cfg and images live beside the
 checkout (../shared); where they are absent those tests skip and say so."""
 import json
+import re
 import shutil
 import tarfile
 from pathlib import Path
@@ -286,11 +287,40 @@ def test_kut_list(capsys):
 
 
 def test_timeout_replaces_every_tests_own(capsys):
-    """access_test runs for minutes: --timeout 0 lets it finish."""
+    """access_test runs for hours: --timeout access=0 lets it finish."""
     status, out, _ = hv(capsys, need(DUMMY), "--list", "--json", "--timeout", "0")
     assert status == 0 and json.loads(out)["tests"][0]["timeout"] == 0
     status, _, err = hv(capsys, DUMMY, "--timeout", "-1")
     assert status == 2 and "--timeout must not be negative" in err
+
+
+def test_timeouts_by_name_apply_in_order(tmp_path):
+    tests = cfg_tests(tmp_path, "[a1]\nfile = t.flat\n[a2]\nfile = t.flat\ntimeout = 5\n"
+                                "[b]\nfile = t.flat\n").values()
+    timeouts = lambda *specs: {t.name: t.timeout for t in kut.set_timeouts(tests, specs)}
+    assert timeouts() == {"a1": 90, "a2": 5, "b": 90}
+    assert timeouts("a*=0") == {"a1": 0, "a2": 0, "b": 90}
+    assert timeouts("a*=0", "30", "a2=7.5") == {"a1": 30, "a2": 7.5, "b": 30}
+    for spec, message in (("c=1", "--timeout c=1: no test 'c' is run"),
+                          ("a1=soon", "--timeout a1=soon: not [TEST=]SECONDS"),
+                          ("a1=-1", "--timeout must not be negative")):
+        with pytest.raises(kut.HvError, match=re.escape(message)):
+            kut.set_timeouts(tests, [spec])
+
+
+def test_jobs_run_in_processes_with_the_same_outcomes_in_the_same_order(capsys):
+    tests = kut.load_tests(need(SHARED), ["smptest", "pcid-enabled"])
+    seen = []
+    one_by_one = kut.run_all(tests, ["native", "ept"])
+    at_once = kut.run_all(tests, ["native", "ept"], jobs=3,
+                          on_progress=lambda test, mode, done: seen.append((test.name, mode)))
+    key = lambda o: (o.test, o.mode, o.status, o.exit_code, o.insns, o.exits, o.mmio_exits)
+    assert [key(o) for o in at_once] == [key(o) for o in one_by_one]
+    assert [o.status for o in at_once] == ["PASS"] * 4 and at_once[0].insns > 0
+    assert seen == [("smptest", "native"), ("smptest", "ept"), ("pcid-enabled", "native"),
+                    ("pcid-enabled", "ept")]
+    status, _, err = hv(capsys, DUMMY, "-j", "0")
+    assert status == 2 and "must be positive" in err
 
 
 def test_kut_list_of_the_shared_tests(capsys):
