@@ -7,8 +7,8 @@ Paging guests
 A `PagingCase` (strategy `paging_cases`) is a random paging structure plus a
 script of operations: qword reads, writes and execute accesses (`call va`)
 at random virtual addresses that the tables may or may not map, writes of
-random entries into the live tables, INVLPG, CR3 reloads, CR0.WP and
-EFER.NXE changes. The guest (`paging_image`) is one interpreter, assembled
+random entries into the live tables, INVLPG, CR3 reloads, CR0.WP,
+EFER.NXE, CR4.PKE (with PKRU) and CR4.SMEP/SMAP (with EFLAGS.AC) changes. The guest (`paging_image`) is one interpreter, assembled
 once, followed by a blob describing the case; `render_paging` gives the same
 image as a commented source. The guest installs the asm/ library's GDT and
 IDT with a #PF/#GP handler that records vector, error code and CR2 and
@@ -212,6 +212,7 @@ def paging_cases(draw) -> PagingCase:
         st.tuples(st.just("wp"), st.booleans()),
         st.tuples(st.just("nxe"), st.booleans()),
         st.tuples(st.just("pk"), st.booleans(), st.integers(0, 2**32 - 1)),
+        st.tuples(st.just("sm"), st.booleans(), st.booleans(), st.booleans()),
     )
     ops = draw(st.lists(op, min_size=1, max_size=24))
     pages = []
@@ -228,7 +229,8 @@ def paging_cases(draw) -> PagingCase:
 # by a blob of qwords that describes the case (paging_blob): the tables'
 # initial entries and the script. render_paging(case) gives the same image
 # as a source: the interpreter and the blob as commented `.quad` lines.
-OP_END, OP_READ, OP_WRITE, OP_EXEC, OP_PTE, OP_INVLPG, OP_CR3, OP_WP, OP_NXE, OP_PK = range(10)
+(OP_END, OP_READ, OP_WRITE, OP_EXEC, OP_PTE, OP_INVLPG, OP_CR3, OP_WP, OP_NXE, OP_PK,
+ OP_SM) = range(11)
 
 PAGING_GUEST = """\
     jmp main
@@ -249,7 +251,8 @@ PATTERN = {pattern:#x}
 ;               1 read a=va; 2 write a=va b=value; 3 exec a=va;
 ;               4 entry write a=guest-physical address b=value;
 ;               5 INVLPG a=va; 6 CR3 reload; 7 CR0.WP=a; 8 EFER.NXE=a;
-;               9 CR4.PKE=a, then with PKE WRPKRU b.
+;               9 CR4.PKE=a, then with PKE WRPKRU b;
+;               10 CR4.SMEP=a bit 0, CR4.SMAP=a bit 1, EFLAGS.AC=a bit 2.
 ;               Writes (2, 4): then c=0 INVLPG every page of the list,
 ;               c=1 reload CR3.
 main:
@@ -283,7 +286,7 @@ main:
     mov rcx, qword ptr [rbp + 16]
     mov r9, qword ptr [rbp + 24]
     add rbp, 32
-    cmp rax, 9
+    cmp rax, 10
     ja .Lbad_op
     lea rdx, [rip + op_table]
     jmp qword ptr [rdx + rax*8]
@@ -324,6 +327,9 @@ op_nxe:
     jmp .Lnext
 op_pk:
     call set_pk
+    jmp .Lnext
+op_sm:
+    call set_sm
     jmp .Lnext
 flush:
     test r9, r9
@@ -526,6 +532,29 @@ set_pk:
     wrpkru
     jmp newline
 
+; set_sm: rbx bit 0: CR4.SMEP, bit 1: CR4.SMAP, bit 2: EFLAGS.AC (STAC or
+; CLAC), then a CR3 reload. "S <rbx>". The interpreter's own pages are
+; supervisor pages: only the script's accesses to user pages are refused.
+set_sm:
+    mov al, 'S'
+    call tag
+    mov rax, cr4
+    and rax, ~0x300000
+    mov rdx, rbx
+    and rdx, 3
+    shl rdx, 20
+    or rax, rdx
+    mov cr4, rax
+    test rbx, 4
+    jz .Lset_sm_clac
+    stac
+    jmp .Lset_sm_flush
+.Lset_sm_clac:
+    clac
+.Lset_sm_flush:
+    call flush_cr3
+    jmp newline
+
 ; fill_data: every qword of every data frame: PATTERN | (its address & 0xFFFFF8) << 8.
 fill_data:
     lea rsi, [rip + data_list]
@@ -570,6 +599,7 @@ dump:
 .align 8
 op_table:
     .quad op_end, op_read, op_write, op_exec, op_pte, op_invlpg, op_cr3, op_wp, op_nxe, op_pk
+    .quad op_sm
 {lists}
 .align 8
 blob:
@@ -641,6 +671,10 @@ def _script(case: PagingCase) -> list[tuple[str, tuple[int, int, int, int]]]:
         elif kind == "pk":
             out.append((f"cr4.pke = {int(op[1])}" + (f", pkru = {op[2]:#x}" if op[1] else ""),
                         (OP_PK, int(op[1]), op[2], 0)))
+        elif kind == "sm":
+            out.append((f"cr4.smep = {int(op[1])}, cr4.smap = {int(op[2])}, "
+                        f"eflags.ac = {int(op[3])}",
+                        (OP_SM, op[1] | op[2] << 1 | op[3] << 2, 0, 0)))
         else:
             raise ValueError(op)
     out.append(("end", (OP_END, 0, 0, 0)))

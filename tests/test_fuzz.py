@@ -120,6 +120,27 @@ def test_a_5_level_case_walks_from_the_pml5():
         assert "#13" in r.console.splitlines()[1], m        # non-canonical at 57 bits: #GP
 
 
+def test_smep_and_smap_refuse_the_supervisors_accesses_to_a_user_page():
+    """The interpreter runs at CPL 0: with CR4.SMEP a fetch from a user page
+    is #PF(I/D | P), with CR4.SMAP a read is #PF(P) unless
+    EFLAGS.AC; every mode as the oracle, whose MMU checks both."""
+    va = F.make_va(9, 0x100, 0x1FF, 8, 0x48)
+    entries = [(0, 9, F.TABLES[1] | F.P | F.RW | F.US), (1, 0x100, F.TABLES[2] | F.P | F.RW | F.US),
+               (2, 0x1FF, F.TABLES[3] | F.P | F.RW | F.US), (3, 8, F.DATA[0] | F.P | F.RW | F.US)]
+    x = ("x", va, F.EXEC_OFFSETS[0])
+    ops = [("r", va), x, ("sm", True, False, False), ("r", va), x, ("sm", False, True, False),
+           ("r", va), x, ("sm", False, True, True), ("r", va), ("sm", False, False, False), x]
+    case = F.PagingCase(entries=entries, ops=ops, pages=[va & ~0xFFF])
+    res = F.run_all(F.paging_image(case), ram=F.RAM)
+    xva = (va & ~0xFFF) | F.EXEC_OFFSETS[0]
+    read, fetch = f"r {va:#x} = {F.PATTERN | (F.DATA[0] | 0x48) << 8:#x}", f"x {xva:#x} ok"
+    want = [read, fetch, "S 0x1 ", read, f"x {xva:#x} #14 0x11 {xva:#x}", "S 0x2 ",
+            f"r {va:#x} #14 0x1 {va:#x}", fetch, "S 0x6 ", read, "S 0x0 ", fetch]
+    for m, r in res.items():
+        assert (r.reason, r.exit_code) == ("exit", 0), (m, r.detail)
+        assert r.console.splitlines()[:len(want)] == want, (m, r.console[:600])
+
+
 # -- 2. random instruction bytes -------------------------------------------------
 
 # The random code's instruction budget: it bounds every run (code that loops).
