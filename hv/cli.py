@@ -211,6 +211,9 @@ def _parser() -> argparse.ArgumentParser:
                         "applied in order (access needs 0: it runs for hours)")
     k.add_argument("-j", "--jobs", type=_positive, default=1, metavar="N",
                    help="run N tests at once, each in a process of its own (default 1)")
+    k.add_argument("--logs", type=Path, metavar="DIR",
+                   help="write each run's console to DIR/TEST.MODE.log, after the hv run "
+                        "command that repeats it")
     _add_profile_option(k)
     k.add_argument("--list", action="store_true",
                    help="print the tests and hv's options for each, without running them")
@@ -363,7 +366,7 @@ def _cmd_kut(args) -> int:
 
         start = time.perf_counter()
         outcomes = kut.run_all(tests, args.mmu, max_insns=args.max_insns, profile=args.profile,
-                               jobs=args.jobs, on_progress=step)
+                               jobs=args.jobs, logs=args.logs, on_progress=step)
         wall = time.perf_counter() - start
     if args.json:
         json.dump(kut.to_json(source, args.mmu, tests, outcomes), sys.stdout, indent=2)

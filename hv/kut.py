@@ -425,9 +425,10 @@ def summary(console: str) -> str | None:
 
 
 def run_test(test: Test, mode: str, *, max_insns: int = DEFAULT_MAX_INSNS,
-             profile: str = DEFAULT_PROFILE) -> Outcome:
+             profile: str = DEFAULT_PROFILE, logs: Path | None = None) -> Outcome:
     """Run `test` in MMU mode `mode` (not at all if it has a skip_reason),
-    its clock on CPU profile `profile` (hv.cost)."""
+    its clock on CPU profile `profile` (hv.cost); with `logs`, its console
+    in logs/NAME.MODE.log, after the `hv run` command that repeats it."""
     if test.skip_reason is not None:
         return Outcome(test.name, mode, SKIP, test.skip_reason)
     start = time.perf_counter()
@@ -436,36 +437,56 @@ def run_test(test: Test, mode: str, *, max_insns: int = DEFAULT_MAX_INSNS,
                     append=test.append, max_insns=max_insns, timeout=test.timeout,
                     profile=profile)
     except HvError as e:
+        if logs is not None:
+            _log(logs, test, mode, profile, f"hv: error: {e}\n")
         return Outcome(test.name, mode, FAIL, str(e), seconds=time.perf_counter() - start,
                        ended="error")
+    if logs is not None:
+        _log(logs, test, mode, profile, r.console + f"\nhv: ended: {r.reason}: {r.detail}; exit "
+                                                    f"code {r.exit_code}\n")
     status, reason = judge(r)
     return Outcome(test.name, mode, status, reason, summary(r.console),
                    time.perf_counter() - start, r.exit_code, r.reason, r.counters["insns"],
                    r.counters["exits"], r.counters["mmio_exits"])
 
 
+def _log(logs: Path, test: Test, mode: str, profile: str, text: str) -> None:
+    words = ["hv", "run", str(test.file), "--mmu", mode, "--ram",
+             f"{test.ram // MiB}M" if test.ram % MiB == 0 else str(test.ram),
+             "--vcpus", str(test.smp), "--profile", profile]
+    for option, value in (("--cpu", test.cpu), ("--append", test.append),
+                          ("--timeout", f"{test.timeout:g}" if test.timeout else "")):
+        if value:
+            words += [option, value]
+    (logs / f"{test.name}.{mode}.log").write_text(shlex.join(words) + "\n\n" + text)
+
+
 def run_all(tests: Sequence[Test], modes: Sequence[str], *,
             max_insns: int = DEFAULT_MAX_INSNS, profile: str = DEFAULT_PROFILE, jobs: int = 1,
+            logs: Path | None = None,
             on_progress: Callable[[Test, str, int], None] | None = None) -> list[Outcome]:
     """Each test in each mode, the outcomes in that order; `on_progress(test,
     mode, done)` as each run starts. `jobs` > 1 runs that many at once, each
     in a process of its own. After Ctrl-C no run starts: those under way
-    end interrupted, and the outcomes are the runs that ended."""
+    end interrupted, and the outcomes are the runs that ended. `logs`: a
+    directory for each run's console (run_test)."""
     runs = [(test, mode) for test in tests for mode in modes]
+    if logs is not None:
+        logs.mkdir(parents=True, exist_ok=True)
     if jobs > 1:
-        return _run_parallel(runs, jobs, max_insns, profile, on_progress)
+        return _run_parallel(runs, jobs, max_insns, profile, logs, on_progress)
     outcomes: list[Outcome] = []
     for test, mode in runs:
         if on_progress is not None:
             on_progress(test, mode, len(outcomes))
-        outcomes.append(run_test(test, mode, max_insns=max_insns, profile=profile))
+        outcomes.append(run_test(test, mode, max_insns=max_insns, profile=profile, logs=logs))
         if interrupted(outcomes[-1:]):
             break
     return outcomes
 
 
 def _run_parallel(runs: list[tuple[Test, str]], jobs: int, max_insns: int, profile: str,
-                  on_progress: Callable[[Test, str, int], None] | None) -> list[Outcome]:
+                  logs: Path | None, on_progress: Callable[[Test, str, int], None] | None) -> list[Outcome]:
     import multiprocessing
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
@@ -479,7 +500,7 @@ def _run_parallel(runs: list[tuple[Test, str]], jobs: int, max_insns: int, profi
             for i, (test, mode) in queue:
                 if on_progress is not None:
                     on_progress(test, mode, len(ended))
-                pending[pool.submit(_worker_run, test, mode, max_insns, profile)] = i
+                pending[pool.submit(_worker_run, test, mode, max_insns, profile, logs)] = i
                 return
         try:
             for _ in range(jobs):
@@ -502,11 +523,12 @@ def _ignore_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def _worker_run(test: Test, mode: str, max_insns: int, profile: str) -> Outcome:
+def _worker_run(test: Test, mode: str, max_insns: int, profile: str,
+                logs: Path | None) -> Outcome:
     """run_test in a worker, where Ctrl-C ends the run, with its counts."""
     signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
-        return run_test(test, mode, max_insns=max_insns, profile=profile)
+        return run_test(test, mode, max_insns=max_insns, profile=profile, logs=logs)
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
 

@@ -308,6 +308,17 @@ def test_timeouts_by_name_apply_in_order(tmp_path):
             kut.set_timeouts(tests, [spec])
 
 
+def test_logs_hold_each_runs_console_after_the_command_that_repeats_it(capsys, tmp_path):
+    status, _, _ = hv(capsys, need(DUMMY), "--mmu", "native,ept", "--logs", tmp_path / "logs")
+    assert status == 0
+    assert sorted(p.name for p in (tmp_path / "logs").iterdir()) == ["dummy.ept.log",
+                                                                     "dummy.native.log"]
+    command, _, rest = (tmp_path / "logs" / "dummy.ept.log").read_text().partition("\n\n")
+    assert command == f"hv run {DUMMY} --mmu ept --ram 128M --vcpus 1 --profile nehalem-2009 " \
+                      "--timeout 90"
+    assert rest.endswith("hv: ended: exit: the guest wrote 0 to port 0xf4; exit code 0\n")
+
+
 def test_jobs_run_in_processes_with_the_same_outcomes_in_the_same_order(capsys):
     tests = kut.load_tests(need(SHARED), ["smptest", "pcid-enabled"])
     seen = []
