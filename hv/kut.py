@@ -486,7 +486,8 @@ def run_all(tests: Sequence[Test], modes: Sequence[str], *,
 
 
 def _run_parallel(runs: list[tuple[Test, str]], jobs: int, max_insns: int, profile: str,
-                  logs: Path | None, on_progress: Callable[[Test, str, int], None] | None) -> list[Outcome]:
+                  logs: Path | None,
+                  on_progress: Callable[[Test, str, int], None] | None) -> list[Outcome]:
     import multiprocessing
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 

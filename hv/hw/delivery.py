@@ -82,7 +82,7 @@ class Delivery:
     fault names), each raising `Fault`."""
 
     def __init__(self, engine, read: Callable[[int, int], bytes],
-                 write: Callable[[int, bytes], None], counters):
+                 write: Callable[[int, bytes, int], None], counters):
         self.engine, self.read, self.write, self.counters = engine, read, write, counters
 
     def deliver(self, vector: int, error_code: int | None, rip: int, cr2: int = 0,
