@@ -240,6 +240,18 @@ def test_the_scanner_finds_vex_forms_and_knows_when_the_next_page_matters():
         assert ends_open(bytes(page[:4096 - len(tail)]) + tail, 4096)
 
 
+def test_a_straight_run_ends_where_rflags_if_may_be_set_or_code_branches():
+    from hv.hw.intercept import straight_run
+    # nop; nop; mov eax, 1; sti; nop: three instructions, then STI
+    assert straight_run(bytes.fromhex("9090b801000000fb90")) == 4
+    for opener in ("9d", "48cf", "480f07", "eb00", "e800000000", "c3", "cd20"):
+        # after two NOPs: popfq, iretq, sysretq, jmp, call, ret, int 0x20
+        assert straight_run(bytes.fromhex("9090" + opener + "90")) == 3, opener
+    assert straight_run(bytes.fromhex("9066")) == 1         # no whole second instruction
+    assert straight_run(b"") == 1
+    assert straight_run(bytes.fromhex("9090fb"), 16) == 3
+
+
 # One code frame (0x600000: `mov cr3, rax; ret`) behind 32 virtual pages
 # (0x3000000 + i * 4 KiB, through a page table at 0x500000), each called
 # twice.

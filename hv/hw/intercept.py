@@ -15,6 +15,7 @@ raises #UD): the oracle runs them, so hv intercepts them too.
 """
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, replace
 
@@ -120,6 +121,28 @@ _SIMPLE = (csx86.X86_INS_WRMSR, csx86.X86_INS_RDMSR, csx86.X86_INS_RDTSC, csx86.
 # One operand, a memory address (or, for LLDT and LTR, a selector register).
 _MEMORY_OPERAND = (csx86.X86_INS_INVLPG, csx86.X86_INS_LGDT, csx86.X86_INS_LIDT,
                    csx86.X86_INS_LLDT, csx86.X86_INS_LTR)
+
+
+# Mnemonics after which RFLAGS.IF may be set (STI, POPF, IRET, and SYSRET,
+# which loads RFLAGS from R11; SDM Vol.3A §6.8.1) or the code that runs
+# next is not the code that follows (a jump, call, return, loop or
+# software interrupt): where straight_run stops.
+_RUN_ENDS = ("sti", "popf", "iret", "sysret", "rsm", "j", "call", "lcall", "ljmp", "ret",
+             "loop", "int", "syscall", "sysenter", "sysexit")
+
+
+@functools.lru_cache(maxsize=1024)      # a guest waits in few places
+def straight_run(code: bytes, bits: int = 64) -> int:
+    """How many instructions run from the start of `code` up to and
+    including the first that may set RFLAGS.IF or leave the straight line
+    (at least 1): an interrupt held back by RFLAGS.IF cannot be taken
+    before they have run."""
+    n = 0
+    for _, _, mnemonic, _ in _CS[bits].disasm_lite(code, 0):
+        n += 1
+        if mnemonic.startswith(_RUN_ENDS):
+            break
+    return max(n, 1)
 
 
 def insn_size(code: bytes, bits: int = 64) -> int:

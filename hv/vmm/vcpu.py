@@ -33,7 +33,7 @@ from ..hw.codescan import CodeScan
 from ..hw.cpu import Msrs
 from ..hw.delivery import Delivery
 from ..hw.engine import Engine
-from ..hw.intercept import MAX_INSN, Intercepted, insn_size
+from ..hw.intercept import MAX_INSN, Intercepted, insn_size, straight_run
 from ..hw.mmu import PROT_R, PROT_W
 from ..hw.after import After, edx_eax
 from ..hw.tsc import Tsc
@@ -52,9 +52,13 @@ _PCIDE, _PKE = int(CR4.PCIDE), int(CR4.PKE)
 # load: an LDT, an available 64-bit TSS (SDM Vol.3A Table 3-2).
 _TABLE_LOADS = frozenset({"lgdt", "lidt", "lldt", "ltr"})
 _SYSTEM_DESCRIPTOR = {"lldt": 0x82, "ltr": 0x89}
-# Instructions stepped one at a time while an interrupt waits for RFLAGS.IF;
-# then the steps double (bounded slowdown for a guest that keeps IF clear).
+# While an interrupt waits for RFLAGS.IF, each slice runs to the next
+# instruction that may set IF or branch (intercept.straight_run), so the
+# interrupt comes exactly when the window opens; after _EXACT_WINDOW such
+# slices they double (bounded slowdown for a guest that keeps IF clear).
 _EXACT_WINDOW = 64
+# Bytes of code straight_run decodes: a few instructions' worth.
+_RUN_BYTES = 64
 HLT = 0xF4
 INT3 = 0xCC
 # What a crash report shows, in this order (and EFER).
@@ -568,20 +572,21 @@ class VCpu:
         """At VM entry, an instruction boundary: deliver the APIC's highest
         pending interrupt if the guest takes interrupts now (RFLAGS.IF, no
         STI or MOV SS shadow: SDM Vol.3A §6.8.1). Returns the slice's
-        budget, cut at the APIC timer's deadline, or to one instruction
-        where RFLAGS.IF or a shadow holds a pending interrupt back (for its
-        first _EXACT_WINDOW instructions: the interrupt comes exactly when
-        the window opens)."""
+        budget, cut at the APIC timer's deadline, or where RFLAGS.IF or a
+        shadow holds a pending interrupt back, to the instructions that
+        run before the window can open (see _EXACT_WINDOW)."""
         apic, e = self.apic, self.engine
         apic.tick()
         if apic.pending() is None:
             self._blocked = 0       # none waits (the TPR may hold one back: no window)
         else:
-            if not e.reg("rflags") & _IF or e.interrupt_shadow():
-                # Blocked: step to the instruction where the window opens,
-                # then in growing steps (a guest may keep IF clear for long).
+            if e.interrupt_shadow():
                 self._blocked += 1
-                return min(budget, 1 << max(0, self._blocked - _EXACT_WINDOW))
+                return min(budget, 1)   # the window opens after one instruction
+            if not e.reg("rflags") & _IF:
+                self._blocked += 1
+                run = straight_run(self.read_code(e.reg("rip"), _RUN_BYTES), e.code_bits())
+                return min(budget, max(run, 1 << max(0, self._blocked - _EXACT_WINDOW)))
             if self._blocked and ExitReason.INTERRUPT_WINDOW in self.mmu.intercepts:
                 dispatch(self, Exit(ExitReason.INTERRUPT_WINDOW, 0, e.reg("rip")))
             self._blocked = 0
