@@ -1,5 +1,6 @@
 """Pins of the Unicorn behaviours hv's engine works around (listed at the
 top of hv/hw/engine.py). If an upgrade changes one, these fail first."""
+import random
 import sys
 
 import keystone
@@ -209,6 +210,23 @@ def test_direct_register_access_matches_the_binding():
     for name, value in (("cs", 0x33), ("ss", 0x2B)):
         e.set_reg(name, value)
         assert e.reg(name) == e.uc.reg_read(_REGS[name]) == value
+
+
+def test_the_cpu_probe_finds_the_same_cpu_beside_earlier_engines(monkeypatch):
+    """The probe for QEMU's CPU state in a uc_struct, done again while the
+    engines of earlier probes live on (as a process's earlier guests do):
+    their states, and stray pointers, must not be taken for this one's."""
+    import unicorn
+
+    from hv.hw import engine as engine_mod
+    layout, uc_class, alive = engine_mod._cpu_layout(), unicorn.Uc, []
+    monkeypatch.setattr(engine_mod.uc_mod, "Uc", lambda *args: alive.append(uc_class(*args))
+                        or alive[-1])
+    sizes = random.Random(1)
+    for _ in range(100):
+        alive.append(bytearray(sizes.randrange(1 << 18)))     # the heap moves on
+        monkeypatch.setattr(engine_mod, "_CPU_LAYOUT", None)
+        assert engine_mod._cpu_layout() == layout
 
 
 def test_host_writes_leave_translated_code_stale_until_invalidated():

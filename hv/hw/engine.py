@@ -60,6 +60,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import os
 import struct
 from typing import Callable
 
@@ -185,11 +186,14 @@ def _cpu_layout() -> tuple[int, int]:
     CPUX86State `env` from the CPUState): cpu is the one pointer in
     uc_struct to a structure that embeds the CPU state (found by register
     values written for the purpose), points at it from near its start
-    (`env_ptr`) and back at the uc_struct (`uc`)."""
+    (`env_ptr`) and back at the uc_struct (`uc`). The values are fresh,
+    so an earlier engine's state cannot match; a stray pointer a little
+    before the CPUState (found in 1 of 300 probes) is told apart by its
+    longer way to the same env."""
     global _CPU_LAYOUT
     if _CPU_LAYOUT is None:
         uc = uc_mod.Uc(ucc.UC_ARCH_X86, ucc.UC_MODE_64)
-        values = [0x5EED_0000_0000_0000 + i * 0x1111 for i in range(4)]
+        values = struct.unpack("<4Q", os.urandom(32))
         for reg, value in zip((x86c.UC_X86_REG_RAX, x86c.UC_X86_REG_RCX, x86c.UC_X86_REG_RDX,
                                x86c.UC_X86_REG_RBX), values):
             uc.reg_write(reg, value)
@@ -207,10 +211,11 @@ def _cpu_layout() -> tuple[int, int]:
                 continue
             words = struct.unpack_from(f"<{env // 8}Q", data)
             if ptr + env in words[:0x200] and handle in words:
-                found.append((off, env))
-        if len(found) != 1:
+                found.append((ptr + env, env, off))
+        if not found or len({env_at for env_at, _, _ in found}) != 1:
             raise HvError("this unicorn build is not supported: pin unicorn==2.1.4")
-        _CPU_LAYOUT = found[0]
+        _, env, off = min(found)
+        _CPU_LAYOUT = off, env
     return _CPU_LAYOUT
 
 
