@@ -272,7 +272,8 @@ def run(guest: str | Path | list, mmu: str = "native", *, ram: int | str = "64M"
     memo              replay walks whose tables did not change (False: walk every
                       TLB miss in full; slower, the counts are the same)
     agile_policy      agile: "dynamic" (subtrees go nested where the guest writes
-                      its tables; knobs: "dynamic:writes=2,cr3=2,window=1e6,trial=8"),
+                      its tables; knobs: "dynamic:writes=2,cr3=2,pcid=1,window=1048576,
+                      trial=8"),
                       "whole" (the whole VM instead: `--mmu adaptive`; the same knobs),
                       "shadow" (never: `shadow`'s counts), "nested" (everything:
                       `ept`'s counts); README, "Agile paging"

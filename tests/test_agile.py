@@ -247,11 +247,28 @@ again:
     assert tried.exits["INVLPG"] >= 8 and "INVLPG" not in kept.exits
 
 
+def test_a_guest_that_turns_on_pcid_gets_its_root_nested_at_once():
+    """ctxswitch sets CR4.PCIDE before its switches (marks 1-2): that exit
+    nests the root, and the switches cost what they cost under ept; with
+    pcid=0 the root waits for the window's CR3 loads (one exit, then
+    nested)."""
+    at_once = hv.run("ctxswitch", mmu="agile")
+    late = hv.run("ctxswitch", mmu="agile", agile_policy="dynamic:pcid=0")
+    ept = hv.run("ctxswitch", mmu="ept").between(1, 2)
+    assert at_once.counters["agile.to_nested"] == late.counters["agile.to_nested"] == 1
+    window = at_once.between(1, 2)
+    assert window.exits == ept.exits and "CR_ACCESS" not in window.exits
+    assert window["tlb.walk_refs"] == ept["tlb.walk_refs"]
+    assert late.between(1, 2).exits["CR_ACCESS"] == 1
+    assert at_once.console == late.console
+
+
 @pytest.mark.parametrize("policy, message", [
     ("bogus", "unknown agile policy 'bogus' (choose from dynamic, whole, shadow, nested)"),
     ("shadow:writes=1", "agile policy 'shadow' has no knobs"),
     ("dynamic:speed=3", "agile policy knob 'speed=3': write knob=N with a knob of writes, cr3, "
-                        "window, trial"),
+                        "pcid, window, trial"),
+    ("dynamic:pcid=2", "agile policy knob 'pcid=2': must be 0 (off) or 1 (on)"),
     ("dynamic:writes=0", "agile policy knob 'writes=0': must be at least 1"),
     ("dynamic:window=soon", "agile policy knob 'window=soon': not a number: 'soon'"),
 ])

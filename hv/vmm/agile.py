@@ -36,6 +36,7 @@ from __future__ import annotations
 from ..arch import ept as arch_ept
 from ..arch.ept import EptQual
 from ..arch.vmx import ExitReason
+from ..arch.x86 import CR4
 from ..errors import HvError, InvariantError
 from ..events import EmulateWrite
 from ..memory import parse_count
@@ -50,7 +51,8 @@ NESTED_INTERCEPTS = frozenset({ExitReason.IO_INSTRUCTION, ExitReason.HLT, ExitRe
                                ExitReason.INVD})
 POLICIES = ("dynamic", "whole", "shadow", "nested")
 # The measuring policies' knobs: `--agile-policy dynamic:writes=2,trial=0`.
-KNOBS = {"writes": "SWITCH_WRITES", "cr3": "SWITCH_CR3", "window": "WINDOW", "trial": "TRIAL"}
+KNOBS = {"writes": "SWITCH_WRITES", "cr3": "SWITCH_CR3", "pcid": "SWITCH_PCID",
+         "window": "WINDOW", "trial": "TRIAL"}
 MEASURING = ("dynamic", "whole")
 
 
@@ -70,13 +72,15 @@ def parse_policy(text: str) -> tuple[str, dict[str, int]]:
         if name not in KNOBS or not eq:
             raise HvError(f"agile policy knob {item!r}: write knob=N with a knob of "
                           f"{', '.join(KNOBS)}")
-        minimum = 0 if name == "trial" else 1
+        minimum = 0 if name in ("trial", "pcid") else 1
         try:
             number = parse_count(value)
         except ValueError as e:
             raise HvError(f"agile policy knob {item!r}: {e}") from None
         if number < minimum:
             raise HvError(f"agile policy knob {item!r}: must be at least {minimum}")
+        if name == "pcid" and number > 1:
+            raise HvError(f"agile policy knob {item!r}: must be 0 (off) or 1 (on)")
         knobs[KNOBS[name]] = number
     return kind, knobs
 
@@ -88,7 +92,9 @@ class AgilePolicy:
     SWITCH_WRITES write-protection exits (emulated writes) within one window
     of WINDOW guest instructions goes nested: the shadow entries above it
     get the switch bit. SWITCH_CR3 CR3 loads within a window make the root
-    nested. Every TRIAL windows whatever is nested is tried back as shadow
+    nested, and so does the guest setting CR4.PCIDE where SWITCH_PCID is
+    1: it asks the TLB to keep its address spaces across CR3 loads, which
+    shadow tables give only by exiting on each. Every TRIAL windows whatever is nested is tried back as shadow
     (never with TRIAL 0): write-protected again, it goes nested again at
     the same rates. Each knob can be set: "dynamic:writes=2,cr3=8,window=1e5,trial=0".
     "whole": the whole VM is shadowed or nested (`--mmu adaptive`, after
@@ -100,6 +106,7 @@ class AgilePolicy:
     """
     SWITCH_WRITES = 2
     SWITCH_CR3 = 2
+    SWITCH_PCID = 1
     WINDOW = 1 << 20
     TRIAL = 8
 
@@ -139,6 +146,10 @@ class AgilePolicy:
             return
         self._cr3_loads += 1
         if self._cr3_loads >= self.SWITCH_CR3:
+            self._nest_root(c)
+
+    def pcid_enabled(self, c) -> None:
+        if self.dynamic and self.SWITCH_PCID:
             self._nest_root(c)
 
     def _nest_root(self, c) -> None:
@@ -292,6 +303,8 @@ class AgilePaging(ShadowPaging):
             # First: a load that nests the root builds no shadow root for
             # the new CR3 (the reload below switches to the nested one).
             self.policy.cr3_loaded(self.counters)
+        elif cr == 4 and value & ~self.cr4 & CR4.PCIDE:
+            self.policy.pcid_enabled(self.counters)
         super().write_cr(cr, value)
 
     def table_written(self, gfn: int, before: bytes) -> None:
