@@ -212,8 +212,8 @@ def _parser() -> argparse.ArgumentParser:
     k.add_argument("-j", "--jobs", type=_positive, default=1, metavar="N",
                    help="run N tests at once, each in a process of its own (default 1)")
     k.add_argument("--logs", type=Path, metavar="DIR",
-                   help="write each run's console to DIR/TEST.MODE.log, after the hv run "
-                        "command that repeats it")
+                   help="write each run's console to DIR/TEST.MODE.log as it is printed, "
+                        "after the hv run command that repeats it")
     _add_profile_option(k)
     k.add_argument("--list", action="store_true",
                    help="print the tests and hv's options for each, without running them")

@@ -15,10 +15,11 @@ import shlex
 import signal
 import tarfile
 import time
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, replace
 from fnmatch import fnmatchcase
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import IO, TYPE_CHECKING, Callable, Sequence
 
 from . import api
 from .arch.cpuid import MAXPHYADDR, VENDOR
@@ -428,29 +429,36 @@ def run_test(test: Test, mode: str, *, max_insns: int = DEFAULT_MAX_INSNS,
              profile: str = DEFAULT_PROFILE, logs: Path | None = None) -> Outcome:
     """Run `test` in MMU mode `mode` (not at all if it has a skip_reason),
     its clock on CPU profile `profile` (hv.cost); with `logs`, its console
-    in logs/NAME.MODE.log, after the `hv run` command that repeats it."""
+    in logs/NAME.MODE.log as it is printed (a line at a time: `tail -f`
+    follows a long run), after the `hv run` command that repeats it."""
     if test.skip_reason is not None:
         return Outcome(test.name, mode, SKIP, test.skip_reason)
     start = time.perf_counter()
-    try:
-        r = api.run(test.file, mode, ram=test.ram, vcpus=test.smp, cpu=test.cpu,
-                    append=test.append, max_insns=max_insns, timeout=test.timeout,
-                    profile=profile)
-    except HvError as e:
-        if logs is not None:
-            _log(logs, test, mode, profile, f"hv: error: {e}\n")
-        return Outcome(test.name, mode, FAIL, str(e), seconds=time.perf_counter() - start,
-                       ended="error")
-    if logs is not None:
-        _log(logs, test, mode, profile, r.console + f"\nhv: ended: {r.reason}: {r.detail}; exit "
-                                                    f"code {r.exit_code}\n")
+    with _log(logs, test, mode, profile) as log:
+        try:
+            r = api.run(test.file, mode, ram=test.ram, vcpus=test.smp, cpu=test.cpu,
+                        append=test.append, max_insns=max_insns, timeout=test.timeout,
+                        profile=profile,
+                        on_console=None if log is None else _echo(log))
+        except HvError as e:
+            if log is not None:
+                log.write(f"\nhv: error: {e}\n".encode())
+            return Outcome(test.name, mode, FAIL, str(e), seconds=time.perf_counter() - start,
+                           ended="error")
+        if log is not None:
+            log.write(f"\nhv: ended: {r.reason}: {r.detail}; exit code {r.exit_code}\n".encode())
     status, reason = judge(r)
     return Outcome(test.name, mode, status, reason, summary(r.console),
                    time.perf_counter() - start, r.exit_code, r.reason, r.counters["insns"],
                    r.counters["exits"], r.counters["mmio_exits"])
 
 
-def _log(logs: Path, test: Test, mode: str, profile: str, text: str) -> None:
+def _log(logs: Path | None, test: Test, mode: str,
+         profile: str) -> AbstractContextManager[IO[bytes] | None]:
+    """logs/NAME.MODE.log, opened with the command line that repeats the
+    run (a null context without `logs`)."""
+    if logs is None:
+        return nullcontext()
     words = ["hv", "run", str(test.file), "--mmu", mode, "--ram",
              f"{test.ram // MiB}M" if test.ram % MiB == 0 else str(test.ram),
              "--vcpus", str(test.smp), "--profile", profile]
@@ -458,7 +466,19 @@ def _log(logs: Path, test: Test, mode: str, profile: str, text: str) -> None:
                           ("--timeout", f"{test.timeout:g}" if test.timeout else "")):
         if value:
             words += [option, value]
-    (logs / f"{test.name}.{mode}.log").write_text(shlex.join(words) + "\n\n" + text)
+    log = (logs / f"{test.name}.{mode}.log").open("wb")
+    log.write((shlex.join(words) + "\n\n").encode())
+    log.flush()
+    return log
+
+
+def _echo(log: IO[bytes]) -> Callable[[int, int], None]:
+    """on_console for api.run: each byte to `log`, flushed at each line's end."""
+    def echo(_vm: int, byte: int) -> None:
+        log.write(bytes((byte,)))
+        if byte == 10:
+            log.flush()
+    return echo
 
 
 def run_all(tests: Sequence[Test], modes: Sequence[str], *,
