@@ -434,7 +434,7 @@ def run_test(test: Test, mode: str, *, max_insns: int = DEFAULT_MAX_INSNS,
     if test.skip_reason is not None:
         return Outcome(test.name, mode, SKIP, test.skip_reason)
     start = time.perf_counter()
-    with _log(logs, test, mode, profile) as log:
+    with _log(logs, test, mode, profile, max_insns) as log:
         try:
             r = api.run(test.file, mode, ram=test.ram, vcpus=test.smp, cpu=test.cpu,
                         append=test.append, max_insns=max_insns, timeout=test.timeout,
@@ -453,15 +453,15 @@ def run_test(test: Test, mode: str, *, max_insns: int = DEFAULT_MAX_INSNS,
                    r.counters["exits"], r.counters["mmio_exits"])
 
 
-def _log(logs: Path | None, test: Test, mode: str,
-         profile: str) -> AbstractContextManager[IO[bytes] | None]:
+def _log(logs: Path | None, test: Test, mode: str, profile: str,
+         max_insns: int) -> AbstractContextManager[IO[bytes] | None]:
     """logs/NAME.MODE.log, opened with the command line that repeats the
     run (a null context without `logs`)."""
     if logs is None:
         return nullcontext()
     words = ["hv", "run", str(test.file), "--mmu", mode, "--ram",
              f"{test.ram // MiB}M" if test.ram % MiB == 0 else str(test.ram),
-             "--vcpus", str(test.smp), "--profile", profile]
+             "--vcpus", str(test.smp), "--profile", profile, "--max-insns", _count(max_insns)]
     for option, value in (("--cpu", test.cpu), ("--append", test.append),
                           ("--timeout", f"{test.timeout:g}" if test.timeout else "")):
         if value:
@@ -470,6 +470,13 @@ def _log(logs: Path | None, test: Test, mode: str,
     log.write((shlex.join(words) + "\n\n").encode())
     log.flush()
     return log
+
+
+def _count(n: int) -> str:
+    """A count as --help spells it where it ends in zeros: 100000000000 -> 1e11."""
+    digits = str(n).rstrip("0")
+    zeros = len(str(n)) - len(digits)
+    return f"{digits}e{zeros}" if zeros >= 3 else str(n)
 
 
 def _echo(log: IO[bytes]) -> Callable[[int, int], None]:

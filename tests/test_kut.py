@@ -315,7 +315,9 @@ def test_logs_hold_each_runs_console_after_the_command_that_repeats_it(capsys, t
                                                                      "dummy.native.log"]
     command, _, rest = (tmp_path / "logs" / "dummy.ept.log").read_text().partition("\n\n")
     assert command == f"hv run {DUMMY} --mmu ept --ram 128M --vcpus 1 --profile nehalem-2009 " \
-                      "--timeout 90"
+                      "--max-insns 1e11 --timeout 90"
+    assert [kut._count(n) for n in (10**11, 25 * 10**12, 123456789, 1000, 100)] == \
+        ["1e11", "25e12", "123456789", "1e3", "100"]
     assert rest.endswith("hv: ended: exit: the guest wrote 0 to port 0xf4; exit code 0\n")
 
 
