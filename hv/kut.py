@@ -429,8 +429,8 @@ def run_test(test: Test, mode: str, *, max_insns: int = DEFAULT_MAX_INSNS,
              profile: str = DEFAULT_PROFILE, logs: Path | None = None) -> Outcome:
     """Run `test` in MMU mode `mode` (not at all if it has a skip_reason),
     its clock on CPU profile `profile` (hv.cost); with `logs`, its console
-    in logs/NAME.MODE.log as it is printed (a line at a time: `tail -f`
-    follows a long run), after the `hv run` command that repeats it."""
+    in logs/NAME.MODE.log as it is printed (`tail -f` follows a long
+    run), after the `hv run` command that repeats it."""
     if test.skip_reason is not None:
         return Outcome(test.name, mode, SKIP, test.skip_reason)
     start = time.perf_counter()
@@ -466,9 +466,8 @@ def _log(logs: Path | None, test: Test, mode: str, profile: str,
                           ("--timeout", f"{test.timeout:g}" if test.timeout else "")):
         if value:
             words += [option, value]
-    log = (logs / f"{test.name}.{mode}.log").open("wb")
+    log = (logs / f"{test.name}.{mode}.log").open("wb", buffering=0)
     log.write((shlex.join(words) + "\n\n").encode())
-    log.flush()
     return log
 
 
@@ -480,12 +479,9 @@ def _count(n: int) -> str:
 
 
 def _echo(log: IO[bytes]) -> Callable[[int, int], None]:
-    """on_console for api.run: each byte to `log`, flushed at each line's end."""
-    def echo(_vm: int, byte: int) -> None:
-        log.write(bytes((byte,)))
-        if byte == 10:
-            log.flush()
-    return echo
+    """on_console for api.run: each byte to `log` (unbuffered: a progress
+    dot shows at once)."""
+    return lambda _vm, byte: log.write(bytes((byte,)))
 
 
 def run_all(tests: Sequence[Test], modes: Sequence[str], *,

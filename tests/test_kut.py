@@ -321,21 +321,22 @@ def test_logs_hold_each_runs_console_after_the_command_that_repeats_it(capsys, t
     assert rest.endswith("hv: ended: exit: the guest wrote 0 to port 0xf4; exit code 0\n")
 
 
-def test_a_log_holds_each_line_once_printed(monkeypatch, tmp_path):
-    """A run of hours can be followed with tail -f: each line the guest
-    prints is in its log before the run ends (here, by an error)."""
-    seen = []
+def test_a_log_holds_each_byte_once_printed(monkeypatch, tmp_path):
+    """A run of hours can be followed with tail -f: each byte the guest
+    prints (access_test's progress dots come without a newline) is in its
+    log at once, before the run ends (here, by an error)."""
+    seen, text = [], "ok 1\nok 2"
 
     def run(*_args, on_console, **_options):
-        for byte in b"ok 1\nok 2":
+        for byte in text.encode():
             on_console(0, byte)
-        seen.append((tmp_path / "t.shadow.log").read_text().partition("\n\n")[2])
+            seen.append((tmp_path / "t.shadow.log").read_text().partition("\n\n")[2])
         raise kut.HvError("stopped")
 
     monkeypatch.setattr(kut.api, "run", run)
     outcome = kut.run_test(kut.Test("t", tmp_path / "t.flat"), "shadow", logs=tmp_path)
     assert (outcome.status, outcome.reason) == ("FAIL", "stopped")
-    assert seen == ["ok 1\n"]
+    assert seen == [text[:n] for n in range(1, len(text) + 1)]
     assert (tmp_path / "t.shadow.log").read_text().endswith("\n\nok 1\nok 2\nhv: error: stopped\n")
 
 
