@@ -438,8 +438,7 @@ def run_test(test: Test, mode: str, *, max_insns: int = DEFAULT_MAX_INSNS,
         try:
             r = api.run(test.file, mode, ram=test.ram, vcpus=test.smp, cpu=test.cpu,
                         append=test.append, max_insns=max_insns, timeout=test.timeout,
-                        profile=profile,
-                        on_console=None if log is None else _echo(log))
+                        profile=profile, on_console=None if log is None else _echo(log))
         except HvError as e:
             if log is not None:
                 log.write(f"\nhv: error: {e}\n".encode())
