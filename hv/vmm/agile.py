@@ -94,9 +94,10 @@ class AgilePolicy:
     get the switch bit. SWITCH_CR3 CR3 loads within a window make the root
     nested, and so does the guest setting CR4.PCIDE where SWITCH_PCID is
     1: it asks the TLB to keep its address spaces across CR3 loads, which
-    shadow tables give only by exiting on each. Every TRIAL windows whatever is nested is tried back as shadow
-    (never with TRIAL 0): write-protected again, it goes nested again at
-    the same rates. Each knob can be set: "dynamic:writes=2,cr3=8,window=1e5,trial=0".
+    shadow tables give only by exiting on each. Every TRIAL windows
+    whatever is nested is tried back as shadow (never with TRIAL 0):
+    write-protected again, it goes nested again at the same rates. Each
+    knob can be set: "dynamic:writes=2,cr3=8,pcid=0,window=1e5,trial=0".
     "whole": the whole VM is shadowed or nested (`--mmu adaptive`, after
     Wang et al., "Selective hardware/software memory virtualization", VEE
     2011): where "dynamic" would nest a table, the root goes nested; every
