@@ -465,7 +465,10 @@ def _log(logs: Path | None, test: Test, mode: str, profile: str,
                           ("--timeout", f"{test.timeout:g}" if test.timeout else "")):
         if value:
             words += [option, value]
-    log = (logs / f"{test.name}.{mode}.log").open("wb", buffering=0)
+    try:
+        log = (logs / f"{test.name}.{mode}.log").open("wb", buffering=0)
+    except OSError as e:
+        raise HvError(f"--logs {logs}: {test.name}.{mode}.log: {e.strerror}") from None
     log.write((shlex.join(words) + "\n\n").encode())
     return log
 
@@ -494,7 +497,10 @@ def run_all(tests: Sequence[Test], modes: Sequence[str], *,
     directory for each run's console (run_test)."""
     runs = [(test, mode) for test in tests for mode in modes]
     if logs is not None:
-        logs.mkdir(parents=True, exist_ok=True)
+        try:
+            logs.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise HvError(f"--logs {logs}: {e.strerror}") from None
     if jobs > 1:
         return _run_parallel(runs, jobs, max_insns, profile, logs, on_progress)
     outcomes: list[Outcome] = []

@@ -340,6 +340,15 @@ def test_a_log_holds_each_byte_once_printed(monkeypatch, tmp_path):
     assert (tmp_path / "t.shadow.log").read_text().endswith("\n\nok 1\nok 2\nhv: error: stopped\n")
 
 
+def test_a_logs_directory_that_cannot_be_written_is_one_clear_error(capsys, tmp_path):
+    (tmp_path / "file").write_text("")
+    (tmp_path / "logs" / "dummy.native.log").mkdir(parents=True)
+    for logs, jobs, message in ((tmp_path / "file" / "logs", "1", "Not a directory"),
+                                (tmp_path / "logs", "2", "dummy.native.log: Is a directory")):
+        status, _, err = hv(capsys, need(DUMMY), "--mmu", "native", "--logs", logs, "-j", jobs)
+        assert status == 2 and err == f"hv: error: --logs {logs}: {message}\n"
+
+
 def test_jobs_run_in_processes_with_the_same_outcomes_in_the_same_order(capsys):
     tests = kut.load_tests(need(SHARED), ["smptest", "pcid-enabled"])
     seen = []
