@@ -213,18 +213,27 @@ def test_direct_register_access_matches_the_binding():
 
 
 def test_the_cpu_probe_finds_the_same_cpu_beside_earlier_engines(monkeypatch):
-    """The probe for QEMU's CPU state in a uc_struct, done again while the
-    engines of earlier probes live on (as a process's earlier guests do):
-    their states, and stray pointers, must not be taken for this one's."""
+    """The probe for QEMU's CPU state in a uc_struct, done again and again
+    while the heap moves on and holds the engines of earlier probes, alive
+    (as a process's earlier guests are) or freed: their states, and stray
+    pointers, must not be taken for this one's."""
     import unicorn
 
     from hv.hw import engine as engine_mod
-    layout, uc_class, alive = engine_mod._cpu_layout(), unicorn.Uc, []
-    monkeypatch.setattr(engine_mod.uc_mod, "Uc", lambda *args: alive.append(uc_class(*args))
-                        or alive[-1])
-    sizes = random.Random(1)
-    for _ in range(100):
-        alive.append(bytearray(sizes.randrange(1 << 18)))     # the heap moves on
+    layout, uc_class, held = engine_mod._cpu_layout(), unicorn.Uc, []
+    rng = random.Random(1)
+
+    def sometimes_kept(*args):
+        uc = uc_class(*args)
+        if rng.random() < 0.3:
+            held.append(uc)
+        return uc
+
+    monkeypatch.setattr(engine_mod.uc_mod, "Uc", sometimes_kept)
+    for _ in range(300):
+        held.append(bytearray(rng.randrange(200_000)))
+        if rng.random() < 0.5:
+            held.pop(rng.randrange(len(held)))
         monkeypatch.setattr(engine_mod, "_CPU_LAYOUT", None)
         assert engine_mod._cpu_layout() == layout
 
