@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import signal
 import sys
 import time
 from importlib import metadata
@@ -333,7 +334,7 @@ def _cmd_compare(args) -> int:
     if args.plot and not plotted:
         print(f"hv: no case finished: no plot written to {args.plot}", file=sys.stderr)
     if doc["interrupted"]:
-        print("hv: interrupted: the cases finished before Ctrl-C are shown", file=sys.stderr)
+        print("hv: interrupted: the cases finished before it are shown", file=sys.stderr)
         return 130
     return 0 if compare.all_ok(doc) else 1
 
@@ -374,7 +375,7 @@ def _cmd_kut(args) -> int:
     else:
         kut.print_results(tests, args.mmu, outcomes, make_console(), wall)
     if kut.interrupted(outcomes):
-        print("hv: interrupted: the runs finished before Ctrl-C are shown", file=sys.stderr)
+        print("hv: interrupted: the runs finished before it are shown", file=sys.stderr)
         return 130
     return 1 if kut.failed(outcomes) else 0
 
@@ -435,6 +436,9 @@ COMMANDS = {"run": _cmd_run, "compare": _cmd_compare, "guests": _cmd_guests, "as
 
 
 def main(argv: list[str] | None = None) -> int:
+    # SIGTERM (kill, timeout(1), a CI job cancelled) is as Ctrl-C: the
+    # counts so far are printed and `hv kut`'s workers end with it.
+    previous = _handle(signal.SIGTERM, signal.default_int_handler)
     try:
         args = _parser().parse_args(argv)
         return COMMANDS[args.command](args)
@@ -446,6 +450,19 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 0        # the reader went away (hv run | head): as other Unix tools
+    finally:
+        _handle(signal.SIGTERM, previous)
+
+
+def _handle(signum: int, handler):
+    """signal.signal where Python may set it (the main thread; None, a
+    handler set outside Python, is left alone): the handler it replaced."""
+    if handler is None:
+        return None
+    try:
+        return signal.signal(signum, handler)
+    except ValueError:
+        return None
 
 
 if __name__ == "__main__":

@@ -10,6 +10,8 @@ the code the guest wrote to port 0xF4 as hv reports it: raw, not QEMU's
 """
 from __future__ import annotations
 
+import ctypes
+import os
 import re
 import shlex
 import signal
@@ -524,7 +526,7 @@ def _run_parallel(runs: list[tuple[Test, str]], jobs: int, max_insns: int, profi
     pending = {}
     # spawn: a fork of a process with threads (rich's progress bar) is unsafe.
     with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
-                             initializer=_ignore_sigint) as pool:
+                             initializer=_worker_init) as pool, _forwarding_sigterm():
         def start() -> None:
             for i, (test, mode) in queue:
                 if on_progress is not None:
@@ -541,25 +543,70 @@ def _run_parallel(runs: list[tuple[Test, str]], jobs: int, max_insns: int, profi
                     if not interrupted(ended.values()):
                         start()
         except KeyboardInterrupt:
-            # The workers had Ctrl-C too: their runs end, interrupted.
+            # The workers had Ctrl-C (or SIGTERM) too: their runs end, interrupted.
             for future, i in pending.items():
                 ended[i] = future.result()
     return [ended[i] for i in sorted(ended)]
 
 
-def _ignore_sigint() -> None:
-    """A worker between runs ignores Ctrl-C (the parent decides)."""
+class _forwarding_sigterm(AbstractContextManager):
+    """SIGTERM, where the CLI makes it Ctrl-C, reaches this process only
+    (Ctrl-C reaches the terminal's whole process group): pass it on to the
+    workers, whose runs then end interrupted too."""
+
+    def __enter__(self):
+        self.previous = signal.getsignal(signal.SIGTERM)
+        if callable(self.previous):
+            signal.signal(signal.SIGTERM, self._forward)
+        return self
+
+    def _forward(self, signum, frame):
+        import multiprocessing
+        for worker in multiprocessing.active_children():
+            os.kill(worker.pid, signal.SIGTERM)
+        self.previous(signum, frame)
+
+    def __exit__(self, *exc):
+        if callable(self.previous):
+            signal.signal(signal.SIGTERM, self.previous)
+
+
+_parent = 0         # a worker's parent: hv kut
+
+
+def _worker_init() -> None:
+    """A worker between runs ignores Ctrl-C and SIGTERM (the parent
+    decides) while the parent lives. On Linux the worker has SIGTERM when
+    the parent dies (kill -9 included): no run outlives `hv kut`."""
+    global _parent
+    _parent = os.getppid()
+    try:
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)        # PR_SET_PDEATHSIG: prctl(2)
+    except (OSError, AttributeError):
+        pass
+    _between_runs()
+
+
+def _between_runs() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _exit_if_orphaned)
+    _exit_if_orphaned()
+
+
+def _exit_if_orphaned(*_) -> None:
+    if os.getppid() != _parent:
+        os._exit(1)         # nobody waits for the outcome (its log is written)
 
 
 def _worker_run(test: Test, mode: str, max_insns: int, profile: str,
                 logs: Path | None) -> Outcome:
-    """run_test in a worker, where Ctrl-C ends the run, with its counts."""
+    """run_test in a worker, where Ctrl-C or SIGTERM ends the run, with its counts."""
     signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         return run_test(test, mode, max_insns=max_insns, profile=profile, logs=logs)
     finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        _between_runs()
 
 
 def interrupted(outcomes: Sequence[Outcome]) -> bool:

@@ -2,10 +2,16 @@
 QEMU options mapped onto hv's (or a SKIP saying why), runs judged by the
 exit code, and the command. The real cfg and images live beside the
 checkout (../shared); where they are absent those tests skip and say so."""
+import contextlib
 import json
+import os
 import re
 import shutil
+import signal
+import subprocess
+import sys
 import tarfile
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -18,6 +24,7 @@ from hv.memory import GiB, MiB
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "kvm-unit-tests"
 UNPACKED = Path("/tmp/kut/kvm-unit-tests")
 DUMMY = SHARED / "x86" / "dummy.flat"
+ACCESS = SHARED / "x86" / "access_test.flat"
 
 
 def need(path: Path) -> Path:
@@ -362,6 +369,57 @@ def test_jobs_run_in_processes_with_the_same_outcomes_in_the_same_order(capsys):
                     ("pcid-enabled", "ept")]
     status, _, err = hv(capsys, DUMMY, "-j", "0")
     assert status == 2 and "must be positive" in err
+
+
+def _children(pid: int) -> set[int]:
+    """The processes `pid` started and has not reaped (proc(5))."""
+    return {int(kid) for task in Path(f"/proc/{pid}/task").iterdir()
+            for kid in (task / "children").read_text().split()}
+
+
+def _running(pid: int) -> bool:
+    """Neither gone nor a zombie waiting for a reaper."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads Linux's /proc")
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL])
+def test_no_run_outlives_a_killed_kut(tmp_path, signum):
+    """SIGTERM (kill, timeout(1)) is Ctrl-C: the runs under way end, interrupted,
+    and are reported. After kill -9 the workers end their runs too (their
+    logs say how). Either way, no worker runs on: they did, for hours."""
+    p = subprocess.Popen([sys.executable, "-m", "hv", "kut", str(need(ACCESS)), "--mmu",
+                          "native,ept", "-j", "2", "--timeout", "0", "--json",
+                          "--logs", str(tmp_path)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    logs = [tmp_path / f"access_test.{mode}.log" for mode in ("native", "ept")]
+    deadline = time.monotonic() + 60
+    while not all(log.exists() and "starting test" in log.read_text() for log in logs):
+        assert p.poll() is None and time.monotonic() < deadline, p.communicate()
+        time.sleep(0.1)
+    workers = _children(p.pid)
+    try:
+        p.send_signal(signum)
+        out, err = p.communicate(timeout=30)
+        deadline = time.monotonic() + 10
+        while any(map(_running, workers)):
+            assert time.monotonic() < deadline, [w for w in workers if _running(w)]
+            time.sleep(0.1)
+    finally:            # a failure leaves no runs behind either
+        for pid in [p.pid, *filter(_running, workers)]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    for log in logs:
+        assert log.read_text().endswith("interrupted (SIGTERM); exit code None\n")
+    if signum == signal.SIGTERM:
+        assert p.returncode == 130 and "Traceback" not in err, err
+        results = json.loads(out)["tests"][0]["results"]
+        assert [r["ended"] for r in results.values()] == ["interrupted"] * 2
+        assert all(r["insns"] > 0 for r in results.values())
 
 
 def test_kut_list_of_the_shared_tests(capsys):

@@ -30,7 +30,9 @@ def test_timeout_stops_a_runaway_guest_with_its_counters():
     assert r.counters["insns"] > 0
 
 
-def test_ctrl_c_still_prints_the_counters(tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_still_prints_the_counters(tmp_path, signum):
+    """And SIGTERM (kill, timeout(1)) is as Ctrl-C."""
     src = tmp_path / "spin.s"
     src.write_text(SPIN)
     # A limit no run reaches before the signal (hv spins 10^8 instructions a second).
@@ -38,7 +40,7 @@ def test_ctrl_c_still_prints_the_counters(tmp_path):
                           "--max-insns", str(10**15)],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     time.sleep(1.5)
-    p.send_signal(signal.SIGINT)
+    p.send_signal(signum)
     out, err = p.communicate(timeout=30)
     doc = json.loads(out)
     assert p.returncode == 130 and doc["reason"] == "interrupted"

@@ -537,7 +537,7 @@ class VCpu:
         self.vm.send_ipi(ipi)
 
     def interrupt(self, frame) -> None:
-        """Ctrl-C (Machine's SIGINT handler, `frame` the one it interrupted):
+        """Ctrl-C (Machine's signal handler, `frame` the one it interrupted):
         end the slice now where the engine can stop."""
         if self.engine.interrupt(frame):
             self._stop = True

@@ -417,38 +417,42 @@ class Machine:
             for tlb in self.tlbs:
                 tlb.walk_cache = WalkCache()
         self.vms: list[VM] = []
-        self.interrupted = False        # Ctrl-C while running
+        self.interrupted = ""           # the signal that interrupted the run: Ctrl-C, SIGTERM
         self.current: VCpu | None = None   # the vCPU of the current slice
 
     def run(self) -> None:
         """Run until every VM ended. Ctrl-C or --timeout end the VMs still
         running, with what they counted so far."""
         deadline = time.monotonic() + self.config.timeout if self.config.timeout else None
-        previous = self._catch_sigint()
+        previous = self._catch_signals()
         try:
             self._schedule(deadline)
         finally:
-            if previous is not None:
-                signal.signal(signal.SIGINT, previous)
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
 
-    def _catch_sigint(self):
-        """Handle Ctrl-C while the machine runs: the KeyboardInterrupt of
-        Python's handler may be raised in a ctypes callback (a TLB fill),
-        which swallows it. Not over SIG_IGN or SIG_DFL, and not outside the
-        main thread (signal.signal refuses). The handler to restore, or None."""
-        previous = signal.getsignal(signal.SIGINT)
-        if not callable(previous):
-            return None
-        try:
-            signal.signal(signal.SIGINT, self._sigint)
-        except ValueError:
-            return None
+    def _catch_signals(self) -> dict:
+        """Handle Ctrl-C (and SIGTERM, where the CLI makes it one) while the
+        machine runs: the KeyboardInterrupt of Python's handler may be
+        raised in a ctypes callback (a TLB fill), which swallows it. Not
+        over SIG_IGN or SIG_DFL, and not outside the main thread
+        (signal.signal refuses). The handlers to restore, by signal."""
+        previous = {}
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            handler = signal.getsignal(signum)
+            if not callable(handler):
+                continue
+            try:
+                signal.signal(signum, self._interrupt)
+            except ValueError:
+                break
+            previous[signum] = handler
         return previous
 
-    def _sigint(self, _signum, frame) -> None:
+    def _interrupt(self, signum, frame) -> None:
         """Recorded, and the running slice stopped; the scheduler ends the
-        VMs before the next slice. Raises nothing (see _catch_sigint)."""
-        self.interrupted = True
+        VMs before the next slice. Raises nothing (see _catch_signals)."""
+        self.interrupted = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
         if self.current is not None:
             self.current.interrupt(frame)
 
@@ -474,7 +478,7 @@ class Machine:
                 longest, idle = 0, [cpu for cpu in vm.vcpus if cpu.halted]
                 for cpu in runnable:        # grows: a vCPU woken this round runs in it
                     if self.interrupted:
-                        self._stop_all("interrupted", "interrupted (Ctrl-C)")
+                        self._stop_all("interrupted", f"interrupted ({self.interrupted})")
                         return
                     if vm.ended or cpu.halted:
                         continue
