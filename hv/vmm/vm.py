@@ -440,8 +440,9 @@ class Machine:
         previous = {}
         for signum in (signal.SIGINT, signal.SIGTERM):
             handler = signal.getsignal(signum)
-            if not callable(handler):
-                continue
+            if not callable(handler) or (signum == signal.SIGTERM
+                                         and handler is not signal.default_int_handler):
+                continue        # SIGTERM is Ctrl-C only where the CLI made it so
             try:
                 signal.signal(signum, self._interrupt)
             except ValueError:
