@@ -39,9 +39,13 @@ def test_ctrl_c_still_prints_the_counters(tmp_path, signum):
     p = subprocess.Popen([sys.executable, "-m", "hv", "run", str(src), "--json",
                           "--max-insns", str(10**15)],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(1.5)
-    p.send_signal(signum)
-    out, err = p.communicate(timeout=30)
+    try:
+        time.sleep(1.5)
+        p.send_signal(signum)
+        out, err = p.communicate(timeout=30)
+    finally:            # a run the signal did not stop spins on otherwise
+        p.kill()
+        p.wait()
     doc = json.loads(out)
     assert p.returncode == 130 and doc["reason"] == "interrupted"
     assert doc["counters"]["insns"] > 0 and "Traceback" not in err
