@@ -17,7 +17,7 @@ import shlex
 import signal
 import tarfile
 import time
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import asdict, dataclass, replace
 from fnmatch import fnmatchcase
 from pathlib import Path
@@ -549,26 +549,26 @@ def _run_parallel(runs: list[tuple[Test, str]], jobs: int, max_insns: int, profi
     return [ended[i] for i in sorted(ended)]
 
 
-class _forwarding_sigterm(AbstractContextManager):
+@contextmanager
+def _forwarding_sigterm():
     """SIGTERM, where the CLI makes it Ctrl-C, reaches this process only
     (Ctrl-C reaches the terminal's whole process group): pass it on to the
     workers, whose runs then end interrupted too."""
+    if signal.getsignal(signal.SIGTERM) is not signal.default_int_handler:
+        yield
+        return
 
-    def __enter__(self):
-        self.previous = signal.getsignal(signal.SIGTERM)
-        if callable(self.previous):
-            signal.signal(signal.SIGTERM, self._forward)
-        return self
-
-    def _forward(self, signum, frame):
+    def forward(signum, frame):
         import multiprocessing
         for worker in multiprocessing.active_children():
             os.kill(worker.pid, signal.SIGTERM)
-        self.previous(signum, frame)
+        signal.default_int_handler(signum, frame)
 
-    def __exit__(self, *exc):
-        if callable(self.previous):
-            signal.signal(signal.SIGTERM, self.previous)
+    signal.signal(signal.SIGTERM, forward)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
 
 
 _parent = 0         # a worker's parent: hv kut
