@@ -437,8 +437,11 @@ COMMANDS = {"run": _cmd_run, "compare": _cmd_compare, "guests": _cmd_guests, "as
 
 def main(argv: list[str] | None = None) -> int:
     # SIGTERM (kill, timeout(1), a CI job cancelled) is as Ctrl-C: the
-    # counts so far are printed and `hv kut`'s workers end with it.
-    previous = _handle(signal.SIGTERM, signal.default_int_handler)
+    # counts so far are printed and `hv kut`'s workers end with it. Where
+    # the parent ignores it, it stays ignored, as Ctrl-C does in Python.
+    previous = None
+    if signal.getsignal(signal.SIGTERM) is not signal.SIG_IGN:
+        previous = _handle(signal.SIGTERM, signal.default_int_handler)
     try:
         args = _parser().parse_args(argv)
         return COMMANDS[args.command](args)

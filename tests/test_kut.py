@@ -8,8 +8,6 @@ import os
 import re
 import shutil
 import signal
-import subprocess
-import sys
 import tarfile
 import time
 from pathlib import Path
@@ -20,6 +18,8 @@ import pytest
 from hv import kut
 from hv.cli import main
 from hv.memory import GiB, MiB
+
+from conftest import hv_process
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "kvm-unit-tests"
 UNPACKED = Path("/tmp/kut/kvm-unit-tests")
@@ -392,10 +392,8 @@ def test_no_run_outlives_a_killed_kut(tmp_path, signum):
     """SIGTERM (kill, timeout(1)) is Ctrl-C: the runs under way end, interrupted,
     and are reported. After kill -9 the workers end their runs too (their
     logs say how). Either way, no worker runs on: they did, for hours."""
-    p = subprocess.Popen([sys.executable, "-m", "hv", "kut", str(need(ACCESS)), "--mmu",
-                          "native,ept", "-j", "2", "--timeout", "0", "--json",
-                          "--logs", str(tmp_path)],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p = hv_process("kut", str(need(ACCESS)), "--mmu", "native,ept", "-j", "2",
+                   "--timeout", "0", "--json", "--logs", str(tmp_path))
     logs = [tmp_path / f"access_test.{mode}.log" for mode in ("native", "ept")]
     deadline = time.monotonic() + 60
     while not all(log.exists() and "starting test" in log.read_text() for log in logs):

@@ -5,7 +5,6 @@ import json
 import os
 from collections import Counter
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -18,7 +17,7 @@ from hv.api import make_result
 from hv.arch import ept
 from hv.vmm.vm import VM, Config
 
-from conftest import image
+from conftest import hv_process, image
 
 SPIN = "spin: jmp spin\n"
 
@@ -36,9 +35,7 @@ def test_ctrl_c_still_prints_the_counters(tmp_path, signum):
     src = tmp_path / "spin.s"
     src.write_text(SPIN)
     # A limit no run reaches before the signal (hv spins 10^8 instructions a second).
-    p = subprocess.Popen([sys.executable, "-m", "hv", "run", str(src), "--json",
-                          "--max-insns", str(10**15)],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p = hv_process("run", str(src), "--json", "--max-insns", str(10**15))
     try:
         time.sleep(1.5)
         p.send_signal(signum)
@@ -49,6 +46,28 @@ def test_ctrl_c_still_prints_the_counters(tmp_path, signum):
     doc = json.loads(out)
     assert p.returncode == 130 and doc["reason"] == "interrupted"
     assert doc["counters"]["insns"] > 0 and "Traceback" not in err
+
+
+def test_a_signal_the_parent_ignores_stays_ignored(tmp_path):
+    """`hv run ... &` in a script (no job control) ignores Ctrl-C, as other
+    programs started so do; one started under a parent that ignores
+    SIGTERM keeps ignoring it too: the run goes on to its limit."""
+    src = tmp_path / "spin.s"
+    src.write_text(SPIN)
+    p = hv_process("run", str(src), "--json", "--max-insns", str(3 * 10**8),
+                   ignore=(signal.SIGINT, signal.SIGTERM))
+    try:
+        while _cpu_seconds(p.pid) < 1.0 and p.poll() is None:   # into the run
+            time.sleep(0.01)
+        p.send_signal(signal.SIGINT)
+        p.send_signal(signal.SIGTERM)
+        out, err = p.communicate(timeout=60)
+    finally:
+        p.kill()
+        p.wait()
+    doc = json.loads(out)
+    assert (p.returncode, doc["reason"], err) == (1, "max_insns", "")
+    assert doc["counters"]["insns"] == 3 * 10**8
 
 
 # A page touched every 4 instructions, 48 MiB of them round and round:
@@ -79,8 +98,7 @@ def _interrupted(args: list[str], tries: int, cpu: float) -> list[tuple[int, str
     used its share of CPU time (cpu, cpu + 0.05, ... seconds: past start-up
     whatever the load, and each at another point of its run) -> (status,
     stdout, stderr) of each; each must end within 10 s of its signal."""
-    runs = [subprocess.Popen([sys.executable, "-m", "hv", *args], stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True) for _ in range(tries)]
+    runs = [hv_process(*args) for _ in range(tries)]
     try:
         waiting = {p: cpu + 0.05 * i for i, p in enumerate(runs)}
         while waiting:
@@ -125,11 +143,15 @@ def test_ctrl_c_in_compare_keeps_the_cases_finished(tmp_path):
 def test_sigint_in_a_hook_stops_the_run_at_once_and_the_handler_is_restored():
     """In-process: SIGINT raised while the guest prints its first byte (the
     OUT hook: Python runs the handler there). Whatever handled SIGINT before
-    hv.run does again after it."""
-    before = signal.getsignal(signal.SIGINT)
-    r = hv.run("hello", on_console=lambda vm, byte: signal.raise_signal(signal.SIGINT))
-    assert (r.reason, r.console) == ("interrupted", "h")
-    assert signal.getsignal(signal.SIGINT) is before
+    hv.run does again after it (Python's, as a terminal starts pytest: not
+    the SIG_IGN of a `make test &`, which hv leaves alone)."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        r = hv.run("hello", on_console=lambda vm, byte: signal.raise_signal(signal.SIGINT))
+        assert (r.reason, r.console) == ("interrupted", "h")
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, before)
 
 
 def test_hv_runs_outside_the_main_thread():
