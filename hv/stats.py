@@ -27,7 +27,7 @@ OTHER_COUNTERS = (
     "vmm.guest_walks", "vmm.guest_walk_refs", "vmm.guest_ad_writes",
     "ept_tables", "pages_4k", "pages_2m", "pages_1g",               # EPT
     "pwc.hits", "pwc.ntlb_hits",                                    # --pwc
-    "agile.to_nested", "agile.to_shadow",                           # agile paging
+    "agile.to_nested", "agile.to_shadow", "agile.prefilled",        # agile paging
 )
 # Only what is the same on every host: how often Unicorn's own TLB refills
 # depends on wall-clock time (see hv/hw/tlb.py), so refills are not counted.

@@ -79,8 +79,14 @@ from hv.vmm.vm import VM, Config
 
 MODES = ("native", "shadow", "ept", "agile")       # compared with ORACLE
 # What run_all runs: every mode, and agile again without the walk memo
-# (a switch changes which tables a replayed walk must watch).
-RUNS = MODES + ("agile/no-memo",)
+# (a switch changes which tables a replayed walk must watch). "agile" here
+# starts shadowed (rent=0), so that the program's page-table writes move
+# tables to nested; "agile/rent" starts nested, as by default, and pays a
+# small rent, so that its root goes shadowed early, prefilled from what
+# the nested walks touched.
+RUNS = MODES + ("agile/no-memo", "agile/rent")
+AGILE_POLICIES = {"agile": "dynamic:rent=0", "agile/no-memo": "dynamic:rent=0",
+                  "agile/rent": "dynamic:rent=64"}
 ORACLE = "qemu"
 REASONS = {"exit", "halted", "triple_fault", "max_insns", "escape", "error"}
 
@@ -719,6 +725,8 @@ def run_mode(img: bytes, run: str, **kw) -> hv.Result:
     mode, _, variant = run.partition("/")
     if variant == "no-memo":
         kw["memo"] = False
+    if run in AGILE_POLICIES:
+        kw.setdefault("agile_policy", AGILE_POLICIES[run])
     if mode in ("shadow", "agile"):
         vm = VM(img, Config(mmu=mode, **kw), name="fuzz")
         vm.run()

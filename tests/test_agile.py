@@ -89,6 +89,9 @@ SWITCHES = {PT: (3, 1, 8), PML4 + 0x2000: (2, 2, 12), PML4 + 0x1000: (1, 3, 16),
 
 
 def agile_run(src: str, **kw) -> hv.Result:
+    """Started shadowed (rent=0), unless `agile_policy` says otherwise: the
+    tables go nested by the writes these tests make."""
+    kw.setdefault("agile_policy", "dynamic:rent=0")
     vm = VM(image(src), Config(mmu="agile", check_invariants=True, **kw))
     vm.run()
     vm.mmu.check()
@@ -236,8 +239,8 @@ again:
     pop rax
     loop again
 """ + mark(4))
-    tried = agile_run(src, agile_policy="dynamic:writes=1,window=1,trial=1").between(2, 4)
-    kept = agile_run(src, agile_policy="dynamic:writes=1,trial=0").between(2, 4)
+    tried = agile_run(src, agile_policy="dynamic:rent=0,writes=1,window=1,trial=1").between(2, 4)
+    kept = agile_run(src, agile_policy="dynamic:rent=0,writes=1,trial=0").between(2, 4)
     # (A table tried back is not shadowed until its next use, so the
     # iteration after a trial writes it freely: a round trip at least
     # every other iteration.)
@@ -248,26 +251,74 @@ again:
 
 
 def test_a_guest_that_turns_on_pcid_gets_its_root_nested_at_once():
-    """ctxswitch sets CR4.PCIDE before its switches (marks 1-2): that exit
-    nests the root, and the switches cost what they cost under ept; with
-    pcid=0 the root waits for the window's CR3 loads (one exit, then
-    nested)."""
-    at_once = hv.run("ctxswitch", mmu="agile")
-    late = hv.run("ctxswitch", mmu="agile", agile_policy="dynamic:pcid=0")
+    """ctxswitch sets CR4.PCIDE before its switches (marks 1-2). Started
+    shadowed (rent=0), that exit nests the root, and the switches cost what
+    they cost under ept; with pcid=0 the root waits for the window's CR3
+    loads (one exit, then nested). Started nested (the default), PCID is
+    on when the rent is paid, and the root stays nested."""
+    at_once = hv.run("ctxswitch", mmu="agile", agile_policy="dynamic:rent=0")
+    late = hv.run("ctxswitch", mmu="agile", agile_policy="dynamic:rent=0,pcid=0")
+    kept = hv.run("ctxswitch", mmu="agile")
     ept = hv.run("ctxswitch", mmu="ept").between(1, 2)
     assert at_once.counters["agile.to_nested"] == late.counters["agile.to_nested"] == 1
-    window = at_once.between(1, 2)
-    assert window.exits == ept.exits and "CR_ACCESS" not in window.exits
-    assert window["tlb.walk_refs"] == ept["tlb.walk_refs"]
+    assert kept.counters["agile.to_nested"] == kept.counters["agile.to_shadow"] == 0
+    for window in (at_once.between(1, 2), kept.between(1, 2)):
+        assert window.exits == ept.exits and "CR_ACCESS" not in window.exits
+        assert window["tlb.walk_refs"] == ept["tlb.walk_refs"]
     assert late.between(1, 2).exits["CR_ACCESS"] == 1
-    assert at_once.console == late.console
+    assert at_once.console == late.console == kept.console
+
+
+def test_the_rent_paid_the_root_goes_shadowed_with_what_the_nested_walks_touched():
+    """The default policy starts nested. Here the rent is what the nested
+    walks have paid by mark 1 (EPT knows every frame by then: no exit
+    looks in before), so it is paid at that exit: the root goes shadowed,
+    and the 16 pages the nested walks wrote (A and D set) are shadowed at
+    once, so writing them again (marks 2-3) takes no hidden fault, and each
+    walk is 4 shadow references. The guest's tables end as natively: the
+    prefill set no bit."""
+    src = switch_at(PT)
+    src = src[:src.index(mark(1))].replace("mov rax, qword ptr [r12 + rdx - 0x1000]",
+                                           "mov qword ptr [r12 + rdx - 0x1000], rdx")
+    src = src.replace(f"    mov rax, {PML4:#x}\n    mov cr3, rax", f"""
+    mov rbx, 0x600000
+    mov rcx, 16
+frames:
+    mov qword ptr [rbx], rcx
+    add rbx, 0x1000
+    loop frames
+    mov rax, {PML4:#x}
+    mov cr3, rax""")
+    src += mark(1) + mark(2) + """
+    mov rcx, 16
+again:
+    mov rdx, rcx
+    shl rdx, 12
+    mov qword ptr [r12 + rdx - 0x1000], rcx
+    loop again
+""" + mark(3) + EXIT
+    at_mark = agile_run(src, agile_policy="nested").marks[1]
+    rent = at_mark["tlb.walk_refs"] - 4 * at_mark["tlb.walks"]
+    r = agile_run(src, agile_policy=f"dynamic:rent={rent}")
+    assert (r.reason, r.exit_code) == ("exit", 0)
+    assert r.between(1, 2)["agile.to_shadow"] == 1
+    assert r.counters["agile.prefilled"] >= 16
+    d = r.between(2, 3)
+    assert "EXCEPTION_NMI" not in d.exits and d["tlb.walks"] >= 16
+    assert d["tlb.walk_refs"] == 4 * d["tlb.walks"]
+    tables = {}
+    for mmu, policy in (("native", "dynamic"), ("agile", f"dynamic:rent={rent}")):
+        vm = VM(image(src), Config(mmu=mmu, agile_policy=policy))
+        vm.run()
+        tables[mmu] = vm.guest.read(PML4, 4 * 4096)
+    assert tables["agile"] == tables["native"]
 
 
 @pytest.mark.parametrize("policy, message", [
     ("bogus", "unknown agile policy 'bogus' (choose from dynamic, whole, shadow, nested)"),
     ("shadow:writes=1", "agile policy 'shadow' has no knobs"),
     ("dynamic:speed=3", "agile policy knob 'speed=3': write knob=N with a knob of writes, cr3, "
-                        "pcid, window, trial"),
+                        "pcid, window, trial, rent"),
     ("dynamic:pcid=2", "agile policy knob 'pcid=2': must be 0 (off) or 1 (on)"),
     ("dynamic:writes=0", "agile policy knob 'writes=0': must be at least 1"),
     ("dynamic:window=soon", "agile policy knob 'window=soon': not a number: 'soon'"),
@@ -279,16 +330,19 @@ def test_a_bad_policy_is_one_clear_error(policy, message):
 
 def test_adaptive_switches_the_whole_vm_where_agile_nests_one_table():
     """--mmu adaptive is agile's machinery with the whole-VM policy (VEE
-    2011): the PT that agile nests alone makes adaptive nest the root, so
-    the measured reads walk in two dimensions from the top (ept's 24
-    references), where agile walks shadow entries down to the switch."""
+    2011): started shadowed, the PT that agile nests alone makes it nest
+    the root, so the measured reads walk in two dimensions from the top
+    (ept's 24 references), where agile walks shadow entries down to the
+    switch."""
     src = switch_at(PT)
     agile = agile_run(src).between(2, 3)
+    whole = agile_run(src, agile_policy="whole:rent=0")
+    assert (whole.reason, whole.exit_code) == ("exit", 0)
+    assert whole.counters["agile.to_nested"] == 1
+    d = whole.between(2, 3)
+    assert d["tlb.walk_refs"] == 24 * d["tlb.walks"] > agile["tlb.walk_refs"]
     adaptive = hv.run("test", mmu="adaptive", image=image(src), check_invariants=True)
     assert (adaptive.reason, adaptive.exit_code) == ("exit", 0)
-    assert adaptive.counters["agile.to_nested"] == 1
-    d = adaptive.between(2, 3)
-    assert d["tlb.walk_refs"] == 24 * d["tlb.walks"] > agile["tlb.walk_refs"]
     same = agile_run(src, agile_policy="whole").to_json()
     mine = adaptive.to_json()
     for j in (same, mine):

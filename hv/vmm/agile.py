@@ -35,9 +35,11 @@ from __future__ import annotations
 
 from ..arch import ept as arch_ept
 from ..arch.ept import EptQual
+from ..arch.paging import (A, ADDR_MASK, D, ENTRIES_PER_TABLE, P, PAGE_SIZE, PAGE_SIZES, PS,
+                           PFErr, RW, US)
 from ..arch.vmx import ExitReason
-from ..arch.x86 import CR4
-from ..errors import HvError, InvariantError
+from ..arch.x86 import CR4, PG
+from ..errors import GuestEscape, HvError, InvariantError
 from ..events import EmulateWrite
 from ..memory import parse_count
 from .shadow import ShadowCache, ShadowPaging
@@ -52,8 +54,12 @@ NESTED_INTERCEPTS = frozenset({ExitReason.IO_INSTRUCTION, ExitReason.HLT, ExitRe
 POLICIES = ("dynamic", "whole", "shadow", "nested")
 # The measuring policies' knobs: `--agile-policy dynamic:writes=2,trial=0`.
 KNOBS = {"writes": "SWITCH_WRITES", "cr3": "SWITCH_CR3", "pcid": "SWITCH_PCID",
-         "window": "WINDOW", "trial": "TRIAL"}
+         "window": "WINDOW", "trial": "TRIAL", "rent": "RENT"}
 MEASURING = ("dynamic", "whole")
+# What the switch of a root from nested to shadowed prefills at most.
+PREFILL_TABLES = 64     # guest tables read
+PREFILL = 4096          # translations shadowed
+LINES_PER_TABLE = PAGE_SIZE // 64
 
 
 def parse_policy(text: str) -> tuple[str, dict[str, int]]:
@@ -72,7 +78,7 @@ def parse_policy(text: str) -> tuple[str, dict[str, int]]:
         if name not in KNOBS or not eq:
             raise HvError(f"agile policy knob {item!r}: write knob=N with a knob of "
                           f"{', '.join(KNOBS)}")
-        minimum = 0 if name in ("trial", "pcid") else 1
+        minimum = 0 if name in ("trial", "pcid", "rent") else 1
         try:
             number = parse_count(value)
         except ValueError as e:
@@ -110,6 +116,7 @@ class AgilePolicy:
     SWITCH_PCID = 1
     WINDOW = 1 << 20
     TRIAL = 8
+    RENT = 2048
 
     def __init__(self, policy: str, cache: ShadowCache):
         kind, knobs = parse_policy(policy)
@@ -125,6 +132,10 @@ class AgilePolicy:
         self._cr3_loads = 0
         self._window_end = self.WINDOW
         self._windows = 0
+        # Nested from the start until the rent is paid (then `prefill`).
+        self.renting = self.dynamic and self.RENT > 0
+        self.root_nested = self.root_nested or self.renting
+        self.prefill = False
 
     def table_written(self, c, gfn: int) -> None:
         """An emulated write to shadowed table `gfn` (a write-protection exit)."""
@@ -153,14 +164,30 @@ class AgilePolicy:
         if self.dynamic and self.SWITCH_PCID:
             self._nest_root(c)
 
+    def _rent_paid(self, c, cr4: int) -> None:
+        """The root goes shadowed, its tables prefilled; unless the guest
+        turned PCID on while nested (no exit showed it): it stays nested."""
+        self.renting = False
+        if cr4 & CR4.PCIDE and self.SWITCH_PCID:
+            return
+        self.root_nested = False
+        self.prefill = True
+        c["agile.to_shadow"] += 1
+
     def _nest_root(self, c) -> None:
         if not self.root_nested:
             self.root_nested = True
             self.cache.zap_all(c)           # nothing is write-protected now
             c["agile.to_nested"] += 1
 
-    def tick(self, c) -> None:
-        """At VM entry: a new window, and every TRIAL windows a trial."""
+    def tick(self, c, cr4: int) -> None:
+        """At VM entry (after an exit, or at a slice's start: the host's
+        timer interrupts the guest anyway): the rent, a new window, and
+        every TRIAL windows a trial. `cr4`: the guest's."""
+        if self.renting:
+            levels = 5 if cr4 & CR4.LA57 else 4
+            if c["tlb.walk_refs"] - levels * c["tlb.walks"] >= self.RENT:
+                self._rent_paid(c, cr4)
         now = self.elapsed()
         if now < self._window_end:
             return
@@ -258,11 +285,60 @@ class AgilePaging(ShadowPaging):
 
     def reload(self) -> None:
         """At VM entry: the policy's windows, then the root it wants."""
-        self.policy.tick(self.counters)
+        self.policy.tick(self.counters, self.hw.cr4 if self.root_nested else self.cr4)
         if self.policy.root_nested != self.root_nested:
             self._switch_root()
         if not self.root_nested:
             super().reload()
+            if self.policy.prefill:
+                self.policy.prefill = False
+                self._prefill()
+
+    def _prefill(self) -> None:
+        """The root has just left nested: shadow the translations the
+        guest's tables mark accessed (the nested walks set A, and D where
+        they wrote), as the hidden faults of their first touches would,
+        without those faults (KVM's pte_prefetch, which also takes only
+        accessed entries). Each walk finds its A and D set already, so no
+        guest entry changes. At most PREFILL_TABLES tables read and
+        PREFILL translations; 1 GiB pages are left to fault."""
+        if not self.cr0 & PG:
+            return
+        c, guest = self.counters, self.guest
+        levels = self.levels
+        sign = 1 << 11 + 9 * levels             # the top level's highest bit
+        tables = [(self.cr3 & ADDR_MASK, levels, 0)]
+        done = read = 0
+        kept = c["pf_fixed"], c["insn_emulation"]
+        while tables and read < PREFILL_TABLES and done < PREFILL:
+            gpa, level, vbase = tables.pop()
+            read += 1
+            c["vmm.guest_walk_refs"] += LINES_PER_TABLE      # a reference per cache line
+            for i in range(ENTRIES_PER_TABLE):
+                entry = guest.read_u64(gpa + 8 * i) if gpa + 8 * i < guest.ram else 0
+                if entry & (P | A) != P | A:
+                    continue
+                vaddr = vbase | i << 3 + 9 * level
+                if level > 1 and not entry & PS:
+                    tables.append((entry & ADDR_MASK, level - 1, vaddr))
+                elif level <= 2:
+                    for page in range(vaddr, vaddr + PAGE_SIZES[level], PAGE_SIZE):
+                        done += self._prefetch(page - (page & sign) * 2, entry)
+        c["pf_fixed"], c["insn_emulation"] = kept   # no fault was fixed, no write emulated
+        c["agile.prefilled"] += done
+
+    def _prefetch(self, vaddr: int, leaf: int) -> int:
+        """Shadow one translation as its hidden fault would, writable if the
+        leaf is dirty -> 1, or 0 where the guest's walk faults, the page is
+        a shadowed table (read-only then), or it lies outside the VM."""
+        for error in ((PFErr.W, 0) if leaf & D and leaf & RW else (0,)):
+            for user in ((PFErr.U, 0) if leaf & US else (0,)):
+                try:
+                    if self.page_fault(vaddr % (1 << 64), int(error | user)) is None:
+                        return 1
+                except GuestEscape:
+                    return 0
+        return 0
 
     def _switch_root(self) -> None:
         hw = self.hw
