@@ -261,13 +261,14 @@ class Bench:
             ("code page written, then run (a rescan)", "native",
              events(n, MIXED) + "counter: .quad 0\n",
              events(n, MIXED) + ".align 4096\ncounter: .quad 0\n", "code_rescans"),
-            # The same guest both times: its PT goes nested at a write and,
+            # The same guest both times, started shadowed (rent=0): its PT goes nested at a write and,
             # tried back as shadow at the next VM entry, is shadowed again at
             # its next use (an INVLPG exit, a hidden fault, a shadow page);
             # the baseline leaves it nested.
             ("agile switch round trip (to nested and back)", "agile",
              events(n, PTE_WRITE + VMCALL, PT_SETUP), events(n, PTE_WRITE + VMCALL, PT_SETUP),
-             "agile.to_shadow", *({"agile_policy": f"dynamic:writes=1,window=1,trial={t}"} for t in (1, 0))),
+             "agile.to_shadow",
+             *({"agile_policy": f"dynamic:rent=0,writes=1,window=1,trial={t}"} for t in (1, 0))),
         ]
         rows = []
         for name, mode, guest, base, what, *kws in cases:     # kws: the two runs' options

@@ -271,9 +271,10 @@ def run(guest: str | Path | list, mmu: str = "native", *, ram: int | str = "64M"
     timeout           stop after this many wall-clock seconds (0: no limit)
     memo              replay walks whose tables did not change (False: walk every
                       TLB miss in full; slower, the counts are the same)
-    agile_policy      agile: "dynamic" (subtrees go nested where the guest writes
-                      its tables; knobs: "dynamic:writes=2,cr3=2,pcid=1,window=1048576,
-                      trial=8"),
+    agile_policy      agile: "dynamic" (nested until the 2-D walks have cost
+                      `rent` references more than shadow walks would, then shadowed
+                      but for the subtrees the guest writes; knobs: "dynamic:writes=2,
+                      cr3=2,pcid=1,window=1048576,trial=8,rent=2048"),
                       "whole" (the whole VM instead: `--mmu adaptive`; the same knobs),
                       "shadow" (never: `shadow`'s counts), "nested" (everything:
                       `ept`'s counts); README, "Agile paging"

@@ -108,8 +108,10 @@ def _add_config_options(r: argparse.ArgumentParser) -> None:
                    help="walk every TLB miss in full instead of replaying walks whose "
                         "tables did not change (slower; the counts are the same)")
     r.add_argument("--agile-policy", default="dynamic", metavar="POLICY",
-                   help="agile: when subtrees go nested: dynamic (where the guest writes its "
-                        f"tables; knobs: dynamic:{DEFAULT_KNOBS}), whole (the whole VM "
+                   help="agile: when subtrees go nested: dynamic (nested until the 2-D "
+                        "walks cost `rent` references more than shadow walks, then shadowed "
+                        "but where the guest writes its tables or loads CR3 often; knobs: "
+                        f"dynamic:{DEFAULT_KNOBS}), whole (the whole VM "
                         "instead, as --mmu adaptive; the same knobs), shadow (never: shadow's "
                         "counts), nested (all: ept's counts)")
     r.add_argument("--cpu", default="", metavar="FEATURES",
