@@ -189,8 +189,8 @@ class Adaptive(Agile):
     """Agile's machinery with the whole-VM policy: `--mmu agile
     --agile-policy whole` (whose knobs that spelling sets)."""
     name = "adaptive"
-    help = ("the whole VM shadowed or nested, switched by measured exits (after Wang et "
-            "al., VEE 2011): agile paging's policy without subtrees")
+    help = ("the whole VM shadowed or nested, switched by measured walks and exits (after Wang "
+            "et al., VEE 2011): agile paging's policy without subtrees")
 
     def policy(self, config) -> str:
         return "whole"
