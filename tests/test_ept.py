@@ -266,10 +266,11 @@ def test_two_dimensional_walk_arithmetic(paging_levels, ept_levels, guest_page, 
 @pytest.mark.parametrize("paging_levels", (4, 5))
 @pytest.mark.parametrize("guest_page", ("4k", "2m"))
 def test_one_dimensional_walks_read_one_entry_per_level(mmu, paging_levels, guest_page):
-    """Natively, and on shadow tables (which have the guest's levels), a
-    walk reads one entry per level down to its leaf."""
+    """Natively, and on shadow tables (which have the guest's levels; agile
+    started shadowed), a walk reads one entry per level down to its leaf."""
     src, window, guest_leaf = GUEST_PAGES[guest_page]
-    r = run_src(src, mmu=mmu, paging_levels=paging_levels, check_invariants=True)
+    r = run_src(src, mmu=mmu, paging_levels=paging_levels, check_invariants=True,
+                agile_policy="dynamic:rent=0")
     per_walk, _ = refs_per_walk(r, *window)
     # Shadow tables map a guest large page with 4 KiB pages (no host large pages).
     leaf = 1 if mmu != "native" else guest_leaf

@@ -227,7 +227,8 @@ def test_host_large_pages_give_2m_shadow_leaves_where_no_table_lies(mode):
     a guest 2 MiB page is shadowed by one 2 MiB leaf (one TLB miss for 16
     of its pages), unless a guest page table lies in it: the boot tables
     (0x2000..) share the first 2 MiB with the image, whose pages get 4 KiB
-    leaves, so a write to the PD there still exits."""
+    leaves, so a write to the PD there still exits. (Agile started
+    shadowed.)"""
     src = mark(1) + """
         mov rbx, 0x1000000
         mov rcx, 16
@@ -239,13 +240,13 @@ def test_host_large_pages_give_2m_shadow_leaves_where_no_table_lies(mode):
         mov rax, qword ptr [0x4000 + 500 * 8]
         mov qword ptr [0x4000 + 500 * 8], rax
     """ + mark(3) + EXIT
-    vm = VM(image(src), Config(mmu=mode, ept_large_pages=True))
+    vm = VM(image(src), Config(mmu=mode, ept_large_pages=True, agile_policy="dynamic:rent=0"))
     vm.run()
     vm.mmu.check()
     r = make_result("test", vm)
     assert r.between(1, 2)["tlb.misses"] == 1 and r.between(1, 2)["pf_fixed"] == 1
     assert r.between(2, 3)["mmu_pte_write"] == 1
-    small = hv.run("test", mmu=mode, image=image(src)).between(1, 2)
+    small = hv.run("test", mmu=mode, image=image(src), agile_policy="dynamic:rent=0").between(1, 2)
     assert small["tlb.misses"] == small["pf_fixed"] == 16
 
 
