@@ -314,6 +314,16 @@ again:
     assert tables["agile"] == tables["native"]
 
 
+def test_a_root_nested_until_its_rent_is_paid_is_not_tried_back():
+    """A trial at every VM entry (window=1, trial=1) tries back what the
+    policy nested, not the root still paying its rent: `compute` misses
+    the TLB too rarely to pay it, and stays nested, as under ept."""
+    r = hv.run("compute", mmu="agile", agile_policy="dynamic:window=1,trial=1")
+    ept = hv.run("compute", mmu="ept")
+    assert r.counters["agile.to_shadow"] == r.counters["agile.to_nested"] == 0
+    assert r.exits == ept.exits and r.tlb["walk_refs"] == ept.tlb["walk_refs"]
+
+
 @pytest.mark.parametrize("policy, message", [
     ("bogus", "unknown agile policy 'bogus' (choose from dynamic, whole, shadow, nested)"),
     ("shadow:writes=1", "agile policy 'shadow' has no knobs"),

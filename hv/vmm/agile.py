@@ -212,8 +212,9 @@ class AgilePolicy:
         self._windows += 1
         self._writes.clear()
         self._cr3_loads = 0
-        if not self.TRIAL or self._windows % self.TRIAL or not (self.nested or self.root_nested):
-            return
+        if (not self.TRIAL or self._windows % self.TRIAL or self.renting
+                or not (self.nested or self.root_nested)):
+            return                          # (a root still renting is the rent's to end)
         c["agile.to_shadow"] += len(self.nested) + self.root_nested
         for gfn in self.nested:
             self.cache.drop_switches(c, gfn)
