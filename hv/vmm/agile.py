@@ -100,11 +100,11 @@ def parse_policy(text: str) -> tuple[str, dict[str, int]]:
 class AgilePolicy:
     """Which guest tables are walked nested, in one place (`--agile-policy`).
 
-    "dynamic": the VM starts nested and pays rent (ski rental): once its
-    2-D walks have read RENT references more than walks of shadow tables
-    would have (checked at VM entries: after exits, and at each slice's
-    start, where the host's timer interrupts the guest anyway), its root
-    goes shadowed, prefilled with what the nested walks touched
+    "dynamic": the VM starts nested and pays rent (ski rental): once a
+    vCPU's 2-D walks have read RENT references more than walks of shadow
+    tables would have (checked at VM entries: after exits, and at each
+    slice's start, where the host's timer interrupts the guest anyway), the
+    root goes shadowed, prefilled with what the nested walks touched
     (AgilePaging._prefill); a guest that turned PCID on meanwhile stays
     nested. From then on (from the start with RENT 0) every table is
     shadowed but for these rules. A guest table frame that takes
