@@ -8,6 +8,7 @@ import pytest
 import hv
 from hv import compare
 from hv.api import make_result
+from hv.vmm import agile
 from hv.vmm.agile import AgilePolicy
 from hv.vmm.vm import VM, Config
 
@@ -269,14 +270,10 @@ def test_a_guest_that_turns_on_pcid_gets_its_root_nested_at_once():
     assert at_once.console == late.console == kept.console
 
 
-def test_the_rent_paid_the_root_goes_shadowed_with_what_the_nested_walks_touched():
-    """The default policy starts nested. Here the rent is what the nested
-    walks have paid by mark 1 (EPT knows every frame by then: no exit
-    looks in before), so it is paid at that exit: the root goes shadowed,
-    and the 16 pages the nested walks wrote (A and D set) are shadowed at
-    once, so writing them again (marks 2-3) takes no hidden fault, and each
-    walk is 4 shadow references. The guest's tables end as natively: the
-    prefill set no bit."""
+def touched_nested(extra: str = "") -> str:
+    """switch_at(PT)'s tables, `extra` run before the CR3 load; the 16
+    pages written (A and D set) up to mark 1; marks 2-3 bracket writing
+    them again."""
     src = switch_at(PT)
     src = src[:src.index(mark(1))].replace("mov rax, qword ptr [r12 + rdx - 0x1000]",
                                            "mov qword ptr [r12 + rdx - 0x1000], rdx")
@@ -287,9 +284,10 @@ frames:
     mov qword ptr [rbx], rcx
     add rbx, 0x1000
     loop frames
+{extra}
     mov rax, {PML4:#x}
     mov cr3, rax""")
-    src += mark(1) + mark(2) + """
+    return src + mark(1) + mark(2) + """
     mov rcx, 16
 again:
     mov rdx, rcx
@@ -297,9 +295,25 @@ again:
     mov qword ptr [r12 + rdx - 0x1000], rcx
     loop again
 """ + mark(3) + EXIT
+
+
+def rent_to_mark_1(src: str) -> str:
+    """The policy whose rent is what the nested walks have paid by mark 1
+    (EPT knows every frame by then: no exit looks in before), so it is
+    paid at that exit."""
     at_mark = agile_run(src, agile_policy="nested").marks[1]
-    rent = at_mark["tlb.walk_refs"] - 4 * at_mark["tlb.walks"]
-    r = agile_run(src, agile_policy=f"dynamic:rent={rent}")
+    return f"dynamic:rent={at_mark['tlb.walk_refs'] - 4 * at_mark['tlb.walks']}"
+
+
+def test_the_rent_paid_the_root_goes_shadowed_with_what_the_nested_walks_touched():
+    """The default policy starts nested. Paid at mark 1, the rent sends
+    the root shadowed, and the 16 pages the nested walks wrote (A and D
+    set) are shadowed at once, so writing them again (marks 2-3) takes no
+    hidden fault, and each walk is 4 shadow references. The guest's
+    tables end as natively: the prefill set no bit."""
+    src = touched_nested()
+    policy = rent_to_mark_1(src)
+    r = agile_run(src, agile_policy=policy)
     assert (r.reason, r.exit_code) == ("exit", 0)
     assert r.between(1, 2)["agile.to_shadow"] == 1
     assert r.counters["agile.prefilled"] >= 16
@@ -307,11 +321,38 @@ again:
     assert "EXCEPTION_NMI" not in d.exits and d["tlb.walks"] >= 16
     assert d["tlb.walk_refs"] == 4 * d["tlb.walks"]
     tables = {}
-    for mmu, policy in (("native", "dynamic"), ("agile", f"dynamic:rent={rent}")):
+    for mmu in ("native", "agile"):
         vm = VM(image(src), Config(mmu=mmu, agile_policy=policy))
         vm.run()
         tables[mmu] = vm.guest.read(PML4, 4 * 4096)
     assert tables["agile"] == tables["native"]
+
+
+def test_the_prefill_skips_accessed_entries_outside_the_vm():
+    """A page, and a table, that accessed guest entries place outside the
+    VM's RAM (the guest never touches them): the prefill skips both, as
+    neither an escape nor a translation."""
+    outside = f"""
+    mov qword ptr [{PT + 16 * 8:#x}], 0x10000023
+    mov qword ptr [{PML4 + 0x2000 + 8:#x}], 0x20000023"""
+    policy = rent_to_mark_1(touched_nested())
+    base, r = (agile_run(touched_nested(extra), agile_policy=policy) for extra in ("", outside))
+    assert (r.reason, r.exit_code) == ("exit", 0)
+    assert r.counters["agile.prefilled"] == base.counters["agile.prefilled"] >= 16
+
+
+def test_the_prefill_stops_at_its_limits(monkeypatch):
+    """At most PREFILL translations, even inside one table; at most
+    PREFILL_TABLES tables read (the PML4 alone holds no leaf)."""
+    src = touched_nested()
+    policy = rent_to_mark_1(src)
+    monkeypatch.setattr(agile, "PREFILL", 5)
+    assert agile_run(src, agile_policy=policy).counters["agile.prefilled"] == 5
+    monkeypatch.undo()
+    monkeypatch.setattr(agile, "PREFILL_TABLES", 1)
+    r = agile_run(src, agile_policy=policy)
+    assert (r.reason, r.exit_code) == ("exit", 0)
+    assert r.counters["agile.to_shadow"] == 1 and r.counters["agile.prefilled"] == 0
 
 
 def test_a_root_nested_until_its_rent_is_paid_is_not_tried_back():

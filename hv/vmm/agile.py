@@ -322,16 +322,29 @@ class AgilePaging(ShadowPaging):
         PREFILL translations; 1 GiB pages are left to fault."""
         if not self.cr0 & PG:
             return
-        c, guest = self.counters, self.guest
-        levels = self.levels
+        c = self.counters
+        kept = c["pf_fixed"], c["insn_emulation"]
+        done = 0
+        for vaddr, leaf in self._accessed():
+            if done == PREFILL:
+                break
+            done += self._prefetch(vaddr, leaf)
+        c["pf_fixed"], c["insn_emulation"] = kept   # no fault was fixed, no write emulated
+        c["agile.prefilled"] += done
+
+    def _accessed(self):
+        """The 4 KiB translations (vaddr, leaf) of the guest's accessed
+        leaves below CR3, reading at most PREFILL_TABLES tables (a
+        reference per cache line of each); a table outside guest RAM
+        reads as empty."""
+        guest, levels = self.guest, self.levels
         sign = 1 << 11 + 9 * levels             # the top level's highest bit
         tables = [(self.cr3 & ADDR_MASK, levels, 0)]
-        done = read = 0
-        kept = c["pf_fixed"], c["insn_emulation"]
-        while tables and read < PREFILL_TABLES and done < PREFILL:
+        for _ in range(PREFILL_TABLES):
+            if not tables:
+                return
             gpa, level, vbase = tables.pop()
-            read += 1
-            c["vmm.guest_walk_refs"] += LINES_PER_TABLE      # a reference per cache line
+            self.counters["vmm.guest_walk_refs"] += LINES_PER_TABLE
             for i in range(ENTRIES_PER_TABLE):
                 entry = guest.read_u64(gpa + 8 * i) if gpa + 8 * i < guest.ram else 0
                 if entry & (P | A) != P | A:
@@ -341,9 +354,7 @@ class AgilePaging(ShadowPaging):
                     tables.append((entry & ADDR_MASK, level - 1, vaddr))
                 elif level <= 2:
                     for page in range(vaddr, vaddr + PAGE_SIZES[level], PAGE_SIZE):
-                        done += self._prefetch(page - (page & sign) * 2, entry)
-        c["pf_fixed"], c["insn_emulation"] = kept   # no fault was fixed, no write emulated
-        c["agile.prefilled"] += done
+                        yield page - (page & sign) * 2, entry
 
     def _prefetch(self, vaddr: int, leaf: int) -> int:
         """Shadow one translation as its hidden fault would, writable if the
