@@ -225,6 +225,7 @@ def fake(reason="exit", exit_code=None, console="", detail="why") -> SimpleNames
     (fake("timeout"), "FAIL", "timeout: why"),
     (fake("max_insns"), "FAIL", "max_insns: why"),
     (fake("halted"), "FAIL", "halted: why"),    # no exit code: the test never finished
+    (fake("interrupted", detail="interrupted (SIGTERM)"), "FAIL", "interrupted (SIGTERM)"),
 ])
 def test_judge(result, status, reason):
     assert kut.judge(result) == (status, reason)
