@@ -52,7 +52,9 @@ def test_instruction_counter_reports_instructions_started():
     assert e.run(BASE, 20) == 20                   # stopped by the limit
     e = engine("nop\nnop\nhlt\nnop")
     assert e.run(BASE, 100) == 3                   # HLT ends emu_start silently, counted
-    assert e.reg("rip") == BASE + 3
+    assert e.reg("rip") == BASE + 3 and not e.ran_out
+    assert e.run(BASE, 3) == 3 and not e.ran_out   # at the limit's last instruction too
+    assert e.run(BASE, 2) == 2 and e.ran_out
 
 
 def test_interrupt_stops_a_run_from_a_hook_only():

@@ -466,6 +466,27 @@ def test_an_interrupt_waits_for_sti_and_its_shadow(mode):
     run_interrupts(SELF_IPI_STI, mode, 0x00_00_01_04, 2, "INTERRUPT_WINDOW")
 
 
+# `sti; hlt` with a self-IPI already pending (kvm-unit-tests' safe_halt in
+# vmexit's self_ipi_sti_hlt): STI's shadow covers the HLT, which runs and
+# halts; the interrupt wakes it at once and is taken after it, once.
+SELF_IPI_STI_HLT = APIC_IPI + """
+    cli
+    mov dword ptr [rbx + 0x300], 0x40000 | 31  ; ICR: self, fixed, vector 31
+    sti
+    hlt
+    mov rax, qword ptr [0x7000]                ; 1
+    out 0xF4, eax
+"""
+
+
+@pytest.mark.parametrize("mode", MSR_MODES)
+def test_hlt_in_stis_shadow_halts_and_the_pending_interrupt_wakes_it(mode):
+    # The HLT is the one instruction the shadow lets run: it ends that
+    # slice, and is still a HLT (an exit under a VMM, as HLT exiting makes it).
+    r = run_interrupts(SELF_IPI_STI_HLT, mode, 1, 1, "INTERRUPT_WINDOW")
+    assert r.exits["HLT"] == 1
+
+
 @pytest.mark.parametrize("mode", MSR_MODES)
 def test_cr8_reserved_bits_are_gp(mode):
     r = run_src("mov eax, 16\nmov cr8, rax\nhlt", mode)

@@ -2,6 +2,8 @@
 inline guests, in every mode (qemu is the oracle)."""
 import json
 
+import pytest
+
 from conftest import LIB, run_src
 
 from hv.arch.paging import PFErr
@@ -95,6 +97,13 @@ def test_hlt_stops_every_vcpu(mode):
     """, mode, vcpus=3)
     assert r.reason == "halted" and r.console == "abc"
     assert r.exits["HLT"] == 3
+
+
+@pytest.mark.parametrize("quantum", [1, 2, 3, 4])
+def test_hlt_halts_as_the_last_instruction_of_a_slice_too(mode, quantum):
+    # Unicorn ends a run at HLT as at its limit: quantum 1 and 3 end a slice there.
+    r = run_src("cli\nnop\nhlt\nmov al, 1\n" + EXIT, mode, quantum=quantum)
+    assert (r.reason, r.exits["HLT"], r.console) == ("halted", 1, "")
 
 
 def test_marks_and_between(mode):

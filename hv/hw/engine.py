@@ -303,6 +303,7 @@ class Engine:
             ctypes.cast(uc._uch, ctypes.c_void_p).value + _fault_offset())
         self.error: BaseException | None = None   # first exception raised in a hook
         self._stopped_at: int | None = None     # the counter when a hook asked to stop
+        self.ran_out = False            # the last run ended at its limit
         self._hooks = []                           # keep ctypes callbacks alive
         self._site_fns: dict[int, list[Callable[[int], None]]] | None = None   # hook_code_at
         self._handle = uc._uch
@@ -608,6 +609,9 @@ class Engine:
         # the next instruction of the block, which never runs: count up to
         # the request.
         ran = min(self._counter.value if self._stopped_at is None else self._stopped_at, count)
+        # Unicorn's limit counts the instruction it stops before: a run that
+        # ended by itself (HLT), even at its last instruction, counted no more.
+        self.ran_out = self._stopped_at is None and self._counter.value > count
         if self.error is not None:
             raise self.error
         return ran

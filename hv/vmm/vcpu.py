@@ -655,9 +655,9 @@ class VCpu:
                 # Delivered by the CPU (native) or injected by the VMM after
                 # the exit it already counted (shadow): no exit of its own.
                 self.deliver(event.vector, event.error_code, rip, cr2)
-        elif not self._stop and ran < budget:
+        elif not self._stop and not e.ran_out:
             # emu_start returned by itself: the guest ran HLT (Unicorn ends
-            # emulation there silently).
+            # emulation there silently), maybe as the budget's last instruction.
             rip = e.reg("rip")
             if self.read_code(rip - 1, 1) != bytes([HLT]):
                 raise RuntimeError(f"unicorn stopped at {rip:#x} for no known reason")
