@@ -408,9 +408,7 @@ def judge(result: api.Result) -> tuple[str, str | None]:
     """PASS, FAIL or SKIP and why, as scripts/runtime.bash judges a run: a
     run that did not end by writing its code to port 0xF4 FAILs."""
     if result.reason != "exit":
-        detail = result.detail
-        # "interrupted (Ctrl-C)" names its reason already
-        return FAIL, detail if detail.startswith(result.reason) else f"{result.reason}: {detail}"
+        return FAIL, f"{result.reason}: {result.detail}"
     code = result.exit_code
     if code == EXIT_PASS:
         return PASS, None

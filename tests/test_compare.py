@@ -472,7 +472,7 @@ def test_no_plot_when_no_case_finished(monkeypatch, tmp_path, capsys):
     """Ctrl-C during the first case: the comparison ends with no case."""
     def interrupted(guest, mmu, **options):
         return api.Result(guest=guest, mmu=mmu, exit_code=None, reason="interrupted",
-                          detail="interrupted (Ctrl-C)", console="", exits={}, counters={},
+                          detail="by Ctrl-C", console="", exits={}, counters={},
                           tlb={})
 
     monkeypatch.setattr(api, "run", interrupted)

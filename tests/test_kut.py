@@ -225,7 +225,7 @@ def fake(reason="exit", exit_code=None, console="", detail="why") -> SimpleNames
     (fake("timeout"), "FAIL", "timeout: why"),
     (fake("max_insns"), "FAIL", "max_insns: why"),
     (fake("halted"), "FAIL", "halted: why"),    # no exit code: the test never finished
-    (fake("interrupted", detail="interrupted (SIGTERM)"), "FAIL", "interrupted (SIGTERM)"),
+    (fake("interrupted", detail="by SIGTERM"), "FAIL", "interrupted: by SIGTERM"),
 ])
 def test_judge(result, status, reason):
     assert kut.judge(result) == (status, reason)
@@ -413,7 +413,7 @@ def test_no_run_outlives_a_killed_kut(tmp_path, signum):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
     for log in logs:
-        assert log.read_text().endswith("interrupted (SIGTERM); exit code None\n")
+        assert log.read_text().endswith("ended: interrupted: by SIGTERM; exit code None\n")
     if signum == signal.SIGTERM:
         assert p.returncode == 130 and "Traceback" not in err, err
         results = json.loads(out)["tests"][0]["results"]

@@ -479,7 +479,7 @@ class Machine:
                 longest, idle = 0, [cpu for cpu in vm.vcpus if cpu.halted]
                 for cpu in runnable:        # grows: a vCPU woken this round runs in it
                     if self.interrupted:
-                        self._stop_all("interrupted", f"interrupted ({self.interrupted})")
+                        self._stop_all("interrupted", f"by {self.interrupted}")
                         return
                     if vm.ended or cpu.halted:
                         continue
